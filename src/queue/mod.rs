@@ -1,0 +1,637 @@
+//! The durable queue: one LMDB environment holding, per replication, an
+//! append-only log of entries, its read position and its counters.
+//!
+//! # Layout
+//!
+//! Three databases in one environment under `<data_dir>/queue/`:
+//! - `entries`: key `[replication id: u32 BE][sequence: u64 BE]`, value an
+//!   [`entry`] (header with enqueue time, line count, CRC32; then whole lines).
+//! - `meta`: `N<name>` → replication id; `I` → next free id; `R<id BE>` → the
+//!   replication's [`Meta`]: the head position (first unsent byte), the next
+//!   sequence, the exact unsent bytes and lines, and the line counters.
+//! - `dead`: entries set aside (refused by the remote, or failing their CRC),
+//!   keyed like `entries`.
+//!
+//! # Invariants
+//!
+//! - Only the writer thread opens write transactions, and every change to a
+//!   replication's entries and its `Meta` happens in the same transaction, so
+//!   the counters on disk always match the entries on disk.
+//! - Group commit: the writer takes every request waiting in its channel (and
+//!   lingers up to `commit_interval` while more writes are being prepared),
+//!   applies them all in one write transaction and answers them only after the
+//!   commit returned, i.e. after LMDB's fsync when `durability = "fsync"`.
+//! - Conservation: for every replication `accepted = delivered + queued +
+//!   dropped_full + expired + dropped_non_retryable + dead_lettered`. Status
+//!   reads a snapshot the writer publishes after each commit, never a half
+//!   applied group.
+//! - Entries are removed only by [`Queue::settle`] (after a 2xx, or with the
+//!   lines the remote refused), by `when_full = "drop_oldest"` eviction, by
+//!   `max_age` expiry, or when set aside as corrupt; each is counted.
+//! - Start-up reads one `Meta` and one entry header per replication: its time
+//!   and memory do not grow with the backlog.
+//!
+//! # Crash behaviour
+//!
+//! LMDB commits are atomic; after a crash the queue is exactly as of the last
+//! commit. A batch shipped but not yet settled is shipped again after a
+//! restart; every queued line carries a timestamp, so the remote overwrites
+//! instead of duplicating.
+
+mod entry;
+mod writer;
+
+pub use entry::Corruption;
+
+use std::fs::{self, File};
+use std::io;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use heed::types::Bytes;
+use heed::{Database, Env, EnvFlags, EnvOpenOptions, WithoutTls};
+
+use crate::config::{Durability, WhenFull};
+
+/// A position in a replication's log: an entry and a byte offset in its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Pos {
+    pub seq: u64,
+    pub off: u32,
+}
+
+/// Line and byte counters of one replication, as last committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counters {
+    pub accepted_lines: u64,
+    pub accepted_bytes: u64,
+    pub delivered_lines: u64,
+    pub delivered_bytes: u64,
+    pub dropped_full_lines: u64,
+    pub expired_lines: u64,
+    pub dropped_non_retryable_lines: u64,
+    pub dead_lettered_lines: u64,
+    /// Unsent lines still queued.
+    pub queued_lines: u64,
+    /// Unsent payload bytes still queued.
+    pub queued_bytes: u64,
+    /// Enqueue time of the oldest unsent entry.
+    pub oldest_enqueued_ns: Option<u64>,
+    /// Writes refused for this replication (`when_full = "reject"`).
+    pub rejected_lines: u64,
+    pub rejected_bytes: u64,
+}
+
+impl Counters {
+    /// The right-hand side of the conservation invariant.
+    pub fn accounted_lines(&self) -> u64 {
+        self.delivered_lines
+            + self.queued_lines
+            + self.dropped_full_lines
+            + self.expired_lines
+            + self.dropped_non_retryable_lines
+            + self.dead_lettered_lines
+    }
+}
+
+/// What the queue needs to know about a replication.
+#[derive(Debug, Clone)]
+pub struct ReplSpec {
+    pub name: String,
+    pub max_bytes: u64,
+    pub when_full: WhenFull,
+    pub max_age: Option<Duration>,
+}
+
+/// Options of the environment.
+#[derive(Debug, Clone)]
+pub struct QueueOptions {
+    pub map_size: u64,
+    pub durability: Durability,
+    pub commit_interval: Duration,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QueueError {
+    #[error("replication \"{replication}\" queue is full ({max} bytes) and when_full is \"reject\"")]
+    Full { replication: String, max: u64 },
+    #[error(
+        "a write of {bytes} bytes is larger than replication \"{replication}\" max_queue_size ({max} bytes)"
+    )]
+    TooLarge {
+        replication: String,
+        bytes: u64,
+        max: u64,
+    },
+    #[error("queue storage is full: {0}")]
+    StorageFull(String),
+    #[error("queue storage error: {0}")]
+    Storage(String),
+    #[error("data directory {0} is in use by another edge-replicator process")]
+    Locked(PathBuf),
+    #[error("replication \"{replication}\" entry {seq} is corrupt: {why}")]
+    Corrupt {
+        replication: String,
+        seq: u64,
+        why: Corruption,
+    },
+    #[error("queue is shut down")]
+    Closed,
+}
+
+impl From<heed::Error> for QueueError {
+    fn from(e: heed::Error) -> Self {
+        match &e {
+            heed::Error::Mdb(heed::MdbError::MapFull) => QueueError::StorageFull(format!(
+                "{e} (raise queue.map_size, or lower max_queue_size)"
+            )),
+            heed::Error::Io(io) if io.raw_os_error() == Some(28) => {
+                QueueError::StorageFull(format!("{e} (disk full)"))
+            }
+            _ => QueueError::Storage(e.to_string()),
+        }
+    }
+}
+
+/// A batch read from a replication's log, not yet settled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// The head when the batch was read.
+    pub from: Pos,
+    /// Position just past the batch's last line.
+    pub to: Pos,
+    pub lines: u64,
+    pub bytes: u64,
+    /// Local bucket of the batch's lines (batches do not mix buckets when
+    /// `split_buckets` was asked for).
+    pub bucket: String,
+    pub oldest_enqueued_ns: u64,
+}
+
+/// How a shipped batch ended. Lines of the batch not named here were delivered.
+#[derive(Debug, Clone, Default)]
+pub struct Settlement {
+    /// Refused lines kept in the dead-letter store (each ending in '\n').
+    pub dead_letter: Vec<u8>,
+    pub dead_lines: u64,
+    /// Refused lines dropped (`drop_non_retryable_data`).
+    pub dropped_lines: u64,
+}
+
+/// Wakes threads waiting for a change; a generation counter avoids lost wake-ups.
+#[derive(Debug, Default)]
+pub struct Signal {
+    generation: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Signal {
+    pub fn notify(&self) {
+        *self.generation.lock().unwrap() += 1;
+        self.cv.notify_all();
+    }
+
+    pub fn generation(&self) -> u64 {
+        *self.generation.lock().unwrap()
+    }
+
+    /// Waits until the generation moves past `seen` or `timeout` passes;
+    /// returns the generation seen last.
+    pub fn wait_past(&self, seen: u64, timeout: Duration) -> u64 {
+        let guard = self.generation.lock().unwrap();
+        let (guard, _) = self
+            .cv
+            .wait_timeout_while(guard, timeout, |g| *g == seen)
+            .unwrap();
+        *guard
+    }
+}
+
+/// A replication's live view of the queue: its id, counters and data signal.
+#[derive(Debug)]
+pub struct ReplHandle {
+    pub id: u32,
+    pub name: String,
+    counters: Mutex<Counters>,
+    /// Notified after a commit that appended to this replication.
+    pub data: Signal,
+}
+
+impl ReplHandle {
+    pub fn counters(&self) -> Counters {
+        *self.counters.lock().unwrap()
+    }
+}
+
+pub(crate) type Db = Database<Bytes, Bytes>;
+
+struct Shared {
+    env: Env<WithoutTls>,
+    entries: Db,
+    meta: Db,
+    dead: Db,
+    /// Writes that have started reading their body but not yet reached the
+    /// writer: the writer lingers for them (bounded by `commit_interval`).
+    preparing: AtomicUsize,
+    _lock: File,
+}
+
+/// The queue. Appends and settlements go to the writer thread; batches are
+/// read directly with read transactions from any thread.
+pub struct Queue {
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<writer::Command>,
+    writer: Option<thread::JoinHandle<()>>,
+    handles: Vec<Arc<ReplHandle>>,
+}
+
+/// Counts a write as being prepared while alive (see `Shared::preparing`).
+pub struct Preparing<'a>(&'a AtomicUsize);
+
+impl Drop for Preparing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn entry_key(id: u32, seq: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&id.to_be_bytes());
+    k[4..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Key range `[lo, hi)` in the form heed's unsized key type accepts.
+fn key_range<'a>(lo: &'a [u8], hi: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
+    (Bound::Included(lo), Bound::Excluded(hi))
+}
+
+fn key_seq(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key[4..12].try_into().expect("entry keys are 12 bytes"))
+}
+
+fn meta_key(id: u32) -> [u8; 5] {
+    let mut k = [b'R', 0, 0, 0, 0];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Per-replication state stored in `meta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Meta {
+    pub head: Pos,
+    pub next_seq: u64,
+    pub c: Counters,
+}
+
+impl Meta {
+    const VERSION: u64 = 1;
+
+    fn encode(&self) -> Vec<u8> {
+        let c = &self.c;
+        let fields = [
+            Self::VERSION,
+            self.head.seq,
+            self.head.off as u64,
+            self.next_seq,
+            c.queued_bytes,
+            c.queued_lines,
+            c.accepted_lines,
+            c.accepted_bytes,
+            c.delivered_lines,
+            c.delivered_bytes,
+            c.dropped_full_lines,
+            c.expired_lines,
+            c.dropped_non_retryable_lines,
+            c.dead_lettered_lines,
+            c.rejected_lines,
+            c.rejected_bytes,
+        ];
+        fields.iter().flat_map(|f| f.to_le_bytes()).collect()
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Meta> {
+        if bytes.len() % 8 != 0 || bytes.len() < 8 * 6 {
+            return None;
+        }
+        let mut f = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()));
+        if f.next()? != Self::VERSION {
+            return None;
+        }
+        // Fields added later read as zero from older metas.
+        let mut next = || f.next().unwrap_or(0);
+        let head = Pos {
+            seq: next(),
+            off: next() as u32,
+        };
+        let next_seq = next();
+        let mut c = Counters {
+            queued_bytes: next(),
+            queued_lines: next(),
+            ..Counters::default()
+        };
+        c.accepted_lines = next();
+        c.accepted_bytes = next();
+        c.delivered_lines = next();
+        c.delivered_bytes = next();
+        c.dropped_full_lines = next();
+        c.expired_lines = next();
+        c.dropped_non_retryable_lines = next();
+        c.dead_lettered_lines = next();
+        c.rejected_lines = next();
+        c.rejected_bytes = next();
+        Some(Meta { head, next_seq, c })
+    }
+}
+
+fn lock_data_dir(dir: &Path) -> Result<File, QueueError> {
+    use std::os::unix::io::AsRawFd;
+    let path = dir.join("LOCK");
+    let file = File::create(&path).map_err(|e| {
+        QueueError::Storage(format!("cannot create {}: {e}", path.display()))
+    })?;
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(QueueError::Locked(dir.to_path_buf()));
+    }
+    Ok(file)
+}
+
+impl Queue {
+    /// Opens (or creates) the queue under `dir` for the given replications.
+    /// Replications found on disk but not given stay on disk untouched.
+    pub fn open(dir: &Path, opts: &QueueOptions, repls: &[ReplSpec]) -> Result<Queue, QueueError> {
+        let qdir = dir.join("queue");
+        fs::create_dir_all(&qdir).map_err(|e| {
+            QueueError::Storage(format!("cannot create {}: {e}", qdir.display()))
+        })?;
+        let lock = lock_data_dir(dir)?;
+        check_foreign_files(&qdir)?;
+        let mut options = EnvOpenOptions::new().read_txn_without_tls();
+        options.map_size(opts.map_size as usize).max_dbs(4);
+        if opts.durability == Durability::Os {
+            // SAFETY: NO_SYNC trades durability of the last commits on power
+            // loss for speed, which is what `durability = "os"` asks for; it
+            // cannot corrupt the environment.
+            unsafe { options.flags(EnvFlags::NO_SYNC) };
+        }
+        // SAFETY: the data directory is locked above, so no other process of
+        // ours maps it; heed's remaining requirement is not to open the same
+        // path twice in this process, which `open` is called once for.
+        let env = unsafe { options.open(&qdir) }.map_err(|e| {
+            QueueError::Storage(format!(
+                "cannot open the queue in {}: {e} (is it an edge-replicator data_dir?)",
+                qdir.display()
+            ))
+        })?;
+        let mut wtxn = env.write_txn()?;
+        let entries: Db = env.create_database(&mut wtxn, Some("entries"))?;
+        let meta: Db = env.create_database(&mut wtxn, Some("meta"))?;
+        let dead: Db = env.create_database(&mut wtxn, Some("dead"))?;
+        wtxn.commit()?;
+        let shared = Arc::new(Shared {
+            env,
+            entries,
+            meta,
+            dead,
+            preparing: AtomicUsize::new(0),
+            _lock: lock,
+        });
+
+        let (tx, rx) = mpsc::channel();
+        let mut w = writer::Writer::new(shared.clone(), rx, opts.commit_interval);
+        let handles = repls
+            .iter()
+            .map(|spec| w.attach(spec))
+            .collect::<Result<Vec<_>, _>>()?;
+        let writer = thread::Builder::new()
+            .name("queue-writer".into())
+            .spawn(move || w.run())
+            .map_err(|e| QueueError::Storage(format!("cannot start the writer thread: {e}")))?;
+        Ok(Queue {
+            shared,
+            tx,
+            writer: Some(writer),
+            handles,
+        })
+    }
+
+    /// Handles of the replications given to `open`, in the same order.
+    pub fn handles(&self) -> &[Arc<ReplHandle>] {
+        &self.handles
+    }
+
+    /// Marks a write as being prepared until the guard drops.
+    pub fn preparing(&self) -> Preparing<'_> {
+        self.shared.preparing.fetch_add(1, Ordering::AcqRel);
+        Preparing(&self.shared.preparing)
+    }
+
+    /// Appends `payload` (whole lines, each ending in '\n', ns timestamps) to
+    /// every target replication in one atomic step. The answer arrives after
+    /// the commit that holds it is durable.
+    pub fn append(
+        &self,
+        targets: Vec<Arc<ReplHandle>>,
+        bucket: String,
+        payload: Vec<u8>,
+        lines: u64,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), QueueError>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let cmd = writer::Command::Append(writer::Append {
+            targets,
+            bucket,
+            payload,
+            lines,
+            reply,
+        });
+        if let Err(mpsc::SendError(writer::Command::Append(a))) = self.tx.send(cmd) {
+            let _ = a.reply.send(Err(QueueError::Closed));
+        }
+        rx
+    }
+
+    /// Appends and blocks until durable (for threads outside the runtime).
+    pub fn append_blocking(
+        &self,
+        targets: Vec<Arc<ReplHandle>>,
+        bucket: String,
+        payload: Vec<u8>,
+        lines: u64,
+    ) -> Result<(), QueueError> {
+        self.append(targets, bucket, payload, lines)
+            .blocking_recv()
+            .unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// Reads the next batch of `repl`: whole lines from the head, at most
+    /// `max_bytes` (a single longer line is returned alone). With
+    /// `split_buckets` a batch holds lines of one local bucket only.
+    pub fn read_batch(
+        &self,
+        repl: &ReplHandle,
+        max_bytes: usize,
+        split_buckets: bool,
+        out: &mut Vec<u8>,
+    ) -> Result<Option<Batch>, QueueError> {
+        out.clear();
+        let s = &self.shared;
+        let rtxn = s.env.read_txn()?;
+        let Some(meta) = s.meta.get(&rtxn, &meta_key(repl.id))?.and_then(Meta::decode) else {
+            return Ok(None);
+        };
+        if meta.head.seq >= meta.next_seq {
+            return Ok(None);
+        }
+        let range = entry_key(repl.id, meta.head.seq)..entry_key(repl.id, meta.next_seq);
+        let mut batch: Option<Batch> = None;
+        for item in s.entries.range(&rtxn, &key_range(&range.start, &range.end))? {
+            let (key, raw) = item?;
+            let seq = key_seq(key);
+            let e = match entry::decode(raw) {
+                Ok(e) => e,
+                // A damaged entry is reported when it is first in line, so
+                // the caller can set it aside; otherwise the batch ends before it.
+                Err(why) if batch.is_none() => {
+                    return Err(QueueError::Corrupt {
+                        replication: repl.name.clone(),
+                        seq,
+                        why,
+                    })
+                }
+                Err(_) => break,
+            };
+            let start = if seq == meta.head.seq {
+                (meta.head.off as usize).min(e.payload.len())
+            } else {
+                0
+            };
+            let b = batch.get_or_insert_with(|| Batch {
+                from: meta.head,
+                to: meta.head,
+                lines: 0,
+                bytes: 0,
+                bucket: e.bucket.to_string(),
+                oldest_enqueued_ns: e.enqueued_ns,
+            });
+            if split_buckets && b.bucket != e.bucket {
+                break;
+            }
+            let avail = &e.payload[start..];
+            let room = max_bytes.saturating_sub(out.len());
+            let (take, whole) = if avail.len() <= room {
+                (avail.len(), true)
+            } else if let Some(i) = memchr::memrchr(b'\n', &avail[..room]) {
+                (i + 1, false)
+            } else if out.is_empty() {
+                // One line longer than a batch: it travels alone.
+                (memchr::memchr(b'\n', avail).map_or(avail.len(), |i| i + 1), false)
+            } else {
+                break;
+            };
+            let taken = &avail[..take];
+            out.extend_from_slice(taken);
+            b.lines += if start == 0 && whole {
+                e.lines as u64
+            } else {
+                memchr::memchr_iter(b'\n', taken).count() as u64
+            };
+            b.bytes += take as u64;
+            b.to = Pos {
+                seq,
+                off: (start + take) as u32,
+            };
+            if !whole || out.len() >= max_bytes {
+                break;
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Removes a shipped batch from the head of `repl`'s log, counting its
+    /// lines as delivered except those the settlement names; blocks until the
+    /// change is durable.
+    pub fn settle(&self, repl: &Arc<ReplHandle>, batch: &Batch, s: Settlement) -> Result<(), QueueError> {
+        self.call(|reply| {
+            writer::Command::Settle(writer::Settle {
+                repl: repl.clone(),
+                to: batch.to,
+                settlement: s,
+                reply,
+            })
+        })
+    }
+
+    /// Moves a corrupt entry out of the log into the dead-letter store.
+    pub fn set_aside(&self, repl: &Arc<ReplHandle>, seq: u64) -> Result<(), QueueError> {
+        self.call(|reply| writer::Command::SetAside {
+            repl: repl.clone(),
+            seq,
+            reply,
+        })
+    }
+
+    fn call(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<(), QueueError>>) -> writer::Command,
+    ) -> Result<(), QueueError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| QueueError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// Number of entries in a replication's dead-letter store and their lines.
+    pub fn dead_letter_len(&self, repl: &ReplHandle) -> Result<u64, QueueError> {
+        let s = &self.shared;
+        let rtxn = s.env.read_txn()?;
+        let lo = entry_key(repl.id, 0);
+        let hi = entry_key(repl.id + 1, 0);
+        let n = s.dead.range(&rtxn, &key_range(&lo, &hi))?.count();
+        Ok(n as u64)
+    }
+
+    /// Commits what is pending and stops the writer thread.
+    pub fn close(mut self) {
+        self.shutdown_writer();
+    }
+
+    fn shutdown_writer(&mut self) {
+        let _ = self.tx.send(writer::Command::Shutdown);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.shutdown_writer();
+    }
+}
+
+/// A data directory holding files LMDB did not write is probably a mistake
+/// (a wrong path); refuse it with a clear message instead of mapping it.
+fn check_foreign_files(qdir: &Path) -> Result<(), QueueError> {
+    let data = qdir.join("data.mdb");
+    match fs::metadata(&data) {
+        Ok(m) if m.len() > 0 && m.len() < 2 * 4096 => Err(QueueError::Storage(format!(
+            "{} is too small to be an LMDB environment ({} bytes)",
+            data.display(),
+            m.len()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(QueueError::Storage(format!("cannot read {}: {e}", data.display()))),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,387 @@
+use super::*;
+use proptest::prelude::*;
+use std::collections::VecDeque;
+
+fn opts() -> QueueOptions {
+    QueueOptions {
+        map_size: 64 << 20,
+        durability: Durability::Fsync,
+        commit_interval: Duration::from_millis(1),
+    }
+}
+
+fn spec(name: &str, max_bytes: u64, when_full: WhenFull) -> ReplSpec {
+    ReplSpec {
+        name: name.into(),
+        max_bytes,
+        when_full,
+        max_age: None,
+    }
+}
+
+fn lines(prefix: &str, n: usize) -> Vec<u8> {
+    (0..n).map(|i| format!("{prefix} f={i}i {i}\n")).collect::<String>().into_bytes()
+}
+
+fn append(q: &Queue, h: &Arc<ReplHandle>, payload: Vec<u8>) -> Result<(), QueueError> {
+    let n = memchr::memchr_iter(b'\n', &payload).count() as u64;
+    q.append_blocking(vec![h.clone()], "b".into(), payload, n)
+}
+
+fn drain(q: &Queue, h: &Arc<ReplHandle>, max: usize) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(b) = q.read_batch(h, max, false, &mut buf).unwrap() {
+        assert_eq!(b.bytes as usize, buf.len());
+        assert_eq!(b.lines as usize, memchr::memchr_iter(b'\n', &buf).count());
+        assert!(buf.ends_with(b"\n"), "batches hold whole lines");
+        all.extend_from_slice(&buf);
+        q.settle(h, &b, Settlement::default()).unwrap();
+    }
+    all
+}
+
+#[test]
+fn append_read_settle_and_counters() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    let a = lines("a", 100);
+    let b = lines("b", 50);
+    append(&q, &h, a.clone()).unwrap();
+    append(&q, &h, b.clone()).unwrap();
+    let c = h.counters();
+    assert_eq!((c.accepted_lines, c.queued_lines), (150, 150));
+    assert_eq!(c.queued_bytes, (a.len() + b.len()) as u64);
+    assert!(c.oldest_enqueued_ns.is_some());
+    // Batches coalesce entries and cut between lines.
+    let got = drain(&q, &h, 1000);
+    assert_eq!(got, [a, b].concat());
+    let c = h.counters();
+    assert_eq!((c.delivered_lines, c.queued_lines, c.queued_bytes), (150, 0, 0));
+    assert_eq!(c.oldest_enqueued_ns, None);
+    assert_eq!(c.accepted_lines, c.accounted_lines());
+}
+
+#[test]
+fn a_line_longer_than_a_batch_travels_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    let long = format!("m s=\"{}\" 1\n", "x".repeat(300));
+    append(&q, &h, [b"a f=1 1\n".as_slice(), long.as_bytes(), b"b f=1 1\n"].concat()).unwrap();
+    let mut buf = Vec::new();
+    let b1 = q.read_batch(&h, 100, false, &mut buf).unwrap().unwrap();
+    assert_eq!(buf, b"a f=1 1\n");
+    q.settle(&h, &b1, Settlement::default()).unwrap();
+    let b2 = q.read_batch(&h, 100, false, &mut buf).unwrap().unwrap();
+    assert_eq!(buf, long.as_bytes());
+    assert_eq!(b2.lines, 1);
+    q.settle(&h, &b2, Settlement::default()).unwrap();
+    q.read_batch(&h, 100, false, &mut buf).unwrap().unwrap();
+    assert_eq!(buf, b"b f=1 1\n");
+}
+
+#[test]
+fn batches_do_not_mix_buckets_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    q.append_blocking(vec![h.clone()], "x".into(), b"a f=1 1\n".to_vec(), 1).unwrap();
+    q.append_blocking(vec![h.clone()], "y".into(), b"b f=1 1\n".to_vec(), 1).unwrap();
+    let mut buf = Vec::new();
+    let b = q.read_batch(&h, 1000, true, &mut buf).unwrap().unwrap();
+    assert_eq!((b.bucket.as_str(), b.lines), ("x", 1));
+    let b = q.read_batch(&h, 1000, false, &mut buf).unwrap().unwrap();
+    assert_eq!(b.lines, 2);
+}
+
+#[test]
+fn reject_when_full_refuses_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 700, WhenFull::Reject)]).unwrap();
+    let h = q.handles()[0].clone();
+    let p = lines("m", 30); // 310 bytes
+    append(&q, &h, p.clone()).unwrap();
+    append(&q, &h, p.clone()).unwrap();
+    let err = append(&q, &h, p.clone()).unwrap_err();
+    assert!(matches!(err, QueueError::Full { .. }), "{err}");
+    let c = h.counters();
+    assert_eq!((c.accepted_lines, c.rejected_lines, c.queued_lines), (60, 30, 60));
+    let big = lines("m", 200);
+    assert!(matches!(append(&q, &h, big), Err(QueueError::TooLarge { .. })));
+}
+
+#[test]
+fn drop_oldest_evicts_whole_entries() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 800, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    let a = lines("a", 30);
+    let b = lines("b", 30);
+    let c = lines("c", 30);
+    append(&q, &h, a).unwrap();
+    append(&q, &h, b.clone()).unwrap();
+    append(&q, &h, c.clone()).unwrap();
+    let k = h.counters();
+    assert_eq!((k.dropped_full_lines, k.queued_lines), (30, 60));
+    assert_eq!(k.accepted_lines, k.accounted_lines());
+    assert_eq!(drain(&q, &h, 10_000), [b, c].concat());
+}
+
+#[test]
+fn eviction_while_a_batch_is_in_flight_keeps_counts_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 800, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    append(&q, &h, lines("a", 30)).unwrap();
+    let mut buf = Vec::new();
+    let batch = q.read_batch(&h, 10_000, false, &mut buf).unwrap().unwrap();
+    append(&q, &h, lines("b", 30)).unwrap();
+    append(&q, &h, lines("c", 30)).unwrap(); // evicts "a", the batch in flight
+    q.settle(&h, &batch, Settlement::default()).unwrap();
+    let k = h.counters();
+    assert_eq!((k.dropped_full_lines, k.delivered_lines, k.queued_lines), (30, 0, 60));
+    assert_eq!(k.accepted_lines, k.accounted_lines());
+}
+
+#[test]
+fn reopen_resumes_mid_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let all = lines("m", 100);
+    {
+        let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+        let h = q.handles()[0].clone();
+        append(&q, &h, all.clone()).unwrap();
+        let mut buf = Vec::new();
+        let b = q.read_batch(&h, 300, false, &mut buf).unwrap().unwrap();
+        assert!(b.to.off > 0 && b.lines < 100);
+        q.settle(&h, &b, Settlement::default()).unwrap();
+        q.close();
+    }
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    let k = h.counters();
+    assert_eq!(k.accepted_lines, 100);
+    assert_eq!(k.delivered_lines + k.queued_lines, 100);
+    let rest = drain(&q, &h, 1 << 20);
+    assert!(all.ends_with(&rest) && rest.len() < all.len());
+    assert_eq!(h.counters().delivered_lines, 100);
+}
+
+#[test]
+fn settlement_splits_refused_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    append(&q, &h, lines("m", 10)).unwrap();
+    let mut buf = Vec::new();
+    let b = q.read_batch(&h, 1 << 20, false, &mut buf).unwrap().unwrap();
+    let s = Settlement {
+        dead_letter: b"m f=3i 3\n".to_vec(),
+        dead_lines: 1,
+        dropped_lines: 2,
+    };
+    q.settle(&h, &b, s).unwrap();
+    let k = h.counters();
+    assert_eq!((k.delivered_lines, k.dead_lettered_lines, k.dropped_non_retryable_lines), (7, 1, 2));
+    assert_eq!(k.accepted_lines, k.accounted_lines());
+    assert_eq!(q.dead_letter_len(&h).unwrap(), 1);
+}
+
+#[test]
+fn a_corrupt_entry_is_reported_and_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    append(&q, &h, lines("a", 5)).unwrap();
+    append(&q, &h, lines("b", 5)).unwrap();
+    {
+        // Flip one payload byte of the first entry behind the queue's back.
+        let s = &q.shared;
+        let mut wtxn = s.env.write_txn().unwrap();
+        let key = entry_key(h.id, 0);
+        let mut raw = s.entries.get(&wtxn, &key).unwrap().unwrap().to_vec();
+        let last = raw.len() - 3;
+        raw[last] ^= 0x20;
+        s.entries.put(&mut wtxn, &key, &raw).unwrap();
+        wtxn.commit().unwrap();
+    }
+    let mut buf = Vec::new();
+    let err = q.read_batch(&h, 1 << 20, false, &mut buf).unwrap_err();
+    let QueueError::Corrupt { seq, .. } = err else { panic!("{err}") };
+    q.set_aside(&h, seq).unwrap();
+    assert_eq!(drain(&q, &h, 1 << 20), lines("b", 5));
+    let k = h.counters();
+    assert_eq!((k.dead_lettered_lines, k.delivered_lines), (5, 5));
+    assert_eq!(k.accepted_lines, k.accounted_lines());
+}
+
+#[test]
+fn expired_entries_are_dropped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec("r", 1 << 20, WhenFull::DropOldest);
+    s.max_age = Some(Duration::from_millis(1));
+    let q = Queue::open(dir.path(), &opts(), &[s]).unwrap();
+    let h = q.handles()[0].clone();
+    append(&q, &h, lines("a", 5)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.counters().expired_lines < 5 {
+        assert!(std::time::Instant::now() < deadline, "housekeeping never expired the entry");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let k = h.counters();
+    assert_eq!((k.queued_lines, k.queued_bytes), (0, 0));
+}
+
+#[test]
+fn a_second_process_cannot_open_the_same_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let _q = Queue::open(dir.path(), &opts(), &[]).unwrap();
+    let err = Queue::open(dir.path(), &opts(), &[]).err().unwrap();
+    assert!(matches!(err, QueueError::Locked(_)), "{err}");
+}
+
+#[test]
+fn one_write_routes_to_several_replications_atomically() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("a", 1 << 20, WhenFull::DropOldest), spec("b", 300, WhenFull::Reject)],
+    )
+    .unwrap();
+    let (a, b) = (q.handles()[0].clone(), q.handles()[1].clone());
+    q.append_blocking(vec![a.clone(), b.clone()], "x".into(), lines("m", 10), 10).unwrap();
+    // Too much for "b" (reject): refused for both.
+    let err = q.append_blocking(vec![a.clone(), b.clone()], "x".into(), lines("m", 30), 30);
+    assert!(err.is_err());
+    assert_eq!(a.counters().accepted_lines, 10);
+    assert_eq!(b.counters().accepted_lines, 10);
+}
+
+// ---- model-based property test ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Push(Vec<u16>),  // line lengths
+    Read(u16),       // read without settling
+    ReadSettle(u16), // read a batch and settle it
+    Reopen,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => prop::collection::vec(0u16..120, 1..12).prop_map(Op::Push),
+        1 => (20u16..600).prop_map(Op::Read),
+        3 => (20u16..600).prop_map(Op::ReadSettle),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+#[derive(Default)]
+struct Model {
+    entries: VecDeque<VecDeque<Vec<u8>>>,
+    accepted: u64,
+    delivered: u64,
+    dropped: u64,
+}
+
+impl Model {
+    fn queued_bytes(&self) -> u64 {
+        self.entries.iter().flatten().map(|l| l.len() as u64).sum()
+    }
+
+    fn queued_lines(&self) -> u64 {
+        self.entries.iter().map(|e| e.len() as u64).sum()
+    }
+
+    /// Greedy whole lines up to `max` bytes; one longer line alone.
+    fn peek(&self, max: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut used = 0;
+        for line in self.entries.iter().flatten() {
+            if used + line.len() > max {
+                if out.is_empty() {
+                    out.push(line.clone());
+                }
+                break;
+            }
+            used += line.len();
+            out.push(line.clone());
+        }
+        out
+    }
+
+    fn pop(&mut self, n: usize) {
+        for _ in 0..n {
+            let front = self.entries.front_mut().unwrap();
+            front.pop_front();
+            if front.is_empty() {
+                self.entries.pop_front();
+            }
+        }
+    }
+}
+
+const MAX_BYTES: u64 = 2000;
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    #[test]
+    fn queue_matches_a_vecdeque_model(ops in prop::collection::vec(op(), 1..40)) {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = [spec("r", MAX_BYTES, WhenFull::DropOldest)];
+        let mut q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+        let mut model = Model::default();
+        let mut counter = 0u64;
+        let mut buf = Vec::new();
+        for op in ops {
+            let h = q.handles()[0].clone();
+            match op {
+                Op::Push(lens) => {
+                    let entry: VecDeque<Vec<u8>> = lens.iter().map(|&n| {
+                        counter += 1;
+                        format!("m{} f=\"{}\" {counter}\n", counter, "x".repeat(n as usize)).into_bytes()
+                    }).collect();
+                    let payload: Vec<u8> = entry.iter().flatten().copied().collect();
+                    let n = entry.len() as u64;
+                    let r = q.append_blocking(vec![h.clone()], "b".into(), payload.clone(), n);
+                    if payload.len() as u64 > MAX_BYTES {
+                        prop_assert!(matches!(r, Err(QueueError::TooLarge { .. })), "expected TooLarge");
+                    } else {
+                        r.unwrap();
+                        while model.queued_bytes() + payload.len() as u64 > MAX_BYTES {
+                            let e = model.entries.pop_front().unwrap();
+                            model.dropped += e.len() as u64;
+                        }
+                        model.accepted += n;
+                        model.entries.push_back(entry);
+                    }
+                }
+                Op::Read(max) | Op::ReadSettle(max) => {
+                    let expect = model.peek(max as usize);
+                    let got = q.read_batch(&h, max as usize, false, &mut buf).unwrap();
+                    prop_assert_eq!(got.is_none(), expect.is_empty());
+                    prop_assert_eq!(&buf, &expect.concat());
+                    if let (Some(b), Op::ReadSettle(_)) = (got, &op) {
+                        q.settle(&h, &b, Settlement::default()).unwrap();
+                        model.pop(expect.len());
+                        model.delivered += expect.len() as u64;
+                    }
+                }
+                Op::Reopen => {
+                    q.close();
+                    q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+                }
+            }
+            let c = q.handles()[0].counters();
+            prop_assert_eq!(c.queued_bytes, model.queued_bytes());
+            prop_assert_eq!(c.queued_lines, model.queued_lines());
+            prop_assert_eq!(c.accepted_lines, model.accepted);
+            prop_assert_eq!(c.delivered_lines, model.delivered);
+            prop_assert_eq!(c.dropped_full_lines, model.dropped);
+            prop_assert_eq!(c.accepted_lines, c.accounted_lines());
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! The writer thread: the only place that opens LMDB write transactions.
+//!
+//! It gathers every command waiting in its channel into one group, applies the
+//! group in one write transaction, commits (fsync), and only then answers the
+//! callers and publishes the new counters. A request that cannot be applied
+//! (queue full with `reject`, too large) fails alone; a transaction that
+//! cannot commit (map or disk full) fails its appends, and the group is
+//! retried without them so that settlements and expiry still make room.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use heed::RwTxn;
+use log::{error, warn};
+use tokio::sync::oneshot;
+
+use super::entry;
+use super::{
+    entry_key, key_range, key_seq, meta_key, Meta, Pos, QueueError, ReplHandle, ReplSpec, Settlement,
+    Shared, Signal,
+};
+use crate::config::WhenFull;
+
+/// A group stops gathering past this many payload bytes.
+const MAX_GROUP_BYTES: usize = 16 << 20;
+/// Expiry and age checks run this often.
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+pub(super) type Reply = oneshot::Sender<Result<(), QueueError>>;
+
+pub(super) struct Append {
+    pub targets: Vec<Arc<ReplHandle>>,
+    pub bucket: String,
+    pub payload: Vec<u8>,
+    pub lines: u64,
+    pub reply: Reply,
+}
+
+pub(super) struct Settle {
+    pub repl: Arc<ReplHandle>,
+    pub to: Pos,
+    pub settlement: Settlement,
+    pub reply: Reply,
+}
+
+pub(super) enum Command {
+    Append(Append),
+    Settle(Settle),
+    SetAside {
+        repl: Arc<ReplHandle>,
+        seq: u64,
+        reply: Reply,
+    },
+    Shutdown,
+}
+
+struct ReplState {
+    spec: ReplSpec,
+    meta: Meta,
+    handle: Arc<ReplHandle>,
+}
+
+/// Why lines leave the head of a log.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Removal {
+    Delivered,
+    DroppedFull,
+    Expired,
+}
+
+pub(super) struct Writer {
+    shared: Arc<Shared>,
+    rx: Receiver<Command>,
+    commit_interval: Duration,
+    states: HashMap<u32, ReplState>,
+    scratch: Vec<u8>,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+impl Writer {
+    pub fn new(shared: Arc<Shared>, rx: Receiver<Command>, commit_interval: Duration) -> Self {
+        Writer {
+            shared,
+            rx,
+            commit_interval,
+            states: HashMap::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Finds or creates the replication's log and loads its meta.
+    pub fn attach(&mut self, spec: &ReplSpec) -> Result<Arc<ReplHandle>, QueueError> {
+        let s = self.shared.clone();
+        let mut wtxn = s.env.write_txn()?;
+        let name_key = [b"N".as_slice(), spec.name.as_bytes()].concat();
+        let id = match s.meta.get(&wtxn, &name_key)? {
+            Some(v) if v.len() == 4 => u32::from_be_bytes(v.try_into().unwrap()),
+            Some(_) => {
+                return Err(QueueError::Storage(format!(
+                    "meta record of replication \"{}\" is damaged",
+                    spec.name
+                )))
+            }
+            None => {
+                let id = match s.meta.get(&wtxn, b"I")? {
+                    Some(v) if v.len() == 4 => u32::from_be_bytes(v.try_into().unwrap()),
+                    _ => 1,
+                };
+                s.meta.put(&mut wtxn, &name_key, &id.to_be_bytes())?;
+                s.meta.put(&mut wtxn, b"I", &(id + 1).to_be_bytes())?;
+                s.meta.put(&mut wtxn, &meta_key(id), &Meta::default().encode())?;
+                id
+            }
+        };
+        let raw = s.meta.get(&wtxn, &meta_key(id))?;
+        let mut meta = match raw {
+            None => Meta::default(),
+            Some(raw) => Meta::decode(raw).ok_or_else(|| {
+                QueueError::Storage(format!(
+                    "meta record of replication \"{}\" has an unknown format (written by a newer version?)",
+                    spec.name
+                ))
+            })?,
+        };
+        meta.c.oldest_enqueued_ns = head_enqueued(&s, &wtxn, id, &meta)?;
+        wtxn.commit()?;
+        let handle = Arc::new(ReplHandle {
+            id,
+            name: spec.name.clone(),
+            counters: Mutex::new(meta.c),
+            data: Signal::default(),
+        });
+        self.states.insert(
+            id,
+            ReplState {
+                spec: spec.clone(),
+                meta,
+                handle: handle.clone(),
+            },
+        );
+        Ok(handle)
+    }
+
+    pub fn run(mut self) {
+        let mut group: Vec<Command> = Vec::new();
+        let mut next_housekeeping = Instant::now() + HOUSEKEEPING;
+        loop {
+            let wait = next_housekeeping.saturating_duration_since(Instant::now());
+            let mut closed = false;
+            match self.rx.recv_timeout(wait) {
+                Ok(cmd) => group.push(cmd),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => closed = true,
+            }
+            if !closed {
+                closed = self.gather(&mut group);
+            }
+            let shutdown = closed || group.iter().any(|c| matches!(c, Command::Shutdown));
+            let housekeeping = Instant::now() >= next_housekeeping;
+            if housekeeping {
+                next_housekeeping = Instant::now() + HOUSEKEEPING;
+            }
+            if !group.is_empty() || housekeeping {
+                self.process(std::mem::take(&mut group), housekeeping);
+            }
+            if shutdown {
+                return;
+            }
+        }
+    }
+
+    /// Takes what is waiting; lingers (up to `commit_interval`) while other
+    /// writes are still being prepared, so they share this commit.
+    fn gather(&mut self, group: &mut Vec<Command>) -> bool {
+        let start = Instant::now();
+        let mut bytes: usize = group.iter().map(command_bytes).sum();
+        loop {
+            if bytes >= MAX_GROUP_BYTES || group.iter().any(|c| matches!(c, Command::Shutdown)) {
+                return false;
+            }
+            match self.rx.try_recv() {
+                Ok(cmd) => {
+                    bytes += command_bytes(&cmd);
+                    group.push(cmd);
+                    continue;
+                }
+                Err(TryRecvError::Disconnected) => return true,
+                Err(TryRecvError::Empty) => {}
+            }
+            let elapsed = start.elapsed();
+            if group.is_empty()
+                || self.shared.preparing.load(Ordering::Acquire) == 0
+                || elapsed >= self.commit_interval
+            {
+                return false;
+            }
+            match self.rx.recv_timeout(self.commit_interval - elapsed) {
+                Ok(cmd) => {
+                    bytes += command_bytes(&cmd);
+                    group.push(cmd);
+                }
+                Err(RecvTimeoutError::Timeout) => return false,
+                Err(RecvTimeoutError::Disconnected) => return true,
+            }
+        }
+    }
+
+    fn process(&mut self, group: Vec<Command>, housekeeping: bool) {
+        let saved: HashMap<u32, Meta> = self.states.iter().map(|(k, v)| (*k, v.meta)).collect();
+        let mut results: Vec<Result<(), QueueError>> = Vec::with_capacity(group.len());
+        let mut touched = BTreeSet::new();
+        let mut appended = BTreeSet::new();
+        let outcome = self.apply(&group, housekeeping, true, &mut results, &mut touched, &mut appended);
+        let outcome = match outcome {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.restore(&saved);
+                let has_appends = group.iter().any(|c| matches!(c, Command::Append(_)));
+                if has_appends && matches!(e, QueueError::StorageFull(_)) {
+                    // Make room first: settlements and expiry do not need space.
+                    warn!("{e}; refusing this group's writes");
+                    results.clear();
+                    touched.clear();
+                    appended.clear();
+                    let retry = self.apply(&group, housekeeping, false, &mut results, &mut touched, &mut appended);
+                    if retry.is_err() {
+                        self.restore(&saved);
+                    }
+                    retry.map(|()| Some(e))
+                } else {
+                    Err(e)
+                }
+                .map(|refused| {
+                    // Appends answered with the storage error, others with theirs.
+                    for (r, c) in results.iter_mut().zip(&group) {
+                        if matches!(c, Command::Append(_)) {
+                            if let Some(e) = &refused {
+                                *r = Err(e.clone());
+                            }
+                        }
+                    }
+                })
+            }
+        };
+        if let Err(e) = &outcome {
+            error!("queue commit failed: {e}");
+        }
+        // Publish counters of what is now durable, then answer.
+        for id in &touched {
+            if let Some(st) = self.states.get(id) {
+                *st.handle.counters.lock().unwrap() = st.meta.c;
+            }
+        }
+        let mut results = results.into_iter();
+        for cmd in group {
+            let r = match &outcome {
+                Ok(()) => results.next().unwrap_or(Ok(())),
+                Err(e) => Err(e.clone()),
+            };
+            match cmd {
+                Command::Append(a) => {
+                    let _ = a.reply.send(r);
+                }
+                Command::Settle(s) => {
+                    let _ = s.reply.send(r);
+                }
+                Command::SetAside { reply, .. } => {
+                    let _ = reply.send(r);
+                }
+                Command::Shutdown => {}
+            }
+        }
+        if outcome.is_ok() {
+            for id in &appended {
+                if let Some(st) = self.states.get(id) {
+                    st.handle.data.notify();
+                }
+            }
+        }
+    }
+
+    fn restore(&mut self, saved: &HashMap<u32, Meta>) {
+        for (id, meta) in saved {
+            if let Some(st) = self.states.get_mut(id) {
+                st.meta = *meta;
+            }
+        }
+    }
+
+    /// Applies a group in one transaction. `results` gets one entry per
+    /// command (Shutdown included) in order.
+    fn apply(
+        &mut self,
+        group: &[Command],
+        housekeeping: bool,
+        with_appends: bool,
+        results: &mut Vec<Result<(), QueueError>>,
+        touched: &mut BTreeSet<u32>,
+        appended: &mut BTreeSet<u32>,
+    ) -> Result<(), QueueError> {
+        let shared = self.shared.clone();
+        let mut wtxn = shared.env.write_txn()?;
+        let now = now_ns();
+        if housekeeping {
+            self.expire(&mut wtxn, now, touched)?;
+        }
+        for cmd in group {
+            let r = match cmd {
+                Command::Append(a) if with_appends => self.append(&mut wtxn, a, now, touched, appended)?,
+                Command::Append(_) => Ok(()),
+                Command::Settle(s) => {
+                    self.settle(&mut wtxn, s)?;
+                    touched.insert(s.repl.id);
+                    Ok(())
+                }
+                Command::SetAside { repl, seq, .. } => {
+                    self.set_aside(&mut wtxn, repl.id, *seq)?;
+                    touched.insert(repl.id);
+                    Ok(())
+                }
+                Command::Shutdown => Ok(()),
+            };
+            results.push(r);
+        }
+        for id in touched.iter() {
+            let st = &self.states[id];
+            shared.meta.put(&mut wtxn, &meta_key(*id), &st.meta.encode())?;
+        }
+        wtxn.commit()?;
+        Ok(())
+    }
+
+    /// The outer error aborts the transaction; the inner one refuses this write only.
+    fn append(
+        &mut self,
+        wtxn: &mut RwTxn,
+        a: &Append,
+        now: u64,
+        touched: &mut BTreeSet<u32>,
+        appended: &mut BTreeSet<u32>,
+    ) -> Result<Result<(), QueueError>, QueueError> {
+        let len = a.payload.len() as u64;
+        for t in &a.targets {
+            let Some(st) = self.states.get_mut(&t.id) else {
+                return Ok(Err(QueueError::Closed));
+            };
+            if len > st.spec.max_bytes {
+                return Ok(Err(QueueError::TooLarge {
+                    replication: st.spec.name.clone(),
+                    bytes: len,
+                    max: st.spec.max_bytes,
+                }));
+            }
+            if st.spec.when_full == WhenFull::Reject && st.meta.c.queued_bytes + len > st.spec.max_bytes {
+                st.meta.c.rejected_lines += a.lines;
+                st.meta.c.rejected_bytes += len;
+                touched.insert(t.id);
+                return Ok(Err(QueueError::Full {
+                    replication: st.spec.name.clone(),
+                    max: st.spec.max_bytes,
+                }));
+            }
+        }
+        let shared = self.shared.clone();
+        for t in &a.targets {
+            // Evict whole oldest entries until the write fits (drop_oldest).
+            loop {
+                let st = &self.states[&t.id];
+                if st.meta.c.queued_bytes + len <= st.spec.max_bytes || st.meta.head.seq >= st.meta.next_seq {
+                    break;
+                }
+                let head = st.meta.head.seq;
+                self.remove_head(wtxn, t.id, Pos { seq: head, off: u32::MAX }, Removal::DroppedFull)?;
+            }
+            let st = self.states.get_mut(&t.id).expect("checked above");
+            self.scratch.resize(entry::encoded_len(&a.bucket, &a.payload), 0);
+            entry::encode_into(&mut self.scratch, now, a.lines as u32, &a.bucket, &a.payload);
+            shared
+                .entries
+                .put(wtxn, &entry_key(t.id, st.meta.next_seq), &self.scratch)?;
+            if st.meta.head.seq >= st.meta.next_seq {
+                st.meta.c.oldest_enqueued_ns = Some(now);
+            }
+            st.meta.next_seq += 1;
+            let c = &mut st.meta.c;
+            c.queued_bytes += len;
+            c.queued_lines += a.lines;
+            c.accepted_lines += a.lines;
+            c.accepted_bytes += len;
+            touched.insert(t.id);
+            appended.insert(t.id);
+        }
+        Ok(Ok(()))
+    }
+
+    fn settle(&mut self, wtxn: &mut RwTxn, s: &Settle) -> Result<(), QueueError> {
+        let id = s.repl.id;
+        let (lines, _) = self.remove_head(wtxn, id, s.to, Removal::Delivered)?;
+        let set = &s.settlement;
+        // Lines evicted while the batch was in flight were counted then; split
+        // only what this settlement removed.
+        let dead = set.dead_lines.min(lines);
+        let dropped = set.dropped_lines.min(lines - dead);
+        if dead > 0 {
+            let shared = self.shared.clone();
+            let key = next_dead_key(&shared, wtxn, id)?;
+            let bucket = String::new();
+            let bytes = entry::encode(now_ns(), dead as u32, &bucket, &set.dead_letter);
+            shared.dead.put(wtxn, &key, &bytes)?;
+        }
+        let c = &mut self.states.get_mut(&id).expect("settled replication is attached").meta.c;
+        c.delivered_lines -= dead + dropped;
+        c.dead_lettered_lines += dead;
+        c.dropped_non_retryable_lines += dropped;
+        c.delivered_bytes = c.delivered_bytes.saturating_sub(set.dead_letter.len() as u64);
+        Ok(())
+    }
+
+    /// Moves entry `seq` (expected at the head) to the dead-letter store.
+    fn set_aside(&mut self, wtxn: &mut RwTxn, id: u32, seq: u64) -> Result<(), QueueError> {
+        let shared = self.shared.clone();
+        let st = self.states.get_mut(&id).expect("attached");
+        if seq < st.meta.head.seq || seq >= st.meta.next_seq {
+            return Ok(());
+        }
+        let key = entry_key(id, seq);
+        let raw = shared.entries.get(wtxn, &key)?.map(<[u8]>::to_vec);
+        let (lines, bytes) = match raw.as_deref().map(entry::decode_unchecked) {
+            Some(Ok(e)) if (e.lines as u64) <= st.meta.c.queued_lines => (e.lines as u64, e.payload.len() as u64),
+            // The header itself is damaged: the counts are unknown, so take
+            // what is left when this is the last entry, else nothing.
+            _ if seq + 1 == st.meta.next_seq => (st.meta.c.queued_lines, st.meta.c.queued_bytes),
+            _ => (0, raw.as_ref().map_or(0, |r| r.len() as u64)),
+        };
+        if let Some(raw) = raw {
+            let dkey = next_dead_key(&shared, wtxn, id)?;
+            shared.dead.put(wtxn, &dkey, &raw)?;
+            shared.entries.delete(wtxn, &key)?;
+        }
+        let st = self.states.get_mut(&id).expect("attached");
+        if seq == st.meta.head.seq {
+            st.meta.head = Pos { seq: seq + 1, off: 0 };
+        }
+        let c = &mut st.meta.c;
+        let lines = lines.min(c.queued_lines);
+        c.queued_lines -= lines;
+        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        c.dead_lettered_lines += lines;
+        let meta = st.meta;
+        let oldest = head_enqueued(&shared, wtxn, id, &meta)?;
+        self.states.get_mut(&id).expect("attached").meta.c.oldest_enqueued_ns = oldest;
+        error!(
+            "replication \"{}\": entry {seq} failed its checksum; {lines} lines set aside in the dead-letter store",
+            self.states[&id].spec.name
+        );
+        Ok(())
+    }
+
+    fn expire(&mut self, wtxn: &mut RwTxn, now: u64, touched: &mut BTreeSet<u32>) -> Result<(), QueueError> {
+        let ids: Vec<u32> = self.states.keys().copied().collect();
+        for id in ids {
+            loop {
+                let st = &self.states[&id];
+                let (Some(max_age), Some(oldest)) = (st.spec.max_age, st.meta.c.oldest_enqueued_ns) else {
+                    break;
+                };
+                if now.saturating_sub(oldest) <= max_age.as_nanos() as u64 {
+                    break;
+                }
+                let head = st.meta.head.seq;
+                let (lines, _) = self.remove_head(wtxn, id, Pos { seq: head, off: u32::MAX }, Removal::Expired)?;
+                touched.insert(id);
+                warn!(
+                    "replication \"{}\": {lines} lines older than max_age expired unsent",
+                    self.states[&id].spec.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Advances the head of `id` up to `to`, deleting entries passed whole;
+    /// counts the removed lines under `why`. Returns (lines, bytes) removed.
+    fn remove_head(&mut self, wtxn: &mut RwTxn, id: u32, to: Pos, why: Removal) -> Result<(u64, u64), QueueError> {
+        let shared = self.shared.clone();
+        let st = self.states.get_mut(&id).expect("attached");
+        let m = &mut st.meta;
+        let (mut lines, mut bytes) = (0u64, 0u64);
+        while m.head < to && m.head.seq < m.next_seq {
+            let key = entry_key(id, m.head.seq);
+            let found = match shared.entries.get(wtxn, &key)? {
+                None => None,
+                Some(raw) => {
+                    let (enq_lines, payload) = match entry::decode_unchecked(raw) {
+                        Ok(e) => (e.lines as u64, e.payload),
+                        Err(_) => (0, &raw[..0]),
+                    };
+                    let plen = payload.len();
+                    let start = (m.head.off as usize).min(plen);
+                    let end = if to.seq == m.head.seq { (to.off as usize).min(plen) } else { plen };
+                    let l = if start == 0 && end == plen {
+                        enq_lines
+                    } else {
+                        memchr::memchr_iter(b'\n', &payload[start..end]).count() as u64
+                    };
+                    Some((l, (end - start) as u64, end == plen, end))
+                }
+            };
+            match found {
+                None => m.head = Pos { seq: m.head.seq + 1, off: 0 },
+                Some((l, b, whole, end)) => {
+                    lines += l;
+                    bytes += b;
+                    if whole {
+                        shared.entries.delete(wtxn, &key)?;
+                        m.head = Pos { seq: m.head.seq + 1, off: 0 };
+                    } else {
+                        m.head.off = end as u32;
+                    }
+                }
+            }
+        }
+        let c = &mut m.c;
+        let lines = lines.min(c.queued_lines);
+        c.queued_lines -= lines;
+        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        match why {
+            Removal::Delivered => {
+                c.delivered_lines += lines;
+                c.delivered_bytes += bytes;
+            }
+            Removal::DroppedFull => c.dropped_full_lines += lines,
+            Removal::Expired => c.expired_lines += lines,
+        }
+        let meta = *m;
+        st.meta.c.oldest_enqueued_ns = head_enqueued(&shared, wtxn, id, &meta)?;
+        Ok((lines, bytes))
+    }
+}
+
+fn command_bytes(c: &Command) -> usize {
+    match c {
+        Command::Append(a) => a.payload.len(),
+        _ => 0,
+    }
+}
+
+/// Enqueue time of the head entry, if any.
+fn head_enqueued(s: &Shared, txn: &heed::RoTxn<heed::WithoutTls>, id: u32, m: &Meta) -> Result<Option<u64>, QueueError> {
+    if m.head.seq >= m.next_seq {
+        return Ok(None);
+    }
+    let lo = entry_key(id, m.head.seq);
+    let hi = entry_key(id, m.next_seq);
+    let first = s.entries.range(txn, &key_range(&lo, &hi))?.next().transpose()?;
+    Ok(first.and_then(|(_, raw)| entry::decode_unchecked(raw).ok().map(|e| e.enqueued_ns)))
+}
+
+fn next_dead_key(s: &Shared, txn: &RwTxn, id: u32) -> Result<[u8; 12], QueueError> {
+    let lo = entry_key(id, 0);
+    let hi = entry_key(id + 1, 0);
+    let last = s.dead.rev_range(txn, &key_range(&lo, &hi))?.next().transpose()?;
+    Ok(entry_key(id, last.map_or(0, |(k, _)| key_seq(k) + 1)))
+}
