@@ -1,3 +1,17 @@
+//! edge-replicator: a store-and-forward agent for edge gateways.
+//!
+//! Line protocol comes in through an InfluxDB-compatible write API
+//! ([`ingest`]), is validated and normalised by [`lineproto`], persisted in a
+//! bounded, crash-safe LMDB [`queue`], and replicated in gzip batches to a
+//! remote InfluxDB by [`ship`]. [`agent`] wires them together for the
+//! `run` command of [`cli`]; [`status`] is what operators see.
+
+pub mod agent;
+pub mod cli;
 pub mod config;
+pub mod ingest;
 pub mod lineproto;
+pub mod logging;
 pub mod queue;
+pub mod ship;
+pub mod status;

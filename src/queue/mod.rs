@@ -246,7 +246,7 @@ struct Shared {
 pub struct Queue {
     shared: Arc<Shared>,
     tx: mpsc::Sender<writer::Command>,
-    writer: Option<thread::JoinHandle<()>>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
     handles: Vec<Arc<ReplHandle>>,
 }
 
@@ -419,7 +419,7 @@ impl Queue {
         Ok(Queue {
             shared,
             tx,
-            writer: Some(writer),
+            writer: Mutex::new(Some(writer)),
             handles,
         })
     }
@@ -598,14 +598,11 @@ impl Queue {
         Ok(n as u64)
     }
 
-    /// Commits what is pending and stops the writer thread.
-    pub fn close(mut self) {
-        self.shutdown_writer();
-    }
-
-    fn shutdown_writer(&mut self) {
+    /// Commits what is pending and stops the writer thread; later calls
+    /// get [`QueueError::Closed`].
+    pub fn close(&self) {
         let _ = self.tx.send(writer::Command::Shutdown);
-        if let Some(w) = self.writer.take() {
+        if let Some(w) = self.writer.lock().unwrap().take() {
             let _ = w.join();
         }
     }
@@ -613,7 +610,7 @@ impl Queue {
 
 impl Drop for Queue {
     fn drop(&mut self) {
-        self.shutdown_writer();
+        self.close();
     }
 }
 

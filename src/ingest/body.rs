@@ -1,0 +1,94 @@
+//! Reading request bodies within bounds: the wire size and the decompressed
+//! size are both capped at `max_body_size`, and decompression stops one byte
+//! past the cap, so a gzip bomb costs at most that much memory.
+
+use std::io::Read as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flate2::read::MultiGzDecoder;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BodyError {
+    #[error("request body is larger than max_body_size ({0} bytes)")]
+    TooLarge(u64),
+    #[error("request body is not valid gzip: {0}")]
+    BadGzip(String),
+    #[error("unsupported Content-Encoding \"{0}\" (use gzip or none)")]
+    UnsupportedEncoding(String),
+    #[error("reading the request body failed: {0}")]
+    Read(String),
+    #[error("the client sent the request body too slowly (no complete body within {0:?})")]
+    Timeout(Duration),
+}
+
+/// How a body is encoded on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    Identity,
+    Gzip,
+}
+
+impl Encoding {
+    pub fn from_header(value: Option<&str>) -> Result<Encoding, BodyError> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(Encoding::Identity),
+            Some(v) if v.eq_ignore_ascii_case("identity") => Ok(Encoding::Identity),
+            Some(v) if v.eq_ignore_ascii_case("gzip") => Ok(Encoding::Gzip),
+            Some(v) => Err(BodyError::UnsupportedEncoding(v.to_string())),
+        }
+    }
+}
+
+/// Collects the body (Content-Length or chunked) and decompresses it.
+pub async fn read(body: Incoming, encoding: Encoding, max: u64, timeout: Duration) -> Result<Bytes, BodyError> {
+    let limited = Limited::new(body, max as usize);
+    let collected = match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => return Err(BodyError::Timeout(timeout)),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(BodyError::TooLarge(max)),
+        Ok(Err(e)) => return Err(BodyError::Read(e.to_string())),
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    match encoding {
+        Encoding::Identity => Ok(collected),
+        Encoding::Gzip => decompress(&collected, max).map(Bytes::from),
+    }
+}
+
+/// Inflates concatenated gzip members, refusing more than `max` bytes.
+pub fn decompress(wire: &[u8], max: u64) -> Result<Vec<u8>, BodyError> {
+    let mut out = Vec::with_capacity((wire.len() * 4).min(max as usize + 1));
+    MultiGzDecoder::new(wire)
+        .take(max + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| BodyError::BadGzip(e.to_string()))?;
+    if out.len() as u64 > max {
+        return Err(BodyError::TooLarge(max));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bombs_stop_at_the_cap() {
+        let bomb = crate::ship::gzip(&vec![0u8; 8 << 20], 9);
+        assert!(bomb.len() < 64 << 10);
+        assert_eq!(decompress(&bomb, 1 << 20), Err(BodyError::TooLarge(1 << 20)));
+        assert_eq!(decompress(&bomb, 8 << 20).unwrap().len(), 8 << 20);
+    }
+
+    #[test]
+    fn concatenated_members_and_garbage() {
+        let mut two = crate::ship::gzip(b"a f=1 1\n", 6);
+        two.extend(crate::ship::gzip(b"b f=1 1\n", 6));
+        assert_eq!(decompress(&two, 100).unwrap(), b"a f=1 1\nb f=1 1\n");
+        assert!(matches!(decompress(b"not gzip", 100), Err(BodyError::BadGzip(_))));
+        assert_eq!(Encoding::from_header(Some("GZIP")), Ok(Encoding::Gzip));
+        assert!(Encoding::from_header(Some("br")).is_err());
+    }
+}

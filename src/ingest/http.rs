@@ -1,0 +1,291 @@
+//! The InfluxDB-compatible HTTP API on hyper: writes (v2 and v1), ping,
+//! health, status and metrics. Answers use InfluxDB's shapes so Telegraf,
+//! client libraries and InfluxDB's own replication treat the agent as an
+//! InfluxDB.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use log::{debug, warn};
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use super::body::{self, BodyError, Encoding};
+use super::{auth, Ingest, WriteError};
+use crate::lineproto::Precision;
+use crate::queue::QueueError;
+use crate::status;
+
+/// Connections served at once; past it new ones get 503 and are closed.
+pub const MAX_CONNECTIONS: usize = 512;
+/// A client has this long to send its request headers...
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// ...and this long to send its whole body.
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+type Resp = Response<Full<Bytes>>;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Api {
+    V1,
+    V2,
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets requests in
+/// progress finish (their lines are committed before they are answered) for
+/// up to `drain`, and returns.
+pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: impl Future<Output = ()>, drain: Duration) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: back off briefly.
+                    warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            debug!("refusing connection from {peer}: {MAX_CONNECTIONS} connections open");
+            let conn = builder.serve_connection(io, service_fn(|_req| async { Ok::<_, Infallible>(too_many_connections()) }));
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            continue;
+        };
+        let ingest = ingest.clone();
+        let service = service_fn(move |req| {
+            let ingest = ingest.clone();
+            async move { Ok::<_, Infallible>(handle(&ingest, req).await) }
+        });
+        let conn = graceful.watch(builder.serve_connection(io, service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!("connection from {peer}: {e}");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => warn!("requests still open after {drain:?}; closing them"),
+    }
+}
+
+fn too_many_connections() -> Resp {
+    let mut r = json_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &json!({"code": "unavailable", "message": format!("too many connections (limit {MAX_CONNECTIONS})")}),
+    );
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r
+}
+
+async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    match (method.clone(), path.as_str()) {
+        (Method::POST, "/api/v2/write") => write(ingest, req, Api::V2).await,
+        (Method::POST, "/write") => write(ingest, req, Api::V1).await,
+        (Method::GET | Method::HEAD, "/ping") => ping(),
+        (Method::GET | Method::HEAD, "/health") => json_response(
+            StatusCode::OK,
+            &json!({
+                "name": "edge-replicator",
+                "message": "ready for writes",
+                "status": "pass",
+                "checks": [],
+                "version": env!("CARGO_PKG_VERSION"),
+            }),
+        ),
+        (Method::GET, "/api/v2/replications") => {
+            let query = query_pairs(&req);
+            if !auth::allowed(&ingest.tokens, auth::offered(req.headers(), get(&query, "p")).as_deref()) {
+                return unauthorized(ingest, Api::V2);
+            }
+            json_response(StatusCode::OK, &status::replications_json(&ingest.statuses))
+        }
+        (Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(status::metrics_text(&ingest.statuses, &ingest.stats))));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (_, "/api/v2/write" | "/write" | "/ping" | "/health" | "/api/v2/replications" | "/metrics") => {
+            error(Api::V2, StatusCode::METHOD_NOT_ALLOWED, "method not allowed", &format!("{method} is not allowed on {path}"))
+        }
+        _ => error(Api::V2, StatusCode::NOT_FOUND, "not found", &format!("path {path} not found")),
+    }
+}
+
+fn ping() -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    let h = r.headers_mut();
+    h.insert("X-Influxdb-Version", HeaderValue::from_static(concat!("edge-replicator-", env!("CARGO_PKG_VERSION"))));
+    h.insert("X-Influxdb-Build", HeaderValue::from_static("OSS"));
+    r
+}
+
+fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
+    form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+        .into_owned()
+        .collect()
+}
+
+fn get<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    q.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
+    ingest.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let query = query_pairs(&req);
+    if !auth::allowed(&ingest.tokens, auth::offered(req.headers(), get(&query, "p")).as_deref()) {
+        return unauthorized(ingest, api);
+    }
+    let (bucket, precision) = match api {
+        Api::V2 => {
+            let Some(bucket) = get(&query, "bucket").filter(|b| !b.is_empty()) else {
+                return error(api, StatusCode::BAD_REQUEST, "invalid", "bucket is required (?bucket=NAME)");
+            };
+            let precision = match get(&query, "precision").unwrap_or("") {
+                "" => Some(Precision::Nanoseconds),
+                p => Precision::from_v2(p),
+            };
+            (bucket.to_string(), precision)
+        }
+        Api::V1 => {
+            let Some(db) = get(&query, "db").filter(|b| !b.is_empty()) else {
+                return error(api, StatusCode::BAD_REQUEST, "invalid", "database is required (?db=NAME)");
+            };
+            let precision = match get(&query, "precision").unwrap_or("") {
+                "" => Some(Precision::Nanoseconds),
+                p => Precision::from_v1(p),
+            };
+            (ingest.v1_bucket(db, get(&query, "rp").unwrap_or("")), precision)
+        }
+    };
+    let Some(precision) = precision else {
+        let p = get(&query, "precision").unwrap_or("");
+        return error(api, StatusCode::BAD_REQUEST, "invalid", &format!("invalid precision \"{p}\""));
+    };
+    if ingest.targets(&bucket).is_empty() {
+        return error(api, StatusCode::NOT_FOUND, "not found", &format!("bucket \"{bucket}\" not found"));
+    }
+    let encoding = req.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+    let encoding = match Encoding::from_header(encoding) {
+        Ok(e) => e,
+        Err(e) => return error(api, StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid", &e.to_string()),
+    };
+    let _preparing = ingest.queue.preparing();
+    let body = match body::read(req.into_body(), encoding, ingest.max_body_size, BODY_TIMEOUT).await {
+        Ok(b) => b,
+        Err(e) => {
+            let status = match e {
+                BodyError::TooLarge(_) => {
+                    ingest.stats.refused_too_large.fetch_add(1, Ordering::Relaxed);
+                    StatusCode::PAYLOAD_TOO_LARGE
+                }
+                BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
+            };
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request too large" } else { "invalid" };
+            return error(api, status, code, &e.to_string());
+        }
+    };
+    match ingest.write(&bucket, precision, body).await {
+        Ok(_) => no_content(),
+        Err(WriteError::NoRoute(b)) => error(api, StatusCode::NOT_FOUND, "not found", &format!("bucket \"{b}\" not found")),
+        Err(WriteError::Invalid { message, .. }) => error(api, StatusCode::BAD_REQUEST, "invalid", &message),
+        Err(WriteError::Queue(e)) => queue_error(ingest, api, e),
+    }
+}
+
+fn queue_error(ingest: &Ingest, api: Api, e: QueueError) -> Resp {
+    match &e {
+        QueueError::Full { .. } => {
+            ingest.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+            let mut r = error(api, StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string());
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        QueueError::TooLarge { .. } => {
+            ingest.stats.refused_too_large.fetch_add(1, Ordering::Relaxed);
+            error(api, StatusCode::PAYLOAD_TOO_LARGE, "request too large", &e.to_string())
+        }
+        QueueError::StorageFull(_) => {
+            ingest.stats.refused_full.fetch_add(1, Ordering::Relaxed);
+            warn!("write refused: {e}");
+            let mut r = error(api, StatusCode::INSUFFICIENT_STORAGE, "unavailable", &e.to_string());
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+            r
+        }
+        QueueError::Closed => {
+            let mut r = error(api, StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the agent is shutting down");
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            r
+        }
+        _ => {
+            warn!("write failed: {e}");
+            error(api, StatusCode::INTERNAL_SERVER_ERROR, "internal error", &e.to_string())
+        }
+    }
+}
+
+fn unauthorized(ingest: &Ingest, api: Api) -> Resp {
+    ingest.stats.refused_auth.fetch_add(1, Ordering::Relaxed);
+    let mut r = error(api, StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized access");
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Token"));
+    r
+}
+
+fn no_content() -> Resp {
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+/// An error in the API's shape: v2 `{"code","message"}`, v1 `{"error"}`.
+fn error(api: Api, status: StatusCode, code: &str, message: &str) -> Resp {
+    let body = match api {
+        Api::V2 => json!({ "code": code, "message": message }),
+        Api::V1 => json!({ "error": message }),
+    };
+    let mut r = json_response(status, &body);
+    if api == Api::V1 {
+        r.headers_mut().insert("X-Influxdb-Error", HeaderValue::from_str(&message.replace(['\r', '\n'], " ")).unwrap_or(HeaderValue::from_static("error")));
+    }
+    r
+}
+
+fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    r
+}

@@ -1,0 +1,121 @@
+//! Ingest: turns a write (from the HTTP API or a tailed source) into queued
+//! lines. Validation and timestamp normalisation happen here; routing picks
+//! every replication that takes the write's local bucket; one queue append
+//! commits the lines for all of them at once.
+
+pub mod auth;
+pub mod body;
+pub mod http;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::config::{Replication, Secret};
+use crate::lineproto::{self, Precision, Summary};
+use crate::queue::{Queue, QueueError, ReplHandle};
+use crate::status::{IngestStats, ReplStatus};
+
+/// Bodies above this size are validated on a blocking thread so one large
+/// write does not stall the runtime's other connections.
+const INLINE_VALIDATION_LIMIT: usize = 256 << 10;
+
+/// A replication as the router sees it.
+pub struct Route {
+    pub config: Replication,
+    pub handle: Arc<ReplHandle>,
+}
+
+/// Everything a write needs; shared by all connections.
+pub struct Ingest {
+    pub queue: Arc<Queue>,
+    pub routes: Vec<Route>,
+    pub statuses: Vec<Arc<ReplStatus>>,
+    pub tokens: Vec<Secret>,
+    pub max_body_size: u64,
+    pub stats: IngestStats,
+}
+
+/// Why a write was not (fully) taken.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error("bucket \"{0}\" not found")]
+    NoRoute(String),
+    /// Some lines were invalid; the valid ones (if any) are queued.
+    #[error("{message}")]
+    Invalid { message: String, queued_lines: u64 },
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0)
+}
+
+impl Ingest {
+    /// Replications that take `bucket`.
+    pub fn targets(&self, bucket: &str) -> Vec<Arc<ReplHandle>> {
+        self.routes
+            .iter()
+            .filter(|r| r.config.takes_bucket(bucket))
+            .map(|r| r.handle.clone())
+            .collect()
+    }
+
+    /// The local bucket of a v1 write: `db/rp` when a replication takes it,
+    /// else `db`.
+    pub fn v1_bucket(&self, db: &str, rp: &str) -> String {
+        if !rp.is_empty() {
+            let full = format!("{db}/{rp}");
+            if self.routes.iter().any(|r| r.config.local_bucket == full) {
+                return full;
+            }
+        }
+        db.to_string()
+    }
+
+    /// Validates `body`, stamps and normalises it, and queues the valid
+    /// lines for every replication taking `bucket`. Returns the lines queued.
+    pub async fn write(&self, bucket: &str, precision: Precision, body: bytes::Bytes) -> Result<u64, WriteError> {
+        let targets = self.targets(bucket);
+        if targets.is_empty() {
+            return Err(WriteError::NoRoute(bucket.to_string()));
+        }
+        let now = now_ns();
+        let (payload, summary) = if body.len() > INLINE_VALIDATION_LIMIT {
+            tokio::task::spawn_blocking(move || validate(&body, precision, now))
+                .await
+                .map_err(|e| QueueError::Storage(format!("validation task failed: {e}")))?
+        } else {
+            validate(&body, precision, now)
+        };
+        self.stats.bytes_received.fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.stats.lines_invalid.fetch_add(summary.error_count, Ordering::Relaxed);
+        let lines = summary.lines;
+        if lines > 0 {
+            self.queue
+                .append(targets, bucket.to_string(), payload, lines)
+                .await
+                .unwrap_or(Err(QueueError::Closed))?;
+            self.stats.lines_written.fetch_add(lines, Ordering::Relaxed);
+        }
+        if summary.error_count > 0 {
+            let total = lines + summary.error_count;
+            return Err(WriteError::Invalid {
+                message: lineproto::describe_errors(&summary, total),
+                queued_lines: lines,
+            });
+        }
+        Ok(lines)
+    }
+}
+
+fn validate(body: &[u8], precision: Precision, now: i64) -> (Vec<u8>, Summary) {
+    // Normalised lines grow by at most a timestamp each; most already have one.
+    let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
+    let summary = lineproto::normalize(body, precision, now, &mut out);
+    (out, summary)
+}

@@ -1,0 +1,204 @@
+//! The HTTP client of one replication: builds write URLs for the remote's API
+//! (v2 or v1), keeps one keep-alive connection, and turns every answer into
+//! an [`Answer`] without ever putting a token into a message.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
+
+use crate::config::{Api, Remote};
+
+/// The longest piece of a remote's error body kept for status and logs.
+const MAX_ERROR_BODY: u64 = 2048;
+
+/// What came back from one POST.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The remote answered with this status.
+    Status {
+        code: u16,
+        /// The remote's message (its JSON `message` when there is one).
+        message: String,
+        retry_after: Option<String>,
+    },
+    /// No answer: connect, TLS, timeout, reset.
+    Transport(String),
+}
+
+pub struct Client {
+    agent: ureq::Agent,
+    base: String,
+    api: Api,
+    org: Option<String>,
+    authorization: Option<String>,
+}
+
+impl Client {
+    pub fn new(remote: &Remote) -> Result<Client, String> {
+        let mut tls = TlsConfig::builder()
+            .provider(TlsProvider::Rustls)
+            .disable_verification(remote.allow_insecure_tls);
+        if let Some(path) = &remote.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| format!("remote \"{}\": ca_file {}: {e}", remote.name, path.display()))?;
+            let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| format!("remote \"{}\": ca_file {}: {e}", remote.name, path.display()))?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "remote \"{}\": ca_file {} holds no PEM certificate",
+                    remote.name,
+                    path.display()
+                ));
+            }
+            tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
+        }
+        let proxy = match &remote.proxy {
+            Some(p) => Some(
+                ureq::Proxy::new(p).map_err(|e| format!("remote \"{}\": proxy: {e}", remote.name))?,
+            ),
+            None => ureq::Proxy::try_from_env(),
+        };
+        let config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(remote.connect_timeout))
+            .timeout_global(Some(remote.timeout))
+            .user_agent(concat!("edge-replicator/", env!("CARGO_PKG_VERSION")))
+            .max_idle_connections_per_host(2)
+            .max_idle_age(Duration::from_secs(50))
+            .proxy(proxy)
+            .tls_config(tls.build())
+            .build();
+        let authorization = match (&remote.username, &remote.password, &remote.token) {
+            (Some(user), Some(pass), _) => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pass.expose()))
+            )),
+            (_, _, Some(token)) => Some(format!("Token {}", token.expose())),
+            _ => None,
+        };
+        Ok(Client {
+            agent: config.into(),
+            base: remote.url.clone(),
+            api: remote.api,
+            org: remote.org.clone(),
+            authorization,
+        })
+    }
+
+    /// The write URL for a remote bucket (`db` or `db/rp` for v1).
+    pub fn write_url(&self, bucket: &str) -> String {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        match self.api {
+            Api::V2 => {
+                if let Some(org) = &self.org {
+                    q.append_pair("org", org);
+                }
+                q.append_pair("bucket", bucket);
+                q.append_pair("precision", "ns");
+                format!("{}/api/v2/write?{}", self.base, q.finish())
+            }
+            Api::V1 => {
+                let (db, rp) = bucket.split_once('/').unwrap_or((bucket, ""));
+                q.append_pair("db", db);
+                if !rp.is_empty() {
+                    q.append_pair("rp", rp);
+                }
+                q.append_pair("precision", "ns");
+                format!("{}/write?{}", self.base, q.finish())
+            }
+        }
+    }
+
+    /// POSTs a gzip body. Never fails: every outcome is an [`Answer`].
+    pub fn post(&self, url: &str, gzip_body: &[u8]) -> Answer {
+        let mut req = self
+            .agent
+            .post(url)
+            .header("Content-Encoding", "gzip")
+            .header("Content-Type", "text/plain; charset=utf-8");
+        if let Some(a) = &self.authorization {
+            req = req.header("Authorization", a);
+        }
+        match req.send(gzip_body) {
+            Ok(mut resp) => {
+                let code = resp.status().as_u16();
+                let retry_after = resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let message = if (200..300).contains(&code) {
+                    // Drain so the connection can be reused.
+                    let _ = resp.body_mut().with_config().limit(MAX_ERROR_BODY).read_to_vec();
+                    String::new()
+                } else {
+                    let body = resp
+                        .body_mut()
+                        .with_config()
+                        .limit(MAX_ERROR_BODY)
+                        .read_to_vec()
+                        .unwrap_or_default();
+                    error_message(code, &body)
+                };
+                Answer::Status {
+                    code,
+                    message,
+                    retry_after,
+                }
+            }
+            Err(e) => Answer::Transport(describe_transport(&e)),
+        }
+    }
+}
+
+/// The remote's own words: InfluxDB answers `{"code":..,"message":..}` (v2)
+/// or `{"error":..}` (v1); anything else is kept as text.
+fn error_message(code: u16, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let msg = parsed
+        .as_ref()
+        .and_then(|v| v.get("message").or_else(|| v.get("error")))
+        .and_then(|m| m.as_str())
+        .map(str::to_string)
+        .unwrap_or_else(|| text.trim().to_string());
+    if msg.is_empty() {
+        format!("HTTP {code}")
+    } else {
+        format!("HTTP {code}: {msg}")
+    }
+}
+
+fn describe_transport(e: &ureq::Error) -> String {
+    match e {
+        ureq::Error::Timeout(t) => format!("timeout ({t})"),
+        ureq::Error::Io(io) => format!("connection error: {io}"),
+        ureq::Error::HostNotFound => "host not found".to_string(),
+        ureq::Error::ConnectionFailed => "connection failed".to_string(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_prefer_the_remotes_words() {
+        assert_eq!(
+            error_message(400, br#"{"code":"invalid","message":"partial write: field type conflict"}"#),
+            "HTTP 400: partial write: field type conflict"
+        );
+        assert_eq!(error_message(404, br#"{"error":"database not found: \"x\""}"#), "HTTP 404: database not found: \"x\"");
+        assert_eq!(error_message(502, b"  bad gateway \n"), "HTTP 502: bad gateway");
+        assert_eq!(error_message(503, b""), "HTTP 503");
+    }
+}

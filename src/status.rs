@@ -1,0 +1,327 @@
+//! What operators see: the replication status (`GET /api/v2/replications`,
+//! `edge-replicator status`) and Prometheus metrics (`GET /metrics`).
+//!
+//! Queue counters come from the snapshot the queue writer publishes after each
+//! commit, so the conservation invariant holds in every answer; the shipping
+//! state (running, backoff, paused; latest answer of the remote) is kept here
+//! by the replication's worker.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::queue::ReplHandle;
+
+/// Where a replication's worker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum State {
+    /// Shipping, or idle with nothing queued.
+    #[default]
+    Running,
+    /// Waiting before retrying after a failure.
+    Backoff,
+    /// The remote refused our credentials or bucket; retrying slowly.
+    Paused,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::Backoff => "backoff",
+            State::Paused => "paused",
+        }
+    }
+}
+
+/// Shipping state of one replication, written by its worker.
+#[derive(Debug, Clone, Default)]
+pub struct ShipStatus {
+    pub state: State,
+    pub latest_code: Option<u16>,
+    pub latest_error: String,
+    pub next_retry: Option<SystemTime>,
+    /// Failed attempts by status code, or "transport" for no answer.
+    pub errors: BTreeMap<String, u64>,
+    /// Compressed bytes of batches the remote accepted.
+    pub bytes_sent: u64,
+    pub batches_sent: u64,
+}
+
+/// One replication as operators see it.
+#[derive(Debug)]
+pub struct ReplStatus {
+    pub name: String,
+    pub remote: String,
+    pub local_bucket: String,
+    pub remote_bucket: String,
+    pub max_queue_bytes: u64,
+    pub queue: Arc<ReplHandle>,
+    pub ship: Mutex<ShipStatus>,
+}
+
+/// Counters of the local write API.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub requests: AtomicU64,
+    pub lines_written: AtomicU64,
+    pub lines_invalid: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub refused_too_large: AtomicU64,
+    pub refused_full: AtomicU64,
+    pub refused_auth: AtomicU64,
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// The `GET /api/v2/replications` answer.
+pub fn replications_json(list: &[Arc<ReplStatus>]) -> Value {
+    let now = now_ns();
+    let items: Vec<Value> = list
+        .iter()
+        .map(|r| {
+            let c = r.queue.counters();
+            let s = r.ship.lock().unwrap().clone();
+            json!({
+                "name": r.name,
+                "remote": r.remote,
+                "localBucket": r.local_bucket,
+                "remoteBucket": r.remote_bucket,
+                "maxQueueSizeBytes": r.max_queue_bytes,
+                "currentQueueSizeBytes": c.queued_bytes,
+                "remainingLines": c.queued_lines,
+                "oldestEntryAgeSeconds": c.oldest_enqueued_ns.map(|t| now.saturating_sub(t) / 1_000_000_000),
+                "latestResponseCode": s.latest_code,
+                "latestErrorMessage": s.latest_error,
+                "state": s.state.as_str(),
+                "nextRetryAt": s.next_retry.map(|t| httpdate::fmt_http_date(t)),
+                "acceptedLines": c.accepted_lines,
+                "deliveredLines": c.delivered_lines,
+                "droppedFullLines": c.dropped_full_lines,
+                "expiredLines": c.expired_lines,
+                "droppedNonRetryableLines": c.dropped_non_retryable_lines,
+                "deadLetteredLines": c.dead_lettered_lines,
+                "rejectedLines": c.rejected_lines,
+            })
+        })
+        .collect();
+    json!({ "replications": items })
+}
+
+/// Prometheus text exposition. Names follow InfluxDB's replication metrics
+/// where one exists.
+pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, f64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for (labels, v) in rows {
+            let _ = writeln!(out, "{name}{labels} {v}");
+        }
+    };
+    let per_repl = |f: &dyn Fn(&ReplStatus) -> f64| -> Vec<(String, f64)> {
+        list.iter()
+            .map(|r| (format!("{{replication=\"{}\"}}", r.name), f(r)))
+            .collect()
+    };
+    let c = |r: &ReplStatus| r.queue.counters();
+    family(
+        "replications_queue_total_points_queued",
+        "counter",
+        "Lines accepted into the replication's queue.",
+        per_repl(&|r| c(r).accepted_lines as f64),
+    );
+    family(
+        "replications_queue_total_bytes_queued",
+        "counter",
+        "Bytes accepted into the replication's queue.",
+        per_repl(&|r| c(r).accepted_bytes as f64),
+    );
+    family(
+        "replications_queue_current_bytes_queued",
+        "gauge",
+        "Unsent bytes in the replication's queue.",
+        per_repl(&|r| c(r).queued_bytes as f64),
+    );
+    family(
+        "replications_queue_remaining_lines",
+        "gauge",
+        "Unsent lines in the replication's queue.",
+        per_repl(&|r| c(r).queued_lines as f64),
+    );
+    family(
+        "replications_queue_max_bytes",
+        "gauge",
+        "The replication's max_queue_size.",
+        per_repl(&|r| r.max_queue_bytes as f64),
+    );
+    family(
+        "replications_queue_oldest_entry_age_seconds",
+        "gauge",
+        "Age of the oldest unsent entry (0 when empty).",
+        per_repl(&|r| {
+            c(r).oldest_enqueued_ns
+                .map_or(0.0, |t| now_ns().saturating_sub(t) as f64 / 1e9)
+        }),
+    );
+    family(
+        "replications_queue_remote_write_bytes_sent",
+        "counter",
+        "Compressed bytes the remote accepted.",
+        per_repl(&|r| r.ship.lock().unwrap().bytes_sent as f64),
+    );
+    family(
+        "replications_queue_delivered_lines",
+        "counter",
+        "Lines the remote accepted.",
+        per_repl(&|r| c(r).delivered_lines as f64),
+    );
+    family(
+        "replications_queue_dropped_lines",
+        "counter",
+        "Lines removed unsent, by reason.",
+        list.iter()
+            .flat_map(|r| {
+                let k = c(r);
+                [
+                    ("full", k.dropped_full_lines),
+                    ("expired", k.expired_lines),
+                    ("non_retryable", k.dropped_non_retryable_lines),
+                    ("dead_letter", k.dead_lettered_lines),
+                ]
+                .map(|(why, v)| {
+                    (
+                        format!("{{replication=\"{}\",reason=\"{why}\"}}", r.name),
+                        v as f64,
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
+        "replications_queue_points_failed_to_queue",
+        "counter",
+        "Lines refused because the queue was full (when_full = \"reject\").",
+        per_repl(&|r| c(r).rejected_lines as f64),
+    );
+    family(
+        "replications_queue_bytes_failed_to_queue",
+        "counter",
+        "Bytes refused because the queue was full (when_full = \"reject\").",
+        per_repl(&|r| c(r).rejected_bytes as f64),
+    );
+    family(
+        "replications_queue_remote_write_errors",
+        "counter",
+        "Failed attempts to write to the remote, by status code.",
+        list.iter()
+            .flat_map(|r| {
+                r.ship
+                    .lock()
+                    .unwrap()
+                    .errors
+                    .iter()
+                    .map(|(code, n)| {
+                        (
+                            format!("{{replication=\"{}\",code=\"{code}\"}}", r.name),
+                            *n as f64,
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+    );
+    family(
+        "replications_state",
+        "gauge",
+        "1 for the replication's current state.",
+        list.iter()
+            .flat_map(|r| {
+                let cur = r.ship.lock().unwrap().state;
+                [State::Running, State::Backoff, State::Paused].map(|s| {
+                    (
+                        format!("{{replication=\"{}\",state=\"{}\"}}", r.name, s.as_str()),
+                        if s == cur { 1.0 } else { 0.0 },
+                    )
+                })
+            })
+            .collect(),
+    );
+    let g = |a: &AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed) as f64)];
+    family("edge_replicator_write_requests_total", "counter", "Write requests received.", g(&ingest.requests));
+    family("edge_replicator_write_lines_total", "counter", "Valid lines written.", g(&ingest.lines_written));
+    family("edge_replicator_write_lines_invalid_total", "counter", "Invalid lines refused.", g(&ingest.lines_invalid));
+    family("edge_replicator_write_bytes_total", "counter", "Request body bytes received (after decompression).", g(&ingest.bytes_received));
+    family("edge_replicator_write_refused_too_large_total", "counter", "Writes refused with 413.", g(&ingest.refused_too_large));
+    family("edge_replicator_write_refused_full_total", "counter", "Writes refused because a queue or the disk was full.", g(&ingest.refused_full));
+    family("edge_replicator_write_refused_auth_total", "counter", "Writes refused with 401.", g(&ingest.refused_auth));
+    out
+}
+
+/// Renders the status JSON as the table of `edge-replicator status`.
+pub fn table(v: &Value) -> String {
+    let cols = [
+        ("NAME", "name"),
+        ("REMOTE", "remote"),
+        ("LOCAL BUCKET", "localBucket"),
+        ("REMOTE BUCKET", "remoteBucket"),
+        ("STATE", "state"),
+        ("QUEUED BYTES", "currentQueueSizeBytes"),
+        ("MAX BYTES", "maxQueueSizeBytes"),
+        ("REMAINING LINES", "remainingLines"),
+        ("OLDEST AGE S", "oldestEntryAgeSeconds"),
+        ("LATEST CODE", "latestResponseCode"),
+        ("DELIVERED", "deliveredLines"),
+        ("DROPPED", "droppedFullLines"),
+        ("EXPIRED", "expiredLines"),
+        ("DEAD LETTERED", "deadLetteredLines"),
+        ("LATEST ERROR", "latestErrorMessage"),
+    ];
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = v["replications"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|r| {
+            cols.iter()
+                .map(|(_, key)| match &r[*key] {
+                    Value::Null => "-".to_string(),
+                    Value::String(s) if s.is_empty() => "-".to_string(),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = cols
+        .iter()
+        .enumerate()
+        .map(|(i, (h, _))| rows.iter().map(|r| r[i].chars().count()).chain([h.len()]).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let last = cells.len() - 1;
+        for (i, c) in cells.iter().enumerate() {
+            if i == last {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push('\n');
+    };
+    line(cols.iter().map(|(h, _)| *h).collect());
+    for r in &rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+    out
+}
