@@ -7,26 +7,31 @@
 //! its batch stays queued until settled), and last the queue writer commits
 //! what it holds and exits.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use log::{error, info, warn};
 use tokio::net::TcpListener;
 
-use crate::config::{Config, Remote, Replication};
-use crate::ingest::{http, Ingest, Route};
+use crate::config::{self, Config, Remote, Replication};
+use crate::ingest::{http, Ingest, Route, Routing};
 use crate::queue::{Queue, QueueError, QueueOptions, ReplSpec};
-use crate::ship::{Client, Control, ShipConfig, Worker};
-use crate::status::{IngestStats, ReplStatus};
+use crate::ship::{Client, Control, SharedTarget, ShipConfig, Target, Worker};
+use crate::status::ReplStatus;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Setup(String),
 }
@@ -57,11 +62,199 @@ fn ship_config(r: &Replication, remote: &Remote) -> ShipConfig {
         }),
         min_backoff: remote.min_backoff,
         max_backoff: remote.max_backoff,
+        drop_non_retryable_data: r.drop_non_retryable_data,
+    }
+}
+
+/// One replication at work: its worker thread and what steers it.
+struct Stream {
+    config: Replication,
+    status: Arc<ReplStatus>,
+    target: SharedTarget,
+    control: Arc<Control>,
+    worker: thread::JoinHandle<()>,
+}
+
+/// The agent's moving parts, as far as a reload can change them.
+struct Streams {
+    queue: Arc<Queue>,
+    ingest: Arc<Ingest>,
+    config: Config,
+    streams: BTreeMap<String, Stream>,
+}
+
+impl Streams {
+    fn target(config: &Config, r: &Replication) -> Result<Target, String> {
+        let remote = config.remote(&r.remote).ok_or_else(|| {
+            format!(
+                "replication \"{}\": remote \"{}\" is not defined",
+                r.name, r.remote
+            )
+        })?;
+        Ok(Target {
+            client: Client::new(remote)?,
+            config: ship_config(r, remote),
+        })
+    }
+
+    fn start(&mut self, r: &Replication) -> Result<(), AgentError> {
+        let target = Self::target(&self.config, r).map_err(AgentError::Setup)?;
+        let handle = self.queue.attach(spec(r))?;
+        let status = Arc::new(ReplStatus {
+            name: r.name.clone(),
+            remote: r.remote.clone(),
+            local_bucket: r.local_bucket.clone(),
+            remote_bucket: target
+                .config
+                .remote_bucket
+                .clone()
+                .unwrap_or_else(|| "(same as local)".into()),
+            max_queue_bytes: r.max_queue_size,
+            queue: handle.clone(),
+            ship: Default::default(),
+        });
+        let c = handle.counters();
+        info!(
+            "replication \"{}\": {} -> {} ({}), {} lines ({} bytes) queued",
+            r.name,
+            r.local_bucket,
+            r.remote,
+            target.client.write_url(status.remote_bucket.as_str()),
+            c.queued_lines,
+            c.queued_bytes
+        );
+        let target: SharedTarget = Arc::new(RwLock::new(Arc::new(target)));
+        let control = Arc::new(Control::default());
+        let worker = Worker {
+            queue: self.queue.clone(),
+            repl: handle,
+            status: status.clone(),
+            target: target.clone(),
+            control: control.clone(),
+        }
+        .spawn()
+        .map_err(|e| AgentError::Setup(format!("cannot start a worker thread: {e}")))?;
+        self.streams.insert(
+            r.name.clone(),
+            Stream {
+                config: r.clone(),
+                status,
+                target,
+                control,
+                worker,
+            },
+        );
+        Ok(())
+    }
+
+    /// Routes writes to the streams now running.
+    fn publish_routing(&self) {
+        let routing = Routing {
+            routes: self
+                .streams
+                .values()
+                .map(|s| Route {
+                    config: s.config.clone(),
+                    handle: s.status.queue.clone(),
+                })
+                .collect(),
+            statuses: self.streams.values().map(|s| s.status.clone()).collect(),
+            tokens: self.config.listen.tokens.clone(),
+            max_body_size: self.config.listen.max_body_size,
+        };
+        self.ingest.set_routing(routing);
+    }
+
+    /// Applies a reloaded config: new tokens, remotes and bounds take effect,
+    /// streams added start, streams removed stop (their queue stays on disk),
+    /// and every stream retries at once.
+    fn reload(&mut self, new: Config) {
+        let old = std::mem::replace(&mut self.config, new);
+        let new = &self.config;
+        if old.listen.address != new.listen.address
+            || old.data_dir != new.data_dir
+            || old.queue != new.queue
+        {
+            warn!("reload: listen.address, data_dir and [queue] changes take effect at the next restart");
+        }
+        for w in &new.warnings {
+            warn!("{w}");
+        }
+        let names: Vec<String> = self.streams.keys().cloned().collect();
+        for name in names {
+            let keep = new.replications.iter().find(|r| r.name == name).cloned();
+            let stream = &self.streams[&name];
+            let same_route = keep.as_ref().is_some_and(|r| {
+                r.local_bucket == stream.config.local_bucket
+                    && r.remote == stream.config.remote
+                    && r.remote_bucket == stream.config.remote_bucket
+                    && r.max_queue_size == stream.config.max_queue_size
+            });
+            match keep {
+                Some(r) if same_route => {
+                    match Self::target(new, &r).and_then(|t| {
+                        self.queue.attach(spec(&r)).map_err(|e| e.to_string())?;
+                        Ok(t)
+                    }) {
+                        Ok(t) => {
+                            let s = self.streams.get_mut(&name).expect("listed above");
+                            *s.target.write().unwrap() = Arc::new(t);
+                            s.config = r;
+                            s.control.wake.notify();
+                        }
+                        Err(e) => error!(
+                            "reload: {e}; replication \"{name}\" keeps its previous settings"
+                        ),
+                    }
+                }
+                _ => {
+                    // Removed, or routed differently: stop it; a changed one
+                    // starts again below with its queue as it was.
+                    let s = self.streams.remove(&name).expect("listed above");
+                    s.control.stop();
+                    join_until(vec![s.worker], Duration::from_secs(5));
+                    self.queue.detach(&name);
+                    info!("reload: replication \"{name}\" stopped; its queue stays on disk");
+                }
+            }
+        }
+        let added: Vec<Replication> = new
+            .replications
+            .iter()
+            .filter(|r| !self.streams.contains_key(&r.name))
+            .cloned()
+            .collect();
+        for r in added {
+            if let Err(e) = self.start(&r) {
+                error!("reload: replication \"{}\" not started: {e}", r.name);
+            }
+        }
+        self.publish_routing();
+        info!(
+            "configuration reloaded: {} replications",
+            self.streams.len()
+        );
+    }
+
+    fn stop(self, budget: Duration) {
+        for s in self.streams.values() {
+            s.control.stop();
+        }
+        join_until(
+            self.streams.into_values().map(|s| s.worker).collect(),
+            budget,
+        );
+        self.queue.close();
     }
 }
 
 /// Runs the agent until `events` yields [`Event::Stop`] (or ends).
-pub fn run(config: Config, mut events: tokio::sync::mpsc::UnboundedReceiver<Event>) -> Result<(), AgentError> {
+/// `config_path` is read again on [`Event::Reload`].
+pub fn run(
+    config: Config,
+    config_path: Option<PathBuf>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+) -> Result<(), AgentError> {
     let started = Instant::now();
     let specs: Vec<ReplSpec> = config.replications.iter().map(spec).collect();
     let queue = Arc::new(Queue::open(
@@ -73,61 +266,29 @@ pub fn run(config: Config, mut events: tokio::sync::mpsc::UnboundedReceiver<Even
         },
         &specs,
     )?);
-
-    let mut routes = Vec::new();
-    let mut statuses = Vec::new();
-    let mut workers = Vec::new();
-    let mut controls = Vec::new();
-    for (r, handle) in config.replications.iter().zip(queue.handles()) {
-        let remote = config
-            .remote(&r.remote)
-            .ok_or_else(|| AgentError::Setup(format!("replication \"{}\": remote \"{}\" is not defined", r.name, r.remote)))?;
-        let ship = ship_config(r, remote);
-        let status = Arc::new(ReplStatus {
-            name: r.name.clone(),
-            remote: r.remote.clone(),
-            local_bucket: r.local_bucket.clone(),
-            remote_bucket: ship.remote_bucket.clone().unwrap_or_else(|| "(same as local)".into()),
-            max_queue_bytes: r.max_queue_size,
-            queue: handle.clone(),
-            ship: Default::default(),
-        });
-        let client = Client::new(remote).map_err(AgentError::Setup)?;
-        let control = Arc::new(Control::default());
-        let c = handle.counters();
-        info!(
-            "replication \"{}\": {} -> {} ({}), {} lines ({} bytes) queued",
-            r.name, r.local_bucket, remote.name, remote.url, c.queued_lines, c.queued_bytes
-        );
-        let worker = Worker {
-            queue: queue.clone(),
-            repl: handle.clone(),
-            status: status.clone(),
-            client,
-            config: ship,
-            control: control.clone(),
-        };
-        workers.push(
-            worker
-                .spawn()
-                .map_err(|e| AgentError::Setup(format!("cannot start a worker thread: {e}")))?,
-        );
-        controls.push(control);
-        statuses.push(status);
-        routes.push(Route {
-            config: r.clone(),
-            handle: handle.clone(),
-        });
-    }
-
-    let ingest = Arc::new(Ingest {
+    let ingest = Arc::new(Ingest::new(
+        queue.clone(),
+        Routing {
+            routes: Vec::new(),
+            statuses: Vec::new(),
+            tokens: config.listen.tokens.clone(),
+            max_body_size: config.listen.max_body_size,
+        },
+    ));
+    let addr = config.listen.address;
+    let deadline = config.shutdown_timeout;
+    let replications = config.replications.clone();
+    let mut streams = Streams {
         queue: queue.clone(),
-        routes,
-        statuses,
-        tokens: config.listen.tokens.clone(),
-        max_body_size: config.listen.max_body_size,
-        stats: IngestStats::default(),
-    });
+        ingest: ingest.clone(),
+        config,
+        streams: BTreeMap::new(),
+    };
+    for r in &replications {
+        streams.start(r)?;
+    }
+    streams.publish_routing();
+    let streams = Arc::new(Mutex::new(Some(streams)));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -135,8 +296,7 @@ pub fn run(config: Config, mut events: tokio::sync::mpsc::UnboundedReceiver<Even
         .enable_all()
         .build()
         .map_err(|e| AgentError::Setup(format!("cannot start the runtime: {e}")))?;
-    let addr = config.listen.address;
-    let deadline = config.shutdown_timeout;
+    let reloadable = streams.clone();
     let served = runtime.block_on(async {
         let listener = TcpListener::bind(addr)
             .await
@@ -144,10 +304,10 @@ pub fn run(config: Config, mut events: tokio::sync::mpsc::UnboundedReceiver<Even
         let local = listener.local_addr().unwrap_or(addr);
         info!(
             "listening on http://{local} ({} replications; ready in {} ms)",
-            config.replications.len(),
+            replications.len(),
             started.elapsed().as_millis()
         );
-        if config.listen.tokens.is_empty() {
+        if ingest.routing().tokens.is_empty() {
             info!("no listen.tokens configured: the write API is open to local processes");
         }
         notify_ready();
@@ -155,9 +315,25 @@ pub fn run(config: Config, mut events: tokio::sync::mpsc::UnboundedReceiver<Even
             while let Some(ev) = events.recv().await {
                 match ev {
                     Event::Stop => break,
-                    Event::Reload => warn!(
-                        "SIGHUP: configuration reload is not supported by this version; restart to apply changes"
-                    ),
+                    Event::Reload => {
+                        let Some(path) = config_path.clone() else {
+                            warn!("reload asked, but the agent was not started from a config file");
+                            continue;
+                        };
+                        let streams = reloadable.clone();
+                        let _ = tokio::task::spawn_blocking(move || match config::load(&path) {
+                            Ok(new) => {
+                                if let Some(s) = streams.lock().unwrap().as_mut() {
+                                    s.reload(new);
+                                }
+                            }
+                            Err(e) => error!(
+                                "reload: {}: {e}; keeping the running config",
+                                path.display()
+                            ),
+                        })
+                        .await;
+                    }
                 }
             }
             info!("stopping: no new writes taken; finishing requests in progress");
@@ -166,11 +342,9 @@ pub fn run(config: Config, mut events: tokio::sync::mpsc::UnboundedReceiver<Even
         Ok::<(), AgentError>(())
     });
     let shutdown_started = Instant::now();
-    for c in &controls {
-        c.stop();
+    if let Some(s) = streams.lock().unwrap().take() {
+        s.stop(deadline.saturating_sub(shutdown_started.elapsed()));
     }
-    join_until(workers, deadline.saturating_sub(shutdown_started.elapsed()));
-    queue.close();
     runtime.shutdown_timeout(Duration::from_millis(100));
     served?;
     info!("stopped");
@@ -211,13 +385,19 @@ pub fn signal_events() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<E
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
-    thread::Builder::new().name("signals".into()).spawn(move || {
-        for sig in signals.forever() {
-            let ev = if sig == SIGHUP { Event::Reload } else { Event::Stop };
-            if tx.send(ev).is_err() {
-                return;
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let ev = if sig == SIGHUP {
+                    Event::Reload
+                } else {
+                    Event::Stop
+                };
+                if tx.send(ev).is_err() {
+                    return;
+                }
             }
-        }
-    })?;
+        })?;
     Ok(rx)
 }

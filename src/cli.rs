@@ -3,7 +3,7 @@
 //! bad config, 1 anything else.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -15,7 +15,11 @@ use crate::{agent, logging, status};
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser, Debug)]
-#[command(name = "edge-replicator", version, about = "Store-and-forward replication of InfluxDB line protocol for edge gateways")]
+#[command(
+    name = "edge-replicator",
+    version,
+    about = "Store-and-forward replication of InfluxDB line protocol for edge gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +31,9 @@ enum Command {
     Run {
         #[arg(long, short, default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Use this data directory instead of the config's `data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
     },
     /// Validate the config file and exit (0 valid, 78 invalid).
     CheckConfig {
@@ -41,9 +48,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Inspect, replay or purge the lines a remote refused for good.
+    DeadLetter {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
 }
 
-fn load(path: &PathBuf) -> Result<Config, ExitCode> {
+#[derive(Subcommand, Debug)]
+enum DeadLetterAction {
+    /// List a replication's dead letters.
+    List(DeadLetterArgs),
+    /// Queue a replication's dead letters again (after fixing the cause).
+    Replay(DeadLetterArgs),
+    /// Drop a replication's dead letters (counted as purged).
+    Purge(DeadLetterArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct DeadLetterArgs {
+    #[arg(long, short, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    #[arg(long, short)]
+    replication: String,
+    /// Print the agent's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
     config::load(path).map_err(|e| {
         eprintln!("edge-replicator: {}: {e}", path.display());
         ExitCode::from(EX_CONFIG)
@@ -53,7 +86,7 @@ fn load(path: &PathBuf) -> Result<Config, ExitCode> {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(&config),
+        Command::Run { config, data_dir } => run(&config, data_dir),
         Command::CheckConfig { config } => match load(&config) {
             Ok(c) => {
                 for w in &c.warnings {
@@ -74,14 +107,18 @@ pub fn main() -> ExitCode {
             Ok(c) => show_status(&c, json),
             Err(code) => code,
         },
+        Command::DeadLetter { action } => dead_letter(action),
     }
 }
 
-fn run(path: &PathBuf) -> ExitCode {
-    let config = match load(path) {
+fn run(path: &Path, data_dir: Option<PathBuf>) -> ExitCode {
+    let mut config = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
     logging::init(config.log_level);
     for w in &config.warnings {
         log::warn!("{w}");
@@ -96,7 +133,7 @@ fn run(path: &PathBuf) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match agent::run(config, events) {
+    match agent::run(config, Some(path.to_path_buf()), events) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -115,42 +152,95 @@ fn local_url(addr: SocketAddr) -> String {
     format!("http://{}", SocketAddr::new(ip, addr.port()))
 }
 
-fn show_status(config: &Config, json: bool) -> ExitCode {
-    let url = format!("{}/api/v2/replications", local_url(config.listen.address));
+/// Sends one request to the running agent; prints why on failure.
+fn call_agent(config: &Config, method: &str, path: &str) -> Result<serde_json::Value, ExitCode> {
+    let url = format!("{}{path}", local_url(config.listen.address));
     let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
+        .timeout_global(Some(Duration::from_secs(30)))
         .http_status_as_error(false)
         .build()
         .into();
-    let mut req = agent.get(&url);
+    let mut req = ureq::http::Request::builder().method(method).uri(&url);
     if let Some(t) = config.listen.tokens.first() {
-        req = req.header("Authorization", &format!("Token {}", t.expose()));
+        req = req.header("Authorization", format!("Token {}", t.expose()));
     }
-    let mut resp = match req.call() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edge-replicator: cannot reach the agent at {url}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let req = req.body(()).map_err(|e| {
+        eprintln!("edge-replicator: {url}: {e}");
+        ExitCode::FAILURE
+    })?;
+    let mut resp = agent.run(req).map_err(|e| {
+        eprintln!("edge-replicator: cannot reach the agent at {url}: {e} (is it running?)");
+        ExitCode::FAILURE
+    })?;
     let code = resp.status().as_u16();
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     if code != 200 {
         eprintln!("edge-replicator: {url} answered {code}: {body}");
-        return ExitCode::FAILURE;
+        return Err(ExitCode::FAILURE);
     }
-    if json {
-        println!("{body}");
-        return ExitCode::SUCCESS;
-    }
-    match serde_json::from_str::<serde_json::Value>(&body) {
+    serde_json::from_str(&body).map_err(|e| {
+        eprintln!("edge-replicator: {url} answered JSON that does not parse: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn show_status(config: &Config, json: bool) -> ExitCode {
+    match call_agent(config, "GET", "/api/v2/replications") {
+        Ok(v) if json => {
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
         Ok(v) => {
             print!("{}", status::table(&v));
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("edge-replicator: {url} answered JSON that does not parse: {e}");
-            ExitCode::FAILURE
-        }
+        Err(code) => code,
     }
+}
+
+fn dead_letter(action: DeadLetterAction) -> ExitCode {
+    let (args, method, suffix) = match &action {
+        DeadLetterAction::List(a) => (a, "GET", ""),
+        DeadLetterAction::Replay(a) => (a, "POST", "/replay"),
+        DeadLetterAction::Purge(a) => (a, "DELETE", ""),
+    };
+    let config = match load(&args.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let name: String = form_urlencoded::byte_serialize(args.replication.as_bytes()).collect();
+    let path = format!("/api/v2/replications/{name}/dead-letter{suffix}");
+    let v = match call_agent(&config, method, &path) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    if args.json {
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    match action {
+        DeadLetterAction::List(_) => {
+            let empty = Vec::new();
+            let list = v["deadLetters"].as_array().unwrap_or(&empty);
+            println!(
+                "{:<6} {:>8} {:>10} {:<16} REASON",
+                "ID", "LINES", "BYTES", "BUCKET"
+            );
+            for d in list {
+                println!(
+                    "{:<6} {:>8} {:>10} {:<16} {}",
+                    d["id"],
+                    d["lines"],
+                    d["bytes"],
+                    d["bucket"].as_str().unwrap_or(""),
+                    d["reason"].as_str().unwrap_or("")
+                );
+            }
+            let lines: u64 = list.iter().filter_map(|d| d["lines"].as_u64()).sum();
+            println!("{} records, {lines} lines", list.len());
+        }
+        DeadLetterAction::Replay(_) => println!("{} lines queued again", v["replayedLines"]),
+        DeadLetterAction::Purge(_) => println!("{} lines purged", v["purgedLines"]),
+    }
+    ExitCode::SUCCESS
 }

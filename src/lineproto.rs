@@ -224,7 +224,11 @@ pub struct LineError {
 
 impl fmt::Display for LineError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}: {}: \"{}\"", self.line, self.error, self.excerpt)
+        write!(
+            f,
+            "line {}: {}: \"{}\"",
+            self.line, self.error, self.excerpt
+        )
     }
 }
 
@@ -658,7 +662,11 @@ fn scan_line(raw: &[u8]) -> Result<Scanned<'_>, ParseError> {
         if i < end && !is_blank(b[i]) {
             return Err(error(InvalidTimestamp, i, end));
         }
-        let limit = if negative { 1u64 << 63 } else { i64::MAX as u64 };
+        let limit = if negative {
+            1u64 << 63
+        } else {
+            i64::MAX as u64
+        };
         match parse_u64(&b[digits_start..i]) {
             Some(v) if v <= limit => {
                 timestamp = Some(if negative {
@@ -787,8 +795,12 @@ fn scan_number(b: &[u8], start: usize) -> Result<usize, ParseError> {
                 return fail(UnsignedOutOfRange, start);
             }
         } else if int_digits >= 19 {
-            let limit = if negative { 1u64 << 63 } else { i64::MAX as u64 };
-            if !parse_u64(digits).is_some_and(|v| v <= limit) {
+            let limit = if negative {
+                1u64 << 63
+            } else {
+                i64::MAX as u64
+            };
+            if parse_u64(digits).is_none_or(|v| v > limit) {
                 return fail(IntegerOutOfRange, start);
             }
         }
@@ -1014,13 +1026,20 @@ mod tests {
     fn norm(body: &[u8], precision: Precision) -> (String, Summary) {
         let mut out = Vec::new();
         let summary = normalize(body, precision, NOW, &mut out);
-        (String::from_utf8(out).expect("test output is UTF-8"), summary)
+        (
+            String::from_utf8(out).expect("test output is UTF-8"),
+            summary,
+        )
     }
 
     #[test]
     fn precision_names_and_multipliers() {
         use Precision::*;
-        for (s, p) in [("ns", Nanoseconds), ("us", Microseconds), ("ms", Milliseconds)] {
+        for (s, p) in [
+            ("ns", Nanoseconds),
+            ("us", Microseconds),
+            ("ms", Milliseconds),
+        ] {
             assert_eq!(Precision::from_v2(s), Some(p));
             assert_eq!(Precision::from_v1(s), Some(p));
         }
@@ -1040,20 +1059,40 @@ mod tests {
         for bad in ["", "mm", "H", "rfc3339", "d"] {
             assert_eq!(Precision::from_v1(bad), None, "{bad}");
         }
-        let mults: Vec<i64> = [Nanoseconds, Microseconds, Milliseconds, Seconds, Minutes, Hours]
-            .iter()
-            .map(|p| p.multiplier())
-            .collect();
+        let mults: Vec<i64> = [
+            Nanoseconds,
+            Microseconds,
+            Milliseconds,
+            Seconds,
+            Minutes,
+            Hours,
+        ]
+        .iter()
+        .map(|p| p.multiplier())
+        .collect();
         assert_eq!(
             mults,
-            [1, 1_000, 1_000_000, 1_000_000_000, 60_000_000_000, 3_600_000_000_000]
+            [
+                1,
+                1_000,
+                1_000_000,
+                1_000_000_000,
+                60_000_000_000,
+                3_600_000_000_000
+            ]
         );
         assert_eq!(Seconds.to_nanos(-2), Some(-2_000_000_000));
         assert_eq!(Nanoseconds.to_nanos(i64::MAX), None);
         assert_eq!(Nanoseconds.to_nanos(i64::MIN + 1), None);
-        assert_eq!(Nanoseconds.to_nanos(MIN_TIMESTAMP_NS), Some(MIN_TIMESTAMP_NS));
+        assert_eq!(
+            Nanoseconds.to_nanos(MIN_TIMESTAMP_NS),
+            Some(MIN_TIMESTAMP_NS)
+        );
         assert_eq!(Hours.to_nanos(2_562_048), None);
-        assert_eq!(Hours.to_nanos(2_562_047), Some(2_562_047 * 3_600_000_000_000));
+        assert_eq!(
+            Hours.to_nanos(2_562_047),
+            Some(2_562_047 * 3_600_000_000_000)
+        );
     }
 
     /// (body, precision, expected output); every body here is entirely valid.
@@ -1239,17 +1278,27 @@ mod tests {
             assert_eq!(err.line, 2, "{line:?}");
             assert_eq!(
                 err.error,
-                ParseError { kind: *kind, column: *column },
+                ParseError {
+                    kind: *kind,
+                    column: *column
+                },
                 "{line:?}"
             );
             // parse_line reports the timestamp as written; only i64 overflow is its business.
             if *kind != TimestampOutOfRange {
-                assert_eq!(parse_line(line.as_bytes()).unwrap_err().kind, *kind, "{line:?}");
+                assert_eq!(
+                    parse_line(line.as_bytes()).unwrap_err().kind,
+                    *kind,
+                    "{line:?}"
+                );
             }
         }
         assert_eq!(
             parse_line(b"m v=1 9223372036854775808").unwrap_err(),
-            ParseError { kind: TimestampOutOfRange, column: 7 }
+            ParseError {
+                kind: TimestampOutOfRange,
+                column: 7
+            }
         );
         assert_eq!(
             parse_line(b"m v=1 -9223372036854775808").unwrap().timestamp,
@@ -1280,7 +1329,10 @@ mod tests {
         assert_eq!(parse_line(b" \t\r\n").unwrap_err().kind, MissingMeasurement);
         assert_eq!(
             parse_line(b"  # cpu v=1").unwrap_err(),
-            ParseError { kind: Comment, column: 3 }
+            ParseError {
+                kind: Comment,
+                column: 3
+            }
         );
     }
 
@@ -1400,7 +1452,13 @@ mod tests {
         assert_eq!(&dup[err.column - 1..err.column + 3], "k42=");
         // Small unsorted set: the later of the two is reported.
         let err = parse_line(b"m,z=1,b=2,a=3,b=4 v=1").unwrap_err();
-        assert_eq!(err, ParseError { kind: DuplicateTagKey, column: 15 });
+        assert_eq!(
+            err,
+            ParseError {
+                kind: DuplicateTagKey,
+                column: 15
+            }
+        );
     }
 
     #[test]
@@ -1422,7 +1480,10 @@ mod tests {
             ),
             "{msg}"
         );
-        assert!(msg.ends_with("; line 19: missing fields (column 4): \"cpu\"; and 3 more"), "{msg}");
+        assert!(
+            msg.ends_with("; line 19: missing fields (column 4): \"cpu\"; and 3 more"),
+            "{msg}"
+        );
 
         let (_, summary) = norm(b"cpu,host=a", Precision::Nanoseconds);
         assert_eq!(
@@ -1451,30 +1512,45 @@ mod tests {
     fn throughput() {
         use std::fmt::Write;
         use std::time::Instant;
-        let mut body = String::with_capacity(101 << 20);
-        let mut n = 0u64;
-        while body.len() < 100_000_000 {
-            let _ = writeln!(
-                body,
-                "cpu,cpu=cpu{},host=gateway-{:03},region=eu-west-1 usage_idle=97.{},usage_system=1.{},\
-                 usage_user=0.{}5,iowait=0i,uptime={}i,status=\"ok\" {}",
-                n % 8,
-                n % 50,
-                n % 1000,
-                n % 97,
-                n % 89,
-                n,
-                1_700_000_000_000_000_000 + n * 1_000
-            );
-            n += 1;
-        }
-        let seconds_body = body.replace(" 17000", " 17");
+        let generate = |timestamp: &dyn Fn(u64) -> u64| {
+            let mut body = String::with_capacity(101 << 20);
+            let mut n = 0u64;
+            while body.len() < 100_000_000 {
+                let _ = writeln!(
+                    body,
+                    "cpu,cpu=cpu{},host=gateway-{:03},region=eu-west-1 usage_idle=97.{},\
+                     usage_system=1.{},usage_user=0.{}5,iowait=0i,uptime={}i,status=\"ok\" {}",
+                    n % 8,
+                    n % 50,
+                    n % 1000,
+                    n % 97,
+                    n % 89,
+                    n,
+                    timestamp(n)
+                );
+                n += 1;
+            }
+            (body, n)
+        };
+        let (body, n) = generate(&|n| 1_700_000_000_000_000_000 + n * 1_000);
+        let (seconds_body, _) = generate(&|n| 1_700_000_000 + n / 1_000);
         let mb = body.len() as f64 / 1e6;
-        println!("{n} lines, {mb:.1} MB, {:.0} bytes/line", body.len() as f64 / n as f64);
+        println!(
+            "{n} lines, {mb:.1} MB, {:.0} bytes/line",
+            body.len() as f64 / n as f64
+        );
         let mut out = Vec::with_capacity(body.len() + (8 << 20));
         for (label, input, precision) in [
-            ("normalize ns (fast path)", body.as_bytes(), Precision::Nanoseconds),
-            ("normalize s (rewrite ts)", seconds_body.as_bytes(), Precision::Seconds),
+            (
+                "normalize ns (fast path)",
+                body.as_bytes(),
+                Precision::Nanoseconds,
+            ),
+            (
+                "normalize s (rewrite ts)",
+                seconds_body.as_bytes(),
+                Precision::Seconds,
+            ),
         ] {
             let mut best = f64::MAX;
             for _ in 0..3 {
@@ -1482,9 +1558,19 @@ mod tests {
                 let t = Instant::now();
                 let summary = normalize(input, precision, NOW, &mut out);
                 best = best.min(t.elapsed().as_secs_f64());
-                assert_eq!(summary.lines, n);
+                assert_eq!(
+                    summary.lines,
+                    input
+                        .split(|&c| c == b'\n')
+                        .filter(|l| !l.is_empty())
+                        .count() as u64
+                );
             }
-            println!("{label}: {:.0} MB/s, {:.2} M lines/s", input.len() as f64 / 1e6 / best, n as f64 / 1e6 / best);
+            println!(
+                "{label}: {:.0} MB/s, {:.2} M lines/s",
+                input.len() as f64 / 1e6 / best,
+                n as f64 / 1e6 / best
+            );
         }
         let mut best = f64::MAX;
         for _ in 0..3 {
@@ -1510,7 +1596,10 @@ mod tests {
             best = best.min(t.elapsed().as_secs_f64());
             assert_eq!(fields as u64, n * 9);
         }
-        println!("parse_line + tags() + fields() decoding: {:.0} MB/s", mb / best);
+        println!(
+            "parse_line + tags() + fields() decoding: {:.0} MB/s",
+            mb / best
+        );
     }
 
     // ---- property tests ----
@@ -1533,7 +1622,10 @@ mod tests {
             prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
         )
             .prop_map(|(lines, edits)| {
-                let mut body: Vec<u8> = lines.iter().flat_map(|l| l.text.bytes().chain([b'\n'])).collect();
+                let mut body: Vec<u8> = lines
+                    .iter()
+                    .flat_map(|l| l.text.bytes().chain([b'\n']))
+                    .collect();
                 for (at, byte) in edits {
                     let at = at.index(body.len());
                     body[at] = byte;
@@ -1552,7 +1644,10 @@ mod tests {
         for line in out.split(|&c| c == b'\n').filter(|l| !l.is_empty()) {
             count += 1;
             let parsed = parse_line(line).unwrap_or_else(|e| {
-                panic!("output line {:?} does not parse: {e}", String::from_utf8_lossy(line))
+                panic!(
+                    "output line {:?} does not parse: {e}",
+                    String::from_utf8_lossy(line)
+                )
             });
             let ts = parsed.timestamp.expect("output lines carry a timestamp");
             let mut rebuilt = parsed.key_and_fields.to_vec();
@@ -1560,7 +1655,10 @@ mod tests {
             assert_eq!(line, &rebuilt[..]);
         }
         assert_eq!(count, summary.lines);
-        assert_eq!(summary.errors.len() as u64, summary.error_count.min(MAX_REPORTED_ERRORS as u64));
+        assert_eq!(
+            summary.errors.len() as u64,
+            summary.error_count.min(MAX_REPORTED_ERRORS as u64)
+        );
     }
 
     #[derive(Debug, Clone)]
@@ -1655,10 +1753,16 @@ mod tests {
     fn valid_line() -> impl Strategy<Value = Generated> {
         let measurement = raw_name()
             .prop_map(key_safe)
-            .prop_filter("not a comment or blank-led", |m| !m.starts_with(['#', '\t']));
-        let tags = prop::collection::btree_map(raw_name().prop_map(key_safe), raw_name().prop_map(key_safe), 0..5)
-            .prop_map(|m| m.into_iter().collect::<Vec<_>>())
-            .prop_shuffle();
+            .prop_filter("not a comment or blank-led", |m| {
+                !m.starts_with(['#', '\t'])
+            });
+        let tags = prop::collection::btree_map(
+            raw_name().prop_map(key_safe),
+            raw_name().prop_map(key_safe),
+            0..5,
+        )
+        .prop_map(|m| m.into_iter().collect::<Vec<_>>())
+        .prop_shuffle();
         let field_key = raw_name()
             .prop_map(field_key_safe)
             .prop_filter("blanks before fields are skipped", |k| !k.starts_with('\t'));
@@ -1687,7 +1791,13 @@ mod tests {
             if let Some(ts) = timestamp {
                 text.push_str(&format!(" {ts}"));
             }
-            Generated { text, measurement, tags, fields, timestamp }
+            Generated {
+                text,
+                measurement,
+                tags,
+                fields,
+                timestamp,
+            }
         })
     }
 
@@ -1707,6 +1817,19 @@ mod tests {
                 prop_assert!(e.line >= 1);
                 let _ = describe_errors(&summary, summary.lines + summary.error_count);
             }
+        }
+
+        #[test]
+        fn iterators_terminate_on_any_sections(tags in lp_bytes(), fields in lp_bytes()) {
+            let line = Line {
+                measurement: b"m",
+                tags: &tags,
+                fields: &fields,
+                timestamp: None,
+                key_and_fields: b"",
+            };
+            prop_assert!(line.tags().count() <= tags.len());
+            prop_assert!(line.fields().count() <= fields.len());
         }
 
         #[test]

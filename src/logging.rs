@@ -34,7 +34,13 @@ pub fn init(level: LevelFilter) {
         if journald {
             writeln!(buf, "<{}>{}", priority(record.level()), record.args())
         } else {
-            writeln!(buf, "{} {:<5} {}", buf.timestamp_millis(), record.level(), record.args())
+            writeln!(
+                buf,
+                "{} {:<5} {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.args()
+            )
         }
     });
     let _ = b.try_init();

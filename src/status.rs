@@ -103,7 +103,7 @@ pub fn replications_json(list: &[Arc<ReplStatus>]) -> Value {
                 "latestResponseCode": s.latest_code,
                 "latestErrorMessage": s.latest_error,
                 "state": s.state.as_str(),
-                "nextRetryAt": s.next_retry.map(|t| httpdate::fmt_http_date(t)),
+                "nextRetryAt": s.next_retry.map(httpdate::fmt_http_date),
                 "acceptedLines": c.accepted_lines,
                 "deliveredLines": c.delivered_lines,
                 "droppedFullLines": c.dropped_full_lines,
@@ -257,13 +257,48 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
             .collect(),
     );
     let g = |a: &AtomicU64| vec![(String::new(), a.load(Ordering::Relaxed) as f64)];
-    family("edge_replicator_write_requests_total", "counter", "Write requests received.", g(&ingest.requests));
-    family("edge_replicator_write_lines_total", "counter", "Valid lines written.", g(&ingest.lines_written));
-    family("edge_replicator_write_lines_invalid_total", "counter", "Invalid lines refused.", g(&ingest.lines_invalid));
-    family("edge_replicator_write_bytes_total", "counter", "Request body bytes received (after decompression).", g(&ingest.bytes_received));
-    family("edge_replicator_write_refused_too_large_total", "counter", "Writes refused with 413.", g(&ingest.refused_too_large));
-    family("edge_replicator_write_refused_full_total", "counter", "Writes refused because a queue or the disk was full.", g(&ingest.refused_full));
-    family("edge_replicator_write_refused_auth_total", "counter", "Writes refused with 401.", g(&ingest.refused_auth));
+    family(
+        "edge_replicator_write_requests_total",
+        "counter",
+        "Write requests received.",
+        g(&ingest.requests),
+    );
+    family(
+        "edge_replicator_write_lines_total",
+        "counter",
+        "Valid lines written.",
+        g(&ingest.lines_written),
+    );
+    family(
+        "edge_replicator_write_lines_invalid_total",
+        "counter",
+        "Invalid lines refused.",
+        g(&ingest.lines_invalid),
+    );
+    family(
+        "edge_replicator_write_bytes_total",
+        "counter",
+        "Request body bytes received (after decompression).",
+        g(&ingest.bytes_received),
+    );
+    family(
+        "edge_replicator_write_refused_too_large_total",
+        "counter",
+        "Writes refused with 413.",
+        g(&ingest.refused_too_large),
+    );
+    family(
+        "edge_replicator_write_refused_full_total",
+        "counter",
+        "Writes refused because a queue or the disk was full.",
+        g(&ingest.refused_full),
+    );
+    family(
+        "edge_replicator_write_refused_auth_total",
+        "counter",
+        "Writes refused with 401.",
+        g(&ingest.refused_auth),
+    );
     out
 }
 
@@ -305,7 +340,13 @@ pub fn table(v: &Value) -> String {
     let widths: Vec<usize> = cols
         .iter()
         .enumerate()
-        .map(|(i, (h, _))| rows.iter().map(|r| r[i].chars().count()).chain([h.len()]).max().unwrap_or(0))
+        .map(|(i, (h, _))| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([h.len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     let mut line = |cells: Vec<&str>| {

@@ -21,7 +21,9 @@ pub fn offered(headers: &HeaderMap, query_password: Option<&str>) -> Option<Vec<
             return Some(rest.to_vec());
         }
         if scheme.eq_ignore_ascii_case(b"basic") {
-            let decoded = base64::engine::general_purpose::STANDARD.decode(rest).ok()?;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .ok()?;
             let i = decoded.iter().position(|&b| b == b':')?;
             return Some(decoded[i + 1..].to_vec());
         }
@@ -31,8 +33,14 @@ pub fn offered(headers: &HeaderMap, query_password: Option<&str>) -> Option<Vec<
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
     &b[start..end]
 }
 
@@ -63,11 +71,26 @@ mod tests {
 
     #[test]
     fn every_scheme_offers_the_token() {
-        let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode("user:s3cret"));
-        for auth in ["Token s3cret", "token  s3cret", "Bearer s3cret", basic.as_str()] {
-            assert_eq!(offered(&headers(auth), None).as_deref(), Some(&b"s3cret"[..]), "{auth}");
+        let basic = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode("user:s3cret")
+        );
+        for auth in [
+            "Token s3cret",
+            "token  s3cret",
+            "Bearer s3cret",
+            basic.as_str(),
+        ] {
+            assert_eq!(
+                offered(&headers(auth), None).as_deref(),
+                Some(&b"s3cret"[..]),
+                "{auth}"
+            );
         }
-        assert_eq!(offered(&HeaderMap::new(), Some("s3cret")).as_deref(), Some(&b"s3cret"[..]));
+        assert_eq!(
+            offered(&HeaderMap::new(), Some("s3cret")).as_deref(),
+            Some(&b"s3cret"[..])
+        );
         assert_eq!(offered(&headers("Digest x"), Some("s3cret")), None);
         assert_eq!(offered(&HeaderMap::new(), None), None);
     }
@@ -81,6 +104,9 @@ mod tests {
             assert!(!allowed(&tokens, Some(bad)));
         }
         assert!(!allowed(&tokens, None));
-        assert!(allowed(&[], None), "no tokens configured: open (loopback only)");
+        assert!(
+            allowed(&[], None),
+            "no tokens configured: open (loopback only)"
+        );
     }
 }

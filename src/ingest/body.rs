@@ -43,11 +43,18 @@ impl Encoding {
 }
 
 /// Collects the body (Content-Length or chunked) and decompresses it.
-pub async fn read(body: Incoming, encoding: Encoding, max: u64, timeout: Duration) -> Result<Bytes, BodyError> {
+pub async fn read(
+    body: Incoming,
+    encoding: Encoding,
+    max: u64,
+    timeout: Duration,
+) -> Result<Bytes, BodyError> {
     let limited = Limited::new(body, max as usize);
     let collected = match tokio::time::timeout(timeout, limited.collect()).await {
         Err(_) => return Err(BodyError::Timeout(timeout)),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => return Err(BodyError::TooLarge(max)),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            return Err(BodyError::TooLarge(max))
+        }
         Ok(Err(e)) => return Err(BodyError::Read(e.to_string())),
         Ok(Ok(c)) => c.to_bytes(),
     };
@@ -78,7 +85,10 @@ mod tests {
     fn bombs_stop_at_the_cap() {
         let bomb = crate::ship::gzip(&vec![0u8; 8 << 20], 9);
         assert!(bomb.len() < 64 << 10);
-        assert_eq!(decompress(&bomb, 1 << 20), Err(BodyError::TooLarge(1 << 20)));
+        assert_eq!(
+            decompress(&bomb, 1 << 20),
+            Err(BodyError::TooLarge(1 << 20))
+        );
         assert_eq!(decompress(&bomb, 8 << 20).unwrap().len(), 8 << 20);
     }
 
@@ -87,7 +97,10 @@ mod tests {
         let mut two = crate::ship::gzip(b"a f=1 1\n", 6);
         two.extend(crate::ship::gzip(b"b f=1 1\n", 6));
         assert_eq!(decompress(&two, 100).unwrap(), b"a f=1 1\nb f=1 1\n");
-        assert!(matches!(decompress(b"not gzip", 100), Err(BodyError::BadGzip(_))));
+        assert!(matches!(
+            decompress(b"not gzip", 100),
+            Err(BodyError::BadGzip(_))
+        ));
         assert_eq!(Encoding::from_header(Some("GZIP")), Ok(Encoding::Gzip));
         assert!(Encoding::from_header(Some("br")).is_err());
     }

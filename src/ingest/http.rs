@@ -44,11 +44,18 @@ enum Api {
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in
 /// progress finish (their lines are committed before they are answered) for
 /// up to `drain`, and returns.
-pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: impl Future<Output = ()>, drain: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    ingest: Arc<Ingest>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -67,7 +74,10 @@ pub async fn serve(listener: TcpListener, ingest: Arc<Ingest>, shutdown: impl Fu
         let io = TokioIo::new(stream);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             debug!("refusing connection from {peer}: {MAX_CONNECTIONS} connections open");
-            let conn = builder.serve_connection(io, service_fn(|_req| async { Ok::<_, Infallible>(too_many_connections()) }));
+            let conn = builder.serve_connection(
+                io,
+                service_fn(|_req| async { Ok::<_, Infallible>(too_many_connections()) }),
+            );
             tokio::spawn(async move {
                 let _ = conn.await;
             });
@@ -98,8 +108,10 @@ fn too_many_connections() -> Resp {
         StatusCode::SERVICE_UNAVAILABLE,
         &json!({"code": "unavailable", "message": format!("too many connections (limit {MAX_CONNECTIONS})")}),
     );
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     r
 }
 
@@ -121,24 +133,131 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             }),
         ),
         (Method::GET, "/api/v2/replications") => {
-            let query = query_pairs(&req);
-            if !auth::allowed(&ingest.tokens, auth::offered(req.headers(), get(&query, "p")).as_deref()) {
+            if !authorized(ingest, &req) {
                 return unauthorized(ingest, Api::V2);
             }
-            json_response(StatusCode::OK, &status::replications_json(&ingest.statuses))
+            json_response(
+                StatusCode::OK,
+                &status::replications_json(&ingest.routing().statuses),
+            )
+        }
+        (_, p)
+            if p.starts_with("/api/v2/replications/") && p.ends_with("/dead-letter")
+                || p.ends_with("/dead-letter/replay") =>
+        {
+            if !authorized(ingest, &req) {
+                return unauthorized(ingest, Api::V2);
+            }
+            dead_letter(ingest, &method, p).await
         }
         (Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(status::metrics_text(&ingest.statuses, &ingest.stats))));
+            let mut r = Response::new(Full::new(Bytes::from(status::metrics_text(
+                &ingest.routing().statuses,
+                &ingest.stats,
+            ))));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             r
         }
-        (_, "/api/v2/write" | "/write" | "/ping" | "/health" | "/api/v2/replications" | "/metrics") => {
-            error(Api::V2, StatusCode::METHOD_NOT_ALLOWED, "method not allowed", &format!("{method} is not allowed on {path}"))
+        (
+            _,
+            "/api/v2/write" | "/write" | "/ping" | "/health" | "/api/v2/replications" | "/metrics",
+        ) => error(
+            Api::V2,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            &format!("{method} is not allowed on {path}"),
+        ),
+        _ => error(
+            Api::V2,
+            StatusCode::NOT_FOUND,
+            "not found",
+            &format!("path {path} not found"),
+        ),
+    }
+}
+
+fn authorized(ingest: &Ingest, req: &Request<Incoming>) -> bool {
+    let query = query_pairs(req);
+    auth::allowed(
+        &ingest.routing().tokens,
+        auth::offered(req.headers(), get(&query, "p")).as_deref(),
+    )
+}
+
+/// `GET .../dead-letter` lists, `DELETE .../dead-letter` purges,
+/// `POST .../dead-letter/replay` replays a replication's dead letters.
+async fn dead_letter(ingest: &Ingest, method: &Method, path: &str) -> Resp {
+    let rest = &path["/api/v2/replications/".len()..];
+    let (name, action) = match rest.rsplit_once("/dead-letter") {
+        Some((name, "")) => (name, "list"),
+        Some((name, "/replay")) => (name, "replay"),
+        _ => {
+            return error(
+                Api::V2,
+                StatusCode::NOT_FOUND,
+                "not found",
+                &format!("path {path} not found"),
+            )
         }
-        _ => error(Api::V2, StatusCode::NOT_FOUND, "not found", &format!("path {path} not found")),
+    };
+    let name = form_urlencoded::parse(format!("n={name}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default();
+    let Some(status) = ingest.routing().status(&name).cloned() else {
+        return error(
+            Api::V2,
+            StatusCode::NOT_FOUND,
+            "not found",
+            &format!("replication \"{name}\" not found"),
+        );
+    };
+    let queue = ingest.queue.clone();
+    let repl = status.queue.clone();
+    let op = match (method, action) {
+        (&Method::GET, "list") => 0,
+        (&Method::DELETE, "list") => 1,
+        (&Method::POST, "replay") => 2,
+        _ => {
+            return error(
+                Api::V2,
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed",
+                &format!("{method} is not allowed on {path}"),
+            )
+        }
+    };
+    let result = tokio::task::spawn_blocking(move || match op {
+        0 => queue
+            .dead_letters(&repl)
+            .map(|list| json!({ "replication": repl.name, "deadLetters": list })),
+        1 => queue
+            .purge_dead_letters(&repl)
+            .map(|n| json!({ "replication": repl.name, "purgedLines": n })),
+        _ => {
+            let n = queue.replay_dead_letters(&repl)?;
+            repl.data.notify();
+            Ok(json!({ "replication": repl.name, "replayedLines": n }))
+        }
+    })
+    .await;
+    match result {
+        Ok(Ok(v)) => json_response(StatusCode::OK, &v),
+        Ok(Err(e)) => error(
+            Api::V2,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+            &e.to_string(),
+        ),
+        Err(e) => error(
+            Api::V2,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+            &e.to_string(),
+        ),
     }
 }
 
@@ -146,7 +265,10 @@ fn ping() -> Resp {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
     let h = r.headers_mut();
-    h.insert("X-Influxdb-Version", HeaderValue::from_static(concat!("edge-replicator-", env!("CARGO_PKG_VERSION"))));
+    h.insert(
+        "X-Influxdb-Version",
+        HeaderValue::from_static(concat!("edge-replicator-", env!("CARGO_PKG_VERSION"))),
+    );
     h.insert("X-Influxdb-Build", HeaderValue::from_static("OSS"));
     r
 }
@@ -163,14 +285,23 @@ fn get<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
 
 async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
     ingest.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let routing = ingest.routing();
     let query = query_pairs(&req);
-    if !auth::allowed(&ingest.tokens, auth::offered(req.headers(), get(&query, "p")).as_deref()) {
+    if !auth::allowed(
+        &routing.tokens,
+        auth::offered(req.headers(), get(&query, "p")).as_deref(),
+    ) {
         return unauthorized(ingest, api);
     }
     let (bucket, precision) = match api {
         Api::V2 => {
             let Some(bucket) = get(&query, "bucket").filter(|b| !b.is_empty()) else {
-                return error(api, StatusCode::BAD_REQUEST, "invalid", "bucket is required (?bucket=NAME)");
+                return error(
+                    api,
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    "bucket is required (?bucket=NAME)",
+                );
             };
             let precision = match get(&query, "precision").unwrap_or("") {
                 "" => Some(Precision::Nanoseconds),
@@ -180,48 +311,97 @@ async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
         }
         Api::V1 => {
             let Some(db) = get(&query, "db").filter(|b| !b.is_empty()) else {
-                return error(api, StatusCode::BAD_REQUEST, "invalid", "database is required (?db=NAME)");
+                return error(
+                    api,
+                    StatusCode::BAD_REQUEST,
+                    "invalid",
+                    "database is required (?db=NAME)",
+                );
             };
             let precision = match get(&query, "precision").unwrap_or("") {
                 "" => Some(Precision::Nanoseconds),
                 p => Precision::from_v1(p),
             };
-            (ingest.v1_bucket(db, get(&query, "rp").unwrap_or("")), precision)
+            (
+                routing.v1_bucket(db, get(&query, "rp").unwrap_or("")),
+                precision,
+            )
         }
     };
     let Some(precision) = precision else {
         let p = get(&query, "precision").unwrap_or("");
-        return error(api, StatusCode::BAD_REQUEST, "invalid", &format!("invalid precision \"{p}\""));
+        return error(
+            api,
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            &format!("invalid precision \"{p}\""),
+        );
     };
-    if ingest.targets(&bucket).is_empty() {
-        return error(api, StatusCode::NOT_FOUND, "not found", &format!("bucket \"{bucket}\" not found"));
+    if routing.targets(&bucket).is_empty() {
+        return error(
+            api,
+            StatusCode::NOT_FOUND,
+            "not found",
+            &format!("bucket \"{bucket}\" not found"),
+        );
     }
-    let encoding = req.headers().get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+    let encoding = req
+        .headers()
+        .get(header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok());
     let encoding = match Encoding::from_header(encoding) {
         Ok(e) => e,
-        Err(e) => return error(api, StatusCode::UNSUPPORTED_MEDIA_TYPE, "invalid", &e.to_string()),
+        Err(e) => {
+            return error(
+                api,
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid",
+                &e.to_string(),
+            )
+        }
     };
     let _preparing = ingest.queue.preparing();
-    let body = match body::read(req.into_body(), encoding, ingest.max_body_size, BODY_TIMEOUT).await {
+    let body = match body::read(
+        req.into_body(),
+        encoding,
+        routing.max_body_size,
+        BODY_TIMEOUT,
+    )
+    .await
+    {
         Ok(b) => b,
         Err(e) => {
             let status = match e {
                 BodyError::TooLarge(_) => {
-                    ingest.stats.refused_too_large.fetch_add(1, Ordering::Relaxed);
+                    ingest
+                        .stats
+                        .refused_too_large
+                        .fetch_add(1, Ordering::Relaxed);
                     StatusCode::PAYLOAD_TOO_LARGE
                 }
                 BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
                 BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
             };
-            let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request too large" } else { "invalid" };
+            let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "request too large"
+            } else {
+                "invalid"
+            };
             return error(api, status, code, &e.to_string());
         }
     };
     match ingest.write(&bucket, precision, body).await {
         Ok(_) => no_content(),
-        Err(WriteError::NoRoute(b)) => error(api, StatusCode::NOT_FOUND, "not found", &format!("bucket \"{b}\" not found")),
-        Err(WriteError::Invalid { message, .. }) => error(api, StatusCode::BAD_REQUEST, "invalid", &message),
+        Err(WriteError::NoRoute(b)) => error(
+            api,
+            StatusCode::NOT_FOUND,
+            "not found",
+            &format!("bucket \"{b}\" not found"),
+        ),
+        Err(WriteError::Invalid { message, .. }) => {
+            error(api, StatusCode::BAD_REQUEST, "invalid", &message)
+        }
         Err(WriteError::Queue(e)) => queue_error(ingest, api, e),
     }
 }
@@ -230,37 +410,74 @@ fn queue_error(ingest: &Ingest, api: Api, e: QueueError) -> Resp {
     match &e {
         QueueError::Full { .. } => {
             ingest.stats.refused_full.fetch_add(1, Ordering::Relaxed);
-            let mut r = error(api, StatusCode::SERVICE_UNAVAILABLE, "unavailable", &e.to_string());
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            let mut r = error(
+                api,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             r
         }
         QueueError::TooLarge { .. } => {
-            ingest.stats.refused_too_large.fetch_add(1, Ordering::Relaxed);
-            error(api, StatusCode::PAYLOAD_TOO_LARGE, "request too large", &e.to_string())
+            ingest
+                .stats
+                .refused_too_large
+                .fetch_add(1, Ordering::Relaxed);
+            error(
+                api,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request too large",
+                &e.to_string(),
+            )
         }
         QueueError::StorageFull(_) => {
             ingest.stats.refused_full.fetch_add(1, Ordering::Relaxed);
             warn!("write refused: {e}");
-            let mut r = error(api, StatusCode::INSUFFICIENT_STORAGE, "unavailable", &e.to_string());
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+            let mut r = error(
+                api,
+                StatusCode::INSUFFICIENT_STORAGE,
+                "unavailable",
+                &e.to_string(),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
             r
         }
         QueueError::Closed => {
-            let mut r = error(api, StatusCode::SERVICE_UNAVAILABLE, "unavailable", "the agent is shutting down");
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            let mut r = error(
+                api,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the agent is shutting down",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             r
         }
         _ => {
             warn!("write failed: {e}");
-            error(api, StatusCode::INTERNAL_SERVER_ERROR, "internal error", &e.to_string())
+            error(
+                api,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal error",
+                &e.to_string(),
+            )
         }
     }
 }
 
 fn unauthorized(ingest: &Ingest, api: Api) -> Resp {
     ingest.stats.refused_auth.fetch_add(1, Ordering::Relaxed);
-    let mut r = error(api, StatusCode::UNAUTHORIZED, "unauthorized", "unauthorized access");
-    r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Token"));
+    let mut r = error(
+        api,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "unauthorized access",
+    );
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Token"));
     r
 }
 
@@ -278,7 +495,11 @@ fn error(api: Api, status: StatusCode, code: &str, message: &str) -> Resp {
     };
     let mut r = json_response(status, &body);
     if api == Api::V1 {
-        r.headers_mut().insert("X-Influxdb-Error", HeaderValue::from_str(&message.replace(['\r', '\n'], " ")).unwrap_or(HeaderValue::from_static("error")));
+        r.headers_mut().insert(
+            "X-Influxdb-Error",
+            HeaderValue::from_str(&message.replace(['\r', '\n'], " "))
+                .unwrap_or(HeaderValue::from_static("error")),
+        );
     }
     r
 }
@@ -286,6 +507,9 @@ fn error(api: Api, status: StatusCode, code: &str, message: &str) -> Resp {
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
     r
 }

@@ -8,7 +8,7 @@ pub mod body;
 pub mod http;
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::config::{Replication, Secret};
@@ -26,13 +26,19 @@ pub struct Route {
     pub handle: Arc<ReplHandle>,
 }
 
-/// Everything a write needs; shared by all connections.
-pub struct Ingest {
-    pub queue: Arc<Queue>,
+/// The part of the config a write is checked and routed against; replaced
+/// as a whole when the config is reloaded.
+pub struct Routing {
     pub routes: Vec<Route>,
     pub statuses: Vec<Arc<ReplStatus>>,
     pub tokens: Vec<Secret>,
     pub max_body_size: u64,
+}
+
+/// Everything a write needs; shared by all connections.
+pub struct Ingest {
+    pub queue: Arc<Queue>,
+    routing: RwLock<Arc<Routing>>,
     pub stats: IngestStats,
 }
 
@@ -55,7 +61,7 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-impl Ingest {
+impl Routing {
     /// Replications that take `bucket`.
     pub fn targets(&self, bucket: &str) -> Vec<Arc<ReplHandle>> {
         self.routes
@@ -77,10 +83,40 @@ impl Ingest {
         db.to_string()
     }
 
+    /// The status of replication `name`.
+    pub fn status(&self, name: &str) -> Option<&Arc<ReplStatus>> {
+        self.statuses.iter().find(|s| s.name == name)
+    }
+}
+
+impl Ingest {
+    pub fn new(queue: Arc<Queue>, routing: Routing) -> Ingest {
+        Ingest {
+            queue,
+            routing: RwLock::new(Arc::new(routing)),
+            stats: IngestStats::default(),
+        }
+    }
+
+    /// The routing in force now.
+    pub fn routing(&self) -> Arc<Routing> {
+        self.routing.read().unwrap().clone()
+    }
+
+    /// Replaces the routing (config reload); writes in progress finish with the old one.
+    pub fn set_routing(&self, routing: Routing) {
+        *self.routing.write().unwrap() = Arc::new(routing);
+    }
+
     /// Validates `body`, stamps and normalises it, and queues the valid
     /// lines for every replication taking `bucket`. Returns the lines queued.
-    pub async fn write(&self, bucket: &str, precision: Precision, body: bytes::Bytes) -> Result<u64, WriteError> {
-        let targets = self.targets(bucket);
+    pub async fn write(
+        &self,
+        bucket: &str,
+        precision: Precision,
+        body: bytes::Bytes,
+    ) -> Result<u64, WriteError> {
+        let targets = self.routing().targets(bucket);
         if targets.is_empty() {
             return Err(WriteError::NoRoute(bucket.to_string()));
         }
@@ -92,8 +128,12 @@ impl Ingest {
         } else {
             validate(&body, precision, now)
         };
-        self.stats.bytes_received.fetch_add(payload.len() as u64, Ordering::Relaxed);
-        self.stats.lines_invalid.fetch_add(summary.error_count, Ordering::Relaxed);
+        self.stats
+            .bytes_received
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        self.stats
+            .lines_invalid
+            .fetch_add(summary.error_count, Ordering::Relaxed);
         let lines = summary.lines;
         if lines > 0 {
             self.queue

@@ -44,7 +44,10 @@ impl fmt::Display for Corruption {
             Corruption::TooShort => write!(f, "entry shorter than its header"),
             Corruption::UnknownVersion(v) => write!(f, "unknown entry format version {v}"),
             Corruption::CrcMismatch { stored, computed } => {
-                write!(f, "crc mismatch (stored {stored:08x}, computed {computed:08x})")
+                write!(
+                    f,
+                    "crc mismatch (stored {stored:08x}, computed {computed:08x})"
+                )
             }
             Corruption::BadBucket => write!(f, "bucket name is not valid UTF-8"),
         }
@@ -116,6 +119,29 @@ pub fn decode_unchecked(bytes: &[u8]) -> Result<Entry<'_>, Corruption> {
     })
 }
 
+/// A dead-letter record: the remote's reason, then an entry (or, for an
+/// entry set aside as corrupt, the damaged bytes as they were found).
+pub fn encode_dead(reason: &str, entry: &[u8]) -> Vec<u8> {
+    let reason = &reason.as_bytes()[..reason.len().min(u16::MAX as usize)];
+    let mut out = Vec::with_capacity(2 + reason.len() + entry.len());
+    out.extend_from_slice(&(reason.len() as u16).to_le_bytes());
+    out.extend_from_slice(reason);
+    out.extend_from_slice(entry);
+    out
+}
+
+/// Splits a dead-letter record into its reason and entry bytes.
+pub fn decode_dead(bytes: &[u8]) -> (String, &[u8]) {
+    if bytes.len() < 2 {
+        return (String::new(), bytes);
+    }
+    let n = (u16::from_le_bytes([bytes[0], bytes[1]]) as usize).min(bytes.len() - 2);
+    (
+        String::from_utf8_lossy(&bytes[2..2 + n]).into_owned(),
+        &bytes[2 + n..],
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,7 +163,10 @@ mod tests {
             for bit in 0..8 {
                 let mut damaged = bytes.clone();
                 damaged[i] ^= 1 << bit;
-                assert!(decode(&damaged).is_err(), "flip of bit {bit} in byte {i} not caught");
+                assert!(
+                    decode(&damaged).is_err(),
+                    "flip of bit {bit} in byte {i} not caught"
+                );
             }
         }
     }
@@ -146,7 +175,10 @@ mod tests {
     fn truncation_is_caught() {
         let bytes = encode(7, 1, "bucket", b"m f=1 1\n");
         for len in 0..bytes.len() {
-            assert!(decode(&bytes[..len]).is_err(), "truncation to {len} not caught");
+            assert!(
+                decode(&bytes[..len]).is_err(),
+                "truncation to {len} not caught"
+            );
         }
     }
 }

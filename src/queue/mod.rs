@@ -85,6 +85,12 @@ pub struct Counters {
     /// Writes refused for this replication (`when_full = "reject"`).
     pub rejected_lines: u64,
     pub rejected_bytes: u64,
+    /// Lines and bytes now held in the dead-letter store.
+    pub dead_letter_lines: u64,
+    pub dead_letter_bytes: u64,
+    /// Dead-lettered lines purged (by an operator, or evicted from a full
+    /// dead-letter store). They stay counted in `dead_lettered_lines`.
+    pub dead_letter_purged_lines: u64,
 }
 
 impl Counters {
@@ -118,7 +124,9 @@ pub struct QueueOptions {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum QueueError {
-    #[error("replication \"{replication}\" queue is full ({max} bytes) and when_full is \"reject\"")]
+    #[error(
+        "replication \"{replication}\" queue is full ({max} bytes) and when_full is \"reject\""
+    )]
     Full { replication: String, max: u64 },
     #[error(
         "a write of {bytes} bytes is larger than replication \"{replication}\" max_queue_size ({max} bytes)"
@@ -176,11 +184,31 @@ pub struct Batch {
 /// How a shipped batch ended. Lines of the batch not named here were delivered.
 #[derive(Debug, Clone, Default)]
 pub struct Settlement {
+    /// Local bucket of the refused lines (kept with them for a replay).
+    pub bucket: String,
+    /// The remote's answer that refused them.
+    pub reason: String,
     /// Refused lines kept in the dead-letter store (each ending in '\n').
     pub dead_letter: Vec<u8>,
     pub dead_lines: u64,
     /// Refused lines dropped (`drop_non_retryable_data`).
     pub dropped_lines: u64,
+}
+
+/// One record of a dead-letter store.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    pub id: u64,
+    /// When the lines were first queued (ns since the epoch).
+    pub at_ns: u64,
+    pub lines: u64,
+    pub bytes: u64,
+    pub bucket: String,
+    /// The remote's answer (or the checksum failure) that put them here.
+    pub reason: String,
+    /// False for damaged entries, which are kept only for inspection.
+    pub replayable: bool,
 }
 
 /// Wakes threads waiting for a change; a generation counter avoids lost wake-ups.
@@ -311,12 +339,15 @@ impl Meta {
             c.dead_lettered_lines,
             c.rejected_lines,
             c.rejected_bytes,
+            c.dead_letter_lines,
+            c.dead_letter_bytes,
+            c.dead_letter_purged_lines,
         ];
         fields.iter().flat_map(|f| f.to_le_bytes()).collect()
     }
 
     fn decode(bytes: &[u8]) -> Option<Meta> {
-        if bytes.len() % 8 != 0 || bytes.len() < 8 * 6 {
+        if !bytes.chunks_exact(8).remainder().is_empty() || bytes.len() < 8 * 6 {
             return None;
         }
         let mut f = bytes
@@ -347,6 +378,9 @@ impl Meta {
         c.dead_lettered_lines = next();
         c.rejected_lines = next();
         c.rejected_bytes = next();
+        c.dead_letter_lines = next();
+        c.dead_letter_bytes = next();
+        c.dead_letter_purged_lines = next();
         Some(Meta { head, next_seq, c })
     }
 }
@@ -354,9 +388,8 @@ impl Meta {
 fn lock_data_dir(dir: &Path) -> Result<File, QueueError> {
     use std::os::unix::io::AsRawFd;
     let path = dir.join("LOCK");
-    let file = File::create(&path).map_err(|e| {
-        QueueError::Storage(format!("cannot create {}: {e}", path.display()))
-    })?;
+    let file = File::create(&path)
+        .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
     // SAFETY: flock on a descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -370,9 +403,8 @@ impl Queue {
     /// Replications found on disk but not given stay on disk untouched.
     pub fn open(dir: &Path, opts: &QueueOptions, repls: &[ReplSpec]) -> Result<Queue, QueueError> {
         let qdir = dir.join("queue");
-        fs::create_dir_all(&qdir).map_err(|e| {
-            QueueError::Storage(format!("cannot create {}: {e}", qdir.display()))
-        })?;
+        fs::create_dir_all(&qdir)
+            .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", qdir.display())))?;
         let lock = lock_data_dir(dir)?;
         check_foreign_files(&qdir)?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
@@ -427,6 +459,24 @@ impl Queue {
     /// Handles of the replications given to `open`, in the same order.
     pub fn handles(&self) -> &[Arc<ReplHandle>] {
         &self.handles
+    }
+
+    /// Attaches a replication while the queue runs (a config reload), or
+    /// takes new bounds for one already attached.
+    pub fn attach(&self, spec: ReplSpec) -> Result<Arc<ReplHandle>, QueueError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(writer::Command::Attach { spec, reply })
+            .map_err(|_| QueueError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// Stops expiring a replication removed from the config; its entries,
+    /// counters and dead letters stay on disk until it is attached again.
+    pub fn detach(&self, name: &str) {
+        let _ = self.tx.send(writer::Command::Detach {
+            name: name.to_string(),
+        });
     }
 
     /// Marks a write as being prepared until the guard drops.
@@ -485,7 +535,11 @@ impl Queue {
         out.clear();
         let s = &self.shared;
         let rtxn = s.env.read_txn()?;
-        let Some(meta) = s.meta.get(&rtxn, &meta_key(repl.id))?.and_then(Meta::decode) else {
+        let Some(meta) = s
+            .meta
+            .get(&rtxn, &meta_key(repl.id))?
+            .and_then(Meta::decode)
+        else {
             return Ok(None);
         };
         if meta.head.seq >= meta.next_seq {
@@ -493,7 +547,10 @@ impl Queue {
         }
         let range = entry_key(repl.id, meta.head.seq)..entry_key(repl.id, meta.next_seq);
         let mut batch: Option<Batch> = None;
-        for item in s.entries.range(&rtxn, &key_range(&range.start, &range.end))? {
+        for item in s
+            .entries
+            .range(&rtxn, &key_range(&range.start, &range.end))?
+        {
             let (key, raw) = item?;
             let seq = key_seq(key);
             let e = match entry::decode(raw) {
@@ -533,7 +590,10 @@ impl Queue {
                 (i + 1, false)
             } else if out.is_empty() {
                 // One line longer than a batch: it travels alone.
-                (memchr::memchr(b'\n', avail).map_or(avail.len(), |i| i + 1), false)
+                (
+                    memchr::memchr(b'\n', avail).map_or(avail.len(), |i| i + 1),
+                    false,
+                )
             } else {
                 break;
             };
@@ -559,7 +619,12 @@ impl Queue {
     /// Removes a shipped batch from the head of `repl`'s log, counting its
     /// lines as delivered except those the settlement names; blocks until the
     /// change is durable.
-    pub fn settle(&self, repl: &Arc<ReplHandle>, batch: &Batch, s: Settlement) -> Result<(), QueueError> {
+    pub fn settle(
+        &self,
+        repl: &Arc<ReplHandle>,
+        batch: &Batch,
+        s: Settlement,
+    ) -> Result<(), QueueError> {
         self.call(|reply| {
             writer::Command::Settle(writer::Settle {
                 repl: repl.clone(),
@@ -588,14 +653,66 @@ impl Queue {
         rx.blocking_recv().unwrap_or(Err(QueueError::Closed))
     }
 
-    /// Number of entries in a replication's dead-letter store and their lines.
-    pub fn dead_letter_len(&self, repl: &ReplHandle) -> Result<u64, QueueError> {
+    /// The records of a replication's dead-letter store, oldest first.
+    pub fn dead_letters(&self, repl: &ReplHandle) -> Result<Vec<DeadLetter>, QueueError> {
         let s = &self.shared;
         let rtxn = s.env.read_txn()?;
         let lo = entry_key(repl.id, 0);
         let hi = entry_key(repl.id + 1, 0);
-        let n = s.dead.range(&rtxn, &key_range(&lo, &hi))?.count();
-        Ok(n as u64)
+        let mut out = Vec::new();
+        for item in s.dead.range(&rtxn, &key_range(&lo, &hi))? {
+            let (key, raw) = item?;
+            let (reason, bytes) = entry::decode_dead(raw);
+            out.push(match entry::decode(bytes) {
+                Ok(e) => DeadLetter {
+                    id: key_seq(key),
+                    at_ns: e.enqueued_ns,
+                    lines: e.lines as u64,
+                    bytes: e.payload.len() as u64,
+                    bucket: e.bucket.to_string(),
+                    reason,
+                    replayable: true,
+                },
+                Err(why) => DeadLetter {
+                    id: key_seq(key),
+                    at_ns: 0,
+                    lines: 0,
+                    bytes: bytes.len() as u64,
+                    bucket: String::new(),
+                    reason: format!("{reason} ({why})"),
+                    replayable: false,
+                },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Moves the replayable dead letters of `repl` back into its log, as new
+    /// entries, as far as its queue bound allows. Returns the lines moved.
+    pub fn replay_dead_letters(&self, repl: &Arc<ReplHandle>) -> Result<u64, QueueError> {
+        self.call_count(|reply| writer::Command::DeadLetter {
+            repl: repl.clone(),
+            op: writer::DeadLetterOp::Replay,
+            reply,
+        })
+    }
+
+    /// Drops every dead letter of `repl`. Returns the lines purged.
+    pub fn purge_dead_letters(&self, repl: &Arc<ReplHandle>) -> Result<u64, QueueError> {
+        self.call_count(|reply| writer::Command::DeadLetter {
+            repl: repl.clone(),
+            op: writer::DeadLetterOp::Purge,
+            reply,
+        })
+    }
+
+    fn call_count(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<u64, QueueError>>) -> writer::Command,
+    ) -> Result<u64, QueueError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(make(reply)).map_err(|_| QueueError::Closed)?;
+        rx.blocking_recv().unwrap_or(Err(QueueError::Closed))
     }
 
     /// Commits what is pending and stops the writer thread; later calls
@@ -626,7 +743,10 @@ fn check_foreign_files(qdir: &Path) -> Result<(), QueueError> {
         ))),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(QueueError::Storage(format!("cannot read {}: {e}", data.display()))),
+        Err(e) => Err(QueueError::Storage(format!(
+            "cannot read {}: {e}",
+            data.display()
+        ))),
     }
 }
 

@@ -20,7 +20,10 @@ fn spec(name: &str, max_bytes: u64, when_full: WhenFull) -> ReplSpec {
 }
 
 fn lines(prefix: &str, n: usize) -> Vec<u8> {
-    (0..n).map(|i| format!("{prefix} f={i}i {i}\n")).collect::<String>().into_bytes()
+    (0..n)
+        .map(|i| format!("{prefix} f={i}i {i}\n"))
+        .collect::<String>()
+        .into_bytes()
 }
 
 fn append(q: &Queue, h: &Arc<ReplHandle>, payload: Vec<u8>) -> Result<(), QueueError> {
@@ -44,7 +47,12 @@ fn drain(q: &Queue, h: &Arc<ReplHandle>, max: usize) -> Vec<u8> {
 #[test]
 fn append_read_settle_and_counters() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
     let h = q.handles()[0].clone();
     let a = lines("a", 100);
     let b = lines("b", 50);
@@ -58,7 +66,10 @@ fn append_read_settle_and_counters() {
     let got = drain(&q, &h, 1000);
     assert_eq!(got, [a, b].concat());
     let c = h.counters();
-    assert_eq!((c.delivered_lines, c.queued_lines, c.queued_bytes), (150, 0, 0));
+    assert_eq!(
+        (c.delivered_lines, c.queued_lines, c.queued_bytes),
+        (150, 0, 0)
+    );
     assert_eq!(c.oldest_enqueued_ns, None);
     assert_eq!(c.accepted_lines, c.accounted_lines());
 }
@@ -66,10 +77,20 @@ fn append_read_settle_and_counters() {
 #[test]
 fn a_line_longer_than_a_batch_travels_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
     let h = q.handles()[0].clone();
     let long = format!("m s=\"{}\" 1\n", "x".repeat(300));
-    append(&q, &h, [b"a f=1 1\n".as_slice(), long.as_bytes(), b"b f=1 1\n"].concat()).unwrap();
+    append(
+        &q,
+        &h,
+        [b"a f=1 1\n".as_slice(), long.as_bytes(), b"b f=1 1\n"].concat(),
+    )
+    .unwrap();
     let mut buf = Vec::new();
     let b1 = q.read_batch(&h, 100, false, &mut buf).unwrap().unwrap();
     assert_eq!(buf, b"a f=1 1\n");
@@ -85,10 +106,17 @@ fn a_line_longer_than_a_batch_travels_alone() {
 #[test]
 fn batches_do_not_mix_buckets_when_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
     let h = q.handles()[0].clone();
-    q.append_blocking(vec![h.clone()], "x".into(), b"a f=1 1\n".to_vec(), 1).unwrap();
-    q.append_blocking(vec![h.clone()], "y".into(), b"b f=1 1\n".to_vec(), 1).unwrap();
+    q.append_blocking(vec![h.clone()], "x".into(), b"a f=1 1\n".to_vec(), 1)
+        .unwrap();
+    q.append_blocking(vec![h.clone()], "y".into(), b"b f=1 1\n".to_vec(), 1)
+        .unwrap();
     let mut buf = Vec::new();
     let b = q.read_batch(&h, 1000, true, &mut buf).unwrap().unwrap();
     assert_eq!((b.bucket.as_str(), b.lines), ("x", 1));
@@ -107,9 +135,15 @@ fn reject_when_full_refuses_and_counts() {
     let err = append(&q, &h, p.clone()).unwrap_err();
     assert!(matches!(err, QueueError::Full { .. }), "{err}");
     let c = h.counters();
-    assert_eq!((c.accepted_lines, c.rejected_lines, c.queued_lines), (60, 30, 60));
+    assert_eq!(
+        (c.accepted_lines, c.rejected_lines, c.queued_lines),
+        (60, 30, 60)
+    );
     let big = lines("m", 200);
-    assert!(matches!(append(&q, &h, big), Err(QueueError::TooLarge { .. })));
+    assert!(matches!(
+        append(&q, &h, big),
+        Err(QueueError::TooLarge { .. })
+    ));
 }
 
 #[test]
@@ -141,7 +175,10 @@ fn eviction_while_a_batch_is_in_flight_keeps_counts_exact() {
     append(&q, &h, lines("c", 30)).unwrap(); // evicts "a", the batch in flight
     q.settle(&h, &batch, Settlement::default()).unwrap();
     let k = h.counters();
-    assert_eq!((k.dropped_full_lines, k.delivered_lines, k.queued_lines), (30, 0, 60));
+    assert_eq!(
+        (k.dropped_full_lines, k.delivered_lines, k.queued_lines),
+        (30, 0, 60)
+    );
     assert_eq!(k.accepted_lines, k.accounted_lines());
 }
 
@@ -150,7 +187,12 @@ fn reopen_resumes_mid_entry() {
     let dir = tempfile::tempdir().unwrap();
     let all = lines("m", 100);
     {
-        let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+        let q = Queue::open(
+            dir.path(),
+            &opts(),
+            &[spec("r", 1 << 20, WhenFull::DropOldest)],
+        )
+        .unwrap();
         let h = q.handles()[0].clone();
         append(&q, &h, all.clone()).unwrap();
         let mut buf = Vec::new();
@@ -159,7 +201,12 @@ fn reopen_resumes_mid_entry() {
         q.settle(&h, &b, Settlement::default()).unwrap();
         q.close();
     }
-    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
     let h = q.handles()[0].clone();
     let k = h.counters();
     assert_eq!(k.accepted_lines, 100);
@@ -172,27 +219,89 @@ fn reopen_resumes_mid_entry() {
 #[test]
 fn settlement_splits_refused_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
     let h = q.handles()[0].clone();
     append(&q, &h, lines("m", 10)).unwrap();
     let mut buf = Vec::new();
     let b = q.read_batch(&h, 1 << 20, false, &mut buf).unwrap().unwrap();
     let s = Settlement {
+        bucket: "b".into(),
+        reason: "HTTP 400: bad".into(),
         dead_letter: b"m f=3i 3\n".to_vec(),
         dead_lines: 1,
         dropped_lines: 2,
     };
     q.settle(&h, &b, s).unwrap();
     let k = h.counters();
-    assert_eq!((k.delivered_lines, k.dead_lettered_lines, k.dropped_non_retryable_lines), (7, 1, 2));
+    assert_eq!(
+        (
+            k.delivered_lines,
+            k.dead_lettered_lines,
+            k.dropped_non_retryable_lines
+        ),
+        (7, 1, 2)
+    );
     assert_eq!(k.accepted_lines, k.accounted_lines());
-    assert_eq!(q.dead_letter_len(&h).unwrap(), 1);
+    let dead = q.dead_letters(&h).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (
+            dead[0].lines,
+            dead[0].bucket.as_str(),
+            dead[0].reason.as_str()
+        ),
+        (1, "b", "HTTP 400: bad")
+    );
+    assert!(dead[0].replayable);
+
+    // Replay puts the line back in the log; conservation still holds.
+    assert_eq!(q.replay_dead_letters(&h).unwrap(), 1);
+    let k = h.counters();
+    assert_eq!(
+        (k.dead_lettered_lines, k.queued_lines, k.dead_letter_lines),
+        (0, 1, 0)
+    );
+    assert_eq!(k.accepted_lines, k.accounted_lines());
+    assert!(q.dead_letters(&h).unwrap().is_empty());
+    let mut buf = Vec::new();
+    let b = q.read_batch(&h, 1 << 20, false, &mut buf).unwrap().unwrap();
+    assert_eq!(buf, b"m f=3i 3\n");
+    // Refused again, then purged: counted as dead-lettered and purged.
+    let s = Settlement {
+        bucket: "b".into(),
+        reason: "HTTP 400: bad".into(),
+        dead_letter: buf.clone(),
+        dead_lines: 1,
+        dropped_lines: 0,
+    };
+    q.settle(&h, &b, s).unwrap();
+    assert_eq!(q.purge_dead_letters(&h).unwrap(), 1);
+    let k = h.counters();
+    assert_eq!(
+        (
+            k.dead_lettered_lines,
+            k.dead_letter_lines,
+            k.dead_letter_purged_lines
+        ),
+        (1, 0, 1)
+    );
+    assert_eq!(k.accepted_lines, k.accounted_lines());
 }
 
 #[test]
 fn a_corrupt_entry_is_reported_and_set_aside() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
     let h = q.handles()[0].clone();
     append(&q, &h, lines("a", 5)).unwrap();
     append(&q, &h, lines("b", 5)).unwrap();
@@ -209,7 +318,9 @@ fn a_corrupt_entry_is_reported_and_set_aside() {
     }
     let mut buf = Vec::new();
     let err = q.read_batch(&h, 1 << 20, false, &mut buf).unwrap_err();
-    let QueueError::Corrupt { seq, .. } = err else { panic!("{err}") };
+    let QueueError::Corrupt { seq, .. } = err else {
+        panic!("{err}")
+    };
     q.set_aside(&h, seq).unwrap();
     assert_eq!(drain(&q, &h, 1 << 20), lines("b", 5));
     let k = h.counters();
@@ -227,7 +338,10 @@ fn expired_entries_are_dropped_and_counted() {
     append(&q, &h, lines("a", 5)).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while h.counters().expired_lines < 5 {
-        assert!(std::time::Instant::now() < deadline, "housekeeping never expired the entry");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "housekeeping never expired the entry"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     let k = h.counters();
@@ -248,11 +362,15 @@ fn one_write_routes_to_several_replications_atomically() {
     let q = Queue::open(
         dir.path(),
         &opts(),
-        &[spec("a", 1 << 20, WhenFull::DropOldest), spec("b", 300, WhenFull::Reject)],
+        &[
+            spec("a", 1 << 20, WhenFull::DropOldest),
+            spec("b", 300, WhenFull::Reject),
+        ],
     )
     .unwrap();
     let (a, b) = (q.handles()[0].clone(), q.handles()[1].clone());
-    q.append_blocking(vec![a.clone(), b.clone()], "x".into(), lines("m", 10), 10).unwrap();
+    q.append_blocking(vec![a.clone(), b.clone()], "x".into(), lines("m", 10), 10)
+        .unwrap();
     // Too much for "b" (reject): refused for both.
     let err = q.append_blocking(vec![a.clone(), b.clone()], "x".into(), lines("m", 30), 30);
     assert!(err.is_err());
@@ -371,7 +489,7 @@ proptest! {
                     }
                 }
                 Op::Reopen => {
-                    q.close();
+                    drop(q);
                     q = Queue::open(dir.path(), &opts(), &specs).unwrap();
                 }
             }

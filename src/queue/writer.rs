@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 
 use super::entry;
 use super::{
-    entry_key, key_range, key_seq, meta_key, Meta, Pos, QueueError, ReplHandle, ReplSpec, Settlement,
-    Shared, Signal,
+    entry_key, key_range, key_seq, meta_key, Meta, Pos, QueueError, ReplHandle, ReplSpec,
+    Settlement, Shared, Signal,
 };
 use crate::config::WhenFull;
 
@@ -28,6 +28,9 @@ use crate::config::WhenFull;
 const MAX_GROUP_BYTES: usize = 16 << 20;
 /// Expiry and age checks run this often.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// A dead-letter store holds at most this much (or the replication's
+/// max_queue_size, if smaller); the oldest records make room.
+const DEAD_LETTER_MAX: u64 = 64 << 20;
 
 pub(super) type Reply = oneshot::Sender<Result<(), QueueError>>;
 
@@ -46,6 +49,11 @@ pub(super) struct Settle {
     pub reply: Reply,
 }
 
+pub(super) enum DeadLetterOp {
+    Replay,
+    Purge,
+}
+
 pub(super) enum Command {
     Append(Append),
     Settle(Settle),
@@ -53,6 +61,20 @@ pub(super) enum Command {
         repl: Arc<ReplHandle>,
         seq: u64,
         reply: Reply,
+    },
+    DeadLetter {
+        repl: Arc<ReplHandle>,
+        op: DeadLetterOp,
+        reply: oneshot::Sender<Result<u64, QueueError>>,
+    },
+    /// Starts (or updates the bounds of) a replication at run time.
+    Attach {
+        spec: ReplSpec,
+        reply: oneshot::Sender<Result<Arc<ReplHandle>, QueueError>>,
+    },
+    /// Stops housekeeping a replication; its data stays on disk.
+    Detach {
+        name: String,
     },
     Shutdown,
 }
@@ -97,8 +119,17 @@ impl Writer {
         }
     }
 
-    /// Finds or creates the replication's log and loads its meta.
+    /// Finds or creates the replication's log and loads its meta; for one
+    /// already attached, takes the new bounds.
     pub fn attach(&mut self, spec: &ReplSpec) -> Result<Arc<ReplHandle>, QueueError> {
+        if let Some(st) = self
+            .states
+            .values_mut()
+            .find(|st| st.spec.name == spec.name)
+        {
+            st.spec = spec.clone();
+            return Ok(st.handle.clone());
+        }
         let s = self.shared.clone();
         let mut wtxn = s.env.write_txn()?;
         let name_key = [b"N".as_slice(), spec.name.as_bytes()].concat();
@@ -117,7 +148,8 @@ impl Writer {
                 };
                 s.meta.put(&mut wtxn, &name_key, &id.to_be_bytes())?;
                 s.meta.put(&mut wtxn, b"I", &(id + 1).to_be_bytes())?;
-                s.meta.put(&mut wtxn, &meta_key(id), &Meta::default().encode())?;
+                s.meta
+                    .put(&mut wtxn, &meta_key(id), &Meta::default().encode())?;
                 id
             }
         };
@@ -164,6 +196,22 @@ impl Writer {
             if !closed {
                 closed = self.gather(&mut group);
             }
+            // Attach and detach change the set of replications: outside groups.
+            group.retain_mut(|c| match c {
+                Command::Attach { .. } | Command::Detach { .. } => {
+                    match std::mem::replace(c, Command::Shutdown) {
+                        Command::Attach { spec, reply } => {
+                            let _ = reply.send(self.attach(&spec));
+                        }
+                        Command::Detach { name } => {
+                            self.states.retain(|_, st| st.spec.name != name)
+                        }
+                        _ => unreachable!(),
+                    }
+                    false
+                }
+                _ => true,
+            });
             let shutdown = closed || group.iter().any(|c| matches!(c, Command::Shutdown));
             let housekeeping = Instant::now() >= next_housekeeping;
             if housekeeping {
@@ -216,10 +264,17 @@ impl Writer {
 
     fn process(&mut self, group: Vec<Command>, housekeeping: bool) {
         let saved: HashMap<u32, Meta> = self.states.iter().map(|(k, v)| (*k, v.meta)).collect();
-        let mut results: Vec<Result<(), QueueError>> = Vec::with_capacity(group.len());
+        let mut results: Vec<Result<u64, QueueError>> = Vec::with_capacity(group.len());
         let mut touched = BTreeSet::new();
         let mut appended = BTreeSet::new();
-        let outcome = self.apply(&group, housekeeping, true, &mut results, &mut touched, &mut appended);
+        let outcome = self.apply(
+            &group,
+            housekeeping,
+            true,
+            &mut results,
+            &mut touched,
+            &mut appended,
+        );
         let outcome = match outcome {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -231,7 +286,14 @@ impl Writer {
                     results.clear();
                     touched.clear();
                     appended.clear();
-                    let retry = self.apply(&group, housekeeping, false, &mut results, &mut touched, &mut appended);
+                    let retry = self.apply(
+                        &group,
+                        housekeeping,
+                        false,
+                        &mut results,
+                        &mut touched,
+                        &mut appended,
+                    );
                     if retry.is_err() {
                         self.restore(&saved);
                     }
@@ -263,20 +325,23 @@ impl Writer {
         let mut results = results.into_iter();
         for cmd in group {
             let r = match &outcome {
-                Ok(()) => results.next().unwrap_or(Ok(())),
+                Ok(()) => results.next().unwrap_or(Ok(0)),
                 Err(e) => Err(e.clone()),
             };
             match cmd {
                 Command::Append(a) => {
-                    let _ = a.reply.send(r);
+                    let _ = a.reply.send(r.map(drop));
                 }
                 Command::Settle(s) => {
-                    let _ = s.reply.send(r);
+                    let _ = s.reply.send(r.map(drop));
                 }
                 Command::SetAside { reply, .. } => {
+                    let _ = reply.send(r.map(drop));
+                }
+                Command::DeadLetter { reply, .. } => {
                     let _ = reply.send(r);
                 }
-                Command::Shutdown => {}
+                Command::Attach { .. } | Command::Detach { .. } | Command::Shutdown => {}
             }
         }
         if outcome.is_ok() {
@@ -303,7 +368,7 @@ impl Writer {
         group: &[Command],
         housekeeping: bool,
         with_appends: bool,
-        results: &mut Vec<Result<(), QueueError>>,
+        results: &mut Vec<Result<u64, QueueError>>,
         touched: &mut BTreeSet<u32>,
         appended: &mut BTreeSet<u32>,
     ) -> Result<(), QueueError> {
@@ -315,25 +380,42 @@ impl Writer {
         }
         for cmd in group {
             let r = match cmd {
-                Command::Append(a) if with_appends => self.append(&mut wtxn, a, now, touched, appended)?,
-                Command::Append(_) => Ok(()),
+                Command::Append(a) if with_appends => self
+                    .append(&mut wtxn, a, now, touched, appended)?
+                    .map(|()| 0),
+                Command::Append(_) => Ok(0),
                 Command::Settle(s) => {
                     self.settle(&mut wtxn, s)?;
                     touched.insert(s.repl.id);
-                    Ok(())
+                    Ok(0)
                 }
                 Command::SetAside { repl, seq, .. } => {
                     self.set_aside(&mut wtxn, repl.id, *seq)?;
                     touched.insert(repl.id);
-                    Ok(())
+                    Ok(0)
                 }
-                Command::Shutdown => Ok(()),
+                Command::DeadLetter { repl, op, .. }
+                    if with_appends || matches!(op, DeadLetterOp::Purge) =>
+                {
+                    touched.insert(repl.id);
+                    match op {
+                        DeadLetterOp::Replay => {
+                            appended.insert(repl.id);
+                            Ok(self.replay(&mut wtxn, repl.id, now)?)
+                        }
+                        DeadLetterOp::Purge => Ok(self.purge(&mut wtxn, repl.id, 0)?),
+                    }
+                }
+                Command::DeadLetter { .. } => Ok(0),
+                Command::Attach { .. } | Command::Detach { .. } | Command::Shutdown => Ok(0),
             };
             results.push(r);
         }
         for id in touched.iter() {
             let st = &self.states[id];
-            shared.meta.put(&mut wtxn, &meta_key(*id), &st.meta.encode())?;
+            shared
+                .meta
+                .put(&mut wtxn, &meta_key(*id), &st.meta.encode())?;
         }
         wtxn.commit()?;
         Ok(())
@@ -360,7 +442,9 @@ impl Writer {
                     max: st.spec.max_bytes,
                 }));
             }
-            if st.spec.when_full == WhenFull::Reject && st.meta.c.queued_bytes + len > st.spec.max_bytes {
+            if st.spec.when_full == WhenFull::Reject
+                && st.meta.c.queued_bytes + len > st.spec.max_bytes
+            {
                 st.meta.c.rejected_lines += a.lines;
                 st.meta.c.rejected_bytes += len;
                 touched.insert(t.id);
@@ -375,15 +459,32 @@ impl Writer {
             // Evict whole oldest entries until the write fits (drop_oldest).
             loop {
                 let st = &self.states[&t.id];
-                if st.meta.c.queued_bytes + len <= st.spec.max_bytes || st.meta.head.seq >= st.meta.next_seq {
+                if st.meta.c.queued_bytes + len <= st.spec.max_bytes
+                    || st.meta.head.seq >= st.meta.next_seq
+                {
                     break;
                 }
                 let head = st.meta.head.seq;
-                self.remove_head(wtxn, t.id, Pos { seq: head, off: u32::MAX }, Removal::DroppedFull)?;
+                self.remove_head(
+                    wtxn,
+                    t.id,
+                    Pos {
+                        seq: head,
+                        off: u32::MAX,
+                    },
+                    Removal::DroppedFull,
+                )?;
             }
             let st = self.states.get_mut(&t.id).expect("checked above");
-            self.scratch.resize(entry::encoded_len(&a.bucket, &a.payload), 0);
-            entry::encode_into(&mut self.scratch, now, a.lines as u32, &a.bucket, &a.payload);
+            self.scratch
+                .resize(entry::encoded_len(&a.bucket, &a.payload), 0);
+            entry::encode_into(
+                &mut self.scratch,
+                now,
+                a.lines as u32,
+                &a.bucket,
+                &a.payload,
+            );
             shared
                 .entries
                 .put(wtxn, &entry_key(t.id, st.meta.next_seq), &self.scratch)?;
@@ -411,17 +512,28 @@ impl Writer {
         let dead = set.dead_lines.min(lines);
         let dropped = set.dropped_lines.min(lines - dead);
         if dead > 0 {
-            let shared = self.shared.clone();
-            let key = next_dead_key(&shared, wtxn, id)?;
-            let bucket = String::new();
-            let bytes = entry::encode(now_ns(), dead as u32, &bucket, &set.dead_letter);
-            shared.dead.put(wtxn, &key, &bytes)?;
+            let bytes = entry::encode(now_ns(), dead as u32, &set.bucket, &set.dead_letter);
+            self.add_dead(
+                wtxn,
+                id,
+                &set.reason,
+                &bytes,
+                dead,
+                set.dead_letter.len() as u64,
+            )?;
         }
-        let c = &mut self.states.get_mut(&id).expect("settled replication is attached").meta.c;
+        let c = &mut self
+            .states
+            .get_mut(&id)
+            .expect("settled replication is attached")
+            .meta
+            .c;
         c.delivered_lines -= dead + dropped;
         c.dead_lettered_lines += dead;
         c.dropped_non_retryable_lines += dropped;
-        c.delivered_bytes = c.delivered_bytes.saturating_sub(set.dead_letter.len() as u64);
+        c.delivered_bytes = c
+            .delivered_bytes
+            .saturating_sub(set.dead_letter.len() as u64);
         Ok(())
     }
 
@@ -435,20 +547,28 @@ impl Writer {
         let key = entry_key(id, seq);
         let raw = shared.entries.get(wtxn, &key)?.map(<[u8]>::to_vec);
         let (lines, bytes) = match raw.as_deref().map(entry::decode_unchecked) {
-            Some(Ok(e)) if (e.lines as u64) <= st.meta.c.queued_lines => (e.lines as u64, e.payload.len() as u64),
+            Some(Ok(e)) if (e.lines as u64) <= st.meta.c.queued_lines => {
+                (e.lines as u64, e.payload.len() as u64)
+            }
             // The header itself is damaged: the counts are unknown, so take
             // what is left when this is the last entry, else nothing.
             _ if seq + 1 == st.meta.next_seq => (st.meta.c.queued_lines, st.meta.c.queued_bytes),
             _ => (0, raw.as_ref().map_or(0, |r| r.len() as u64)),
         };
         if let Some(raw) = raw {
-            let dkey = next_dead_key(&shared, wtxn, id)?;
-            shared.dead.put(wtxn, &dkey, &raw)?;
+            let reason = match entry::decode(&raw) {
+                Err(why) => format!("set aside: {why}"),
+                Ok(_) => "set aside".to_string(),
+            };
+            self.add_dead(wtxn, id, &reason, &raw, lines, bytes)?;
             shared.entries.delete(wtxn, &key)?;
         }
         let st = self.states.get_mut(&id).expect("attached");
         if seq == st.meta.head.seq {
-            st.meta.head = Pos { seq: seq + 1, off: 0 };
+            st.meta.head = Pos {
+                seq: seq + 1,
+                off: 0,
+            };
         }
         let c = &mut st.meta.c;
         let lines = lines.min(c.queued_lines);
@@ -457,7 +577,12 @@ impl Writer {
         c.dead_lettered_lines += lines;
         let meta = st.meta;
         let oldest = head_enqueued(&shared, wtxn, id, &meta)?;
-        self.states.get_mut(&id).expect("attached").meta.c.oldest_enqueued_ns = oldest;
+        self.states
+            .get_mut(&id)
+            .expect("attached")
+            .meta
+            .c
+            .oldest_enqueued_ns = oldest;
         error!(
             "replication \"{}\": entry {seq} failed its checksum; {lines} lines set aside in the dead-letter store",
             self.states[&id].spec.name
@@ -465,19 +590,143 @@ impl Writer {
         Ok(())
     }
 
-    fn expire(&mut self, wtxn: &mut RwTxn, now: u64, touched: &mut BTreeSet<u32>) -> Result<(), QueueError> {
+    /// Stores a dead-letter record, evicting the oldest ones past the bound.
+    fn add_dead(
+        &mut self,
+        wtxn: &mut RwTxn,
+        id: u32,
+        reason: &str,
+        entry_bytes: &[u8],
+        lines: u64,
+        bytes: u64,
+    ) -> Result<(), QueueError> {
+        let shared = self.shared.clone();
+        let st = &self.states[&id];
+        let cap = DEAD_LETTER_MAX.min(st.spec.max_bytes);
+        if st.meta.c.dead_letter_bytes + bytes > cap {
+            let purged = self.purge(wtxn, id, cap.saturating_sub(bytes).max(1))?;
+            warn!(
+                "replication \"{}\": dead-letter store full; {purged} oldest dead-lettered lines purged",
+                self.states[&id].spec.name
+            );
+        }
+        let key = next_dead_key(&shared, wtxn, id)?;
+        shared
+            .dead
+            .put(wtxn, &key, &entry::encode_dead(reason, entry_bytes))?;
+        let c = &mut self.states.get_mut(&id).expect("attached").meta.c;
+        c.dead_letter_lines += lines;
+        c.dead_letter_bytes += bytes;
+        Ok(())
+    }
+
+    /// Deletes the oldest dead letters of `id` until at most `keep_bytes`
+    /// remain (0: all of them). Returns the lines purged.
+    fn purge(&mut self, wtxn: &mut RwTxn, id: u32, keep_bytes: u64) -> Result<u64, QueueError> {
+        let shared = self.shared.clone();
+        let c = &mut self.states.get_mut(&id).expect("attached").meta.c;
+        let lo = entry_key(id, 0);
+        let hi = entry_key(id + 1, 0);
+        let mut doomed = Vec::new();
+        let (mut bytes_left, mut lines) = (c.dead_letter_bytes, 0u64);
+        for item in shared.dead.range(wtxn, &key_range(&lo, &hi))? {
+            if keep_bytes > 0 && bytes_left <= keep_bytes {
+                break;
+            }
+            let (key, raw) = item?;
+            let (_, e) = entry::decode_dead(raw);
+            let (l, b) = entry::decode_unchecked(e).map_or((0, e.len() as u64), |e| {
+                (e.lines as u64, e.payload.len() as u64)
+            });
+            bytes_left = bytes_left.saturating_sub(b);
+            lines += l;
+            doomed.push(key.to_vec());
+        }
+        for key in &doomed {
+            shared.dead.delete(wtxn, key)?;
+        }
+        if keep_bytes == 0 {
+            // Everything went: the counters are exact whatever the records said.
+            lines = c.dead_letter_lines;
+            bytes_left = 0;
+        }
+        c.dead_letter_lines = c.dead_letter_lines.saturating_sub(lines);
+        c.dead_letter_bytes = bytes_left;
+        c.dead_letter_purged_lines += lines;
+        Ok(lines)
+    }
+
+    /// Moves replayable dead letters back into the log while they fit.
+    fn replay(&mut self, wtxn: &mut RwTxn, id: u32, now: u64) -> Result<u64, QueueError> {
+        let shared = self.shared.clone();
+        let lo = entry_key(id, 0);
+        let hi = entry_key(id + 1, 0);
+        let records: Vec<(Vec<u8>, Vec<u8>)> = shared
+            .dead
+            .range(wtxn, &key_range(&lo, &hi))?
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<_, _>>()?;
+        let mut replayed = 0;
+        for (key, raw) in records {
+            let (_, bytes) = entry::decode_dead(&raw);
+            let Ok(e) = entry::decode(bytes) else {
+                continue;
+            };
+            let st = self.states.get_mut(&id).expect("attached");
+            let len = e.payload.len() as u64;
+            if st.meta.c.queued_bytes + len > st.spec.max_bytes {
+                break;
+            }
+            self.scratch
+                .resize(entry::encoded_len(e.bucket, e.payload), 0);
+            entry::encode_into(&mut self.scratch, now, e.lines, e.bucket, e.payload);
+            shared
+                .entries
+                .put(wtxn, &entry_key(id, st.meta.next_seq), &self.scratch)?;
+            shared.dead.delete(wtxn, &key)?;
+            if st.meta.head.seq >= st.meta.next_seq {
+                st.meta.c.oldest_enqueued_ns = Some(now);
+            }
+            st.meta.next_seq += 1;
+            let c = &mut st.meta.c;
+            let lines = e.lines as u64;
+            c.queued_bytes += len;
+            c.queued_lines += lines;
+            c.dead_lettered_lines = c.dead_lettered_lines.saturating_sub(lines);
+            c.dead_letter_lines = c.dead_letter_lines.saturating_sub(lines);
+            c.dead_letter_bytes = c.dead_letter_bytes.saturating_sub(len);
+            replayed += lines;
+        }
+        Ok(replayed)
+    }
+
+    fn expire(
+        &mut self,
+        wtxn: &mut RwTxn,
+        now: u64,
+        touched: &mut BTreeSet<u32>,
+    ) -> Result<(), QueueError> {
         let ids: Vec<u32> = self.states.keys().copied().collect();
         for id in ids {
             loop {
                 let st = &self.states[&id];
-                let (Some(max_age), Some(oldest)) = (st.spec.max_age, st.meta.c.oldest_enqueued_ns) else {
+                let (Some(max_age), Some(oldest)) = (st.spec.max_age, st.meta.c.oldest_enqueued_ns)
+                else {
                     break;
                 };
                 if now.saturating_sub(oldest) <= max_age.as_nanos() as u64 {
                     break;
                 }
                 let head = st.meta.head.seq;
-                let (lines, _) = self.remove_head(wtxn, id, Pos { seq: head, off: u32::MAX }, Removal::Expired)?;
+                let (lines, _) = self.remove_head(
+                    wtxn,
+                    id,
+                    Pos {
+                        seq: head,
+                        off: u32::MAX,
+                    },
+                    Removal::Expired,
+                )?;
                 touched.insert(id);
                 warn!(
                     "replication \"{}\": {lines} lines older than max_age expired unsent",
@@ -490,7 +739,13 @@ impl Writer {
 
     /// Advances the head of `id` up to `to`, deleting entries passed whole;
     /// counts the removed lines under `why`. Returns (lines, bytes) removed.
-    fn remove_head(&mut self, wtxn: &mut RwTxn, id: u32, to: Pos, why: Removal) -> Result<(u64, u64), QueueError> {
+    fn remove_head(
+        &mut self,
+        wtxn: &mut RwTxn,
+        id: u32,
+        to: Pos,
+        why: Removal,
+    ) -> Result<(u64, u64), QueueError> {
         let shared = self.shared.clone();
         let st = self.states.get_mut(&id).expect("attached");
         let m = &mut st.meta;
@@ -506,7 +761,11 @@ impl Writer {
                     };
                     let plen = payload.len();
                     let start = (m.head.off as usize).min(plen);
-                    let end = if to.seq == m.head.seq { (to.off as usize).min(plen) } else { plen };
+                    let end = if to.seq == m.head.seq {
+                        (to.off as usize).min(plen)
+                    } else {
+                        plen
+                    };
                     let l = if start == 0 && end == plen {
                         enq_lines
                     } else {
@@ -516,13 +775,21 @@ impl Writer {
                 }
             };
             match found {
-                None => m.head = Pos { seq: m.head.seq + 1, off: 0 },
+                None => {
+                    m.head = Pos {
+                        seq: m.head.seq + 1,
+                        off: 0,
+                    }
+                }
                 Some((l, b, whole, end)) => {
                     lines += l;
                     bytes += b;
                     if whole {
                         shared.entries.delete(wtxn, &key)?;
-                        m.head = Pos { seq: m.head.seq + 1, off: 0 };
+                        m.head = Pos {
+                            seq: m.head.seq + 1,
+                            off: 0,
+                        };
                     } else {
                         m.head.off = end as u32;
                     }
@@ -555,19 +822,32 @@ fn command_bytes(c: &Command) -> usize {
 }
 
 /// Enqueue time of the head entry, if any.
-fn head_enqueued(s: &Shared, txn: &heed::RoTxn<heed::WithoutTls>, id: u32, m: &Meta) -> Result<Option<u64>, QueueError> {
+fn head_enqueued(
+    s: &Shared,
+    txn: &heed::RoTxn<heed::WithoutTls>,
+    id: u32,
+    m: &Meta,
+) -> Result<Option<u64>, QueueError> {
     if m.head.seq >= m.next_seq {
         return Ok(None);
     }
     let lo = entry_key(id, m.head.seq);
     let hi = entry_key(id, m.next_seq);
-    let first = s.entries.range(txn, &key_range(&lo, &hi))?.next().transpose()?;
+    let first = s
+        .entries
+        .range(txn, &key_range(&lo, &hi))?
+        .next()
+        .transpose()?;
     Ok(first.and_then(|(_, raw)| entry::decode_unchecked(raw).ok().map(|e| e.enqueued_ns)))
 }
 
 fn next_dead_key(s: &Shared, txn: &RwTxn, id: u32) -> Result<[u8; 12], QueueError> {
     let lo = entry_key(id, 0);
     let hi = entry_key(id + 1, 0);
-    let last = s.dead.rev_range(txn, &key_range(&lo, &hi))?.next().transpose()?;
+    let last = s
+        .dead
+        .rev_range(txn, &key_range(&lo, &hi))?
+        .next()
+        .transpose()?;
     Ok(entry_key(id, last.map_or(0, |(k, _)| key_seq(k) + 1)))
 }

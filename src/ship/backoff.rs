@@ -43,7 +43,11 @@ mod tests {
         for a in 1..=12 {
             assert_eq!(delay(a, S, max, 0.0), S, "the floor is min_backoff");
         }
-        assert_eq!(delay(u32::MAX, S, max, 1.0), max, "no overflow at huge attempts");
+        assert_eq!(
+            delay(u32::MAX, S, max, 1.0),
+            max,
+            "no overflow at huge attempts"
+        );
     }
 
     #[test]

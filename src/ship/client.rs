@@ -41,8 +41,13 @@ impl Client {
             .provider(TlsProvider::Rustls)
             .disable_verification(remote.allow_insecure_tls);
         if let Some(path) = &remote.ca_file {
-            let pem = std::fs::read(path)
-                .map_err(|e| format!("remote \"{}\": ca_file {}: {e}", remote.name, path.display()))?;
+            let pem = std::fs::read(path).map_err(|e| {
+                format!(
+                    "remote \"{}\": ca_file {}: {e}",
+                    remote.name,
+                    path.display()
+                )
+            })?;
             let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
                 .filter_map(|item| match item {
                     Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
@@ -50,7 +55,13 @@ impl Client {
                     Err(e) => Some(Err(e)),
                 })
                 .collect::<Result<_, _>>()
-                .map_err(|e| format!("remote \"{}\": ca_file {}: {e}", remote.name, path.display()))?;
+                .map_err(|e| {
+                    format!(
+                        "remote \"{}\": ca_file {}: {e}",
+                        remote.name,
+                        path.display()
+                    )
+                })?;
             if certs.is_empty() {
                 return Err(format!(
                     "remote \"{}\": ca_file {} holds no PEM certificate",
@@ -62,7 +73,8 @@ impl Client {
         }
         let proxy = match &remote.proxy {
             Some(p) => Some(
-                ureq::Proxy::new(p).map_err(|e| format!("remote \"{}\": proxy: {e}", remote.name))?,
+                ureq::Proxy::new(p)
+                    .map_err(|e| format!("remote \"{}\": proxy: {e}", remote.name))?,
             ),
             None => ureq::Proxy::try_from_env(),
         };
@@ -79,7 +91,8 @@ impl Client {
         let authorization = match (&remote.username, &remote.password, &remote.token) {
             (Some(user), Some(pass), _) => Some(format!(
                 "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", pass.expose()))
+                base64::engine::general_purpose::STANDARD
+                    .encode(format!("{user}:{}", pass.expose()))
             )),
             (_, _, Some(token)) => Some(format!("Token {}", token.expose())),
             _ => None,
@@ -137,7 +150,11 @@ impl Client {
                     .map(str::to_string);
                 let message = if (200..300).contains(&code) {
                     // Drain so the connection can be reused.
-                    let _ = resp.body_mut().with_config().limit(MAX_ERROR_BODY).read_to_vec();
+                    let _ = resp
+                        .body_mut()
+                        .with_config()
+                        .limit(MAX_ERROR_BODY)
+                        .read_to_vec();
                     String::new()
                 } else {
                     let body = resp
@@ -194,11 +211,20 @@ mod tests {
     #[test]
     fn error_messages_prefer_the_remotes_words() {
         assert_eq!(
-            error_message(400, br#"{"code":"invalid","message":"partial write: field type conflict"}"#),
+            error_message(
+                400,
+                br#"{"code":"invalid","message":"partial write: field type conflict"}"#
+            ),
             "HTTP 400: partial write: field type conflict"
         );
-        assert_eq!(error_message(404, br#"{"error":"database not found: \"x\""}"#), "HTTP 404: database not found: \"x\"");
-        assert_eq!(error_message(502, b"  bad gateway \n"), "HTTP 502: bad gateway");
+        assert_eq!(
+            error_message(404, br#"{"error":"database not found: \"x\""}"#),
+            "HTTP 404: database not found: \"x\""
+        );
+        assert_eq!(
+            error_message(502, b"  bad gateway \n"),
+            "HTTP 502: bad gateway"
+        );
         assert_eq!(error_message(503, b""), "HTTP 503");
     }
 }

@@ -12,8 +12,9 @@ pub mod backoff;
 pub mod client;
 
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
@@ -57,14 +58,30 @@ pub fn classify(answer: &Answer) -> Verdict {
     }
 }
 
-/// Stop flag and wake-up signal shared by the agent and a worker.
+/// Stop flag, wake-up signal and liveness beat shared by the agent and a worker.
 #[derive(Debug, Default)]
 pub struct Control {
     stop: AtomicBool,
     pub wake: Signal,
+    /// Seconds since the Unix epoch when the worker last made progress or
+    /// started a bounded wait; a watchdog compares it with the clock.
+    beat: AtomicU64,
 }
 
 impl Control {
+    /// Records that the worker is alive.
+    pub fn beat(&self) {
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.beat.store(now, Ordering::Relaxed);
+    }
+
+    /// When the worker last beat (Unix seconds; 0 before it started).
+    pub fn last_beat(&self) -> u64 {
+        self.beat.load(Ordering::Relaxed)
+    }
+
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         self.wake.notify();
@@ -84,16 +101,28 @@ pub struct ShipConfig {
     pub remote_bucket: Option<String>,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    pub drop_non_retryable_data: bool,
 }
+
+/// Where and how a worker ships; replaced as a whole on a config reload.
+pub struct Target {
+    pub client: Client,
+    pub config: ShipConfig,
+}
+
+/// A worker's current [`Target`], swappable while it runs.
+pub type SharedTarget = Arc<RwLock<Arc<Target>>>;
 
 pub struct Worker {
     pub queue: Arc<Queue>,
     pub repl: Arc<ReplHandle>,
     pub status: Arc<ReplStatus>,
-    pub client: Client,
-    pub config: ShipConfig,
+    pub target: SharedTarget,
     pub control: Arc<Control>,
 }
+
+/// The worker was told to stop before the batch was settled.
+struct Stopped;
 
 impl Worker {
     pub fn spawn(self) -> std::io::Result<thread::JoinHandle<()>> {
@@ -102,23 +131,35 @@ impl Worker {
             .spawn(move || self.run())
     }
 
+    fn target(&self) -> Arc<Target> {
+        self.target.read().unwrap().clone()
+    }
+
     fn run(self) {
         let name = &self.repl.name;
         let mut lines = Vec::new();
-        let mut attempt: u32 = 0;
         debug!("replication \"{name}\": worker started");
         while !self.control.stopped() {
+            self.control.beat();
             let seen = self.repl.data.generation();
-            let split = self.config.remote_bucket.is_none();
-            let batch = match self.queue.read_batch(&self.repl, self.config.batch_size, split, &mut lines) {
+            let t = self.target();
+            let split = t.config.remote_bucket.is_none();
+            let batch = match self.queue.read_batch(
+                &self.repl,
+                t.config.batch_size,
+                split,
+                &mut lines,
+            ) {
                 Ok(Some(b)) => b,
                 Ok(None) => {
-                    self.set_state(State::Running, None);
+                    self.status.ship.lock().unwrap().next_retry = None;
                     self.repl.data.wait_past(seen, Duration::from_secs(1));
                     continue;
                 }
                 Err(QueueError::Corrupt { seq, why, .. }) => {
-                    error!("replication \"{name}\": entry {seq} is corrupt ({why}); setting it aside");
+                    error!(
+                        "replication \"{name}\": entry {seq} is corrupt ({why}); setting it aside"
+                    );
                     if let Err(e) = self.queue.set_aside(&self.repl, seq) {
                         error!("replication \"{name}\": cannot set entry {seq} aside: {e}");
                         self.sleep(Duration::from_secs(1));
@@ -131,115 +172,177 @@ impl Worker {
                     continue;
                 }
             };
-            let body = gzip(&lines, self.config.gzip_level);
-            let bucket = self.config.remote_bucket.as_deref().unwrap_or(&batch.bucket);
-            let url = self.client.write_url(bucket);
-            // Retry this batch until it is settled or we are told to stop.
-            loop {
-                if self.control.stopped() {
+            let Ok(settlement) = self.deliver(&batch, &lines) else {
+                break;
+            };
+            if let Err(e) = self.queue.settle(&self.repl, &batch, settlement) {
+                // Delivered but not settled: the batch is sent again later,
+                // which the remote treats as an overwrite.
+                error!("replication \"{name}\": cannot settle a delivered batch: {e}");
+                if matches!(e, QueueError::Closed) {
                     break;
                 }
-                let answer = self.client.post(&url, &body);
-                let verdict = classify(&answer);
-                if verdict == Verdict::Delivered {
-                    if self.settle(&batch, body.len()).is_err() {
-                        return;
-                    }
-                    attempt = 0;
-                    break;
-                }
-                attempt = attempt.saturating_add(1);
-                let wait = self.wait_for(verdict, &answer, attempt);
-                self.record_failure(&answer, verdict, wait, &batch);
-                self.sleep(wait);
+                self.sleep(Duration::from_secs(1));
             }
         }
         debug!("replication \"{name}\": worker stopped");
     }
 
-    fn wait_for(&self, verdict: Verdict, answer: &Answer, attempt: u32) -> Duration {
-        let c = &self.config;
-        let jittered = backoff::delay(attempt, c.min_backoff, c.max_backoff, rand::random::<f64>());
-        match (verdict, answer) {
-            (
-                Verdict::Throttled,
-                Answer::Status {
-                    retry_after: Some(v), ..
-                },
-            ) => backoff::retry_after(v, SystemTime::now(), c.max_backoff).unwrap_or(jittered),
-            // Credentials or bucket wrong: nothing changes until someone fixes
-            // the config, so retry at the slowest pace (a reload wakes us).
-            (Verdict::Unauthorized, _) => c.max_backoff,
-            _ => jittered,
-        }
-    }
-
-    fn settle(&self, batch: &Batch, sent_bytes: usize) -> Result<(), QueueError> {
-        match self.queue.settle(&self.repl, batch, Settlement::default()) {
-            Ok(()) => {
-                let mut s = self.status.ship.lock().unwrap();
-                if s.state != State::Running {
-                    info!(
-                        "replication \"{}\": remote accepts writes again",
-                        self.repl.name
-                    );
+    /// Sends `data` (the batch's lines) until every line is delivered or
+    /// refused for good. A 413 splits the failing part in halves; a 400/422
+    /// bisects it until the refused lines stand alone (resending good lines
+    /// is harmless: they overwrite). Anything else is retried after a wait.
+    fn deliver(&self, batch: &Batch, data: &[u8]) -> Result<Settlement, Stopped> {
+        let mut settlement = Settlement {
+            bucket: batch.bucket.clone(),
+            ..Settlement::default()
+        };
+        // Parts still to send, the next one last.
+        let mut pending: Vec<Range<usize>> = Vec::with_capacity(16);
+        pending.push(0..data.len());
+        let mut body: Option<(Range<usize>, u32, Vec<u8>)> = None;
+        let mut attempt: u32 = 0;
+        while let Some(part) = pending.last().cloned() {
+            if self.control.stopped() {
+                return Err(Stopped);
+            }
+            self.control.beat();
+            let t = self.target();
+            let slice = &data[part.clone()];
+            // Compress each part once, not once per retry.
+            if !matches!(&body, Some((r, level, _)) if *r == part && *level == t.config.gzip_level)
+            {
+                body = Some((
+                    part.clone(),
+                    t.config.gzip_level,
+                    gzip(slice, t.config.gzip_level),
+                ));
+            }
+            let gz = &body.as_ref().expect("set above").2;
+            let bucket = t.config.remote_bucket.as_deref().unwrap_or(&batch.bucket);
+            let answer = t.client.post(&t.client.write_url(bucket), gz);
+            let verdict = classify(&answer);
+            match verdict {
+                Verdict::Delivered => {
+                    pending.pop();
+                    attempt = 0;
+                    self.record_success(gz.len());
                 }
-                s.state = State::Running;
-                s.latest_code = Some(204);
-                s.latest_error.clear();
-                s.next_retry = None;
-                s.bytes_sent += sent_bytes as u64;
-                s.batches_sent += 1;
-                Ok(())
+                Verdict::TooLarge | Verdict::Refused => {
+                    pending.pop();
+                    self.record_answer(&answer, State::Running, None);
+                    let n = memchr::memchr_iter(b'\n', slice).count();
+                    if n > 1 {
+                        let mid = split_point(slice);
+                        debug!(
+                            "replication \"{}\": {}; splitting {n} lines",
+                            self.repl.name,
+                            message(&answer)
+                        );
+                        pending.push(part.start + mid..part.end);
+                        pending.push(part.start..part.start + mid);
+                    } else {
+                        self.refuse(&mut settlement, slice, verdict, &answer, &t.config);
+                    }
+                }
+                Verdict::Throttled | Verdict::Retry | Verdict::Unauthorized => {
+                    attempt = attempt.saturating_add(1);
+                    let wait = wait_for(&t.config, verdict, &answer, attempt);
+                    let state = if verdict == Verdict::Unauthorized {
+                        State::Paused
+                    } else {
+                        State::Backoff
+                    };
+                    self.record_answer(&answer, state, Some((wait, batch.lines)));
+                    self.sleep(wait);
+                }
             }
-            Err(e) => {
-                // Delivered but not settled: the batch is sent again later,
-                // which the remote treats as an overwrite.
-                error!("replication \"{}\": cannot settle a delivered batch: {e}", self.repl.name);
-                Err(e)
+        }
+        Ok(settlement)
+    }
+
+    /// A single line the remote refused for good: dead letter, or dropped.
+    fn refuse(
+        &self,
+        s: &mut Settlement,
+        line: &[u8],
+        verdict: Verdict,
+        answer: &Answer,
+        config: &ShipConfig,
+    ) {
+        let why = message(answer);
+        let excerpt = String::from_utf8_lossy(&line[..line.len().min(200)]);
+        let excerpt = excerpt.trim_end();
+        if verdict == Verdict::Refused && config.drop_non_retryable_data {
+            s.dropped_lines += 1;
+            warn!(
+                "replication \"{}\": remote refused a line ({why}); dropped: {excerpt}",
+                self.repl.name
+            );
+        } else {
+            s.dead_lines += 1;
+            s.dead_letter.extend_from_slice(line);
+            if s.reason.is_empty() {
+                s.reason = why.clone();
             }
+            warn!(
+                "replication \"{}\": remote refused a line ({why}); moved to the dead-letter store: {excerpt}",
+                self.repl.name
+            );
         }
     }
 
-    fn record_failure(&self, answer: &Answer, verdict: Verdict, wait: Duration, batch: &Batch) {
-        let (code, message) = match answer {
+    fn record_success(&self, sent_bytes: usize) {
+        let mut s = self.status.ship.lock().unwrap();
+        if s.state != State::Running {
+            info!(
+                "replication \"{}\": remote accepts writes again",
+                self.repl.name
+            );
+        }
+        s.state = State::Running;
+        s.latest_code = Some(204);
+        s.latest_error.clear();
+        s.next_retry = None;
+        s.bytes_sent += sent_bytes as u64;
+        s.batches_sent += 1;
+    }
+
+    /// Records a failed attempt; `retry` is the wait before the next one and
+    /// the lines waiting, when the batch is retried as a whole.
+    fn record_answer(&self, answer: &Answer, state: State, retry: Option<(Duration, u64)>) {
+        let (code, text) = match answer {
             Answer::Status { code, message, .. } => (Some(*code), message.clone()),
             Answer::Transport(m) => (None, m.clone()),
         };
-        let state = if verdict == Verdict::Unauthorized {
-            State::Paused
-        } else {
-            State::Backoff
-        };
         let mut s = self.status.ship.lock().unwrap();
-        let changed = s.latest_error != message || s.state != state;
-        *s.errors.entry(code.map_or("transport".into(), |c| c.to_string())).or_default() += 1;
+        let changed = s.latest_error != text || s.state != state;
+        *s.errors
+            .entry(code.map_or("transport".into(), |c| c.to_string()))
+            .or_default() += 1;
         s.latest_code = code;
-        s.latest_error = message.clone();
+        s.latest_error = text.clone();
         s.state = state;
-        s.next_retry = Some(SystemTime::now() + wait);
+        s.next_retry = retry.map(|(wait, _)| SystemTime::now() + wait);
         drop(s);
         // Log once per change of cause, not once per attempt.
-        if changed {
+        if let (true, Some((wait, lines))) = (changed, retry) {
             warn!(
-                "replication \"{}\": {} ({} lines waiting in this batch); {} in {:.1}s",
+                "replication \"{}\": {text} ({lines} lines waiting in this batch); {} in {:.1}s",
                 self.repl.name,
-                message,
-                batch.lines,
-                if state == State::Paused { "paused, retrying" } else { "retrying" },
+                if state == State::Paused {
+                    "paused, retrying"
+                } else {
+                    "retrying"
+                },
                 wait.as_secs_f64()
             );
         }
     }
 
-    fn set_state(&self, state: State, next_retry: Option<SystemTime>) {
-        let mut s = self.status.ship.lock().unwrap();
-        s.state = state;
-        s.next_retry = next_retry;
-    }
-
     /// Sleeps up to `d`; a stop or a reload wakes it early.
     fn sleep(&self, d: Duration) {
+        self.control.beat();
         let seen = self.control.wake.generation();
         if !self.control.stopped() {
             self.control.wake.wait_past(seen, d);
@@ -247,9 +350,46 @@ impl Worker {
     }
 }
 
+/// How long to wait before retrying after `verdict`.
+pub fn wait_for(c: &ShipConfig, verdict: Verdict, answer: &Answer, attempt: u32) -> Duration {
+    let jittered = backoff::delay(attempt, c.min_backoff, c.max_backoff, rand::random::<f64>());
+    match (verdict, answer) {
+        (
+            Verdict::Throttled,
+            Answer::Status {
+                retry_after: Some(v),
+                ..
+            },
+        ) => backoff::retry_after(v, SystemTime::now(), c.max_backoff).unwrap_or(jittered),
+        // Credentials or bucket wrong: nothing changes until someone fixes
+        // the config, so retry at the slowest pace (a reload wakes us).
+        (Verdict::Unauthorized, _) => c.max_backoff,
+        _ => jittered,
+    }
+}
+
+fn message(answer: &Answer) -> String {
+    match answer {
+        Answer::Status { message, .. } => message.clone(),
+        Answer::Transport(m) => m.clone(),
+    }
+}
+
+/// Where to cut whole lines (each ending in '\n') into two non-empty halves.
+fn split_point(lines: &[u8]) -> usize {
+    let mid = lines.len() / 2;
+    match memchr::memrchr(b'\n', &lines[..mid]) {
+        Some(i) => i + 1,
+        None => memchr::memchr(b'\n', &lines[mid..]).map_or(lines.len(), |i| mid + i + 1),
+    }
+}
+
 /// Compresses a batch into one gzip member.
 pub fn gzip(data: &[u8], level: u32) -> Vec<u8> {
-    let mut enc = GzEncoder::new(Vec::with_capacity(data.len() / 4 + 64), Compression::new(level));
+    let mut enc = GzEncoder::new(
+        Vec::with_capacity(data.len() / 4 + 64),
+        Compression::new(level),
+    );
     enc.write_all(data).expect("writing to a Vec cannot fail");
     enc.finish().expect("writing to a Vec cannot fail")
 }
@@ -290,13 +430,63 @@ mod tests {
     }
 
     #[test]
+    fn split_points_fall_between_lines() {
+        assert_eq!(split_point(b"a\nb\n"), 2);
+        assert_eq!(split_point(b"a\nb\nc\nd\n"), 4);
+        assert_eq!(split_point(b"aaaaaaaaaa\nb\n"), 11);
+        assert_eq!(split_point(b"a\nbbbbbbbbbbbb\n"), 2);
+        for text in ["x\ny\n", "long line here\nz\n", "q\nlong line here\n"] {
+            let p = split_point(text.as_bytes());
+            assert!(
+                p > 0 && p < text.len() && text.as_bytes()[p - 1] == b'\n',
+                "{text:?} at {p}"
+            );
+        }
+    }
+
+    #[test]
+    fn waits_follow_the_answer() {
+        let c = ShipConfig {
+            batch_size: 1000,
+            gzip_level: 6,
+            remote_bucket: None,
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            drop_non_retryable_data: false,
+        };
+        let throttled = |v: &str| Answer::Status {
+            code: 429,
+            message: String::new(),
+            retry_after: Some(v.into()),
+        };
+        assert_eq!(
+            wait_for(&c, Verdict::Throttled, &throttled("7"), 1),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            wait_for(&c, Verdict::Throttled, &throttled("7000"), 1),
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            wait_for(&c, Verdict::Unauthorized, &status(401), 1),
+            Duration::from_secs(60)
+        );
+        for attempt in 1..20 {
+            let d = wait_for(&c, Verdict::Retry, &status(500), attempt);
+            assert!(d >= c.min_backoff && d <= c.max_backoff, "{d:?}");
+        }
+    }
+
+    #[test]
     fn gzip_round_trips() {
         use std::io::Read as _;
         let data = b"m f=1 1\n".repeat(1000);
         let gz = gzip(&data, 6);
         assert!(gz.len() < data.len() / 10);
         let mut back = Vec::new();
-        flate2::read::GzDecoder::new(&gz[..]).read_to_end(&mut back).unwrap();
+        flate2::read::GzDecoder::new(&gz[..])
+            .read_to_end(&mut back)
+            .unwrap();
         assert_eq!(back, data);
     }
 }
