@@ -297,6 +297,23 @@ pub fn run(
         .build()
         .map_err(|e| AgentError::Setup(format!("cannot start the runtime: {e}")))?;
     let reloadable = streams.clone();
+    let watched = streams.clone();
+    let watchdog = crate::systemd::Watchdog::start(&queue, move || {
+        let guard = watched.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(s) = guard.as_ref() else {
+            return Vec::new();
+        };
+        s.streams
+            .values()
+            .map(|st| {
+                crate::systemd::Watch::new(
+                    &st.config.name,
+                    &st.control,
+                    s.config.remote(&st.config.remote),
+                )
+            })
+            .collect()
+    });
     let served = runtime.block_on(async {
         let listener = TcpListener::bind(addr)
             .await
@@ -310,7 +327,10 @@ pub fn run(
         if ingest.routing().tokens.is_empty() {
             info!("no listen.tokens configured: the write API is open to local processes");
         }
-        notify_ready();
+        crate::systemd::ready(&format!(
+            "listening on {local}, {} replications",
+            replications.len()
+        ));
         let stop = async move {
             while let Some(ev) = events.recv().await {
                 match ev {
@@ -336,11 +356,13 @@ pub fn run(
                     }
                 }
             }
+            crate::systemd::stopping();
             info!("stopping: no new writes taken; finishing requests in progress");
         };
         http::serve(listener, ingest.clone(), stop, deadline).await;
         Ok::<(), AgentError>(())
     });
+    drop(watchdog);
     let shutdown_started = Instant::now();
     if let Some(s) = streams.lock().unwrap().take() {
         s.stop(deadline.saturating_sub(shutdown_started.elapsed()));
@@ -365,17 +387,6 @@ fn join_until(workers: Vec<thread::JoinHandle<()>>, budget: Duration) {
             }
         } else {
             warn!("a shipping worker is still waiting for its remote; its batch stays queued");
-        }
-    }
-}
-
-/// Tells systemd we are ready when started with `Type=notify`.
-fn notify_ready() {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        use std::os::unix::net::UnixDatagram;
-        let path = std::path::PathBuf::from(path);
-        if let Ok(sock) = UnixDatagram::unbound() {
-            let _ = sock.send_to(b"READY=1", &path);
         }
     }
 }

@@ -4,7 +4,8 @@
 //! ([`ingest`]), is validated and normalised by [`lineproto`], persisted in a
 //! bounded, crash-safe LMDB [`queue`], and replicated in gzip batches to a
 //! remote InfluxDB by [`ship`]. [`agent`] wires them together for the
-//! `run` command of [`cli`]; [`status`] is what operators see.
+//! `run` command of [`cli`]; [`status`] is what operators see, and
+//! [`systemd`] what the service manager sees.
 
 pub mod agent;
 pub mod cli;
@@ -15,3 +16,4 @@ pub mod logging;
 pub mod queue;
 pub mod ship;
 pub mod status;
+pub mod systemd;
