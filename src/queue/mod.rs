@@ -91,6 +91,10 @@ pub struct Counters {
     /// Dead-lettered lines purged (by an operator, or evicted from a full
     /// dead-letter store). They stay counted in `dead_lettered_lines`.
     pub dead_letter_purged_lines: u64,
+    /// The head of the log as of the last commit (the position in `Meta` is
+    /// the one persisted; this copy lets a worker notice that eviction or
+    /// expiry removed lines of a batch it is still retrying).
+    pub head: Pos,
 }
 
 impl Counters {

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 
 use super::entry;
 use super::{
-    entry_key, key_range, key_seq, meta_key, Meta, Pos, QueueError, ReplHandle, ReplSpec,
+    entry_key, key_range, key_seq, meta_key, Counters, Meta, Pos, QueueError, ReplHandle, ReplSpec,
     Settlement, Shared, Signal,
 };
 use crate::config::WhenFull;
@@ -168,7 +168,10 @@ impl Writer {
         let handle = Arc::new(ReplHandle {
             id,
             name: spec.name.clone(),
-            counters: Mutex::new(meta.c),
+            counters: Mutex::new(Counters {
+                head: meta.head,
+                ..meta.c
+            }),
             data: Signal::default(),
         });
         self.states.insert(
@@ -319,7 +322,10 @@ impl Writer {
         // Publish counters of what is now durable, then answer.
         for id in &touched {
             if let Some(st) = self.states.get(id) {
-                *st.handle.counters.lock().unwrap() = st.meta.c;
+                *st.handle.counters.lock().unwrap() = Counters {
+                    head: st.meta.head,
+                    ..st.meta.c
+                };
             }
         }
         let mut results = results.into_iter();

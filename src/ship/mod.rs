@@ -121,8 +121,14 @@ pub struct Worker {
     pub control: Arc<Control>,
 }
 
-/// The worker was told to stop before the batch was settled.
-struct Stopped;
+/// Why a batch was not settled.
+enum Unsettled {
+    /// The worker was told to stop.
+    Stopped,
+    /// Eviction or expiry removed lines of the batch while it waited for a
+    /// retry: read it again rather than deliver lines already counted as dropped.
+    Stale,
+}
 
 impl Worker {
     pub fn spawn(self) -> std::io::Result<thread::JoinHandle<()>> {
@@ -172,8 +178,10 @@ impl Worker {
                     continue;
                 }
             };
-            let Ok(settlement) = self.deliver(&batch, &lines) else {
-                break;
+            let settlement = match self.deliver(&batch, &lines) {
+                Ok(s) => s,
+                Err(Unsettled::Stale) => continue,
+                Err(Unsettled::Stopped) => break,
             };
             if let Err(e) = self.queue.settle(&self.repl, &batch, settlement) {
                 // Delivered but not settled: the batch is sent again later,
@@ -192,7 +200,7 @@ impl Worker {
     /// refused for good. A 413 splits the failing part in halves; a 400/422
     /// bisects it until the refused lines stand alone (resending good lines
     /// is harmless: they overwrite). Anything else is retried after a wait.
-    fn deliver(&self, batch: &Batch, data: &[u8]) -> Result<Settlement, Stopped> {
+    fn deliver(&self, batch: &Batch, data: &[u8]) -> Result<Settlement, Unsettled> {
         let mut settlement = Settlement {
             bucket: batch.bucket.clone(),
             ..Settlement::default()
@@ -204,7 +212,11 @@ impl Worker {
         let mut attempt: u32 = 0;
         while let Some(part) = pending.last().cloned() {
             if self.control.stopped() {
-                return Err(Stopped);
+                return Err(Unsettled::Stopped);
+            }
+            if self.repl.counters().head > batch.from {
+                debug!("replication \"{}\": lines of the batch in hand were evicted or expired; reading again", self.repl.name);
+                return Err(Unsettled::Stale);
             }
             self.control.beat();
             let t = self.target();

@@ -1,0 +1,230 @@
+//! End to end against a real InfluxDB 1.6 over the v1 write API
+//! (`api = "v1"`, `remote_bucket = "db/rp"` or `"db"`), counted back with
+//! `SELECT count(*)`. InfluxDB 1.6 answers with real status codes (400
+//! partial write, 404 database not found), so the agent's classification of
+//! answers is exercised too.
+
+mod util;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use util::*;
+
+/// An InfluxDB 1.6 with database `edge` and an agent replicating local bucket
+/// `sensors` to `remote_bucket` on it.
+fn setup(remote_bucket: &str) -> Option<(Influx16, Agent)> {
+    let influx = Influx16::start()?;
+    influx.create_db("edge");
+    let config = AgentConfig::single(
+        RemoteConfig::v1("influx", &influx.url()),
+        "sensors",
+        Some(remote_bucket),
+    );
+    let agent = Agent::start(config);
+    Some((influx, agent))
+}
+
+fn wait_drained(agent: &Agent) -> Value {
+    wait_eq(DEADLINE, "r1 remainingLines", 0, || {
+        field(&agent.replication("r1"), "remainingLines")
+    });
+    wait_eq(DEADLINE, "r1 currentQueueSizeBytes", 0, || {
+        field(&agent.replication("r1"), "currentQueueSizeBytes")
+    });
+    let rep = agent.replication("r1");
+    assert_conserved(&rep);
+    rep
+}
+
+/// 10,000 lines from 4 concurrent writers (v2 and v1 local endpoints, every
+/// body shape) arrive in `edge/autogen`.
+#[test]
+fn v1_remote_receives_everything() {
+    let Some((influx, agent)) = setup("edge/autogen") else {
+        return;
+    };
+    let base = ts_ago(Duration::from_secs(3600));
+    std::thread::scope(|s| {
+        for w in 0..4usize {
+            let agent = &agent;
+            s.spawn(move || {
+                for j in 0..5usize {
+                    let start = base + ((w * 5 + j) as i64) * 1_000_000_000;
+                    let body = lines("iw", 8, 500, start);
+                    let opts = Opts::shape(w + j);
+                    let (status, text) = if w % 2 == 0 {
+                        agent.write_v2("sensors", &body, &opts)
+                    } else {
+                        agent.write_v1("sensors", None, &body, &opts)
+                    };
+                    assert_eq!(status, 204, "writer {w} request {j} ({opts:?}): {text}");
+                }
+            });
+        }
+    });
+    wait_eq(DEADLINE, "count(value) of iw in edge", 10_000, || {
+        influx.count("edge", "iw", "value")
+    });
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "acceptedLines"), 10_000, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 10_000, "{rep:#}");
+    // Every field type made it, not only floats.
+    for f in ["temp", "seq", "ok", "status"] {
+        assert_eq!(influx.count("edge", "iw", f), 10_000, "field {f}");
+    }
+}
+
+/// Remote down → writes acknowledged and queued → remote up → all there.
+#[test]
+fn v1_remote_down_queues_then_delivers() {
+    let Some((mut influx, agent)) = setup("edge") else {
+        return;
+    };
+    let base = ts_ago(Duration::from_secs(3600));
+    let body = lines("id", 10, 1_000, base);
+    assert_eq!(agent.write_v2("sensors", &body, &Opts::new()).0, 204);
+    wait_eq(DEADLINE, "count(value) of id", 1_000, || {
+        influx.count("edge", "id", "value")
+    });
+    wait_eq(DEADLINE, "r1 deliveredLines", 1_000, || {
+        field(&agent.replication("r1"), "deliveredLines")
+    });
+
+    influx.stop();
+    for j in 0..3i64 {
+        let body = lines("id", 10, 1_000, base + (j + 1) * 1_000_000_000);
+        let (status, text) = agent.write_v1("sensors", None, &body, &Opts::shape(j as usize));
+        assert_eq!(status, 204, "write {j} with the remote down: {text}");
+    }
+    let mut rep = Value::Null;
+    wait_until(
+        DEADLINE,
+        "r1 state \"backoff\" with latestErrorMessage set",
+        || {
+            rep = agent.replication("r1");
+            str_field(&rep, "state") == "backoff"
+                && !str_field(&rep, "latestErrorMessage").is_empty()
+        },
+    );
+    assert_eq!(field(&rep, "remainingLines"), 3_000, "{rep:#}");
+    assert_eq!(field(&rep, "acceptedLines"), 4_000, "{rep:#}");
+    assert!(field(&rep, "currentQueueSizeBytes") > 0, "{rep:#}");
+    assert_conserved(&rep);
+
+    influx.restart();
+    wait_eq(
+        DEADLINE,
+        "count(value) of id after the remote came back",
+        4_000,
+        || influx.count("edge", "id", "value"),
+    );
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "deliveredLines"), 4_000, "{rep:#}");
+}
+
+/// SIGKILL of the agent while the remote is down and a backlog is queued:
+/// after both restart, every acknowledged line is in InfluxDB.
+#[test]
+fn v1_agent_sigkill_with_backlog_loses_nothing() {
+    let Some((mut influx, mut agent)) = setup("edge/autogen") else {
+        return;
+    };
+    influx.stop();
+    let base = ts_ago(Duration::from_secs(3600));
+    for j in 0..8i64 {
+        let body = lines("ik", 6, 600, base + j * 1_000_000_000);
+        let (status, text) = agent.write_v2("sensors", &body, &Opts::shape(j as usize));
+        assert_eq!(status, 204, "{text}");
+    }
+    agent.kill9();
+    agent.restart();
+    let rep = agent.replication("r1");
+    assert_eq!(
+        field(&rep, "remainingLines"),
+        4_800,
+        "backlog after SIGKILL: {rep:#}"
+    );
+    assert_conserved(&rep);
+    influx.restart();
+    wait_eq(DEADLINE, "count(value) of ik", 4_800, || {
+        influx.count("edge", "ik", "value")
+    });
+    wait_drained(&agent);
+}
+
+/// A 400 partial write (field type conflict) on 5 of 100 lines: only those
+/// 5 are set aside (dead-lettered, the default) and the stream goes on.
+#[test]
+fn v1_type_conflict_sets_aside_only_the_refused_lines() {
+    let Some((influx, agent)) = setup("edge") else {
+        return;
+    };
+    let ts = ts_ago(Duration::from_secs(600));
+    // `value` becomes a float field in InfluxDB.
+    let r = influx.write("edge", &format!("tc,sensor=pre value=0.5 {ts}\n"));
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    let mut body = String::new();
+    for i in 0..100i64 {
+        let t = ts + (i + 1) * 1_000_000;
+        if i % 20 == 7 {
+            body.push_str(&format!("tc,sensor=bad{i} value={i}i {t}\n"));
+        } else {
+            body.push_str(&format!("tc,sensor=s{i} value={i}.25 {t}\n"));
+        }
+    }
+    let (status, text) = agent.write_v2("sensors", &body, &Opts::new());
+    assert_eq!(
+        status, 204,
+        "the agent itself has nothing against these lines: {text}"
+    );
+
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "deliveredLines"), 95, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 5, "{rep:#}");
+    assert_eq!(influx.count("edge", "tc", "value"), 96);
+    // The stream is not stuck: later data flows.
+    let more = lines("tc2", 2, 10, ts + 1_000_000_000);
+    assert_eq!(agent.write_v2("sensors", &more, &Opts::new()).0, 204);
+    wait_eq(DEADLINE, "count(value) of tc2", 10, || {
+        influx.count("edge", "tc2", "value")
+    });
+}
+
+/// Database missing at the remote (404): the stream pauses and keeps the
+/// data; once the database exists, a reload (SIGHUP) retries at once.
+#[test]
+fn v1_missing_database_pauses_then_resumes_on_reload() {
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    let config = AgentConfig::single(
+        RemoteConfig::v1("influx", &influx.url()),
+        "sensors",
+        Some("later"),
+    );
+    let agent = Agent::start(config);
+    let body = lines("mp", 5, 500, ts_ago(Duration::from_secs(600)));
+    assert_eq!(agent.write_v2("sensors", &body, &Opts::new()).0, 204);
+
+    let mut rep = Value::Null;
+    wait_until(DEADLINE, "r1 state \"paused\" after a 404", || {
+        rep = agent.replication("r1");
+        str_field(&rep, "state") == "paused"
+    });
+    assert_eq!(rep["latestResponseCode"], 404, "{rep:#}");
+    assert_eq!(field(&rep, "remainingLines"), 500, "{rep:#}");
+    assert_conserved(&rep);
+
+    influx.create_db("later");
+    agent.sighup();
+    wait_eq(
+        DEADLINE,
+        "count(value) of mp after CREATE DATABASE + SIGHUP",
+        500,
+        || influx.count("later", "mp", "value"),
+    );
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "deliveredLines"), 500, "{rep:#}");
+}

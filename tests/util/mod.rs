@@ -1,0 +1,1408 @@
+//! Shared helpers for the integration tests: real remotes (VictoriaMetrics,
+//! InfluxDB 1.6), the agent binary under test, an HTTP client, a line-protocol
+//! generator and polling with deadlines.
+//!
+//! Every helper owns its ports and temporary directories, so tests stay
+//! independent and can run in parallel. Processes are killed on drop; when a
+//! test panics, the tail of each process's log is printed to help the reader.
+//! Nothing here sleeps as an assertion: waits poll a condition until a
+//! generous deadline and then fail naming what they waited for.
+#![allow(dead_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use flate2::write::GzEncoder;
+use flate2::Compression;
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The deadline for anything that should happen "soon" (delivery, readiness).
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Path of the agent binary cargo built for these tests.
+pub fn agent_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_edge-replicator"))
+}
+
+/// The repository root (where Cargo.toml lives).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+// ---------------------------------------------------------------------------
+// Test prerequisites
+// ---------------------------------------------------------------------------
+
+/// Finds `program` on PATH (and in /usr/bin, /usr/sbin). A name containing a
+/// slash is taken as a path relative to the repository root.
+///
+/// When it is missing: under CI (`CI=true`) that is a broken setup, so panic;
+/// elsewhere print a loud SKIP line and return `None` so the test can return.
+pub fn require(program: &str) -> Option<PathBuf> {
+    match find_program(program) {
+        Some(path) => Some(path),
+        None => missing(program),
+    }
+}
+
+fn find_program(program: &str) -> Option<PathBuf> {
+    if program.contains('/') {
+        let path = repo_root().join(program);
+        return path.is_file().then_some(path);
+    }
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    dirs.extend(["/usr/bin", "/usr/sbin", "/usr/local/bin"].map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+}
+
+fn missing<T>(what: &str) -> Option<T> {
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{what} is missing; CI must run scripts/install-test-deps.sh before the tests");
+    }
+    eprintln!(
+        "\n*** SKIP: {what} is missing; run scripts/install-test-deps.sh (as root) to enable this test ***\n"
+    );
+    None
+}
+
+/// The venv Python with PyPI `influxdb-client` importable (see
+/// scripts/install-test-deps.sh), or `None` after a SKIP line.
+pub fn require_python_client() -> Option<PathBuf> {
+    let python = require("target/pyenv/bin/python")?;
+    let ok = Command::new(&python)
+        .args(["-c", "import influxdb_client"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok {
+        Some(python)
+    } else {
+        missing("PyPI influxdb-client in target/pyenv")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Time, ports, polling
+// ---------------------------------------------------------------------------
+
+pub fn now_ns() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as i64
+}
+
+/// A start timestamp `ago` before now, rounded down to a whole millisecond
+/// (VictoriaMetrics keeps millisecond precision).
+pub fn ts_ago(ago: Duration) -> i64 {
+    let t = now_ns() - ago.as_nanos() as i64;
+    t - t.rem_euclid(1_000_000)
+}
+
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(now_ns() as u128);
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// A free loopback TCP port, never handed out twice in this process.
+///
+/// Ports come from below the kernel's ephemeral range: a port taken from the
+/// ephemeral range could be reused as the source port of some outgoing
+/// connection while its server is stopped, and the restart would then fail to
+/// bind it.
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let mut given = GIVEN.get_or_init(Default::default).lock().unwrap();
+    let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (20_000u32, ephemeral_low.max(20_001));
+    let span = high - low;
+    let start = (random_u64() % span as u64) as u32;
+    for i in 0..span.min(2_000) {
+        let port = (low + (start + i) % span) as u16;
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
+    // Fall back to the kernel's choice.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port();
+    given.insert(port);
+    port
+}
+
+/// Polls `cond` until it holds or `timeout` passes; then panics naming `what`.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        if cond() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+/// Polls `get` until it returns `expected`; on timeout panics with the last
+/// value seen, which usually says more than "timed out".
+pub fn wait_eq<T: PartialEq + std::fmt::Debug>(
+    timeout: Duration,
+    what: &str,
+    expected: T,
+    mut get: impl FnMut() -> T,
+) {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        let last = get();
+        if last == expected {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting for {what} == {expected:?}; last seen {last:?}");
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(250));
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_else(|e| format!("(cannot read {}: {e})", path.display()));
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn print_tail_if_panicking(name: &str, path: &Path, lines: usize) {
+    if std::thread::panicking() {
+        eprintln!(
+            "----- last lines of {name} log ({}) -----\n{}\n----- end of {name} log -----",
+            path.display(),
+            tail(path, lines)
+        );
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    kill_pid(child.id(), sig);
+}
+
+/// Sends signal `sig` (e.g. "TERM", "KILL") to `pid` with kill(1).
+pub fn kill_pid(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {pid} failed");
+}
+
+/// Waits for `child` to exit, up to `timeout`; `None` if it is still running.
+fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn log_file(path: &Path) -> File {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
+}
+
+fn mark_log(path: &Path, what: &str) {
+    let _ = writeln!(log_file(path), "===== test harness: {what} =====");
+}
+
+// ---------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------
+
+/// An HTTP client that reports 4xx/5xx as statuses rather than errors.
+pub fn http() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .timeout_connect(Some(Duration::from_secs(5)))
+        .build()
+        .new_agent()
+}
+
+/// A response reduced to what tests look at.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub body: String,
+    pub headers: HashMap<String, String>,
+}
+
+impl Reply {
+    fn from(mut resp: ureq::http::Response<ureq::Body>) -> Reply {
+        let status = resp.status().as_u16();
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 30)
+            .lossy_utf8(true)
+            .read_to_string()
+            .unwrap_or_else(|e| format!("(error reading body: {e})"));
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+fn get(http: &ureq::Agent, url: &str, auth: Option<&str>) -> Result<Reply, ureq::Error> {
+    let mut req = http.get(url);
+    if let Some(a) = auth {
+        req = req.header("Authorization", a);
+    }
+    req.call().map(Reply::from)
+}
+
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut enc = GzEncoder::new(Vec::new(), Compression::default());
+    enc.write_all(data).unwrap();
+    enc.finish().unwrap()
+}
+
+/// How a write request is made.
+#[derive(Debug, Clone, Default)]
+pub struct Opts {
+    /// Send the body gzip-compressed with `Content-Encoding: gzip`.
+    pub gzip: bool,
+    /// Send with `Transfer-Encoding: chunked` instead of `Content-Length`.
+    pub chunked: bool,
+    /// `precision` query parameter (omitted when `None`).
+    pub precision: Option<String>,
+    /// Full `Authorization` header value, e.g. `Token abc` or `Bearer abc`.
+    pub authorization: Option<String>,
+    /// Further query parameters (e.g. v1 `u`, `p`).
+    pub query: Vec<(String, String)>,
+}
+
+impl Opts {
+    pub fn new() -> Opts {
+        Opts::default()
+    }
+    pub fn gzip(mut self, on: bool) -> Opts {
+        self.gzip = on;
+        self
+    }
+    pub fn chunked(mut self, on: bool) -> Opts {
+        self.chunked = on;
+        self
+    }
+    pub fn precision(mut self, p: &str) -> Opts {
+        self.precision = Some(p.to_string());
+        self
+    }
+    /// `Authorization: Token <token>`.
+    pub fn token(mut self, token: &str) -> Opts {
+        self.authorization = Some(format!("Token {token}"));
+        self
+    }
+    pub fn authorization(mut self, value: &str) -> Opts {
+        self.authorization = Some(value.to_string());
+        self
+    }
+    pub fn query(mut self, key: &str, value: &str) -> Opts {
+        self.query.push((key.to_string(), value.to_string()));
+        self
+    }
+    /// The four body shapes a writer can use, picked by `i`.
+    pub fn shape(i: usize) -> Opts {
+        Opts::new().gzip(i % 2 == 1).chunked(i / 2 % 2 == 1)
+    }
+}
+
+/// POSTs `body` to `url` with `params` and `opts`; transport errors panic.
+pub fn post_write(
+    http: &ureq::Agent,
+    url: &str,
+    params: &[(&str, &str)],
+    body: &[u8],
+    opts: &Opts,
+) -> Reply {
+    try_post_write(http, url, params, body, opts)
+        .unwrap_or_else(|e| panic!("POST {url} ({opts:?}) failed without an HTTP answer: {e}"))
+}
+
+/// As `post_write`, but a transport error (e.g. the server died) is an `Err`.
+pub fn try_post_write(
+    http: &ureq::Agent,
+    url: &str,
+    params: &[(&str, &str)],
+    body: &[u8],
+    opts: &Opts,
+) -> Result<Reply, String> {
+    let mut req = http.post(url);
+    for (k, v) in params {
+        req = req.query(*k, *v);
+    }
+    if let Some(p) = &opts.precision {
+        req = req.query("precision", p);
+    }
+    for (k, v) in &opts.query {
+        req = req.query(k, v);
+    }
+    if let Some(a) = &opts.authorization {
+        req = req.header("Authorization", a);
+    }
+    req = req.header("Content-Type", "text/plain; charset=utf-8");
+    let payload = if opts.gzip {
+        req = req.header("Content-Encoding", "gzip");
+        gzip(body)
+    } else {
+        body.to_vec()
+    };
+    let result = if opts.chunked {
+        // A reader of unknown length makes ureq use chunked transfer encoding.
+        req.send(ureq::SendBody::from_owned_reader(std::io::Cursor::new(
+            payload,
+        )))
+    } else {
+        req.send(payload)
+    };
+    result.map(Reply::from).map_err(|e| e.to_string())
+}
+
+// ---------------------------------------------------------------------------
+// Line protocol
+// ---------------------------------------------------------------------------
+
+/// `n` lines of `measurement` spread round-robin over `series` series, with
+/// timestamps from `start_ts_ns` in 1 ms steps per series.
+///
+/// Each line has realistic tags (one with an escaped space) and fields: a
+/// float `value` (the field tests count: one sample of `<measurement>_value`
+/// per line), a float, an integer, a boolean and a string. Every (series,
+/// timestamp) pair is unique at millisecond granularity, so counts are exact
+/// even at VictoriaMetrics' ms precision. Lines are `\n`-terminated.
+pub fn lines(measurement: &str, series: usize, n: usize, start_ts_ns: i64) -> String {
+    assert!(series > 0);
+    let mut out = String::with_capacity(n * 140);
+    for i in 0..n {
+        let s = i % series;
+        let k = (i / series) as i64;
+        let ts = start_ts_ns + k * 1_000_000;
+        out.push_str(&format!(
+            "{measurement},host=gw-{host:04},site=plant\\ {site},sensor=s{s} \
+             value={value:.3},temp={temp:.2},seq={i}i,ok={ok},status=\"ok {i}\" {ts}\n",
+            host = s % 7,
+            site = s % 3,
+            value = 20.0 + (i % 1000) as f64 / 8.0,
+            temp = -5.0 + (k % 400) as f64 / 4.0,
+            ok = i % 5 != 0,
+        ));
+    }
+    out
+}
+
+/// Identity of a point as VictoriaMetrics exports it: (sensor tag, ms).
+pub type Key = (String, i64);
+
+/// Keys of the lines `lines()` produced (parses only that format).
+pub fn line_keys(body: &str) -> Vec<Key> {
+    body.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let sensor_at = l.find(",sensor=").expect("line has a sensor tag") + 8;
+            let rest = &l[sensor_at..];
+            let end = rest.find([',', ' ']).unwrap();
+            let ts: i64 = l.rsplit(' ').next().unwrap().parse().expect("timestamp");
+            (rest[..end].to_string(), ts.div_euclid(1_000_000))
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Status helpers
+// ---------------------------------------------------------------------------
+
+pub const COUNTERS: [&str; 6] = [
+    "deliveredLines",
+    "remainingLines",
+    "droppedFullLines",
+    "expiredLines",
+    "droppedNonRetryableLines",
+    "deadLetteredLines",
+];
+
+/// A numeric field of a replication status object; panics naming it if absent.
+pub fn field(rep: &Value, name: &str) -> u64 {
+    rep.get(name)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("status has no unsigned integer {name:?}: {rep}"))
+}
+
+pub fn str_field<'a>(rep: &'a Value, name: &str) -> &'a str {
+    rep.get(name).and_then(Value::as_str).unwrap_or("")
+}
+
+/// accepted = delivered + remaining + droppedFull + expired +
+/// droppedNonRetryable + deadLettered.
+pub fn assert_conserved(rep: &Value) {
+    let accepted = field(rep, "acceptedLines");
+    let sum: u64 = COUNTERS.iter().map(|c| field(rep, c)).sum();
+    assert_eq!(accepted, sum, "conservation of lines broken: {rep:#}");
+}
+
+/// The value of the first sample of `name` whose labels contain `label`
+/// (e.g. `replication="r1"`), from Prometheus text.
+pub fn metric_value(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter(|l| label.is_empty() || l.contains(label))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+// ---------------------------------------------------------------------------
+// VictoriaMetrics
+// ---------------------------------------------------------------------------
+
+/// A VictoriaMetrics single-node server on a free loopback port, with its
+/// storage in a temp dir. Killed on drop.
+pub struct VictoriaMetrics {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+    http: ureq::Agent,
+}
+
+impl VictoriaMetrics {
+    /// Starts a server; `None` (after a SKIP line) when the binary is missing.
+    pub fn start() -> Option<VictoriaMetrics> {
+        let bin = require("victoria-metrics")?;
+        let mut vm = VictoriaMetrics {
+            child: None,
+            port: free_port(),
+            dir: tempfile::Builder::new().prefix("vm-").tempdir().unwrap(),
+            bin,
+            http: http(),
+        };
+        vm.spawn();
+        Some(vm)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("victoria-metrics.log")
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "VictoriaMetrics already running");
+        mark_log(&self.log_path(), "start");
+        let log = log_file(&self.log_path());
+        let child = Command::new(&self.bin)
+            .arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+            .arg(format!(
+                "-storageDataPath={}",
+                self.dir.path().join("data").display()
+            ))
+            .args([
+                "-retentionPeriod=100y",
+                "-search.latencyOffset=0s",
+                "-search.disableCache",
+                "-dedup.minScrapeInterval=1ms",
+                // Its info lines would drown the agent's log in a failure report.
+                "-loggerLevel=WARN",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn victoria-metrics");
+        self.child = Some(child);
+        let url = format!("{}/health", self.url());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "victoria-metrics exited with {status} on start:\n{}",
+                    tail(&self.log_path(), 30)
+                );
+            }
+            if matches!(get(&self.http, &url, None), Ok(r) if r.status == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "victoria-metrics not ready in 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Takes the server down so that the agent sees connection refused.
+    ///
+    /// The data it acknowledged is flushed first and the process then gets
+    /// SIGTERM (SIGKILL after 15 s): a remote that loses its own last second
+    /// of acknowledged data would make the agent look guilty of a loss.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = get(
+                &self.http,
+                &format!("{}/internal/force_flush", self.url()),
+                None,
+            );
+            signal(&child, "TERM");
+            if wait_exit(&mut child, Duration::from_secs(15)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            mark_log(&self.log_path(), "stopped");
+        }
+    }
+
+    /// SIGKILL, for tests about the remote crashing (may lose its last second).
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+            mark_log(&self.log_path(), "killed");
+        }
+    }
+
+    /// Starts again on the same port and storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Raw export lines (one JSON object per series) matching `selector`.
+    pub fn export(&self, selector: &str) -> Vec<Value> {
+        let _ = get(
+            &self.http,
+            &format!("{}/internal/force_flush", self.url()),
+            None,
+        );
+        let end = (now_ns() / 1_000_000_000 + 2 * 86_400).to_string();
+        let reply = self
+            .http
+            .get(format!("{}/api/v1/export", self.url()))
+            .query("match[]", selector)
+            .query("start", "0")
+            .query("end", &end)
+            .call()
+            .map(Reply::from)
+            .expect("export from victoria-metrics");
+        assert_eq!(reply.status, 200, "export failed: {}", reply.body);
+        reply
+            .body
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("export line is JSON"))
+            .collect()
+    }
+
+    /// Number of samples (not series) of `metric`, e.g. `m_value`.
+    pub fn count(&self, metric: &str) -> u64 {
+        self.export(metric)
+            .iter()
+            .map(|s| s["timestamps"].as_array().map_or(0, |a| a.len() as u64))
+            .sum()
+    }
+
+    /// The (sensor tag, ms timestamp) keys of every sample of `metric`.
+    pub fn keys(&self, metric: &str) -> HashSet<Key> {
+        let mut out = HashSet::new();
+        for series in self.export(metric) {
+            let sensor = series["metric"]["sensor"]
+                .as_str()
+                .unwrap_or("")
+                .to_string();
+            for ts in series["timestamps"].as_array().into_iter().flatten() {
+                out.insert((sensor.clone(), ts.as_i64().expect("ms timestamp")));
+            }
+        }
+        out
+    }
+
+    /// Samples of `metric` as (labels, ms timestamp, value).
+    pub fn samples(&self, metric: &str) -> Vec<(Value, i64, f64)> {
+        let mut out = Vec::new();
+        for series in self.export(metric) {
+            let ts = series["timestamps"].as_array().cloned().unwrap_or_default();
+            let vs = series["values"].as_array().cloned().unwrap_or_default();
+            for (t, v) in ts.iter().zip(vs.iter()) {
+                out.push((
+                    series["metric"].clone(),
+                    t.as_i64().unwrap(),
+                    v.as_f64().unwrap_or(f64::NAN),
+                ));
+            }
+        }
+        out
+    }
+}
+
+impl Drop for VictoriaMetrics {
+    fn drop(&mut self) {
+        print_tail_if_panicking("victoria-metrics", &self.log_path(), 20);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// InfluxDB 1.6
+// ---------------------------------------------------------------------------
+
+/// An InfluxDB 1.6 server bound to loopback, with meta, data and WAL in a temp
+/// dir, monitoring and reporting off. Killed on drop.
+pub struct Influx16 {
+    child: Option<Child>,
+    pub port: u16,
+    dir: TempDir,
+    bin: PathBuf,
+    http: ureq::Agent,
+}
+
+impl Influx16 {
+    /// Starts a server; `None` (after a SKIP line) when `influxd` is missing.
+    pub fn start() -> Option<Influx16> {
+        let bin = require("influxd")?;
+        let dir = tempfile::Builder::new()
+            .prefix("influx16-")
+            .tempdir()
+            .unwrap();
+        let port = free_port();
+        let rpc_port = free_port();
+        let d = dir.path();
+        let config = format!(
+            r#"reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+
+[meta]
+  dir = "{meta}"
+
+[data]
+  dir = "{data}"
+  wal-dir = "{wal}"
+  query-log-enabled = false
+
+[monitor]
+  store-enabled = false
+
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{port}"
+  log-enabled = false
+
+[logging]
+  level = "warn"
+"#,
+            meta = d.join("meta").display(),
+            data = d.join("data").display(),
+            wal = d.join("wal").display(),
+        );
+        fs::write(d.join("influxdb.conf"), config).unwrap();
+        let mut influx = Influx16 {
+            child: None,
+            port,
+            dir,
+            bin,
+            http: http(),
+        };
+        influx.spawn();
+        Some(influx)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The WAL directory (a real TSM WAL).
+    pub fn wal_dir(&self) -> PathBuf {
+        self.dir.path().join("wal")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("influxd.log")
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "influxd already running");
+        mark_log(&self.log_path(), "start");
+        let log = log_file(&self.log_path());
+        let child = Command::new(&self.bin)
+            .arg("run")
+            .arg("-config")
+            .arg(self.dir.path().join("influxdb.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn influxd");
+        self.child = Some(child);
+        let url = format!("{}/ping", self.url());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "influxd exited with {status} on start:\n{}",
+                    tail(&self.log_path(), 30)
+                );
+            }
+            if matches!(get(&self.http, &url, None), Ok(r) if r.status == 204) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "influxd not ready in 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM (SIGKILL after 15 s): the agent then sees connection refused.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "TERM");
+            if wait_exit(&mut child, Duration::from_secs(15)).is_none() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            mark_log(&self.log_path(), "stopped");
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    /// Runs an InfluxQL statement; panics unless it succeeded.
+    pub fn query(&self, db: Option<&str>, q: &str) -> Value {
+        let mut req = self.http.post(format!("{}/query", self.url()));
+        if let Some(db) = db {
+            req = req.query("db", db);
+        }
+        let reply = req
+            .query("q", q)
+            .send_empty()
+            .map(Reply::from)
+            .expect("query influxd");
+        assert_eq!(reply.status, 200, "query {q:?} failed: {}", reply.body);
+        let json = reply.json();
+        if let Some(err) = json["results"][0].get("error") {
+            panic!("query {q:?} failed: {err}");
+        }
+        json
+    }
+
+    pub fn create_db(&self, name: &str) {
+        self.query(None, &format!("CREATE DATABASE \"{name}\""));
+    }
+
+    /// Number of points of `measurement` with `field` set, from
+    /// `SELECT count(*)` (0 when the measurement does not exist yet).
+    pub fn count(&self, db: &str, measurement: &str, field: &str) -> u64 {
+        let json = self.query(Some(db), &format!("SELECT count(*) FROM \"{measurement}\""));
+        let Some(series) = json["results"][0]["series"].as_array() else {
+            return 0;
+        };
+        let column = format!("count_{field}");
+        let mut total = 0;
+        for s in series {
+            let cols = s["columns"].as_array().expect("columns");
+            let idx = cols
+                .iter()
+                .position(|c| c.as_str() == Some(&column))
+                .unwrap_or_else(|| panic!("no column {column} in {s}"));
+            for row in s["values"].as_array().into_iter().flatten() {
+                total += row[idx].as_u64().unwrap_or(0);
+            }
+        }
+        total
+    }
+
+    /// Writes directly (not through the agent), e.g. to set a field's type.
+    pub fn write(&self, db: &str, body: &str) -> Reply {
+        post_write(
+            &self.http,
+            &format!("{}/write", self.url()),
+            &[("db", db)],
+            body.as_bytes(),
+            &Opts::new().precision("ns"),
+        )
+    }
+}
+
+impl Drop for Influx16 {
+    fn drop(&mut self) {
+        print_tail_if_panicking("influxd", &self.log_path(), 20);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Agent configuration
+// ---------------------------------------------------------------------------
+
+/// A `[[remote]]` table.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub name: String,
+    pub url: String,
+    pub api: String,
+    pub token: Option<String>,
+    pub org: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub min_backoff: String,
+    pub max_backoff: String,
+    pub timeout: String,
+    pub connect_timeout: String,
+}
+
+impl RemoteConfig {
+    /// An InfluxDB v2 API remote with short backoffs for tests.
+    pub fn v2(name: &str, url: &str) -> RemoteConfig {
+        RemoteConfig {
+            name: name.into(),
+            url: url.into(),
+            api: "v2".into(),
+            token: Some("test-token".into()),
+            org: Some("test-org".into()),
+            username: None,
+            password: None,
+            min_backoff: "100ms".into(),
+            max_backoff: "1s".into(),
+            timeout: "5s".into(),
+            connect_timeout: "1s".into(),
+        }
+    }
+
+    /// An InfluxDB 1.x API remote with short backoffs for tests.
+    pub fn v1(name: &str, url: &str) -> RemoteConfig {
+        RemoteConfig {
+            api: "v1".into(),
+            token: None,
+            org: None,
+            ..RemoteConfig::v2(name, url)
+        }
+    }
+}
+
+/// A `[[replication]]` table.
+#[derive(Debug, Clone)]
+pub struct ReplicationConfig {
+    pub name: String,
+    pub remote: String,
+    pub local_bucket: String,
+    pub remote_bucket: Option<String>,
+    pub max_queue_size: String,
+    pub max_age: String,
+    pub when_full: String,
+    pub batch_size: String,
+    pub gzip_level: u32,
+}
+
+impl ReplicationConfig {
+    pub fn new(name: &str, remote: &str, local_bucket: &str) -> ReplicationConfig {
+        ReplicationConfig {
+            name: name.into(),
+            remote: remote.into(),
+            local_bucket: local_bucket.into(),
+            remote_bucket: None,
+            max_queue_size: "256MiB".into(),
+            max_age: "7d".into(),
+            when_full: "drop_oldest".into(),
+            batch_size: "500kB".into(),
+            gzip_level: 6,
+        }
+    }
+
+    pub fn remote_bucket(mut self, b: &str) -> ReplicationConfig {
+        self.remote_bucket = Some(b.into());
+        self
+    }
+}
+
+/// The agent's whole config file, minus `data_dir` and `listen.address`,
+/// which the harness fills in.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub shutdown_timeout: String,
+    pub log_level: String,
+    pub tokens: Vec<String>,
+    pub max_body_size: String,
+    pub commit_interval: String,
+    pub durability: String,
+    pub remotes: Vec<RemoteConfig>,
+    pub replications: Vec<ReplicationConfig>,
+}
+
+/// TOML basic string.
+pub fn toml_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            shutdown_timeout: "10s".into(),
+            log_level: "info".into(),
+            tokens: Vec::new(),
+            max_body_size: "32MiB".into(),
+            commit_interval: "10ms".into(),
+            durability: "fsync".into(),
+            remotes: Vec::new(),
+            replications: Vec::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// One remote and one replication `r1` taking `local_bucket` to
+    /// `remote_bucket`.
+    pub fn single(
+        remote: RemoteConfig,
+        local_bucket: &str,
+        remote_bucket: Option<&str>,
+    ) -> AgentConfig {
+        let mut rep = ReplicationConfig::new("r1", &remote.name, local_bucket);
+        rep.remote_bucket = remote_bucket.map(String::from);
+        AgentConfig {
+            remotes: vec![remote],
+            replications: vec![rep],
+            ..AgentConfig::default()
+        }
+    }
+
+    pub fn render(&self, data_dir: &Path, address: &str) -> String {
+        let mut t = String::new();
+        let list = |v: &[String]| v.iter().map(|s| toml_str(s)).collect::<Vec<_>>().join(", ");
+        t += &format!("data_dir = {}\n", toml_str(&data_dir.display().to_string()));
+        t += &format!("shutdown_timeout = {}\n", toml_str(&self.shutdown_timeout));
+        t += &format!("log_level = {}\n\n", toml_str(&self.log_level));
+        t += "[listen]\n";
+        t += &format!("address = {}\n", toml_str(address));
+        t += &format!("tokens = [{}]\n", list(&self.tokens));
+        t += &format!("max_body_size = {}\n\n", toml_str(&self.max_body_size));
+        t += "[queue]\n";
+        t += &format!("commit_interval = {}\n", toml_str(&self.commit_interval));
+        t += &format!("durability = {}\n", toml_str(&self.durability));
+        for r in &self.remotes {
+            t += "\n[[remote]]\n";
+            t += &format!("name = {}\n", toml_str(&r.name));
+            t += &format!("url = {}\n", toml_str(&r.url));
+            t += &format!("api = {}\n", toml_str(&r.api));
+            for (k, v) in [
+                ("token", &r.token),
+                ("org", &r.org),
+                ("username", &r.username),
+                ("password", &r.password),
+            ] {
+                if let Some(v) = v {
+                    t += &format!("{k} = {}\n", toml_str(v));
+                }
+            }
+            t += &format!("min_backoff = {}\n", toml_str(&r.min_backoff));
+            t += &format!("max_backoff = {}\n", toml_str(&r.max_backoff));
+            t += &format!("timeout = {}\n", toml_str(&r.timeout));
+            t += &format!("connect_timeout = {}\n", toml_str(&r.connect_timeout));
+        }
+        for r in &self.replications {
+            t += "\n[[replication]]\n";
+            t += &format!("name = {}\n", toml_str(&r.name));
+            t += &format!("remote = {}\n", toml_str(&r.remote));
+            t += &format!("local_bucket = {}\n", toml_str(&r.local_bucket));
+            if let Some(b) = &r.remote_bucket {
+                t += &format!("remote_bucket = {}\n", toml_str(b));
+            }
+            t += &format!("max_queue_size = {}\n", toml_str(&r.max_queue_size));
+            t += &format!("max_age = {}\n", toml_str(&r.max_age));
+            t += &format!("when_full = {}\n", toml_str(&r.when_full));
+            t += &format!("batch_size = {}\n", toml_str(&r.batch_size));
+            t += &format!("gzip_level = {}\n", r.gzip_level);
+        }
+        t
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The agent under test
+// ---------------------------------------------------------------------------
+
+/// Runs `edge-replicator` with `args` to completion (60 s deadline).
+pub fn run_cli(args: &[&str]) -> Output {
+    let mut child = Command::new(agent_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn edge-replicator");
+    // Drain the pipes in threads so a chatty child cannot block on them.
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let t_out = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = out.read_to_end(&mut v);
+        v
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    let status = match wait_exit(&mut child, Duration::from_secs(60)) {
+        Some(s) => s,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("edge-replicator {args:?} did not exit within 60 s");
+        }
+    };
+    Output {
+        status,
+        stdout: t_out.join().unwrap(),
+        stderr: t_err.join().unwrap(),
+    }
+}
+
+/// The agent, running `edge-replicator run` on a free loopback port with its
+/// config, data dir and log (stderr) in a temp dir. Killed on drop; when the
+/// test panics the log's tail is printed.
+pub struct Agent {
+    child: Option<Child>,
+    pub port: u16,
+    pub config: AgentConfig,
+    dir: TempDir,
+    http: ureq::Agent,
+}
+
+impl Agent {
+    /// Writes the config and starts the agent; returns once `/health` is 200.
+    pub fn start(config: AgentConfig) -> Agent {
+        let dir = tempfile::Builder::new().prefix("agent-").tempdir().unwrap();
+        let mut agent = Agent {
+            child: None,
+            port: free_port(),
+            config,
+            dir,
+            http: http(),
+        };
+        agent.write_config();
+        agent.spawn();
+        agent
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.path().join("agent.log")
+    }
+
+    pub fn log(&self) -> String {
+        String::from_utf8_lossy(&fs::read(self.log_path()).unwrap_or_default()).into_owned()
+    }
+
+    /// (Re)writes config.toml from `self.config` (e.g. before `sighup`).
+    pub fn write_config(&self) {
+        let text = self
+            .config
+            .render(&self.data_dir(), &format!("127.0.0.1:{}", self.port));
+        fs::write(self.config_path(), text).unwrap();
+    }
+
+    fn auth(&self) -> Option<String> {
+        self.config.tokens.first().map(|t| format!("Token {t}"))
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        mark_log(&self.log_path(), "start");
+        let log = log_file(&self.log_path());
+        let child = Command::new(agent_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("JOURNAL_STREAM")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn edge-replicator run");
+        self.child = Some(child);
+        let url = format!("{}/health", self.url());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                // Drop prints the log's tail.
+                panic!("agent exited with {status} before /health answered 200");
+            }
+            if matches!(get(&self.http, &url, None), Ok(r) if r.status == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent /health not 200 within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// Process id of the running agent.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("agent is running").id()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
+    /// SIGTERM, then waits (60 s at most) for the exit status.
+    pub fn sigterm_and_wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("agent is running");
+        signal(&child, "TERM");
+        match wait_exit(&mut child, Duration::from_secs(60)) {
+            Some(status) => {
+                mark_log(&self.log_path(), &format!("exited after SIGTERM: {status}"));
+                status
+            }
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("agent still running 60 s after SIGTERM");
+            }
+        }
+    }
+
+    /// SIGHUP: reload the config.
+    pub fn sighup(&self) {
+        signal(self.child.as_ref().expect("agent is running"), "HUP");
+    }
+
+    /// SIGKILL, no chance to clean up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("agent is running");
+        let _ = child.kill();
+        let _ = child.wait();
+        mark_log(&self.log_path(), "SIGKILL");
+    }
+
+    /// Starts again with the same config, port and data dir.
+    pub fn restart(&mut self) {
+        assert!(
+            self.child.is_none(),
+            "restart() needs the agent stopped first (sigterm_and_wait or kill9)"
+        );
+        self.spawn();
+    }
+
+    fn write(&self, path: &str, params: &[(&str, &str)], body: &[u8], opts: &Opts) -> Reply {
+        post_write(
+            &self.http,
+            &format!("{}{path}", self.url()),
+            params,
+            body,
+            opts,
+        )
+    }
+
+    /// `POST /api/v2/write?org=test-org&bucket=BUCKET`.
+    pub fn write_v2_reply(&self, bucket: &str, body: &[u8], opts: &Opts) -> Reply {
+        self.write(
+            "/api/v2/write",
+            &[("org", "test-org"), ("bucket", bucket)],
+            body,
+            opts,
+        )
+    }
+
+    /// As `write_v2_reply`, but a transport error is an `Err`.
+    pub fn try_write_v2(&self, bucket: &str, body: &[u8], opts: &Opts) -> Result<Reply, String> {
+        try_post_write(
+            &self.http,
+            &format!("{}/api/v2/write", self.url()),
+            &[("org", "test-org"), ("bucket", bucket)],
+            body,
+            opts,
+        )
+    }
+
+    pub fn write_v2(&self, bucket: &str, body: impl AsRef<[u8]>, opts: &Opts) -> (u16, String) {
+        let r = self.write_v2_reply(bucket, body.as_ref(), opts);
+        (r.status, r.body)
+    }
+
+    /// `POST /write?db=DB[&rp=RP]`.
+    pub fn write_v1_reply(&self, db: &str, rp: Option<&str>, body: &[u8], opts: &Opts) -> Reply {
+        let mut params = vec![("db", db)];
+        if let Some(rp) = rp {
+            params.push(("rp", rp));
+        }
+        self.write("/write", &params, body, opts)
+    }
+
+    pub fn write_v1(
+        &self,
+        db: &str,
+        rp: Option<&str>,
+        body: impl AsRef<[u8]>,
+        opts: &Opts,
+    ) -> (u16, String) {
+        let r = self.write_v1_reply(db, rp, body.as_ref(), opts);
+        (r.status, r.body)
+    }
+
+    /// GET `path` (with the first configured token, if any).
+    pub fn get(&self, path: &str) -> Reply {
+        get(
+            &self.http,
+            &format!("{}{path}", self.url()),
+            self.auth().as_deref(),
+        )
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    }
+
+    /// `GET /api/v2/replications`.
+    pub fn replications(&self) -> Value {
+        let r = self.get("/api/v2/replications");
+        assert_eq!(r.status, 200, "GET /api/v2/replications: {}", r.body);
+        r.json()
+    }
+
+    /// The status object of replication `name`.
+    pub fn replication(&self, name: &str) -> Value {
+        let all = self.replications();
+        all["replications"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no replications array: {all}"))
+            .iter()
+            .find(|r| r["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no replication {name:?} in {all}"))
+    }
+
+    /// `GET /metrics`.
+    pub fn metrics(&self) -> String {
+        let r = self.get("/metrics");
+        assert_eq!(r.status, 200, "GET /metrics: {}", r.body);
+        r.body
+    }
+
+    /// `edge-replicator ARGS --config <this agent's config>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        let config = self.config_path();
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--config");
+        all.push(config.to_str().unwrap());
+        run_cli(&all)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        print_tail_if_panicking("agent", &self.log_path(), 80);
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
