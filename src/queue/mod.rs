@@ -199,6 +199,28 @@ pub struct Settlement {
     pub dropped_lines: u64,
 }
 
+/// Lines to queue, with where they came from.
+#[derive(Debug, Default)]
+pub struct Write {
+    pub targets: Vec<Arc<ReplHandle>>,
+    /// Local bucket the lines were written to.
+    pub bucket: String,
+    /// Whole lines, each ending in '\n', with ns timestamps.
+    pub payload: Vec<u8>,
+    pub lines: u64,
+    /// A source's position after these lines (a tailed file's offset, a WAL
+    /// segment's), committed in the same transaction: after a crash the
+    /// source resumes exactly after the lines that were queued.
+    pub checkpoint: Option<Checkpoint>,
+}
+
+/// A source position stored beside the queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub key: String,
+    pub value: Vec<u8>,
+}
+
 /// One record of a dead-letter store.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -305,6 +327,10 @@ fn key_range<'a>(lo: &'a [u8], hi: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [u8]
 
 fn key_seq(key: &[u8]) -> u64 {
     u64::from_be_bytes(key[4..12].try_into().expect("entry keys are 12 bytes"))
+}
+
+fn checkpoint_key(key: &str) -> Vec<u8> {
+    [b"S".as_slice(), key.as_bytes()].concat()
 }
 
 fn meta_key(id: u32) -> [u8; 5] {
@@ -499,18 +525,13 @@ impl Queue {
         payload: Vec<u8>,
         lines: u64,
     ) -> tokio::sync::oneshot::Receiver<Result<(), QueueError>> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let cmd = writer::Command::Append(writer::Append {
+        self.write(Write {
             targets,
             bucket,
             payload,
             lines,
-            reply,
-        });
-        if let Err(mpsc::SendError(writer::Command::Append(a))) = self.tx.send(cmd) {
-            let _ = a.reply.send(Err(QueueError::Closed));
-        }
-        rx
+            checkpoint: None,
+        })
     }
 
     /// Appends and blocks until durable (for threads outside the runtime).
@@ -524,6 +545,31 @@ impl Queue {
         self.append(targets, bucket, payload, lines)
             .blocking_recv()
             .unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// Queues a [`Write`]: its lines and its checkpoint (if any) commit in
+    /// one transaction, or neither does.
+    pub fn write(&self, w: Write) -> tokio::sync::oneshot::Receiver<Result<(), QueueError>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let cmd = writer::Command::Append(writer::Append { write: w, reply });
+        if let Err(mpsc::SendError(writer::Command::Append(a))) = self.tx.send(cmd) {
+            let _ = a.reply.send(Err(QueueError::Closed));
+        }
+        rx
+    }
+
+    /// [`Queue::write`] for threads outside the runtime.
+    pub fn write_blocking(&self, w: Write) -> Result<(), QueueError> {
+        self.write(w)
+            .blocking_recv()
+            .unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// The value last committed for a source checkpoint `key`.
+    pub fn checkpoint(&self, key: &str) -> Result<Option<Vec<u8>>, QueueError> {
+        let s = &self.shared;
+        let rtxn = s.env.read_txn()?;
+        Ok(s.meta.get(&rtxn, &checkpoint_key(key))?.map(<[u8]>::to_vec))
     }
 
     /// Reads the next batch of `repl`: whole lines from the head, at most

@@ -503,3 +503,42 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_checkpoint_commits_with_its_lines_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [spec("r", 700, WhenFull::Reject)];
+    let w = |h: &Arc<ReplHandle>, n: usize, offset: &[u8]| Write {
+        targets: vec![h.clone()],
+        bucket: "b".into(),
+        payload: lines("m", n),
+        lines: n as u64,
+        checkpoint: Some(Checkpoint {
+            key: "tail:/var/log/x.lp".into(),
+            value: offset.to_vec(),
+        }),
+    };
+    {
+        let q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+        let h = q.handles()[0].clone();
+        assert_eq!(q.checkpoint("tail:/var/log/x.lp").unwrap(), None);
+        q.write_blocking(w(&h, 30, b"310")).unwrap();
+        assert_eq!(
+            q.checkpoint("tail:/var/log/x.lp").unwrap().as_deref(),
+            Some(&b"310"[..])
+        );
+        // Refused (queue full): the position must not move either.
+        q.write_blocking(w(&h, 30, b"620")).unwrap();
+        assert!(q.write_blocking(w(&h, 30, b"930")).is_err());
+        assert_eq!(
+            q.checkpoint("tail:/var/log/x.lp").unwrap().as_deref(),
+            Some(&b"620"[..])
+        );
+    }
+    let q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+    assert_eq!(
+        q.checkpoint("tail:/var/log/x.lp").unwrap().as_deref(),
+        Some(&b"620"[..])
+    );
+    assert_eq!(q.handles()[0].counters().queued_lines, 60);
+}

@@ -19,8 +19,8 @@ use tokio::sync::oneshot;
 
 use super::entry;
 use super::{
-    entry_key, key_range, key_seq, meta_key, Counters, Meta, Pos, QueueError, ReplHandle, ReplSpec,
-    Settlement, Shared, Signal,
+    checkpoint_key, entry_key, key_range, key_seq, meta_key, Counters, Meta, Pos, QueueError,
+    ReplHandle, ReplSpec, Settlement, Shared, Signal, Write,
 };
 use crate::config::WhenFull;
 
@@ -35,10 +35,7 @@ const DEAD_LETTER_MAX: u64 = 64 << 20;
 pub(super) type Reply = oneshot::Sender<Result<(), QueueError>>;
 
 pub(super) struct Append {
-    pub targets: Vec<Arc<ReplHandle>>,
-    pub bucket: String,
-    pub payload: Vec<u8>,
-    pub lines: u64,
+    pub write: Write,
     pub reply: Reply,
 }
 
@@ -387,7 +384,7 @@ impl Writer {
         for cmd in group {
             let r = match cmd {
                 Command::Append(a) if with_appends => self
-                    .append(&mut wtxn, a, now, touched, appended)?
+                    .append(&mut wtxn, &a.write, now, touched, appended)?
                     .map(|()| 0),
                 Command::Append(_) => Ok(0),
                 Command::Settle(s) => {
@@ -431,7 +428,7 @@ impl Writer {
     fn append(
         &mut self,
         wtxn: &mut RwTxn,
-        a: &Append,
+        a: &Write,
         now: u64,
         touched: &mut BTreeSet<u32>,
         appended: &mut BTreeSet<u32>,
@@ -505,6 +502,9 @@ impl Writer {
             c.accepted_bytes += len;
             touched.insert(t.id);
             appended.insert(t.id);
+        }
+        if let Some(cp) = &a.checkpoint {
+            shared.meta.put(wtxn, &checkpoint_key(&cp.key), &cp.value)?;
         }
         Ok(Ok(()))
     }
@@ -822,7 +822,7 @@ impl Writer {
 
 fn command_bytes(c: &Command) -> usize {
     match c {
-        Command::Append(a) => a.payload.len(),
+        Command::Append(a) => a.write.payload.len(),
         _ => 0,
     }
 }

@@ -150,34 +150,33 @@ impl Worker {
             let seen = self.repl.data.generation();
             let t = self.target();
             let split = t.config.remote_bucket.is_none();
-            let batch = match self.queue.read_batch(
-                &self.repl,
-                t.config.batch_size,
-                split,
-                &mut lines,
-            ) {
-                Ok(Some(b)) => b,
-                Ok(None) => {
-                    self.status.ship.lock().unwrap().next_retry = None;
-                    self.repl.data.wait_past(seen, Duration::from_secs(1));
-                    continue;
-                }
-                Err(QueueError::Corrupt { seq, why, .. }) => {
-                    error!(
+            let batch =
+                match self
+                    .queue
+                    .read_batch(&self.repl, t.config.batch_size, split, &mut lines)
+                {
+                    Ok(Some(b)) => b,
+                    Ok(None) => {
+                        self.status.ship.lock().unwrap().next_retry = None;
+                        self.repl.data.wait_past(seen, Duration::from_secs(1));
+                        continue;
+                    }
+                    Err(QueueError::Corrupt { seq, why, .. }) => {
+                        error!(
                         "replication \"{name}\": entry {seq} is corrupt ({why}); setting it aside"
                     );
-                    if let Err(e) = self.queue.set_aside(&self.repl, seq) {
-                        error!("replication \"{name}\": cannot set entry {seq} aside: {e}");
-                        self.sleep(Duration::from_secs(1));
+                        if let Err(e) = self.queue.set_aside(&self.repl, seq) {
+                            error!("replication \"{name}\": cannot set entry {seq} aside: {e}");
+                            self.sleep(Duration::from_secs(1));
+                        }
+                        continue;
                     }
-                    continue;
-                }
-                Err(e) => {
-                    error!("replication \"{name}\": cannot read the queue: {e}");
-                    self.sleep(Duration::from_secs(1));
-                    continue;
-                }
-            };
+                    Err(e) => {
+                        error!("replication \"{name}\": cannot read the queue: {e}");
+                        self.sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                };
             let settlement = match self.deliver(&batch, &lines) {
                 Ok(s) => s,
                 Err(Unsettled::Stale) => continue,
