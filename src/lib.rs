@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod fault;
 pub mod ingest;
 pub mod lineproto;
 pub mod logging;

@@ -420,7 +420,24 @@ impl Writer {
                 .meta
                 .put(&mut wtxn, &meta_key(*id), &st.meta.encode())?;
         }
+        if group.iter().any(|c| matches!(c, Command::Settle(_))) {
+            crate::fault::point("settle");
+        }
+        if group
+            .iter()
+            .any(|c| matches!(c, Command::Settle(s) if s.settlement.dead_lines > 0))
+        {
+            crate::fault::point("dead-letter");
+        }
+        if group
+            .iter()
+            .any(|c| matches!(c, Command::Append(a) if a.write.checkpoint.is_some()))
+        {
+            crate::fault::point("checkpoint");
+        }
+        crate::fault::point("commit");
         wtxn.commit()?;
+        crate::fault::point("committed");
         Ok(())
     }
 
