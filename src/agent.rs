@@ -22,6 +22,7 @@ use crate::ingest::{http, Ingest, Route, Routing};
 use crate::queue::{Queue, QueueError, QueueOptions, ReplSpec};
 use crate::ship::{Client, Control, SharedTarget, ShipConfig, Target, Worker};
 use crate::status::ReplStatus;
+use crate::transform::Transform;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -43,12 +44,14 @@ pub enum Event {
     Reload,
 }
 
-fn spec(r: &Replication) -> ReplSpec {
+/// What the queue needs to know about a configured replication.
+pub fn spec(r: &Replication) -> ReplSpec {
     ReplSpec {
         name: r.name.clone(),
         max_bytes: r.max_queue_size,
         when_full: r.when_full,
         max_age: r.max_age,
+        transform: Transform::new(r).map(Arc::new),
     }
 }
 

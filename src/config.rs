@@ -15,7 +15,7 @@
 //! agent (a token file readable by others, a remote no replication uses) are collected in
 //! [`Config::warnings`] for the caller to log.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -200,9 +200,60 @@ pub struct Replication {
     pub batch_size: u64,
     /// gzip level, 0 to 9.
     pub gzip_level: u32,
+    /// Measurement globs (`*`, `?`) a line must match to be sent; empty: all.
+    pub include_measurements: Vec<String>,
+    /// Measurement globs whose lines are not sent.
+    pub exclude_measurements: Vec<String>,
+    /// Tags added to every line sent; a line's own tag of the same key is replaced.
+    pub add_tags: BTreeMap<String, String>,
+    /// Send per-window aggregates instead of raw points.
+    pub downsample: Option<Downsample>,
+}
+
+/// `[replication.downsample]`: aggregate per series and epoch-aligned window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Downsample {
+    pub every: Duration,
+    /// A window is closed (and its aggregate queued) this long after it ends.
+    pub allowed_lateness: Duration,
+    /// Per-field aggregate overriding the default (numeric: mean, others: last).
+    pub fields: BTreeMap<String, Aggregate>,
+}
+
+/// How a field is aggregated over a window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Aggregate {
+    Mean,
+    Last,
+    Max,
+    Min,
+    Sum,
+    Count,
+}
+
+impl Aggregate {
+    pub fn parse(s: &str) -> Option<Aggregate> {
+        Some(match s {
+            "mean" => Aggregate::Mean,
+            "last" => Aggregate::Last,
+            "max" => Aggregate::Max,
+            "min" => Aggregate::Min,
+            "sum" => Aggregate::Sum,
+            "count" => Aggregate::Count,
+            _ => return None,
+        })
+    }
 }
 
 impl Replication {
+    /// Whether lines are changed on the way (filters, tags, downsampling).
+    pub fn transforms(&self) -> bool {
+        !self.include_measurements.is_empty()
+            || !self.exclude_measurements.is_empty()
+            || !self.add_tags.is_empty()
+            || self.downsample.is_some()
+    }
+
     /// Whether writes to the local `bucket` go to this replication.
     pub fn takes_bucket(&self, bucket: &str) -> bool {
         self.local_bucket == bucket || self.local_bucket == "*"
@@ -354,6 +405,18 @@ struct RawReplication {
     drop_non_retryable_data: Option<bool>,
     batch_size: Option<Scalar>,
     gzip_level: Option<i64>,
+    include_measurements: Option<Vec<String>>,
+    exclude_measurements: Option<Vec<String>>,
+    add_tags: Option<BTreeMap<String, String>>,
+    downsample: Option<RawDownsample>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDownsample {
+    every: Scalar,
+    allowed_lateness: Option<Scalar>,
+    fields: Option<BTreeMap<String, String>>,
 }
 
 /// A size or duration as written: a string such as `"64MiB"` or a bare integer.
@@ -1351,6 +1414,72 @@ impl Validator<'_> {
                 ))
             }
         };
+        let globs = |field: &str, list: Option<Vec<String>>| -> Result<Vec<String>, ConfigError> {
+            let list = list.unwrap_or_default();
+            if let Some(bad) = list.iter().find(|g| g.is_empty()) {
+                return Err(invalid(
+                    key(field),
+                    format!("{bad:?}: a pattern must not be empty"),
+                ));
+            }
+            Ok(list)
+        };
+        let include_measurements = globs("include_measurements", r.include_measurements)?;
+        let exclude_measurements = globs("exclude_measurements", r.exclude_measurements)?;
+        let add_tags = r.add_tags.unwrap_or_default();
+        for (k, v) in &add_tags {
+            if k.is_empty() || v.is_empty() {
+                return Err(invalid(
+                    key("add_tags"),
+                    format!("{k:?} = {v:?}: tag keys and values must not be empty"),
+                ));
+            }
+            if k.chars().chain(v.chars()).any(|c| c.is_control()) {
+                return Err(invalid(
+                    key("add_tags"),
+                    format!("{k:?}: control characters are not allowed in tags"),
+                ));
+            }
+            if k == "_measurement" || k == "_field" || k == "time" {
+                return Err(invalid(
+                    key("add_tags"),
+                    format!("{k:?} is a reserved key in InfluxDB"),
+                ));
+            }
+        }
+        let downsample = match r.downsample {
+            None => None,
+            Some(d) => {
+                let every =
+                    duration_value(&key("downsample.every"), Some(d.every), Duration::ZERO)?;
+                if every < Duration::from_secs(1) || every.subsec_nanos() != 0 {
+                    return Err(invalid(
+                        key("downsample.every"),
+                        "must be a whole number of seconds, at least 1s",
+                    ));
+                }
+                let allowed_lateness = duration_value(
+                    &key("downsample.allowed_lateness"),
+                    d.allowed_lateness,
+                    Duration::from_secs(30),
+                )?;
+                let mut fields = BTreeMap::new();
+                for (field, agg) in d.fields.unwrap_or_default() {
+                    let Some(a) = Aggregate::parse(&agg) else {
+                        return Err(invalid(
+                            key(&format!("downsample.fields.{field}")),
+                            format!("{agg:?} is not an aggregate (use mean, last, max, min, sum or count)"),
+                        ));
+                    };
+                    fields.insert(field, a);
+                }
+                Some(Downsample {
+                    every,
+                    allowed_lateness,
+                    fields,
+                })
+            }
+        };
         Ok(Replication {
             name: r.name,
             remote: r.remote,
@@ -1362,6 +1491,10 @@ impl Validator<'_> {
             drop_non_retryable_data: r.drop_non_retryable_data.unwrap_or(false),
             batch_size,
             gzip_level,
+            include_measurements,
+            exclude_measurements,
+            add_tags,
+            downsample,
         })
     }
 
@@ -1454,10 +1587,16 @@ mod tests {
             ("[listen]\nbar = 1".into(), "line 2, column 1: unknown field `bar`"),
             ("[queue]\nsize = 1".into(), "unknown field `size`"),
             (remote("include_measurements = []"), "unknown field `include_measurements`"),
-            (repl("include_measurements = [\"cpu\"]"), "unknown field `include_measurements`"),
-            (repl("exclude_measurements = [\"cpu\"]"), "unknown field `exclude_measurements`"),
-            (repl("add_tags = { a = \"b\" }"), "unknown field `add_tags`"),
-            (repl("[replication.downsample]\nevery = \"10m\""), "unknown field `downsample`"),
+            (repl("include_measurements = [\"\"]"), "include_measurements"),
+            (repl("exclude_measurements = [\"\"]"), "exclude_measurements"),
+            (repl("add_tags = { \"\" = \"b\" }"), "add_tags"),
+            (repl("add_tags = { time = \"b\" }"), "reserved"),
+            (repl("[replication.downsample]\nevery = \"500ms\""), "downsample.every"),
+            (
+                repl("[replication.downsample]\nevery = \"10m\"\nfields = { t = \"median\" }"),
+                "downsample.fields.t",
+            ),
+            (repl("[replication.downsample]\nevry = \"10m\""), "unknown field `evry`"),
             ("[[tail]]\npath = \"/x\"".into(), "unknown field `tail`"),
             ("[[influxdb_wal]]\nwal_dir = \"/x\"".into(), "unknown field `influxdb_wal`"),
             // Syntax.

@@ -18,3 +18,4 @@ pub mod queue;
 pub mod ship;
 pub mod status;
 pub mod systemd;
+pub mod transform;

@@ -111,6 +111,11 @@ pub fn replications_json(list: &[Arc<ReplStatus>]) -> Value {
                 "droppedNonRetryableLines": c.dropped_non_retryable_lines,
                 "deadLetteredLines": c.dead_lettered_lines,
                 "rejectedLines": c.rejected_lines,
+                "filteredLines": c.filtered_lines,
+                "lateLines": c.late_lines,
+                "downsampledLines": c.downsampled_lines,
+                "aggregateLines": c.aggregate_lines,
+                "deadLetterLines": c.dead_letter_lines,
             })
         })
         .collect();
@@ -186,6 +191,26 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         per_repl(&|r| c(r).delivered_lines as f64),
     );
     family(
+        "replications_downsample_lines",
+        "counter",
+        "Raw lines folded into windows, and aggregate lines closed windows queued.",
+        list.iter()
+            .flat_map(|r| {
+                let k = c(r);
+                [
+                    ("folded", k.downsampled_lines),
+                    ("aggregate", k.aggregate_lines),
+                ]
+                .map(|(kind, v)| {
+                    (
+                        format!("{{replication=\"{}\",kind=\"{kind}\"}}", r.name),
+                        v as f64,
+                    )
+                })
+            })
+            .collect(),
+    );
+    family(
         "replications_queue_dropped_lines",
         "counter",
         "Lines removed unsent, by reason.",
@@ -197,6 +222,8 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
                     ("expired", k.expired_lines),
                     ("non_retryable", k.dropped_non_retryable_lines),
                     ("dead_letter", k.dead_lettered_lines),
+                    ("filtered", k.filtered_lines),
+                    ("late", k.late_lines),
                 ]
                 .map(|(why, v)| {
                     (
@@ -364,5 +391,188 @@ pub fn table(v: &Value) -> String {
     for r in &rows {
         line(r.iter().map(String::as_str).collect());
     }
+    out
+}
+
+/// A file or WAL shard a source follows, as status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Followed {
+    /// The file's path, or the shard's `<rp>/<shard id>`.
+    pub path: String,
+    /// WAL sources: the segment being read.
+    pub segment: Option<u64>,
+    /// Bytes of the file (or segment) committed to the queue.
+    pub offset: u64,
+    /// Bytes written but not yet queued (a partial last line included).
+    pub lag_bytes: u64,
+}
+
+/// The changing part of a source's status.
+#[derive(Debug, Clone, Default)]
+pub struct SourceDetail {
+    /// `following`, `waiting` (nothing to follow yet) or `blocked` (the
+    /// queue refuses the lines; they are retried).
+    pub state: &'static str,
+    pub latest_error: String,
+    pub followed: Vec<Followed>,
+    pub last_queued: Option<SystemTime>,
+}
+
+/// One source (`[[tail]]`, `[[influxdb_wal]]`) as operators see it; written
+/// by its thread.
+#[derive(Debug)]
+pub struct SourceStatus {
+    /// `tail` or `influxdb_wal`.
+    pub kind: &'static str,
+    /// What it follows, also the metrics label.
+    pub name: String,
+    pub bucket: String,
+    /// Lines committed to the queue.
+    pub lines: AtomicU64,
+    /// Lines skipped as invalid (logged with their file and line, or WAL
+    /// segment and offset).
+    pub invalid_lines: AtomicU64,
+    /// Read errors and damaged WAL entries or tails.
+    pub errors: AtomicU64,
+    /// Writes waited out because a queue or the storage was full.
+    pub retries: AtomicU64,
+    /// WAL segments removed before they were (wholly) read.
+    pub segments_missed: AtomicU64,
+    /// WAL delete entries passed over (deletes are not replicated).
+    pub deletes_skipped: AtomicU64,
+    pub detail: Mutex<SourceDetail>,
+}
+
+impl SourceStatus {
+    pub fn new(kind: &'static str, name: String, bucket: &str) -> SourceStatus {
+        SourceStatus {
+            kind,
+            name,
+            bucket: bucket.to_string(),
+            lines: AtomicU64::new(0),
+            invalid_lines: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            segments_missed: AtomicU64::new(0),
+            deletes_skipped: AtomicU64::new(0),
+            detail: Mutex::new(SourceDetail {
+                state: "waiting",
+                ..SourceDetail::default()
+            }),
+        }
+    }
+
+    fn lag_bytes(&self) -> u64 {
+        let d = self.detail.lock().unwrap();
+        d.followed.iter().map(|f| f.lag_bytes).sum()
+    }
+}
+
+/// The `sources` array of the `GET /api/v2/replications` answer.
+pub fn sources_json(list: &[Arc<SourceStatus>]) -> Value {
+    let items: Vec<Value> = list
+        .iter()
+        .map(|s| {
+            let d = s.detail.lock().unwrap().clone();
+            let followed: Vec<Value> = d
+                .followed
+                .iter()
+                .map(|f| {
+                    let mut v = json!({
+                        "path": f.path,
+                        "offset": f.offset,
+                        "lagBytes": f.lag_bytes,
+                    });
+                    if let Some(seg) = f.segment {
+                        v["segment"] = json!(seg);
+                    }
+                    v
+                })
+                .collect();
+            let mut v = json!({
+                "kind": s.kind,
+                "name": s.name,
+                "bucket": s.bucket,
+                "state": d.state,
+                "linesQueued": s.lines.load(Ordering::Relaxed),
+                "invalidLines": s.invalid_lines.load(Ordering::Relaxed),
+                "errors": s.errors.load(Ordering::Relaxed),
+                "retries": s.retries.load(Ordering::Relaxed),
+                "lagBytes": d.followed.iter().map(|f| f.lag_bytes).sum::<u64>(),
+                "lastQueuedAt": d.last_queued.map(httpdate::fmt_http_date),
+                "latestErrorMessage": d.latest_error,
+            });
+            if s.kind == "influxdb_wal" {
+                v["shards"] = json!(followed);
+                v["walSegmentsMissed"] = json!(s.segments_missed.load(Ordering::Relaxed));
+                v["deletesSkipped"] = json!(s.deletes_skipped.load(Ordering::Relaxed));
+            } else {
+                v["files"] = json!(followed);
+            }
+            v
+        })
+        .collect();
+    json!(items)
+}
+
+/// Prometheus label value: `\`, `"` and newlines escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Prometheus text for the sources, appended to [`metrics_text`].
+pub fn sources_metrics_text(list: &[Arc<SourceStatus>]) -> String {
+    let mut out = String::new();
+    let mut family = |name: &str, kind: &str, help: &str, f: &dyn Fn(&SourceStatus) -> u64| {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for s in list {
+            let _ = writeln!(
+                out,
+                "{name}{{source=\"{}\",kind=\"{}\"}} {}",
+                label_value(&s.name),
+                s.kind,
+                f(s)
+            );
+        }
+    };
+    family(
+        "edge_replicator_source_lines_total",
+        "counter",
+        "Lines a source committed to the queue.",
+        &|s| s.lines.load(Ordering::Relaxed),
+    );
+    family(
+        "edge_replicator_source_lines_invalid_total",
+        "counter",
+        "Lines a source skipped as invalid.",
+        &|s| s.invalid_lines.load(Ordering::Relaxed),
+    );
+    family(
+        "edge_replicator_source_errors_total",
+        "counter",
+        "Read errors and damaged entries met by a source.",
+        &|s| s.errors.load(Ordering::Relaxed),
+    );
+    family(
+        "edge_replicator_source_retries_total",
+        "counter",
+        "Writes a source waited out because a queue or the storage was full.",
+        &|s| s.retries.load(Ordering::Relaxed),
+    );
+    family(
+        "edge_replicator_source_lag_bytes",
+        "gauge",
+        "Bytes written to the followed files or segments and not yet queued.",
+        &|s| s.lag_bytes(),
+    );
+    family(
+        "edge_replicator_wal_segments_missed_total",
+        "counter",
+        "WAL segments InfluxDB removed before the source read them (wholly).",
+        &|s| s.segments_missed.load(Ordering::Relaxed),
+    );
     out
 }

@@ -281,16 +281,7 @@ local_bucket = "b"
         fn new() -> Setup {
             let config = parse(CONFIG);
             let dir = tempfile::tempdir().unwrap();
-            let specs: Vec<ReplSpec> = config
-                .replications
-                .iter()
-                .map(|r| ReplSpec {
-                    name: r.name.clone(),
-                    max_bytes: r.max_queue_size,
-                    when_full: r.when_full,
-                    max_age: r.max_age,
-                })
-                .collect();
+            let specs: Vec<ReplSpec> = config.replications.iter().map(crate::agent::spec).collect();
             let opts = QueueOptions {
                 map_size: 16 << 20,
                 durability: config.queue.durability,

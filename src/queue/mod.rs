@@ -57,6 +57,7 @@ use heed::types::Bytes;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, WithoutTls};
 
 use crate::config::{Durability, WhenFull};
+use crate::transform::Transform;
 
 /// A position in a replication's log: an entry and a byte offset in its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -91,6 +92,13 @@ pub struct Counters {
     /// Dead-lettered lines purged (by an operator, or evicted from a full
     /// dead-letter store). They stay counted in `dead_lettered_lines`.
     pub dead_letter_purged_lines: u64,
+    /// Lines a replication's filters excluded.
+    pub filtered_lines: u64,
+    /// Downsampling: lines for windows already closed (dropped), lines
+    /// folded into windows, and aggregate lines the closed windows queued.
+    pub late_lines: u64,
+    pub downsampled_lines: u64,
+    pub aggregate_lines: u64,
     /// The head of the log as of the last commit (the position in `Meta` is
     /// the one persisted; this copy lets a worker notice that eviction or
     /// expiry removed lines of a batch it is still retrying).
@@ -98,7 +106,13 @@ pub struct Counters {
 }
 
 impl Counters {
-    /// The right-hand side of the conservation invariant.
+    /// Lines that came in: accepted from writers, plus the aggregates that
+    /// closed windows produced.
+    pub fn inflow_lines(&self) -> u64 {
+        self.accepted_lines + self.aggregate_lines
+    }
+
+    /// Where they went; equal to [`Counters::inflow_lines`] at every commit.
     pub fn accounted_lines(&self) -> u64 {
         self.delivered_lines
             + self.queued_lines
@@ -106,6 +120,9 @@ impl Counters {
             + self.expired_lines
             + self.dropped_non_retryable_lines
             + self.dead_lettered_lines
+            + self.filtered_lines
+            + self.late_lines
+            + self.downsampled_lines
     }
 }
 
@@ -116,6 +133,8 @@ pub struct ReplSpec {
     pub max_bytes: u64,
     pub when_full: WhenFull,
     pub max_age: Option<Duration>,
+    /// Filters, added tags, downsampling; applied by the writer.
+    pub transform: Option<Arc<Transform>>,
 }
 
 /// Options of the environment.
@@ -289,6 +308,8 @@ struct Shared {
     entries: Db,
     meta: Db,
     dead: Db,
+    /// Downsampling state: `[id][window start][bucket][series]` → window.
+    windows: Db,
     /// Writes that have started reading their body but not yet reached the
     /// writer: the writer lingers for them (bounded by `commit_interval`).
     preparing: AtomicUsize,
@@ -372,6 +393,10 @@ impl Meta {
             c.dead_letter_lines,
             c.dead_letter_bytes,
             c.dead_letter_purged_lines,
+            c.filtered_lines,
+            c.late_lines,
+            c.downsampled_lines,
+            c.aggregate_lines,
         ];
         fields.iter().flat_map(|f| f.to_le_bytes()).collect()
     }
@@ -411,6 +436,10 @@ impl Meta {
         c.dead_letter_lines = next();
         c.dead_letter_bytes = next();
         c.dead_letter_purged_lines = next();
+        c.filtered_lines = next();
+        c.late_lines = next();
+        c.downsampled_lines = next();
+        c.aggregate_lines = next();
         Some(Meta { head, next_seq, c })
     }
 }
@@ -438,7 +467,7 @@ impl Queue {
         let lock = lock_data_dir(dir)?;
         check_foreign_files(&qdir)?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
-        options.map_size(opts.map_size as usize).max_dbs(4);
+        options.map_size(opts.map_size as usize).max_dbs(8);
         if opts.durability == Durability::Os {
             // SAFETY: NO_SYNC trades durability of the last commits on power
             // loss for speed, which is what `durability = "os"` asks for; it
@@ -458,12 +487,14 @@ impl Queue {
         let entries: Db = env.create_database(&mut wtxn, Some("entries"))?;
         let meta: Db = env.create_database(&mut wtxn, Some("meta"))?;
         let dead: Db = env.create_database(&mut wtxn, Some("dead"))?;
+        let windows: Db = env.create_database(&mut wtxn, Some("windows"))?;
         wtxn.commit()?;
         let shared = Arc::new(Shared {
             env,
             entries,
             meta,
             dead,
+            windows,
             preparing: AtomicUsize::new(0),
             _lock: lock,
         });

@@ -7,7 +7,8 @@
 //! cannot commit (map or disk full) fails its appends, and the group is
 //! retried without them so that settlements and expiry still make room.
 
-use std::collections::{BTreeSet, HashMap};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,8 @@ use super::{
     ReplHandle, ReplSpec, Settlement, Shared, Signal, Write,
 };
 use crate::config::WhenFull;
+use crate::transform::downsample::{Deltas, Folded, Window};
+use crate::transform::Transform;
 
 /// A group stops gathering past this many payload bytes.
 const MAX_GROUP_BYTES: usize = 16 << 20;
@@ -380,6 +383,7 @@ impl Writer {
         let now = now_ns();
         if housekeeping {
             self.expire(&mut wtxn, now, touched)?;
+            self.close_windows(&mut wtxn, now, touched, appended)?;
         }
         for cmd in group {
             let r = match cmd {
@@ -450,11 +454,17 @@ impl Writer {
         touched: &mut BTreeSet<u32>,
         appended: &mut BTreeSet<u32>,
     ) -> Result<Result<(), QueueError>, QueueError> {
-        let len = a.payload.len() as u64;
+        // Each replication's transform first: bounds apply to what it queues.
+        let mut prepared = Vec::with_capacity(a.targets.len());
         for t in &a.targets {
-            let Some(st) = self.states.get_mut(&t.id) else {
+            let Some(st) = self.states.get(&t.id) else {
                 return Ok(Err(QueueError::Closed));
             };
+            prepared.push(prepare(st.spec.transform.as_deref(), a, now as i64));
+        }
+        for (t, p) in a.targets.iter().zip(&prepared) {
+            let st = self.states.get_mut(&t.id).expect("checked above");
+            let len = p.payload.len() as u64;
             if len > st.spec.max_bytes {
                 return Ok(Err(QueueError::TooLarge {
                     replication: st.spec.name.clone(),
@@ -463,10 +473,11 @@ impl Writer {
                 }));
             }
             if st.spec.when_full == WhenFull::Reject
+                && len > 0
                 && st.meta.c.queued_bytes + len > st.spec.max_bytes
             {
                 st.meta.c.rejected_lines += a.lines;
-                st.meta.c.rejected_bytes += len;
+                st.meta.c.rejected_bytes += a.payload.len() as u64;
                 touched.insert(t.id);
                 return Ok(Err(QueueError::Full {
                     replication: st.spec.name.clone(),
@@ -475,55 +486,155 @@ impl Writer {
             }
         }
         let shared = self.shared.clone();
-        for t in &a.targets {
-            // Evict whole oldest entries until the write fits (drop_oldest).
-            loop {
-                let st = &self.states[&t.id];
-                if st.meta.c.queued_bytes + len <= st.spec.max_bytes
-                    || st.meta.head.seq >= st.meta.next_seq
-                {
-                    break;
-                }
-                let head = st.meta.head.seq;
-                self.remove_head(
-                    wtxn,
-                    t.id,
-                    Pos {
-                        seq: head,
-                        off: u32::MAX,
-                    },
-                    Removal::DroppedFull,
-                )?;
-            }
-            let st = self.states.get_mut(&t.id).expect("checked above");
-            self.scratch
-                .resize(entry::encoded_len(&a.bucket, &a.payload), 0);
-            entry::encode_into(
-                &mut self.scratch,
-                now,
-                a.lines as u32,
-                &a.bucket,
-                &a.payload,
-            );
-            shared
-                .entries
-                .put(wtxn, &entry_key(t.id, st.meta.next_seq), &self.scratch)?;
-            if st.meta.head.seq >= st.meta.next_seq {
-                st.meta.c.oldest_enqueued_ns = Some(now);
-            }
-            st.meta.next_seq += 1;
-            let c = &mut st.meta.c;
-            c.queued_bytes += len;
-            c.queued_lines += a.lines;
-            c.accepted_lines += a.lines;
-            c.accepted_bytes += len;
+        for (t, p) in a.targets.iter().zip(prepared) {
             touched.insert(t.id);
-            appended.insert(t.id);
+            if let Some((deltas, folded)) = p.windows {
+                for ((start, series), delta) in deltas {
+                    let key = window_key(t.id, start, &a.bucket, &series);
+                    let mut w = match shared.windows.get(wtxn, &key)? {
+                        Some(raw) => Window::decode(raw).unwrap_or_default(),
+                        None => Window::default(),
+                    };
+                    w.merge(&delta);
+                    shared.windows.put(wtxn, &key, &w.encode())?;
+                }
+                let c = &mut self.states.get_mut(&t.id).expect("checked above").meta.c;
+                c.late_lines += folded.late;
+                c.downsampled_lines += folded.folded;
+            } else if p.lines > 0 {
+                self.push_entry(wtxn, t.id, &a.bucket, &p.payload, p.lines, now)?;
+                appended.insert(t.id);
+            }
+            let c = &mut self.states.get_mut(&t.id).expect("checked above").meta.c;
+            c.accepted_lines += a.lines;
+            c.accepted_bytes += a.payload.len() as u64;
+            c.filtered_lines += p.filtered;
         }
         if let Some(cp) = &a.checkpoint {
             shared.meta.put(wtxn, &checkpoint_key(&cp.key), &cp.value)?;
         }
         Ok(Ok(()))
+    }
+
+    /// Appends an entry to `id`'s log, evicting whole oldest entries first
+    /// as far as `drop_oldest` needs, and counts it as queued.
+    fn push_entry(
+        &mut self,
+        wtxn: &mut RwTxn,
+        id: u32,
+        bucket: &str,
+        payload: &[u8],
+        lines: u64,
+        now: u64,
+    ) -> Result<(), QueueError> {
+        let len = payload.len() as u64;
+        loop {
+            let st = &self.states[&id];
+            if st.meta.c.queued_bytes + len <= st.spec.max_bytes
+                || st.meta.head.seq >= st.meta.next_seq
+            {
+                break;
+            }
+            let head = st.meta.head.seq;
+            self.remove_head(
+                wtxn,
+                id,
+                Pos {
+                    seq: head,
+                    off: u32::MAX,
+                },
+                Removal::DroppedFull,
+            )?;
+        }
+        let shared = self.shared.clone();
+        let st = self.states.get_mut(&id).expect("attached");
+        self.scratch.resize(entry::encoded_len(bucket, payload), 0);
+        entry::encode_into(&mut self.scratch, now, lines as u32, bucket, payload);
+        shared
+            .entries
+            .put(wtxn, &entry_key(id, st.meta.next_seq), &self.scratch)?;
+        if st.meta.head.seq >= st.meta.next_seq {
+            st.meta.c.oldest_enqueued_ns = Some(now);
+        }
+        st.meta.next_seq += 1;
+        st.meta.c.queued_bytes += len;
+        st.meta.c.queued_lines += lines;
+        Ok(())
+    }
+
+    /// Queues the aggregates of every closed window of the downsampling
+    /// replications and deletes their state, in the caller's transaction.
+    fn close_windows(
+        &mut self,
+        wtxn: &mut RwTxn,
+        now: u64,
+        touched: &mut BTreeSet<u32>,
+        appended: &mut BTreeSet<u32>,
+    ) -> Result<(), QueueError> {
+        let shared = self.shared.clone();
+        let ids: Vec<u32> = self.states.keys().copied().collect();
+        for id in ids {
+            let st = &self.states[&id];
+            let Some(spec) = st
+                .spec
+                .transform
+                .as_ref()
+                .and_then(|t| t.downsample.clone())
+            else {
+                continue;
+            };
+            let cutoff = spec.last_closed_start(now as i64);
+            let lo = window_key(id, i64::MIN, "", b"");
+            let hi = window_key(id, cutoff.saturating_add(1), "", b"");
+            let closed: Vec<(Vec<u8>, Vec<u8>)> = shared
+                .windows
+                .range(wtxn, &key_range(&lo, &hi))?
+                .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())))
+                .collect::<Result<_, _>>()?;
+            if closed.is_empty() {
+                continue;
+            }
+            // One entry per bucket, lines in window and series order.
+            let mut by_bucket: BTreeMap<String, (Vec<u8>, u64)> = BTreeMap::new();
+            for (key, raw) in &closed {
+                let Some((start, bucket, series)) = split_window_key(key) else {
+                    continue;
+                };
+                let Some(w) = Window::decode(raw) else {
+                    error!(
+                        "replication \"{}\": damaged window state dropped",
+                        self.states[&id].spec.name
+                    );
+                    continue;
+                };
+                let (payload, lines) = by_bucket.entry(bucket.to_string()).or_default();
+                spec.emit(series, start, &w, payload);
+                *lines += 1;
+            }
+            let st = &self.states[&id];
+            let total: u64 = by_bucket.values().map(|(p, _)| p.len() as u64).sum();
+            if st.spec.when_full == WhenFull::Reject
+                && st.meta.c.queued_bytes + total > st.spec.max_bytes
+            {
+                // Keep the windows until the queue has room (backpressure).
+                continue;
+            }
+            for (bucket, (payload, lines)) in by_bucket {
+                self.push_entry(wtxn, id, &bucket, &payload, lines, now)?;
+                self.states
+                    .get_mut(&id)
+                    .expect("attached")
+                    .meta
+                    .c
+                    .aggregate_lines += lines;
+            }
+            for (key, _) in &closed {
+                shared.windows.delete(wtxn, key)?;
+            }
+            touched.insert(id);
+            appended.insert(id);
+        }
+        Ok(())
     }
 
     fn settle(&mut self, wtxn: &mut RwTxn, s: &Settle) -> Result<(), QueueError> {
@@ -695,26 +806,15 @@ impl Writer {
             let Ok(e) = entry::decode(bytes) else {
                 continue;
             };
-            let st = self.states.get_mut(&id).expect("attached");
+            let st = &self.states[&id];
             let len = e.payload.len() as u64;
             if st.meta.c.queued_bytes + len > st.spec.max_bytes {
                 break;
             }
-            self.scratch
-                .resize(entry::encoded_len(e.bucket, e.payload), 0);
-            entry::encode_into(&mut self.scratch, now, e.lines, e.bucket, e.payload);
-            shared
-                .entries
-                .put(wtxn, &entry_key(id, st.meta.next_seq), &self.scratch)?;
-            shared.dead.delete(wtxn, &key)?;
-            if st.meta.head.seq >= st.meta.next_seq {
-                st.meta.c.oldest_enqueued_ns = Some(now);
-            }
-            st.meta.next_seq += 1;
-            let c = &mut st.meta.c;
             let lines = e.lines as u64;
-            c.queued_bytes += len;
-            c.queued_lines += lines;
+            self.push_entry(wtxn, id, e.bucket, e.payload, lines, now)?;
+            shared.dead.delete(wtxn, &key)?;
+            let c = &mut self.states.get_mut(&id).expect("attached").meta.c;
             c.dead_lettered_lines = c.dead_lettered_lines.saturating_sub(lines);
             c.dead_letter_lines = c.dead_letter_lines.saturating_sub(lines);
             c.dead_letter_bytes = c.dead_letter_bytes.saturating_sub(len);
@@ -873,4 +973,60 @@ fn next_dead_key(s: &Shared, txn: &RwTxn, id: u32) -> Result<[u8; 12], QueueErro
         .next()
         .transpose()?;
     Ok(entry_key(id, last.map_or(0, |(k, _)| key_seq(k) + 1)))
+}
+
+/// A write as one replication will queue it.
+struct Prepared<'a> {
+    payload: Cow<'a, [u8]>,
+    lines: u64,
+    filtered: u64,
+    /// Downsampling: window deltas instead of lines.
+    windows: Option<(Deltas, Folded)>,
+}
+
+fn prepare<'a>(transform: Option<&Transform>, a: &'a Write, now: i64) -> Prepared<'a> {
+    let Some(t) = transform else {
+        return Prepared {
+            payload: Cow::Borrowed(&a.payload),
+            lines: a.lines,
+            filtered: 0,
+            windows: None,
+        };
+    };
+    if let Some(ds) = &t.downsample {
+        let mut deltas = Deltas::new();
+        let folded = ds.fold(&a.payload, now, |l| t.select(l), &mut deltas);
+        return Prepared {
+            payload: Cow::Borrowed(&[]),
+            lines: 0,
+            filtered: folded.filtered,
+            windows: Some((deltas, folded)),
+        };
+    }
+    let mut out = Vec::with_capacity(a.payload.len());
+    let applied = t.apply(&a.payload, &mut out);
+    Prepared {
+        payload: Cow::Owned(out),
+        lines: applied.lines,
+        filtered: applied.filtered,
+        windows: None,
+    }
+}
+
+/// `[id][window start, order-preserving][bucket length u16][bucket][series key]`.
+fn window_key(id: u32, start: i64, bucket: &str, series: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(14 + bucket.len() + series.len());
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(&((start as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(&(bucket.len() as u16).to_be_bytes());
+    k.extend_from_slice(bucket.as_bytes());
+    k.extend_from_slice(series);
+    k
+}
+
+fn split_window_key(k: &[u8]) -> Option<(i64, &str, &[u8])> {
+    let start = (u64::from_be_bytes(k.get(4..12)?.try_into().ok()?) ^ (1 << 63)) as i64;
+    let blen = u16::from_be_bytes(k.get(12..14)?.try_into().ok()?) as usize;
+    let bucket = std::str::from_utf8(k.get(14..14 + blen)?).ok()?;
+    Some((start, bucket, &k[14 + blen..]))
 }

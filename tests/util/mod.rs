@@ -969,6 +969,8 @@ pub struct ReplicationConfig {
     pub when_full: String,
     pub batch_size: String,
     pub gzip_level: u32,
+    /// Raw TOML appended to the table (filters, `add_tags`, `[replication.downsample]`).
+    pub extra: String,
 }
 
 impl ReplicationConfig {
@@ -983,6 +985,7 @@ impl ReplicationConfig {
             when_full: "drop_oldest".into(),
             batch_size: "500kB".into(),
             gzip_level: 6,
+            extra: String::new(),
         }
     }
 
@@ -1100,6 +1103,7 @@ impl AgentConfig {
             t += &format!("when_full = {}\n", toml_str(&r.when_full));
             t += &format!("batch_size = {}\n", toml_str(&r.batch_size));
             t += &format!("gzip_level = {}\n", r.gzip_level);
+            t += &r.extra;
         }
         t
     }
@@ -1403,6 +1407,474 @@ impl Drop for Agent {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Launch options, exits and memory of the agent under test
+// ---------------------------------------------------------------------------
+
+/// What `AgentConfig` cannot say: variables for the agent's environment
+/// (e.g. `EDGE_REPLICATOR_CRASH_AT`) and edits of the rendered config text
+/// (keys the struct has no field for, such as `ca_file` or `map_size`).
+#[derive(Clone, Default)]
+pub struct Launch {
+    pub env: Vec<(String, String)>,
+    /// Applied in order to the rendered config.
+    pub edits: Vec<std::sync::Arc<dyn Fn(String) -> String + Send + Sync>>,
+}
+
+impl Launch {
+    pub fn new() -> Launch {
+        Launch::default()
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Launch {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Inserts `lines` (TOML, newline-terminated) after the first line of
+    /// the rendered config equal to `anchor`, e.g. `[listen]`, `[queue]` or
+    /// `name = "cloud"` (the first key of a `[[remote]]` table).
+    pub fn insert_after(mut self, anchor: &str, lines: &str) -> Launch {
+        let (anchor, lines) = (anchor.to_string(), lines.to_string());
+        self.edits.push(std::sync::Arc::new(move |text: String| {
+            insert_after(&text, &anchor, &lines)
+        }));
+        self
+    }
+
+    /// Removes every line of the rendered config equal to `line`.
+    pub fn remove_line(mut self, line: &str) -> Launch {
+        let line = line.to_string();
+        self.edits.push(std::sync::Arc::new(move |text: String| {
+            text.lines()
+                .filter(|l| *l != line)
+                .map(|l| format!("{l}\n"))
+                .collect()
+        }));
+        self
+    }
+}
+
+/// `text` with `lines` inserted after the first line equal to `anchor`;
+/// panics when there is no such line.
+pub fn insert_after(text: &str, anchor: &str, lines: &str) -> String {
+    let mut out = String::with_capacity(text.len() + lines.len());
+    let mut done = false;
+    for l in text.lines() {
+        out.push_str(l);
+        out.push('\n');
+        if !done && l == anchor {
+            out.push_str(lines);
+            if !lines.ends_with('\n') {
+                out.push('\n');
+            }
+            done = true;
+        }
+    }
+    assert!(done, "no line {anchor:?} in the config:\n{text}");
+    out
+}
+
+impl Agent {
+    /// As `start`, with `launch`'s config edits and environment.
+    pub fn start_with(config: AgentConfig, launch: &Launch) -> Agent {
+        let mut agent = Agent::stopped(config);
+        agent.write_config_with(launch);
+        agent.spawn_with(launch);
+        agent
+    }
+
+    /// An agent with its temp dir and port, config not written, not running.
+    pub fn stopped(config: AgentConfig) -> Agent {
+        Agent {
+            child: None,
+            port: free_port(),
+            config,
+            dir: tempfile::Builder::new().prefix("agent-").tempdir().unwrap(),
+            http: http(),
+        }
+    }
+
+    /// The config text `write_config_with(launch)` writes.
+    pub fn render_with(&self, launch: &Launch) -> String {
+        let mut text = self
+            .config
+            .render(&self.data_dir(), &format!("127.0.0.1:{}", self.port));
+        for edit in &launch.edits {
+            text = edit(text);
+        }
+        text
+    }
+
+    /// (Re)writes config.toml with `launch`'s edits.
+    pub fn write_config_with(&self, launch: &Launch) {
+        fs::write(self.config_path(), self.render_with(launch)).unwrap();
+    }
+
+    /// Starts the process with `launch`'s environment and returns at once.
+    pub fn launch_with(&mut self, launch: &Launch) {
+        assert!(self.child.is_none(), "agent already running");
+        mark_log(&self.log_path(), "start");
+        let log = log_file(&self.log_path());
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run")
+            .arg("--config")
+            .arg(self.config_path())
+            .env("RUST_BACKTRACE", "1")
+            .env_remove("JOURNAL_STREAM")
+            .env_remove("EDGE_REPLICATOR_CRASH_AT")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        for (k, v) in &launch.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("spawn edge-replicator run"));
+    }
+
+    /// Waits until `/health` answers 200 (`Ok`) or the process exits (`Err`
+    /// with its status); panics after `timeout`.
+    pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), ExitStatus> {
+        let url = format!("{}/health", self.url());
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut().expect("agent is running");
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                mark_log(&self.log_path(), &format!("exited: {status}"));
+                return Err(status);
+            }
+            if matches!(get(&self.http, &url, None), Ok(r) if r.status == 200) {
+                return Ok(());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent /health not 200 within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `launch_with`, then waits for `/health`; panics if the agent exits.
+    pub fn spawn_with(&mut self, launch: &Launch) {
+        self.launch_with(launch);
+        if let Err(status) = self.wait_ready(Duration::from_secs(30)) {
+            panic!("agent exited with {status} before /health answered 200");
+        }
+    }
+
+    /// Waits up to `timeout` for the agent to exit on its own (a crash
+    /// point, a fatal error); `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("agent is running");
+        let status = wait_exit(child, timeout)?;
+        self.child = None;
+        mark_log(&self.log_path(), &format!("exited: {status}"));
+        Some(status)
+    }
+
+    /// The log written since the last harness mark `what` (e.g. "start").
+    pub fn log_since_last(&self, what: &str) -> String {
+        let log = self.log();
+        let mark = format!("===== test harness: {what} =====");
+        match log.rfind(&mark) {
+            Some(i) => log[i + mark.len()..].to_string(),
+            None => log,
+        }
+    }
+
+    /// Peak resident memory of the running agent so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmHWM")
+    }
+
+    /// Resident memory of the running agent now (VmRSS), in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        proc_status_kib(self.pid(), "VmRSS")
+    }
+}
+
+/// A `kB` field of /proc/PID/status.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let text = fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/PID/status");
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+// ---------------------------------------------------------------------------
+// A small scriptable remote
+// ---------------------------------------------------------------------------
+
+/// One request a [`Sink`] received.
+#[derive(Debug)]
+pub struct SinkRequest {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    /// The body as sent (gzip when `Content-Encoding: gzip`).
+    pub wire: Vec<u8>,
+    /// The body with `Content-Encoding: gzip` undone.
+    pub body: Vec<u8>,
+    /// The status the sink answered.
+    pub status: OnceLock<u16>,
+}
+
+impl SinkRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Non-empty lines of the (decoded) body.
+    pub fn lines(&self) -> Vec<&[u8]> {
+        self.body
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect()
+    }
+
+    pub fn answered_2xx(&self) -> bool {
+        self.status.get().is_some_and(|s| (200..300).contains(s))
+    }
+}
+
+type SinkHandler = dyn Fn(&SinkRequest) -> (u16, String) + Send + Sync;
+
+/// An HTTP/1.1 server on a loopback port that records every request and
+/// answers with `handler` (status and JSON body), or forwards it to a real
+/// remote ([`Sink::forward_to`]), which makes it a counting proxy: it sees
+/// every line the agent sends, including the ones sent twice.
+///
+/// Deliberately small: keep-alive, `Content-Length` bodies (what the agent
+/// sends), no pipelining. Stops and joins its threads on drop.
+pub struct Sink {
+    pub port: u16,
+    requests: std::sync::Arc<Mutex<Vec<std::sync::Arc<SinkRequest>>>>,
+    handler: std::sync::Arc<Mutex<std::sync::Arc<SinkHandler>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    /// A sink answering every request with `handler`'s status and body.
+    pub fn start(handler: impl Fn(&SinkRequest) -> (u16, String) + Send + Sync + 'static) -> Sink {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
+        Sink::serve(listener, std::sync::Arc::new(handler), |s| Box::new(s))
+    }
+
+    /// A sink that answers 204 to everything.
+    pub fn accept_all() -> Sink {
+        Sink::start(|_| (204, String::new()))
+    }
+
+    /// A proxy to `upstream` (e.g. a VictoriaMetrics URL): each request is
+    /// sent on with its body and `Content-Encoding`, and the upstream's
+    /// answer is passed back.
+    pub fn forward_to(upstream: &str) -> Sink {
+        let upstream = upstream.trim_end_matches('/').to_string();
+        let client = http();
+        Sink::start(move |req| {
+            let mut r = client.post(format!("{upstream}{}", req.target));
+            if let Some(enc) = req.header("content-encoding") {
+                r = r.header("Content-Encoding", enc);
+            }
+            match r.send(&req.wire[..]).map(Reply::from) {
+                Ok(reply) => (reply.status, reply.body),
+                Err(e) => (502, format!("{{\"message\":\"upstream: {e}\"}}")),
+            }
+        })
+    }
+
+    /// Serves `listener`, wrapping each accepted connection with `wrap`
+    /// (identity for plain HTTP; a TLS stream for an HTTPS remote).
+    pub fn serve<S: Read + Write + Send + 'static>(
+        listener: TcpListener,
+        handler: std::sync::Arc<SinkHandler>,
+        wrap: impl Fn(std::net::TcpStream) -> S + Send + Sync + 'static,
+    ) -> Sink {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let port = listener.local_addr().unwrap().port();
+        listener.set_nonblocking(true).unwrap();
+        let requests: Arc<Mutex<Vec<Arc<SinkRequest>>>> = Default::default();
+        let handler = Arc::new(Mutex::new(handler));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, h, s) = (requests.clone(), handler.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        stream.set_nonblocking(false).unwrap();
+                        let _ = stream.set_nodelay(true);
+                        stream
+                            .set_read_timeout(Some(Duration::from_millis(100)))
+                            .unwrap();
+                        let (r, h, s) = (r.clone(), h.clone(), s.clone());
+                        let stream = wrap(stream);
+                        conns.push(std::thread::spawn(move || {
+                            sink_connection(stream, &r, &h, &s)
+                        }));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+                conns.retain(|c: &std::thread::JoinHandle<()>| !c.is_finished());
+            }
+            for c in conns {
+                let _ = c.join();
+            }
+        });
+        Sink {
+            port,
+            requests,
+            handler,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Replaces the handler for requests from now on.
+    pub fn set_handler(
+        &self,
+        handler: impl Fn(&SinkRequest) -> (u16, String) + Send + Sync + 'static,
+    ) {
+        *self.handler.lock().unwrap() = std::sync::Arc::new(handler);
+    }
+
+    pub fn requests(&self) -> Vec<std::sync::Arc<SinkRequest>> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Lines of every request answered 2xx, counted with repeats.
+    pub fn lines_accepted(&self) -> Vec<Vec<u8>> {
+        self.requests()
+            .iter()
+            .filter(|r| r.answered_2xx())
+            .flat_map(|r| {
+                r.lines()
+                    .into_iter()
+                    .map(<[u8]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads into `buf` until `pred` holds for it; false on EOF, error or stop.
+fn sink_read_until(
+    stream: &mut impl Read,
+    buf: &mut Vec<u8>,
+    stop: &std::sync::atomic::AtomicBool,
+    pred: impl Fn(&[u8]) -> bool,
+) -> bool {
+    let mut chunk = [0u8; 64 * 1024];
+    while !pred(buf) {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn sink_connection(
+    mut stream: impl Read + Write,
+    requests: &Mutex<Vec<std::sync::Arc<SinkRequest>>>,
+    handler: &Mutex<std::sync::Arc<SinkHandler>>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let head_end = |b: &[u8]| b.windows(4).position(|w| w == b"\r\n\r\n");
+        if !sink_read_until(&mut stream, &mut buf, stop, |b| head_end(b).is_some()) {
+            return;
+        }
+        let end = head_end(&buf).unwrap();
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end + 4);
+        let mut lines = head.split("\r\n");
+        let mut first = lines.next().unwrap_or("").split(' ');
+        let method = first.next().unwrap_or("").to_string();
+        let target = first.next().unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let len: usize = header("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if !sink_read_until(&mut stream, &mut buf, stop, |b| b.len() >= len) {
+            return;
+        }
+        let wire: Vec<u8> = buf.drain(..len).collect();
+        let body = if header("content-encoding").is_some_and(|e| e.eq_ignore_ascii_case("gzip")) {
+            let mut out = Vec::new();
+            let _ = flate2::read::MultiGzDecoder::new(&wire[..]).read_to_end(&mut out);
+            out
+        } else {
+            wire.clone()
+        };
+        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let req = std::sync::Arc::new(SinkRequest {
+            method,
+            target,
+            headers,
+            wire,
+            body,
+            status: OnceLock::new(),
+        });
+        let handler = handler.lock().unwrap().clone();
+        let (status, text) = handler(&req);
+        let _ = req.status.set(status);
+        requests.lock().unwrap().push(req);
+        let reply = format!(
+            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if stream.write_all(reply.as_bytes()).is_err() || stream.flush().is_err() || close {
+            return;
         }
     }
 }
