@@ -826,3 +826,37 @@ fn status_conserves_lines_while_flowing() {
     });
     assert!(readings.into_inner() > 0);
 }
+
+/// Regression: a path that merely ends like a dead-letter endpoint once
+/// reached a slice past its start; it must be a plain 404 (or 401), and the
+/// agent must keep answering.
+#[test]
+fn short_dead_letter_paths_are_404_and_the_agent_stays_up() {
+    let Some((_vm, agent)) = setup(|_| {}) else {
+        return;
+    };
+    for path in [
+        "/dead-letter/replay",
+        "/x/dead-letter/replay",
+        "/api/v2/replications//dead-letter",
+    ] {
+        let reply = http()
+            .post(&format!("{}{path}", agent.url()))
+            .send_empty()
+            .expect("the agent answers");
+        assert!(
+            matches!(reply.status().as_u16(), 404 | 405),
+            "{path}: {}",
+            reply.status()
+        );
+    }
+    assert_eq!(
+        http()
+            .get(&format!("{}/health", agent.url()))
+            .call()
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+}

@@ -142,8 +142,8 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             )
         }
         (_, p)
-            if p.starts_with("/api/v2/replications/") && p.ends_with("/dead-letter")
-                || p.ends_with("/dead-letter/replay") =>
+            if p.starts_with("/api/v2/replications/")
+                && (p.ends_with("/dead-letter") || p.ends_with("/dead-letter/replay")) =>
         {
             if !authorized(ingest, &req) {
                 return unauthorized(ingest, Api::V2);
@@ -190,7 +190,9 @@ fn authorized(ingest: &Ingest, req: &Request<Incoming>) -> bool {
 /// `GET .../dead-letter` lists, `DELETE .../dead-letter` purges,
 /// `POST .../dead-letter/replay` replays a replication's dead letters.
 async fn dead_letter(ingest: &Ingest, method: &Method, path: &str) -> Resp {
-    let rest = &path["/api/v2/replications/".len()..];
+    let rest = path
+        .strip_prefix("/api/v2/replications/")
+        .unwrap_or_default();
     let (name, action) = match rest.rsplit_once("/dead-letter") {
         Some((name, "")) => (name, "list"),
         Some((name, "/replay")) => (name, "replay"),
