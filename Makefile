@@ -4,6 +4,7 @@ CONFIG ?= config/edge-replicator.toml
 DATA_DIR ?= data
 
 .PHONY: help build release run test test-deps fmt clippy unit clean
+.PHONY: cross test-cross deb deb-test systemd-verify
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -37,3 +38,24 @@ test: test-deps ## everything CI runs: fmt check, clippy, all tests
 
 clean:
 	$(CARGO) clean
+
+# Raspberry Pi builds and the .deb (README.md, "Raspberry Pi / .deb").
+# TARGET is a Rust target triple for cross and test-cross (both Pi targets when
+# unset), a Debian architecture for deb (amd64 when unset; arm64, armhf).
+# Without Docker, scripts/cross-setup.sh installs Debian's cross toolchain.
+PI_TARGETS := aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf
+
+cross: ## release build for TARGET (default: both Pi targets)
+	./scripts/cross.sh build $(or $(TARGET),$(PI_TARGETS))
+
+test-cross: test-deps ## test suite for TARGET under qemu (default: both Pi targets)
+	./scripts/cross.sh test $(or $(TARGET),$(PI_TARGETS))
+
+deb: ## .deb for TARGET=amd64|arm64|armhf (default amd64), in target/debian
+	./scripts/deb.sh $(or $(TARGET),amd64)
+
+deb-test: ## install, upgrade, remove and purge the amd64 .deb (root)
+	./scripts/deb-test.sh
+
+systemd-verify: ## systemd-analyze verify and offline security score of the unit
+	./scripts/systemd-verify.sh
