@@ -1,0 +1,454 @@
+//! Crashes: the agent is killed (SIGKILL) at seeded random moments while
+//! writers keep writing, or aborts itself at a chosen crash point (a power
+//! cut in the middle of a group commit, a settlement, a dead-letter move, a
+//! source checkpoint). After every restart the queue must open cleanly and
+//! account for every line it acknowledged; at the end every acknowledged line
+//! must be at a real remote.
+//!
+//! The agent ships through a counting proxy in front of VictoriaMetrics, so
+//! the lines a crash makes the agent send twice are measured, not guessed.
+//!
+//! `CRASH_KILLS` (default 50) sets the number of kills of the crash loop and
+//! `CRASH_SEED` its seed (printed, so a failure can be replayed); `make soak`
+//! runs it with many more kills.
+
+mod util;
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use util::*;
+
+/// Batches are kept small so that "about one batch resent per kill" is a
+/// bound with teeth, and a run holds many batches.
+const BATCH_SIZE: &str = "64kB";
+const BATCH_BYTES: u64 = 64_000;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A point: writer `w`, sequence number `seq` (its timestamp in ms).
+type Point = (u32, i64);
+
+/// Writers posting unique points to the agent without pause, recording
+/// which were acknowledged (204) and which got no clear answer.
+struct Load {
+    base_ms: i64,
+    acked: Mutex<HashSet<Point>>,
+    acked_count: AtomicU64,
+    unanswered: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl Load {
+    fn line(&self, w: u32, seq: i64) -> String {
+        let ts = (self.base_ms + seq) * 1_000_000;
+        format!(
+            "crash,w={w},site=plant\\ 7 value={seq},temp={:.2},n={seq}i,ok=true {ts}\n",
+            20.0 + (seq % 100) as f64 / 10.0
+        )
+    }
+
+    /// Runs writer `w` until `stop`: bodies of 1 to 300 lines, the four
+    /// body shapes in turn.
+    fn writer(self: Arc<Self>, w: u32, url: String, seed: u64) {
+        let http = http();
+        let mut rng = StdRng::seed_from_u64(seed ^ (w as u64) << 32);
+        let mut seq: i64 = 0;
+        let mut i = 0;
+        while !self.stop.load(Ordering::Relaxed) {
+            let n = rng.random_range(1..=300);
+            let body: String = (seq..seq + n).map(|s| self.line(w, s)).collect();
+            let r = try_post_write(
+                &http,
+                &format!("{url}/api/v2/write"),
+                &[("bucket", "crash")],
+                body.as_bytes(),
+                &Opts::shape(i),
+            );
+            match r {
+                Ok(r) if r.status == 204 => {
+                    let mut acked = self.acked.lock().unwrap();
+                    acked.extend((seq..seq + n).map(|s| (w, s)));
+                    self.acked_count.fetch_add(n as u64, Ordering::SeqCst);
+                }
+                Ok(r) if r.status == 503 => {
+                    // Stopping (SIGTERM is not used here, but harmless).
+                    self.unanswered.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                Ok(r) => panic!("writer {w}: unexpected answer {}: {}", r.status, r.body),
+                Err(_) => {
+                    // Killed mid-request, or down: these lines may or may
+                    // not have been committed.
+                    self.unanswered.fetch_add(n as u64, Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+            seq += n;
+            i += 1;
+        }
+    }
+}
+
+/// VictoriaMetrics behind a counting proxy, and an agent shipping to it.
+struct Rig {
+    vm: VictoriaMetrics,
+    proxy: Sink,
+    agent: Agent,
+    load: Arc<Load>,
+    writers: Vec<thread::JoinHandle<()>>,
+}
+
+impl Rig {
+    fn start(seed: u64, writers: u32) -> Option<Rig> {
+        let vm = VictoriaMetrics::start()?;
+        let proxy = Sink::forward_to(&vm.url());
+        let mut config = AgentConfig::single(RemoteConfig::v2("vm", &proxy.url()), "crash", None);
+        config.replications[0].batch_size = BATCH_SIZE.into();
+        let agent = Agent::start(config);
+        let load = Arc::new(Load {
+            base_ms: ts_ago(Duration::from_secs(6 * 3600)) / 1_000_000,
+            acked: Default::default(),
+            acked_count: AtomicU64::new(0),
+            unanswered: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+        });
+        let writers = (0..writers)
+            .map(|w| {
+                let (load, url) = (load.clone(), agent.url());
+                thread::spawn(move || load.writer(w, url, seed))
+            })
+            .collect();
+        Some(Rig {
+            vm,
+            proxy,
+            agent,
+            load,
+            writers,
+        })
+    }
+
+    /// Checks a freshly restarted agent: it opened its queue without
+    /// complaint, its counters add up, and it counts at least every line it
+    /// acknowledged before the crash.
+    fn check_reopened(&mut self, cycle: usize) {
+        let log = self.agent.log_since_last("start");
+        for bad in ["ERROR", "panicked", "corrupt", "checksum", "set aside"] {
+            assert!(
+                !log.contains(bad),
+                "cycle {cycle}: restart log mentions {bad:?}:\n{log}"
+            );
+        }
+        // Acks counted first: each of them was committed before the status read.
+        let acked = self.load.acked_count.load(Ordering::SeqCst);
+        let rep = self.agent.replication("r1");
+        assert_conserved(&rep);
+        let accepted = field(&rep, "acceptedLines");
+        assert!(
+            accepted >= acked,
+            "cycle {cycle}: the reopened queue counts {accepted} accepted lines, but {acked} were acknowledged: {rep:#}"
+        );
+    }
+
+    /// Stops the writers, lets the agent drain, and checks that every
+    /// acknowledged point is at VictoriaMetrics. Returns (acknowledged
+    /// lines, lines sent more than once).
+    fn finish(mut self) -> (u64, u64) {
+        self.load.stop.store(true, Ordering::Relaxed);
+        for w in self.writers.drain(..) {
+            w.join().expect("writer thread");
+        }
+        wait_until(Duration::from_secs(180), "queue drained", || {
+            let rep = self.agent.replication("r1");
+            assert_conserved(&rep);
+            field(&rep, "remainingLines") == 0
+        });
+        let rep = self.agent.replication("r1");
+        for c in ["droppedFullLines", "expiredLines", "deadLetteredLines"] {
+            assert_eq!(field(&rep, c), 0, "{c}: {rep:#}");
+        }
+        // What the remote acknowledged to the agent, counted with repeats.
+        let mut sent: HashMap<Point, u32> = HashMap::new();
+        for line in self.proxy.lines_accepted() {
+            let text = String::from_utf8(line).unwrap();
+            *sent
+                .entry(parse_point(&text, self.load.base_ms))
+                .or_default() += 1;
+        }
+        let total: u64 = sent.values().map(|&n| n as u64).sum();
+        let resent = total - sent.len() as u64;
+        let at_vm = vm_points(&self.vm, self.load.base_ms);
+        let acked = self.load.acked.lock().unwrap();
+        let missing: Vec<&Point> = acked.iter().filter(|p| !at_vm.contains(p)).collect();
+        assert!(
+            missing.is_empty(),
+            "{} of {} acknowledged points are not at the remote, e.g. {:?}",
+            missing.len(),
+            acked.len(),
+            &missing[..missing.len().min(5)]
+        );
+        // Nothing reaches the remote that was not written.
+        let delivered = field(&rep, "deliveredLines");
+        assert_eq!(
+            delivered,
+            sent.len() as u64,
+            "deliveredLines counts each line once"
+        );
+        assert_eq!(at_vm.len(), sent.len(), "the remote holds what was sent");
+        (acked.len() as u64, resent)
+    }
+}
+
+fn parse_point(line: &str, base_ms: i64) -> Point {
+    let w = line
+        .strip_prefix("crash,w=")
+        .and_then(|r| r.split(',').next())
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("not a crash line: {line:?}"));
+    let ts: i64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    (w, ts / 1_000_000 - base_ms)
+}
+
+fn vm_points(vm: &VictoriaMetrics, base_ms: i64) -> HashSet<Point> {
+    let mut out = HashSet::new();
+    for series in vm.export("crash_value") {
+        let w: u32 = series["metric"]["w"].as_str().unwrap().parse().unwrap();
+        for ts in series["timestamps"].as_array().unwrap() {
+            out.insert((w, ts.as_i64().unwrap() - base_ms));
+        }
+    }
+    out
+}
+
+/// SIGKILL at seeded random moments under concurrent load: sometimes in the
+/// middle of start-up, mostly while writes commit and batches ship.
+#[test]
+fn sigkill_loop_under_load_loses_nothing_acknowledged() {
+    let kills = env_u64("CRASH_KILLS", 50) as usize;
+    let seed = env_u64("CRASH_SEED", 0x5eed_c0de);
+    eprintln!("crash loop: {kills} kills, CRASH_SEED={seed}");
+    let Some(mut rig) = Rig::start(seed, 3) else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut during_startup = 0;
+    for cycle in 0..kills {
+        thread::sleep(Duration::from_millis(rng.random_range(20..400)));
+        rig.agent.kill9();
+        if rng.random_bool(0.15) {
+            // Killed again while it opens its queue and starts up.
+            rig.agent.launch_with(&Launch::new());
+            thread::sleep(Duration::from_millis(rng.random_range(0..30)));
+            if rig.agent.is_running() {
+                rig.agent.kill9();
+            } else {
+                panic!("cycle {cycle}: the agent exited on its own during start-up");
+            }
+            during_startup += 1;
+        }
+        rig.agent.spawn_with(&Launch::new());
+        rig.check_reopened(cycle);
+    }
+    let elapsed = started.elapsed();
+    let unanswered = rig.load.unanswered.load(Ordering::Relaxed);
+    let (acked, resent) = rig.finish();
+    let kills_total = kills + during_startup;
+    eprintln!(
+        "crash loop: {kills_total} SIGKILLs ({during_startup} during start-up) in {:.0?}; \
+         {acked} lines acknowledged, all delivered; {unanswered} lines without an answer; \
+         {resent} lines sent twice ({:.1} per kill)",
+        elapsed,
+        resent as f64 / kills as f64
+    );
+    // About one batch per kill at most: the batch in flight when it died.
+    let line_len = 75;
+    let per_batch = BATCH_BYTES / line_len;
+    assert!(
+        resent <= kills as u64 * per_batch,
+        "{resent} lines resent over {kills} kills: more than one batch ({per_batch} lines) per kill"
+    );
+}
+
+/// The agent aborts itself at a crash point (as a power cut would stop it
+/// there), is restarted, and goes on; several times per point.
+fn crash_points_under_load(points: &[&str], rounds: usize) {
+    let seed = env_u64("CRASH_SEED", 0xc0ffee);
+    let Some(mut rig) = Rig::start(seed, 2) else {
+        return;
+    };
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut crashes = 0;
+    for point in points {
+        for round in 0..rounds {
+            let n = rng.random_range(1..20);
+            rig.agent.kill9();
+            let spec = format!("{point}:{n}");
+            // It may reach the point before it answers /health.
+            rig.agent
+                .launch_with(&Launch::new().env("EDGE_REPLICATOR_CRASH_AT", &spec));
+            let status = rig
+                .agent
+                .wait_exit(Duration::from_secs(60))
+                .unwrap_or_else(|| panic!("{spec}: the agent did not reach the crash point"));
+            assert_eq!(
+                status.signal(),
+                Some(libc::SIGABRT),
+                "{spec}: expected an abort, got {status}"
+            );
+            let log = rig.agent.log_since_last("start");
+            assert!(
+                log.contains(&format!("crash point \"{point}\" reached")),
+                "{spec}: {log}"
+            );
+            rig.agent.spawn_with(&Launch::new());
+            rig.check_reopened(round);
+            crashes += 1;
+        }
+    }
+    let (acked, resent) = rig.finish();
+    eprintln!(
+        "crash points {points:?}: {crashes} crashes; {acked} lines acknowledged, all delivered; \
+         {resent} lines sent twice"
+    );
+}
+
+#[test]
+fn crash_in_group_commit_loses_nothing_acknowledged() {
+    crash_points_under_load(&["commit", "committed"], 4);
+}
+
+#[test]
+fn crash_while_settling_a_shipped_batch_loses_nothing() {
+    crash_points_under_load(&["settle"], 5);
+}
+
+/// One write at a time, no remote: a crash just before the commit loses the
+/// write that was not answered (the transaction never happened), a crash
+/// just after it keeps the write although it was never answered (a client's
+/// retry then overwrites). Either way the queue holds whole writes only.
+#[test]
+fn a_write_is_in_the_queue_exactly_when_its_commit_happened() {
+    for (point, kept) in [("commit", false), ("committed", true)] {
+        let closed = format!("http://127.0.0.1:{}", free_port());
+        let config = AgentConfig::single(RemoteConfig::v2("down", &closed), "b", None);
+        let mut agent = Agent::start(config);
+        let base = ts_ago(Duration::from_secs(3600));
+        let acked = 100;
+        let r = agent.write_v2_reply("b", lines("cw", 5, acked, base).as_bytes(), &Opts::new());
+        assert_eq!(r.status, 204, "{}", r.body);
+        let mut crashed_on_write = false;
+        for attempt in 0..10 {
+            agent.kill9();
+            agent.launch_with(&Launch::new().env("EDGE_REPLICATOR_CRASH_AT", point));
+            if agent.wait_ready(Duration::from_secs(30)).is_err() {
+                continue; // housekeeping's commit came first: try again
+            }
+            let body = lines("cw", 5, 40, base + (attempt + 1) * 1_000_000_000);
+            let answered = agent.try_write_v2("b", body.as_bytes(), &Opts::new());
+            let status = agent.wait_exit(Duration::from_secs(10));
+            if answered.is_err() && status.is_some() {
+                crashed_on_write = true;
+                break;
+            }
+            // The write was answered (a housekeeping commit took the hit
+            // or nothing crashed yet): count it and try again.
+            if let Ok(r) = answered {
+                assert_eq!(r.status, 204, "{}", r.body);
+                panic!("{point}: a write was answered although the crash point was armed");
+            }
+        }
+        assert!(crashed_on_write, "{point}: never crashed on a write");
+        agent.spawn_with(&Launch::new());
+        let rep = agent.replication("r1");
+        assert_conserved(&rep);
+        let expected = if kept {
+            acked as u64 + 40
+        } else {
+            acked as u64
+        };
+        assert_eq!(
+            field(&rep, "remainingLines"),
+            expected,
+            "{point}: queue after the crash: {rep:#}"
+        );
+    }
+}
+
+/// A crash as refused lines move to the dead-letter store: after the
+/// restart the batch is sent again, the same lines are refused again, and
+/// they are dead-lettered once, not twice, with every good line delivered.
+#[test]
+fn crash_while_moving_refused_lines_to_dead_letter() {
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    influx.create_db("dl");
+    let base = ts_ago(Duration::from_secs(1800));
+    // The field is an integer at the remote: floats for it are refused.
+    let r = influx.write("dl", &format!("conf,k=seed value=1i {base}\n"));
+    assert_eq!(r.status, 204, "{}", r.body);
+    let config = AgentConfig::single(RemoteConfig::v1("influx", &influx.url()), "dl", Some("dl"));
+    let mut agent = Agent::stopped(config);
+    agent.write_config_with(&Launch::new());
+    let mut poison_total = 0;
+    let mut good_total = 0;
+    for round in 0..2i64 {
+        agent.launch_with(&Launch::new().env("EDGE_REPLICATOR_CRASH_AT", "dead-letter"));
+        agent
+            .wait_ready(Duration::from_secs(30))
+            .expect("agent starts");
+        let mut body = String::new();
+        for i in 0..300i64 {
+            let ts = base + (round * 1000 + i + 1) * 1_000_000;
+            if i % 97 == 13 {
+                body += &format!("conf,k=p{round}x{i} value=1.5 {ts}\n");
+                poison_total += 1;
+            } else {
+                body += &format!("good,k=g value={i}i {ts}\n");
+                good_total += 1;
+            }
+        }
+        let (status, text) = agent.write_v1("dl", None, &body, &Opts::new());
+        assert_eq!(status, 204, "{text}");
+        let exit = agent
+            .wait_exit(Duration::from_secs(60))
+            .expect("the agent reaches the dead-letter crash point");
+        assert_eq!(exit.signal(), Some(libc::SIGABRT), "{exit}");
+        agent.spawn_with(&Launch::new());
+        wait_until(DEADLINE, "refused lines dead-lettered", || {
+            let rep = agent.replication("r1");
+            assert_conserved(&rep);
+            field(&rep, "remainingLines") == 0
+        });
+        let rep = agent.replication("r1");
+        assert_eq!(field(&rep, "deadLetteredLines"), poison_total, "{rep:#}");
+        assert_eq!(field(&rep, "deliveredLines"), good_total, "{rep:#}");
+        let out = agent.cli(&["dead-letter", "list", "--json", "--replication", "r1"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let lines: u64 = list["deadLetters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["lines"].as_u64().unwrap())
+            .sum();
+        assert_eq!(lines, poison_total, "stored once: {list:#}");
+        agent.sigterm_and_wait();
+    }
+    assert_eq!(influx.count("dl", "good", "value"), good_total);
+}
