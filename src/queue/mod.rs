@@ -39,6 +39,7 @@
 //! instead of duplicating.
 
 mod entry;
+mod mapguard;
 mod writer;
 
 pub use entry::Corruption;
@@ -314,6 +315,9 @@ struct Shared {
     /// writer: the writer lingers for them (bounded by `commit_interval`).
     preparing: AtomicUsize,
     _lock: File,
+    /// Turns a SIGBUS reading the map (a truncated file, a failing medium)
+    /// into a clear error and exit 1.
+    _map_guard: mapguard::Guard,
 }
 
 /// The queue. Appends and settlements go to the writer thread; batches are
@@ -483,12 +487,17 @@ impl Queue {
                 qdir.display()
             ))
         })?;
-        let mut wtxn = env.write_txn()?;
-        let entries: Db = env.create_database(&mut wtxn, Some("entries"))?;
-        let meta: Db = env.create_database(&mut wtxn, Some("meta"))?;
-        let dead: Db = env.create_database(&mut wtxn, Some("dead"))?;
-        let windows: Db = env.create_database(&mut wtxn, Some("windows"))?;
-        wtxn.commit()?;
+        let map_guard = mapguard::guard(&qdir.join("data.mdb"));
+        let (entries, meta, dead, windows) = (|| {
+            let mut wtxn = env.write_txn()?;
+            let entries: Db = env.create_database(&mut wtxn, Some("entries"))?;
+            let meta: Db = env.create_database(&mut wtxn, Some("meta"))?;
+            let dead: Db = env.create_database(&mut wtxn, Some("dead"))?;
+            let windows: Db = env.create_database(&mut wtxn, Some("windows"))?;
+            wtxn.commit()?;
+            Ok((entries, meta, dead, windows))
+        })()
+        .map_err(|e| opening(&qdir, e))?;
         let shared = Arc::new(Shared {
             env,
             entries,
@@ -497,6 +506,7 @@ impl Queue {
             windows,
             preparing: AtomicUsize::new(0),
             _lock: lock,
+            _map_guard: map_guard,
         });
 
         let (tx, rx) = mpsc::channel();
@@ -504,7 +514,13 @@ impl Queue {
         let handles = repls
             .iter()
             .map(|spec| w.attach(spec))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| match e {
+                QueueError::Storage(m) => {
+                    QueueError::Storage(format!("opening the queue in {}: {m}", qdir.display()))
+                }
+                e => e,
+            })?;
         let writer = thread::Builder::new()
             .name("queue-writer".into())
             .spawn(move || w.run())
@@ -812,11 +828,35 @@ impl Drop for Queue {
     }
 }
 
+/// An LMDB error met while opening the queue in `qdir`, naming it; damage
+/// and foreign files get a hint at what to do.
+fn opening(qdir: &Path, e: heed::Error) -> QueueError {
+    use heed::MdbError::*;
+    match &e {
+        heed::Error::Mdb(Corrupted | Incompatible | PageNotFound | Invalid | VersionMismatch | Panic) => {
+            QueueError::Storage(format!(
+                "the queue in {} is damaged or was not written by edge-replicator: {e} (move the data_dir aside, or restore it from a copy)",
+                qdir.display()
+            ))
+        }
+        _ => match QueueError::from(e) {
+            QueueError::Storage(m) => {
+                QueueError::Storage(format!("opening the queue in {}: {m}", qdir.display()))
+            }
+            other => other,
+        },
+    }
+}
+
 /// A data directory holding files LMDB did not write is probably a mistake
 /// (a wrong path); refuse it with a clear message instead of mapping it.
 fn check_foreign_files(qdir: &Path) -> Result<(), QueueError> {
     let data = qdir.join("data.mdb");
     match fs::metadata(&data) {
+        Ok(m) if !m.is_file() => Err(QueueError::Storage(format!(
+            "{} is not a regular file",
+            data.display()
+        ))),
         Ok(m) if m.len() > 0 && m.len() < 2 * 4096 => Err(QueueError::Storage(format!(
             "{} is too small to be an LMDB environment ({} bytes)",
             data.display(),

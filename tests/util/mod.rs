@@ -1669,7 +1669,7 @@ impl Sink {
     /// A sink answering every request with `handler`'s status and body.
     pub fn start(handler: impl Fn(&SinkRequest) -> (u16, String) + Send + Sync + 'static) -> Sink {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind sink");
-        Sink::serve(listener, std::sync::Arc::new(handler), |s| Box::new(s))
+        Sink::serve(listener, std::sync::Arc::new(handler), |s| s)
     }
 
     /// A sink that answers 204 to everything.

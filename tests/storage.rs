@@ -1,0 +1,255 @@
+//! The queue's storage going wrong under the agent: an entry damaged on disk,
+//! a data_dir that is damaged or not ours, and a disk that fills up.
+//!
+//! The promises: a damaged entry is set aside, counted and logged while the
+//! stream goes on; a data_dir the agent cannot use stops it at start with one
+//! clear line and exit code 1, never a panic or a signal; a full disk refuses
+//! writes with 507 and a clear message, keeps everything already queued, and
+//! takes writes again as soon as there is room.
+
+mod util;
+
+use std::fs;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use util::*;
+
+fn retry_later() -> (u16, String) {
+    (
+        503,
+        r#"{"code":"unavailable","message":"try later"}"#.to_string(),
+    )
+}
+
+/// Sets every occurrence of `needle` in `file` to `replacement` (same
+/// length); returns how many were changed.
+fn patch_bytes(file: &Path, needle: &[u8], replacement: &[u8]) -> usize {
+    assert_eq!(needle.len(), replacement.len());
+    let mut data = fs::read(file).unwrap();
+    let mut n = 0;
+    let mut i = 0;
+    while let Some(k) = memchr::memmem::find(&data[i..], needle) {
+        let at = i + k;
+        data[at..at + needle.len()].copy_from_slice(replacement);
+        n += 1;
+        i = at + needle.len();
+    }
+    fs::write(file, data).unwrap();
+    n
+}
+
+#[test]
+fn a_damaged_entry_is_set_aside_counted_and_logged_and_the_stream_goes_on() {
+    let sink = Sink::start(|_| retry_later());
+    let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    let mut agent = Agent::start(config);
+    let base = ts_ago(Duration::from_secs(600));
+    let before = lines("good", 4, 100, base);
+    let damaged: String = (0..50)
+        .map(|i| format!("bad,k=v marker=\"rot-here-{i:03}\" {}\n", base + i))
+        .collect();
+    let after = lines("good", 4, 100, base + 1_000_000_000);
+    for body in [&before, &damaged, &after] {
+        let (status, text) = agent.write_v2("b", body, &Opts::new());
+        assert_eq!(status, 204, "{text}");
+    }
+    assert_eq!(agent.sigterm_and_wait().code(), Some(0));
+
+    // Bit rot in the middle entry's payload: LMDB cannot notice, the CRC must.
+    let mdb = agent.data_dir().join("queue/data.mdb");
+    let hits = patch_bytes(&mdb, b"rot-here-017", b"rot-HERE-017");
+    assert!(hits >= 1, "marker not found in {}", mdb.display());
+
+    sink.set_handler(|_| (204, String::new()));
+    agent.restart();
+    wait_until(DEADLINE, "queue drained past the damaged entry", || {
+        let rep = agent.replication("r1");
+        assert_conserved(&rep);
+        field(&rep, "remainingLines") == 0
+    });
+    let rep = agent.replication("r1");
+    assert_eq!(field(&rep, "deadLetteredLines"), 50, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 200, "{rep:#}");
+    let log = agent.log();
+    assert!(
+        log.contains("failed its checksum; 50 lines set aside"),
+        "the set-aside is logged:\n{log}"
+    );
+    let sent: Vec<Vec<u8>> = sink.lines_accepted();
+    assert_eq!(sent.len(), 200);
+    assert!(sent.iter().all(|l| l.starts_with(b"good,")));
+
+    // Listed for inspection, not replayable.
+    let out = agent.cli(&["dead-letter", "list", "--json", "--replication", "r1"]);
+    assert!(out.status.success());
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let records = list["deadLetters"].as_array().unwrap();
+    assert_eq!(records.len(), 1, "{list:#}");
+    assert_eq!(records[0]["replayable"], false, "{list:#}");
+    assert!(
+        records[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("crc mismatch"),
+        "{list:#}"
+    );
+
+    // The stream goes on.
+    let more = lines("later", 2, 10, base + 2_000_000_000);
+    assert_eq!(agent.write_v2("b", &more, &Opts::new()).0, 204);
+    wait_eq(DEADLINE, "later lines delivered", 210, || {
+        field(&agent.replication("r1"), "deliveredLines")
+    });
+}
+
+// ---------------------------------------------------------------------------
+// A data_dir the agent cannot use
+// ---------------------------------------------------------------------------
+
+/// Writes a config for `data_dir` and runs the agent; it must stop at once
+/// with exit code 1 and one clear line naming `expect`, without a panic.
+fn refuses_data_dir(case: &str, dir: &Path, data_dir: &Path, expect: &[&str]) {
+    let port = free_port();
+    let config = AgentConfig::single(
+        RemoteConfig::v2("r", &format!("http://127.0.0.1:{}", free_port())),
+        "b",
+        None,
+    );
+    let path = dir.join(format!("{case}.toml"));
+    fs::write(&path, config.render(data_dir, &format!("127.0.0.1:{port}"))).unwrap();
+    let out = run_cli(&["run", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        None,
+        "{case}: killed by a signal ({}):\n{stderr}",
+        out.status
+    );
+    assert_eq!(out.status.code(), Some(1), "{case}: exit code:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{case}: panicked:\n{stderr}");
+    let errors: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("fatal"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{case}: one error line:\n{stderr}");
+    eprintln!("{case}: {}", errors[0]);
+    for e in expect {
+        assert!(
+            errors[0].contains(e),
+            "{case}: the error names {e:?}:\n{stderr}"
+        );
+    }
+}
+
+/// A data_dir with a real queue in it (a few entries, cleanly stopped).
+fn used_data_dir() -> (TempDirGuard, PathBuf) {
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let config = AgentConfig::single(RemoteConfig::v2("down", &closed), "b", None);
+    let mut agent = Agent::start(config);
+    for i in 0..20 {
+        let body = lines("used", 3, 200, ts_ago(Duration::from_secs(60)) + i);
+        assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 204);
+    }
+    agent.sigterm_and_wait();
+    let copy = tempfile::tempdir().unwrap();
+    let data = copy.path().join("data");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(agent.data_dir())
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    (TempDirGuard(copy), data)
+}
+
+struct TempDirGuard(#[allow(dead_code)] tempfile::TempDir);
+
+#[test]
+fn a_damaged_or_foreign_data_dir_stops_the_agent_with_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path();
+
+    // Not a directory at all.
+    let file = t.join("a-file");
+    fs::write(&file, "not a directory\n").unwrap();
+    refuses_data_dir("data_dir is a file", t, &file, &["a-file"]);
+
+    // queue/ is a file.
+    let d = t.join("queue-is-file");
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join("queue"), "x").unwrap();
+    refuses_data_dir("queue is a file", t, &d, &["queue-is-file"]);
+
+    // A small foreign file where the queue should be.
+    let d = t.join("small-foreign");
+    fs::create_dir_all(d.join("queue")).unwrap();
+    fs::write(d.join("queue/data.mdb"), "hello, world\n").unwrap();
+    refuses_data_dir("small foreign data.mdb", t, &d, &["data.mdb"]);
+
+    // A large foreign file.
+    let d = t.join("large-foreign");
+    fs::create_dir_all(d.join("queue")).unwrap();
+    let noise: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    fs::write(d.join("queue/data.mdb"), &noise).unwrap();
+    refuses_data_dir("large foreign data.mdb", t, &d, &["queue"]);
+
+    // data.mdb is a directory.
+    let d = t.join("mdb-dir");
+    fs::create_dir_all(d.join("queue/data.mdb")).unwrap();
+    refuses_data_dir("data.mdb is a directory", t, &d, &["queue"]);
+
+    // A real queue whose two meta pages were wiped.
+    let (_g1, d) = used_data_dir();
+    let mdb = d.join("queue/data.mdb");
+    let mut data = fs::read(&mdb).unwrap();
+    data[..8192].fill(0);
+    fs::write(&mdb, &data).unwrap();
+    refuses_data_dir("meta pages wiped", t, &d, &["queue"]);
+
+    // A real queue whose tree pages are noise (a bad storage medium).
+    let (_g3, d) = used_data_dir();
+    let mdb = d.join("queue/data.mdb");
+    let mut data = fs::read(&mdb).unwrap();
+    for (i, b) in data.iter_mut().enumerate().skip(8192) {
+        *b = ((i as u32).wrapping_mul(2654435761) >> 11) as u8;
+    }
+    fs::write(&mdb, &data).unwrap();
+    refuses_data_dir("tree pages are noise", t, &d, &["queue"]);
+
+    // A real queue cut short (a copy that did not finish).
+    let (_g2, d) = used_data_dir();
+    let mdb = d.join("queue/data.mdb");
+    let len = fs::metadata(&mdb).unwrap().len();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&mdb)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    refuses_data_dir("truncated data.mdb", t, &d, &["data.mdb", "truncated"]);
+
+    // Another program's LMDB environment, with its own use of the names.
+    let d = t.join("other-lmdb");
+    fs::create_dir_all(d.join("queue")).unwrap();
+    {
+        let env = unsafe {
+            heed::EnvOpenOptions::new()
+                .map_size(16 << 20)
+                .max_dbs(4)
+                .open(d.join("queue"))
+        }
+        .unwrap();
+        let mut wtxn = env.write_txn().unwrap();
+        let main: heed::Database<heed::types::Bytes, heed::types::Bytes> =
+            env.create_database(&mut wtxn, None).unwrap();
+        main.put(&mut wtxn, b"entries", b"not a database").unwrap();
+        wtxn.commit().unwrap();
+    }
+    refuses_data_dir("another program's LMDB", t, &d, &["queue"]);
+}
