@@ -253,3 +253,170 @@ fn a_damaged_or_foreign_data_dir_stops_the_agent_with_a_clear_error() {
     }
     refuses_data_dir("another program's LMDB", t, &d, &["queue"]);
 }
+
+// ---------------------------------------------------------------------------
+// A full disk
+// ---------------------------------------------------------------------------
+
+/// A tmpfs of `size` mounted for one test; unmounted on drop. `None` (after
+/// a loud SKIP line) where mounting is not allowed (not root, a container
+/// without the capability).
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::Builder::new().prefix("tmpfs-").tempdir().unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0755"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Tmpfs { dir }),
+            Ok(o) => {
+                eprintln!(
+                    "\n*** SKIP: cannot mount a tmpfs ({}); the disk-full test needs root ***\n",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                );
+                None
+            }
+            Err(e) => {
+                eprintln!("\n*** SKIP: cannot run mount ({e}) ***\n");
+                None
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_refuses_writes_with_507_keeps_the_queue_and_recovers() {
+    let Some(fs_) = Tmpfs::mount("40m") else {
+        return;
+    };
+    let sink = Sink::start(|_| retry_later());
+    let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    let mut agent = Agent::stopped(config);
+    let data_dir = fs_.path().join("data");
+    let launch = Launch::new().insert_after(
+        "shutdown_timeout = \"10s\"",
+        &format!("data_dir = {}\n", toml_str(&data_dir.display().to_string())),
+    );
+    // The rendered data_dir comes first in the file; the inserted one would
+    // be a duplicate key, so drop the rendered one.
+    let rendered = format!(
+        "data_dir = {}",
+        toml_str(&agent.data_dir().display().to_string())
+    );
+    let launch = launch.remove_line(&rendered);
+    agent.write_config_with(&launch);
+    agent.spawn_with(&launch);
+    // Another program fills the disk, leaving a little room.
+    let ballast = fs_.path().join("ballast");
+    let free = || {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(fs_.path())
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .unwrap()
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    let room = 6 << 20;
+    fs::write(&ballast, vec![7u8; (free() - room) as usize]).unwrap();
+
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut acked: Vec<String> = Vec::new();
+    let mut refused = None;
+    for i in 0..200 {
+        let body = lines("full", 10, 1500, base + i * 10_000_000_000);
+        let r = agent.write_v2_reply("b", body.as_bytes(), &Opts::shape(i as usize));
+        match r.status {
+            204 => acked.extend(body.lines().map(String::from)),
+            507 => {
+                refused = Some(r);
+                break;
+            }
+            other => panic!("write {i}: unexpected {other}: {}", r.body),
+        }
+    }
+    let r = refused.expect("the disk never filled up");
+    eprintln!(
+        "disk full after {} acknowledged lines: {} {}",
+        acked.len(),
+        r.status,
+        r.body
+    );
+    let message = r.json()["message"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("queue storage is full") && message.contains("disk full"),
+        "{message}"
+    );
+    assert!(r.header("retry-after").is_some(), "{:?}", r.headers);
+    assert_eq!(agent.get("/health").status, 200);
+    let rep = agent.replication("r1");
+    assert_conserved(&rep);
+    assert_eq!(field(&rep, "acceptedLines"), acked.len() as u64, "{rep:#}");
+    // Still full: still refused, never half taken.
+    let body = lines("full", 10, 1500, base - 1_000_000_000);
+    assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 507);
+    assert_eq!(
+        field(&agent.replication("r1"), "acceptedLines"),
+        acked.len() as u64
+    );
+
+    // A crash and restart on the full disk: the queue opens, nothing lost.
+    agent.kill9();
+    agent.spawn_with(&launch);
+    let rep = agent.replication("r1");
+    assert_conserved(&rep);
+    assert_eq!(field(&rep, "acceptedLines"), acked.len() as u64, "{rep:#}");
+    assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 507);
+
+    // Space returns: writes are taken again at once.
+    fs::remove_file(&ballast).unwrap();
+    let more = lines("full", 10, 1500, base - 2_000_000_000);
+    let (status, text) = agent.write_v2("b", &more, &Opts::new());
+    assert_eq!(status, 204, "{text}");
+    acked.extend(more.lines().map(String::from));
+
+    // And everything acknowledged reaches the remote once it is back.
+    sink.set_handler(|_| (204, String::new()));
+    wait_until(DEADLINE, "queue drained", || {
+        field(&agent.replication("r1"), "remainingLines") == 0
+    });
+    let sent: std::collections::HashSet<Vec<u8>> = sink.lines_accepted().into_iter().collect();
+    let missing = acked
+        .iter()
+        .filter(|l| !sent.contains(l.as_bytes()))
+        .count();
+    assert_eq!(missing, 0, "{missing} acknowledged lines never delivered");
+    let log = agent.log();
+    assert!(log.contains("queue storage is full"), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(agent.sigterm_and_wait().code(), Some(0));
+}

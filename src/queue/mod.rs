@@ -182,8 +182,16 @@ impl From<heed::Error> for QueueError {
             heed::Error::Mdb(heed::MdbError::MapFull) => QueueError::StorageFull(format!(
                 "{e} (raise queue.map_size, or lower max_queue_size)"
             )),
-            heed::Error::Io(io) if io.raw_os_error() == Some(28) => {
+            heed::Error::Io(io) if io.raw_os_error() == Some(libc::ENOSPC) => {
                 QueueError::StorageFull(format!("{e} (disk full)"))
+            }
+            heed::Error::Io(io) if io.raw_os_error() == Some(libc::EDQUOT) => {
+                QueueError::StorageFull(format!("{e} (disk quota exceeded)"))
+            }
+            // LMDB reports a short write, which is how a filling disk
+            // usually shows, as EIO.
+            heed::Error::Io(io) if io.raw_os_error() == Some(libc::EIO) => {
+                QueueError::StorageFull(format!("{e} (disk full, or a failing storage device)"))
             }
             _ => QueueError::Storage(e.to_string()),
         }
