@@ -543,3 +543,33 @@ fn a_checkpoint_commits_with_its_lines_or_not_at_all() {
     );
     assert_eq!(q.handles()[0].counters().queued_lines, 60);
 }
+
+#[test]
+fn a_full_map_refuses_appends_keeps_the_queue_and_recovers_after_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let tiny = QueueOptions {
+        map_size: 1 << 20,
+        ..opts()
+    };
+    let q = Queue::open(dir.path(), &tiny, &[spec("r", 1 << 30, WhenFull::Reject)]).unwrap();
+    let h = q.handles()[0].clone();
+    let mut accepted = Vec::new();
+    let err = loop {
+        let payload = lines(&format!("m{}", accepted.len()), 200);
+        match append(&q, &h, payload.clone()) {
+            Ok(()) => accepted.push(payload),
+            Err(e) => break e,
+        }
+        assert!(accepted.len() < 1000, "a 1 MiB map never filled");
+    };
+    assert!(matches!(err, QueueError::StorageFull(_)), "{err}");
+    assert!(err.to_string().contains("queue.map_size"), "{err}");
+    let c = h.counters();
+    assert_eq!(c.accepted_lines, 200 * accepted.len() as u64);
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+    // Delivery still works on a full map, and makes room.
+    let all = drain(&q, &h, 64 << 10);
+    assert_eq!(all, accepted.concat());
+    append(&q, &h, lines("again", 200)).unwrap();
+    assert_eq!(drain(&q, &h, 64 << 10), lines("again", 200));
+}
