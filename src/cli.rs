@@ -74,6 +74,9 @@ struct DeadLetterArgs {
     /// Print the agent's JSON answer.
     #[arg(long)]
     json: bool,
+    /// With `list`: print the refused lines under each record.
+    #[arg(long)]
+    lines: bool,
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
@@ -200,6 +203,7 @@ fn show_status(config: &Config, json: bool) -> ExitCode {
 
 fn dead_letter(action: DeadLetterAction) -> ExitCode {
     let (args, method, suffix) = match &action {
+        DeadLetterAction::List(a) if a.lines => (a, "GET", "?lines=true"),
         DeadLetterAction::List(a) => (a, "GET", ""),
         DeadLetterAction::Replay(a) => (a, "POST", "/replay"),
         DeadLetterAction::Purge(a) => (a, "DELETE", ""),
@@ -235,6 +239,11 @@ fn dead_letter(action: DeadLetterAction) -> ExitCode {
                     d["bucket"].as_str().unwrap_or(""),
                     d["reason"].as_str().unwrap_or("")
                 );
+                if let Some(data) = d["data"].as_str() {
+                    for line in data.lines() {
+                        println!("    {line}");
+                    }
+                }
             }
             let lines: u64 = list.iter().filter_map(|d| d["lines"].as_u64()).sum();
             println!("{} records, {lines} lines", list.len());

@@ -103,7 +103,7 @@ pub fn replications_json(list: &[Arc<ReplStatus>]) -> Value {
                 "latestResponseCode": s.latest_code,
                 "latestErrorMessage": s.latest_error,
                 "state": s.state.as_str(),
-                "nextRetryAt": s.next_retry.map(httpdate::fmt_http_date),
+                "nextRetryAt": s.next_retry.map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 "acceptedLines": c.accepted_lines,
                 "deliveredLines": c.delivered_lines,
                 "droppedFullLines": c.dropped_full_lines,

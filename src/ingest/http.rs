@@ -28,10 +28,6 @@ use crate::status;
 
 /// Connections served at once; past it new ones get 503 and are closed.
 pub const MAX_CONNECTIONS: usize = 512;
-/// A client has this long to send its request headers...
-const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// ...and this long to send its whole body.
-const BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 type Resp = Response<Full<Bytes>>;
 
@@ -53,9 +49,7 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT);
+    builder.timer(TokioTimer::new());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -72,6 +66,10 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let io = TokioIo::new(stream);
+        // A client has `header_timeout` to send each request's headers (a
+        // keep-alive connection idle that long is closed) and `body_timeout`
+        // for its body (see `write`); both follow config reloads.
+        builder.header_read_timeout(ingest.routing().header_timeout);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             debug!("refusing connection from {peer}: {MAX_CONNECTIONS} connections open");
             let conn = builder.serve_connection(
@@ -136,10 +134,9 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             if !authorized(ingest, &req) {
                 return unauthorized(ingest, Api::V2);
             }
-            json_response(
-                StatusCode::OK,
-                &status::replications_json(&ingest.routing().statuses),
-            )
+            let mut answer = status::replications_json(&ingest.routing().statuses);
+            answer["sources"] = status::sources_json(&ingest.sources());
+            json_response(StatusCode::OK, &answer)
         }
         (_, p)
             if p.starts_with("/api/v2/replications/")
@@ -148,13 +145,13 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             if !authorized(ingest, &req) {
                 return unauthorized(ingest, Api::V2);
             }
-            dead_letter(ingest, &method, p).await
+            let with_lines = get(&query_pairs(&req), "lines") == Some("true");
+            dead_letter(ingest, &method, p, with_lines).await
         }
         (Method::GET, "/metrics") => {
-            let mut r = Response::new(Full::new(Bytes::from(status::metrics_text(
-                &ingest.routing().statuses,
-                &ingest.stats,
-            ))));
+            let mut text = status::metrics_text(&ingest.routing().statuses, &ingest.stats);
+            text.push_str(&status::sources_metrics_text(&ingest.sources()));
+            let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -187,9 +184,10 @@ fn authorized(ingest: &Ingest, req: &Request<Incoming>) -> bool {
     )
 }
 
-/// `GET .../dead-letter` lists, `DELETE .../dead-letter` purges,
-/// `POST .../dead-letter/replay` replays a replication's dead letters.
-async fn dead_letter(ingest: &Ingest, method: &Method, path: &str) -> Resp {
+/// `GET .../dead-letter[?lines=true]` lists (with the refused lines),
+/// `DELETE .../dead-letter` purges, `POST .../dead-letter/replay` replays a
+/// replication's dead letters.
+async fn dead_letter(ingest: &Ingest, method: &Method, path: &str, with_lines: bool) -> Resp {
     let rest = path
         .strip_prefix("/api/v2/replications/")
         .unwrap_or_default();
@@ -217,12 +215,15 @@ async fn dead_letter(ingest: &Ingest, method: &Method, path: &str) -> Resp {
             &format!("replication \"{name}\" not found"),
         );
     };
-    let queue = ingest.queue.clone();
-    let repl = status.queue.clone();
+    enum Op {
+        List,
+        Purge,
+        Replay,
+    }
     let op = match (method, action) {
-        (&Method::GET, "list") => 0,
-        (&Method::DELETE, "list") => 1,
-        (&Method::POST, "replay") => 2,
+        (&Method::GET, "list") => Op::List,
+        (&Method::DELETE, "list") => Op::Purge,
+        (&Method::POST, "replay") => Op::Replay,
         _ => {
             return error(
                 Api::V2,
@@ -232,14 +233,16 @@ async fn dead_letter(ingest: &Ingest, method: &Method, path: &str) -> Resp {
             )
         }
     };
+    let queue = ingest.queue.clone();
+    let repl = status.queue.clone();
     let result = tokio::task::spawn_blocking(move || match op {
-        0 => queue
-            .dead_letters(&repl)
+        Op::List => queue
+            .dead_letters(&repl, with_lines)
             .map(|list| json!({ "replication": repl.name, "deadLetters": list })),
-        1 => queue
+        Op::Purge => queue
             .purge_dead_letters(&repl)
             .map(|n| json!({ "replication": repl.name, "purgedLines": n })),
-        _ => {
+        Op::Replay => {
             let n = queue.replay_dead_letters(&repl)?;
             repl.data.notify();
             Ok(json!({ "replication": repl.name, "replayedLines": n }))
@@ -367,7 +370,7 @@ async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
         req.into_body(),
         encoding,
         routing.max_body_size,
-        BODY_TIMEOUT,
+        routing.body_timeout,
     )
     .await
     {

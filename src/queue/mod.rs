@@ -263,6 +263,9 @@ pub struct DeadLetter {
     pub reason: String,
     /// False for damaged entries, which are kept only for inspection.
     pub replayable: bool,
+    /// The refused lines themselves (lossy UTF-8), when asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 /// Wakes threads waiting for a change; a generation counter avoids lost wake-ups.
@@ -758,8 +761,13 @@ impl Queue {
         rx.blocking_recv().unwrap_or(Err(QueueError::Closed))
     }
 
-    /// The records of a replication's dead-letter store, oldest first.
-    pub fn dead_letters(&self, repl: &ReplHandle) -> Result<Vec<DeadLetter>, QueueError> {
+    /// The records of a replication's dead-letter store, oldest first;
+    /// `with_data` includes the refused lines.
+    pub fn dead_letters(
+        &self,
+        repl: &ReplHandle,
+        with_data: bool,
+    ) -> Result<Vec<DeadLetter>, QueueError> {
         let s = &self.shared;
         let rtxn = s.env.read_txn()?;
         let lo = entry_key(repl.id, 0);
@@ -777,6 +785,7 @@ impl Queue {
                     bucket: e.bucket.to_string(),
                     reason,
                     replayable: true,
+                    data: with_data.then(|| String::from_utf8_lossy(e.payload).into_owned()),
                 },
                 Err(why) => DeadLetter {
                     id: key_seq(key),
@@ -786,6 +795,7 @@ impl Queue {
                     bucket: String::new(),
                     reason: format!("{reason} ({why})"),
                     replayable: false,
+                    data: with_data.then(|| String::from_utf8_lossy(bytes).into_owned()),
                 },
             });
         }

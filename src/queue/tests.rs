@@ -248,7 +248,8 @@ fn settlement_splits_refused_lines() {
         (7, 1, 2)
     );
     assert_eq!(k.inflow_lines(), k.accounted_lines());
-    let dead = q.dead_letters(&h).unwrap();
+    let dead = q.dead_letters(&h, true).unwrap();
+    assert_eq!(dead[0].data.as_deref(), Some("m f=3i 3\n"));
     assert_eq!(dead.len(), 1);
     assert_eq!(
         (
@@ -268,7 +269,7 @@ fn settlement_splits_refused_lines() {
         (0, 1, 0)
     );
     assert_eq!(k.inflow_lines(), k.accounted_lines());
-    assert!(q.dead_letters(&h).unwrap().is_empty());
+    assert!(q.dead_letters(&h, false).unwrap().is_empty());
     let mut buf = Vec::new();
     let b = q.read_batch(&h, 1 << 20, false, &mut buf).unwrap().unwrap();
     assert_eq!(buf, b"m f=3i 3\n");

@@ -80,6 +80,9 @@ impl Client {
         };
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
+            // A redirect is never followed: ureq would repeat the write as a
+            // GET, and a captive portal's 200 would pass for a delivery.
+            .max_redirects(0)
             .timeout_connect(Some(remote.connect_timeout))
             .timeout_global(Some(remote.timeout))
             .user_agent(concat!("edge-replicator/", env!("CARGO_PKG_VERSION")))
@@ -148,7 +151,14 @@ impl Client {
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
-                let message = if (200..300).contains(&code) {
+                let message = if (300..400).contains(&code) {
+                    let to = resp
+                        .headers()
+                        .get("location")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?");
+                    format!("HTTP {code}: redirect to {to} not followed (check the remote's url)")
+                } else if (200..300).contains(&code) {
                     // Drain so the connection can be reused.
                     let _ = resp
                         .body_mut()

@@ -371,7 +371,10 @@ pub fn wait_for(c: &ShipConfig, verdict: Verdict, answer: &Answer, attempt: u32)
                 retry_after: Some(v),
                 ..
             },
-        ) => backoff::retry_after(v, SystemTime::now(), c.max_backoff).unwrap_or(jittered),
+        ) => backoff::retry_after(v, SystemTime::now(), c.max_backoff)
+            // Never sooner than min_backoff: "0" or a date already past (a
+            // gateway clock ahead of the server's) must not become a busy loop.
+            .map_or(jittered, |d| d.max(c.min_backoff)),
         // Credentials or bucket wrong: nothing changes until someone fixes
         // the config, so retry at the slowest pace (a reload wakes us).
         (Verdict::Unauthorized, _) => c.max_backoff,
@@ -433,7 +436,9 @@ mod tests {
             (401, Verdict::Unauthorized),
             (403, Verdict::Unauthorized),
             (404, Verdict::Unauthorized),
+            (301, Verdict::Retry),
             (302, Verdict::Retry),
+            (307, Verdict::Retry),
         ] {
             assert_eq!(classify(&status(code)), v, "status {code}");
         }
@@ -477,6 +482,15 @@ mod tests {
         assert_eq!(
             wait_for(&c, Verdict::Throttled, &throttled("7000"), 1),
             Duration::from_secs(60)
+        );
+        assert_eq!(
+            wait_for(&c, Verdict::Throttled, &throttled("0"), 1),
+            c.min_backoff
+        );
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(30));
+        assert_eq!(
+            wait_for(&c, Verdict::Throttled, &throttled(&past), 1),
+            c.min_backoff
         );
         assert_eq!(
             wait_for(&c, Verdict::Unauthorized, &status(401), 1),

@@ -1,0 +1,1574 @@
+//! Delivery semantics on intermittent links: every row of the "Shipping"
+//! table of DESIGN.md, proved against a fault-injecting remote
+//! (`tests/fault`) and, for restarts, a real VictoriaMetrics.
+//!
+//! Each test builds its own remote(s) and agent on free loopback ports, waits
+//! on conditions with deadlines (never sleeps as an assertion) and asserts
+//! only lower bounds on timing: "the agent waited at least what the remote
+//! asked", never "it was fast". The fault remote prints its request log when
+//! a test fails, the harness the agent's log.
+//!
+//! The randomized schedule takes its seed from `DELIVERY_SEED` (default
+//! fixed); the seed is printed when the test fails.
+
+mod fault;
+mod util;
+
+use std::collections::HashSet;
+use std::fs;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use fault::{Action, FaultServer, Request};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use util::*;
+
+// ---------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------
+
+/// A v2 remote at `url` with the short timings these tests use.
+fn remote_at(name: &str, url: &str) -> RemoteConfig {
+    RemoteConfig {
+        min_backoff: "50ms".into(),
+        max_backoff: "500ms".into(),
+        timeout: "2s".into(),
+        connect_timeout: "500ms".into(),
+        ..RemoteConfig::v2(name, url)
+    }
+}
+
+fn remote(name: &str, server: &FaultServer) -> RemoteConfig {
+    remote_at(name, &server.url())
+}
+
+/// One remote and replication `r1` from local bucket `b` to remote bucket `b`.
+fn single(remote: RemoteConfig, tweak: impl FnOnce(&mut ReplicationConfig)) -> AgentConfig {
+    let mut config = AgentConfig::single(remote, "b", None);
+    tweak(&mut config.replications[0]);
+    config
+}
+
+/// The status of `name`, checked for conservation (every reading must add up).
+fn status(agent: &Agent, name: &str) -> Value {
+    let rep = agent.replication(name);
+    assert_conserved(&rep);
+    rep
+}
+
+/// Waits until `name` has nothing left to send; returns its status.
+fn wait_drained(agent: &Agent, name: &str, timeout: Duration) -> Value {
+    let mut rep = Value::Null;
+    wait_until(timeout, &format!("{name} remainingLines == 0"), || {
+        rep = status(agent, name);
+        field(&rep, "remainingLines") == 0
+    });
+    rep
+}
+
+/// Waits until `name` reports `state` (and returns that status).
+fn wait_state(agent: &Agent, name: &str, state: &str, timeout: Duration) -> Value {
+    let mut rep = Value::Null;
+    wait_until(timeout, &format!("{name} state {state:?}"), || {
+        rep = status(agent, name);
+        str_field(&rep, "state") == state
+    });
+    rep
+}
+
+/// The non-empty lines of a body, as owned strings.
+fn split(body: &str) -> Vec<String> {
+    body.lines()
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn join(lines: &[String]) -> String {
+    let mut s = lines.join("\n");
+    s.push('\n');
+    s
+}
+
+/// Asserts that the remote committed exactly `expected` (as a set), naming a
+/// few of the missing and unexpected lines when not.
+fn assert_accepted_exactly(server: &FaultServer, expected: &HashSet<String>) {
+    let got = server.accepted();
+    if &got == expected {
+        return;
+    }
+    let missing: Vec<_> = expected.difference(&got).take(5).collect();
+    let extra: Vec<_> = got.difference(expected).take(5).collect();
+    panic!(
+        "remote has {} distinct lines, expected {}; {} missing (e.g. {missing:?}); {} unexpected (e.g. {extra:?})",
+        got.len(),
+        expected.len(),
+        expected.difference(&got).count(),
+        got.difference(expected).count(),
+    );
+}
+
+/// A line the agent accepts but the fault remote's `refuse_poison` rule refuses.
+fn poison(tag: &str, ts: i64) -> String {
+    format!("poison,kind={tag} value=1 {ts}")
+}
+
+/// InfluxDB's answer to a batch holding a line it will never take.
+fn refuse_poison(req: &Request) -> Action {
+    match req.lines().find(|l| l.starts_with("poison")) {
+        Some(bad) => Action::influx_error(
+            400,
+            &format!("unable to parse '{bad}': poison pill refused by the fault remote"),
+        ),
+        None => Action::ok(),
+    }
+}
+
+/// Sets its flag when dropped, so helper threads in a `thread::scope` stop
+/// even when the scope's body panics (otherwise the test would hang).
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// Prints the seed of a randomized test if it fails.
+struct SeedReport(u64);
+
+impl Drop for SeedReport {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "\n*** randomized fault schedule failed with seed {0}; replay with DELIVERY_SEED={0} ***\n",
+                self.0
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The fault remote itself
+// ---------------------------------------------------------------------------
+
+/// The fault remote does what the other tests rely on: decodes gzip and
+/// chunked bodies, keeps connections alive, commits only on 2xx, and its
+/// faults really are faults to an HTTP client. A failure here means
+/// `tests/fault` is broken, not the agent.
+#[test]
+fn fault_remote_self_check() {
+    let server = FaultServer::start();
+    let client = http();
+    let url = format!("{}/api/v2/write", server.url());
+    let params = [("org", "o"), ("bucket", "b")];
+    for i in 0..4 {
+        let body = format!("m,i={i} v=1 1\nm,i={i} v=2 2\n");
+        let r = post_write(&client, &url, &params, body.as_bytes(), &Opts::shape(i));
+        assert_eq!(r.status, 204, "{}", r.body);
+    }
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 4);
+    assert!(reqs
+        .iter()
+        .all(|r| r.line_count() == 2 && r.decode_error.is_none()));
+    assert_eq!(reqs[3].header("content-encoding"), Some("gzip"));
+    assert_eq!(reqs[3].query("bucket").as_deref(), Some("b"));
+    assert_eq!(
+        reqs.iter().map(|r| r.conn).collect::<HashSet<_>>().len(),
+        1,
+        "keep-alive"
+    );
+    assert_eq!(server.accepted_len(), 8);
+
+    server.script([
+        Action::influx_error(400, "nope"),
+        Action::RetryAfterSecs(429, 7),
+        Action::Reset,
+        Action::Truncated,
+        Action::stall(Duration::from_millis(200), Action::status(503)),
+    ]);
+    let r = post_write(&client, &url, &params, b"x v=1 1\n", &Opts::new());
+    assert_eq!(
+        (r.status, r.json()["message"].as_str()),
+        (400, Some("nope"))
+    );
+    let r = post_write(&client, &url, &params, b"x v=1 1\n", &Opts::new());
+    assert_eq!((r.status, r.header("retry-after")), (429, Some("7")));
+    assert!(
+        try_post_write(&client, &url, &params, b"x v=1 1\n", &Opts::new()).is_err(),
+        "reset"
+    );
+    assert!(
+        try_post_write(&client, &url, &params, b"x v=1 1\n", &Opts::new()).is_err(),
+        "truncated"
+    );
+    let r = post_write(&client, &url, &params, b"x v=1 1\n", &Opts::new());
+    assert_eq!(r.status, 503);
+    assert!(!server.has_accepted("x v=1 1"), "only 2xx commits");
+
+    // A client that gives up during a stall does not get its lines committed.
+    server.script([Action::stall(Duration::from_secs(2), Action::ok())]);
+    let stalled = server.request_count();
+    let impatient = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_millis(300)))
+        .build()
+        .new_agent();
+    assert!(try_post_write(&impatient, &url, &params, b"late v=1 1\n", &Opts::new()).is_err());
+    wait_until(
+        Duration::from_secs(10),
+        "the stalled request to end",
+        || {
+            server
+                .request(stalled)
+                .is_some_and(|r| r.answered.get().is_some())
+        },
+    );
+    assert!(!server.has_accepted("late v=1 1"));
+    // A slow body outlasts a short client timeout.
+    server.script([Action::SlowBody(500, 20, Duration::from_millis(100))]);
+    let t = Instant::now();
+    let r = try_post_write(&impatient, &url, &params, b"y v=1 1\n", &Opts::new());
+    assert!(
+        r.is_err() || r.as_ref().unwrap().body.starts_with("(error"),
+        "{r:?}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+// ---------------------------------------------------------------------------
+// 400/422: bisect to the refused lines
+// ---------------------------------------------------------------------------
+
+/// (a) One poison line among 5,000: exactly that line is dead-lettered, every
+/// other line reaches the remote, and the remote's message is logged.
+#[test]
+fn poison_line_among_thousands_is_dead_lettered_alone() {
+    let server = FaultServer::with_rule(refuse_poison);
+    let agent = Agent::start(single(remote("cloud", &server), |r| {
+        r.batch_size = "100kB".into();
+    }));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut all = split(&lines("pa", 7, 5_000, base));
+    let bad = poison("a", base + 7);
+    all.insert(2_777, bad.clone());
+    let (code, text) = agent.write_v2("b", join(&all), &Opts::new());
+    assert_eq!(code, 204, "{text}");
+
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let good: HashSet<String> = all.iter().filter(|l| **l != bad).cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert!(!server.has_accepted(&bad));
+    assert_eq!(field(&rep, "acceptedLines"), 5_001, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 5_000, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
+    assert_eq!(field(&rep, "droppedNonRetryableLines"), 0, "{rep:#}");
+    assert!(
+        agent
+            .log()
+            .contains("poison pill refused by the fault remote"),
+        "the remote's message should be logged"
+    );
+    // The stream is not stuck behind the poison: later data flows.
+    let more = split(&lines("pa2", 3, 50, base + 10_000_000_000));
+    assert_eq!(agent.write_v2("b", join(&more), &Opts::new()).0, 204);
+    wait_until(DEADLINE, "the 50 later lines at the remote", || {
+        more.iter().all(|l| server.has_accepted(l))
+    });
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 5_050, "{rep:#}");
+}
+
+/// (b) The same with `drop_non_retryable_data = true`: the poison line is
+/// dropped and counted, nothing dead-lettered.
+#[test]
+fn poison_line_is_dropped_and_counted_when_configured() {
+    let server = FaultServer::with_rule(refuse_poison);
+    let agent = Agent::start(single(remote("cloud", &server), |r| {
+        r.batch_size = "100kB".into();
+        r.extra = "drop_non_retryable_data = true\n".into();
+    }));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut all = split(&lines("pb", 7, 5_000, base));
+    let bad = poison("b", base + 7);
+    all.insert(1_234, bad.clone());
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let good: HashSet<String> = all.iter().filter(|l| **l != bad).cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 5_000, "{rep:#}");
+    assert_eq!(field(&rep, "droppedNonRetryableLines"), 1, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 0, "{rep:#}");
+}
+
+/// 422 (e.g. beyond retention) is treated like 400: only the refused lines
+/// are set aside, several of them spread over several batches.
+#[test]
+fn unprocessable_lines_are_isolated_across_batches() {
+    let server =
+        FaultServer::with_rule(|req| match req.lines().find(|l| l.starts_with("poison")) {
+            Some(_) => Action::influx_error(
+                422,
+                "failure writing points: points beyond retention policy",
+            ),
+            None => Action::ok(),
+        });
+    let agent = Agent::start(single(remote("cloud", &server), |r| {
+        r.batch_size = "8kB".into();
+    }));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut all = split(&lines("pu", 5, 1_000, base));
+    let bad: Vec<String> = (0..6).map(|i| poison(&format!("u{i}"), base + i)).collect();
+    for (i, b) in bad.iter().enumerate() {
+        all.insert(i * 170 + 3, b.clone());
+    }
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let good: HashSet<String> = all.iter().filter(|l| !bad.contains(l)).cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 1_000, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 6, "{rep:#}");
+}
+
+// ---------------------------------------------------------------------------
+// 413: split in halves
+// ---------------------------------------------------------------------------
+
+/// (c) A remote that refuses bodies over 8 KiB (measured decompressed; the
+/// agent sends gzip) still gets every line; a single line longer than the
+/// limit is dead-lettered.
+#[test]
+fn too_large_answers_split_batches_down_to_one_line() {
+    const LIMIT: usize = 8 * 1024;
+    let server = FaultServer::with_rule(|req| {
+        if req.body_len() > LIMIT {
+            Action::influx_error(413, "request body too large: limit is 8 KiB (fault remote)")
+        } else {
+            Action::ok()
+        }
+    });
+    let agent = Agent::start(single(remote("cloud", &server), |_| {}));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut all = split(&lines("tl", 7, 3_000, base));
+    let giant = format!(
+        "tl_giant,sensor=g text=\"{}\" {}",
+        "x".repeat(12_000),
+        base + 1
+    );
+    assert!(giant.len() > LIMIT);
+    all.insert(1_500, giant.clone());
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let good: HashSet<String> = all.iter().filter(|l| **l != giant).cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 3_000, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
+    assert_eq!(field(&rep, "droppedNonRetryableLines"), 0, "{rep:#}");
+    for req in server.requests() {
+        assert!(
+            req.decode_error.is_none(),
+            "request #{} body: {:?}",
+            req.seq,
+            req.decode_error
+        );
+        assert_eq!(
+            req.header("content-encoding"),
+            Some("gzip"),
+            "request #{}",
+            req.seq
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 401/403/404: pause, keep the data, reload resumes
+// ---------------------------------------------------------------------------
+
+/// (d) A wrong token pauses the stream without losing anything and retries
+/// only slowly; rewriting the config with the right token and SIGHUP resumes
+/// it at once (well before `max_backoff` = 60 s) and delivers everything.
+#[test]
+fn unauthorized_pauses_and_reload_with_right_token_resumes_at_once() {
+    let server = FaultServer::with_rule(|req| {
+        if req.has_token("right-token") {
+            Action::ok()
+        } else {
+            Action::influx_error(
+                401,
+                "unauthorized access: token is not valid (fault remote)",
+            )
+        }
+    });
+    let mut r = remote("cloud", &server);
+    r.token = Some("wrong-token".into());
+    r.max_backoff = "60s".into();
+    let mut agent = Agent::start(single(r, |_| {}));
+    let base = ts_ago(Duration::from_secs(3600));
+    let first = split(&lines("ua", 5, 1_000, base));
+    assert_eq!(agent.write_v2("b", join(&first), &Opts::new()).0, 204);
+
+    let rep = wait_state(&agent, "r1", "paused", DEADLINE);
+    assert_eq!(rep["latestResponseCode"], 401, "{rep:#}");
+    assert!(
+        str_field(&rep, "latestErrorMessage").contains("token is not valid"),
+        "the remote's message belongs in the status: {rep:#}"
+    );
+    assert!(
+        rep["nextRetryAt"].is_string(),
+        "a paused stream says when it retries: {rep:#}"
+    );
+    assert_eq!(field(&rep, "remainingLines"), 1_000, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 0, "{rep:#}");
+
+    // Writes are still taken and kept while paused.
+    let second = split(&lines("ua2", 5, 500, base + 10_000_000_000));
+    assert_eq!(agent.write_v2("b", join(&second), &Opts::new()).0, 204);
+    wait_eq(DEADLINE, "r1 remainingLines while paused", 1_500, || {
+        field(&status(&agent, "r1"), "remainingLines")
+    });
+
+    // "Retry slowly": with max_backoff 60 s, no retry storm at min_backoff.
+    std::thread::sleep(Duration::from_secs(1));
+    let attempts = server.request_count();
+    assert!(
+        attempts <= 2,
+        "a paused stream retried {attempts} times within ~1 s"
+    );
+    assert_eq!(server.accepted_len(), 0);
+
+    agent.config.remotes[0].token = Some("right-token".into());
+    agent.write_config();
+    let reloaded = Instant::now();
+    agent.sighup();
+    let expected: HashSet<String> = first.iter().chain(&second).cloned().collect();
+    wait_eq(
+        Duration::from_secs(20),
+        "lines at the remote after the reload (max_backoff is 60 s: a worker not woken by SIGHUP fails this)",
+        expected.len(),
+        || server.accepted_len(),
+    );
+    eprintln!("delivered {:?} after SIGHUP", reloaded.elapsed());
+    assert_accepted_exactly(&server, &expected);
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 1_500, "{rep:#}");
+    assert_eq!(str_field(&rep, "state"), "running", "{rep:#}");
+    assert!(agent.is_running(), "SIGHUP must not stop the agent");
+}
+
+/// 403 and 404 pause too, keep everything, and are retried at `max_backoff`
+/// without any reload: once the remote is fixed, everything arrives.
+#[test]
+fn forbidden_and_missing_bucket_pause_then_retry_at_max_backoff() {
+    let fixed = Arc::new(AtomicBool::new(false));
+    let f = fixed.clone();
+    let forbidden = FaultServer::with_rule(move |_| {
+        if f.load(Ordering::SeqCst) {
+            Action::ok()
+        } else {
+            Action::influx_error(403, "insufficient permissions for write (fault remote)")
+        }
+    });
+    let f = fixed.clone();
+    let missing = FaultServer::with_rule(move |_| {
+        if f.load(Ordering::SeqCst) {
+            Action::ok()
+        } else {
+            Action::influx_error(404, "bucket \"b\" not found (fault remote)")
+        }
+    });
+    let mut r403 = remote("r403", &forbidden);
+    r403.max_backoff = "1s".into();
+    let mut r404 = remote("r404", &missing);
+    r404.max_backoff = "1s".into();
+    let config = AgentConfig {
+        remotes: vec![r403, r404],
+        replications: vec![
+            ReplicationConfig::new("p403", "r403", "b"),
+            ReplicationConfig::new("p404", "r404", "b"),
+        ],
+        ..AgentConfig::default()
+    };
+    let agent = Agent::start(config);
+    let all = split(&lines("fm", 5, 400, ts_ago(Duration::from_secs(3600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    for (name, code) in [("p403", 403), ("p404", 404)] {
+        let rep = wait_state(&agent, name, "paused", DEADLINE);
+        assert_eq!(rep["latestResponseCode"], code, "{rep:#}");
+        assert_eq!(field(&rep, "remainingLines"), 400, "{rep:#}");
+        assert_eq!(
+            field(&rep, "deadLetteredLines") + field(&rep, "droppedNonRetryableLines"),
+            0
+        );
+    }
+    // Several slow retries, each refused again: logged once, not per attempt.
+    wait_until(DEADLINE, "3 attempts at the 403 remote", || {
+        forbidden.request_count() >= 3
+    });
+    let logged = agent
+        .log()
+        .matches("insufficient permissions for write")
+        .count();
+    assert_eq!(
+        logged, 1,
+        "the remote's message should be logged once per change, not per attempt"
+    );
+    fixed.store(true, Ordering::SeqCst);
+    let expected: HashSet<String> = all.into_iter().collect();
+    for (name, server) in [("p403", &forbidden), ("p404", &missing)] {
+        let rep = wait_drained(&agent, name, DEADLINE);
+        assert_eq!(field(&rep, "deliveredLines"), 400, "{rep:#}");
+        assert_accepted_exactly(server, &expected);
+    }
+}
+
+/// SIGHUP with a new URL for a remote that is down moves the stream to the
+/// new address at once, although its backoff (60 s and more) is far from
+/// over.
+#[test]
+fn reload_with_a_new_url_takes_effect_at_once() {
+    let server = FaultServer::start();
+    let mut r = remote_at("cloud", &format!("http://127.0.0.1:{}", free_port()));
+    r.min_backoff = "60s".into();
+    r.max_backoff = "120s".into();
+    let mut agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("nu", 3, 300, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let rep = wait_state(&agent, "r1", "backoff", DEADLINE);
+    assert_eq!(field(&rep, "remainingLines"), 300, "{rep:#}");
+    assert!(!str_field(&rep, "latestErrorMessage").is_empty(), "{rep:#}");
+
+    agent.config.remotes[0].url = server.url();
+    agent.write_config();
+    agent.sighup();
+    wait_eq(
+        Duration::from_secs(20),
+        "lines at the new URL (the old backoff has 60 s or more to go)",
+        300,
+        || server.accepted_len(),
+    );
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 300, "{rep:#}");
+}
+
+/// SIGHUP adds and removes replications: an added one starts at once; a
+/// removed one stops but keeps its queue, which it delivers when added back.
+/// Lines written while it was absent are not its business.
+#[test]
+fn reload_adds_and_removes_replications_keeping_their_queue() {
+    let one = FaultServer::start();
+    let two = FaultServer::start();
+    let mut agent = Agent::start(single(remote("one", &one), |_| {}));
+    let base = ts_ago(Duration::from_secs(3600));
+    let batch = |k: i64, n: usize| split(&lines("ar", 3, n, base + k * 10_000_000_000));
+
+    let second = (
+        remote("two", &two),
+        ReplicationConfig::new("r2", "two", "b"),
+    );
+    agent.config.remotes.push(second.0.clone());
+    agent.config.replications.push(second.1.clone());
+    agent.write_config();
+    agent.sighup();
+    wait_until(DEADLINE, "r2 in the status after SIGHUP", || {
+        agent.replications()["replications"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|r| r["name"] == "r2"))
+    });
+    let first = batch(0, 100);
+    assert_eq!(agent.write_v2("b", join(&first), &Opts::new()).0, 204);
+    wait_drained(&agent, "r2", DEADLINE);
+    assert_eq!(two.accepted_len(), 100);
+
+    // r2's remote goes down; its lines wait in its queue.
+    two.set_rule(|_| Action::status(500));
+    let held = batch(1, 50);
+    assert_eq!(agent.write_v2("b", join(&held), &Opts::new()).0, 204);
+    wait_state(&agent, "r2", "backoff", DEADLINE);
+    assert_eq!(field(&status(&agent, "r2"), "remainingLines"), 50);
+
+    agent.config.remotes.pop();
+    agent.config.replications.pop();
+    agent.write_config();
+    agent.sighup();
+    wait_until(DEADLINE, "r2 gone from the status after SIGHUP", || {
+        agent.replications()["replications"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|r| r["name"] != "r2"))
+    });
+    let while_absent = batch(2, 20);
+    assert_eq!(
+        agent.write_v2("b", join(&while_absent), &Opts::new()).0,
+        204
+    );
+
+    two.set_rule(|_| Action::ok());
+    agent.config.remotes.push(second.0);
+    agent.config.replications.push(second.1);
+    agent.write_config();
+    agent.sighup();
+    let mut rep = Value::Null;
+    wait_until(DEADLINE, "r2 back and drained", || {
+        let all = agent.replications();
+        match all["replications"]
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == "r2"))
+        {
+            Some(r) => {
+                rep = r.clone();
+                field(&rep, "remainingLines") == 0
+            }
+            None => false,
+        }
+    });
+    assert_conserved(&rep);
+    let expected: HashSet<String> = first.iter().chain(&held).cloned().collect();
+    assert_accepted_exactly(&two, &expected);
+    assert_eq!(field(&rep, "deliveredLines"), 150, "{rep:#}");
+    let r1 = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&r1, "deliveredLines"), 170, "{r1:#}");
+    assert!(agent.is_running());
+}
+
+// ---------------------------------------------------------------------------
+// 429/503: Retry-After
+// ---------------------------------------------------------------------------
+
+/// Time from the end of the remote's answer to request `seq` until request
+/// `seq + 1` arrived.
+fn gap_after(server: &FaultServer, seq: usize) -> Duration {
+    let a = server.request(seq).expect("request");
+    let b = server.request(seq + 1).expect("next request");
+    let answered = *a.answered.get().expect("request was answered");
+    b.at.saturating_duration_since(answered)
+}
+
+/// Waits until request number `seq` has arrived at `server`.
+fn wait_requests(server: &FaultServer, n: usize, timeout: Duration) {
+    wait_until(timeout, &format!("{n} requests at the remote"), || {
+        server.request_count() >= n
+    });
+}
+
+/// (e) 429 with `Retry-After: 3` (delta seconds): the status says backoff,
+/// and the retry comes no earlier than 3 s later.
+#[test]
+fn retry_after_seconds_is_honoured() {
+    let server = FaultServer::start();
+    server.script([Action::RetryAfterSecs(429, 3)]);
+    let mut r = remote("cloud", &server);
+    r.max_backoff = "30s".into();
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("ra", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    wait_requests(&server, 1, DEADLINE);
+    let mut rep = Value::Null;
+    wait_until(
+        Duration::from_millis(2_500),
+        "r1 in backoff after the 429",
+        || {
+            rep = status(&agent, "r1");
+            str_field(&rep, "state") == "backoff" && rep["latestResponseCode"] == 429
+        },
+    );
+    assert!(rep["nextRetryAt"].is_string(), "{rep:#}");
+    assert!(
+        str_field(&rep, "latestErrorMessage").contains("slow down"),
+        "{rep:#}"
+    );
+
+    wait_until(DEADLINE, "all lines at the remote", || {
+        server.accepted_len() == all.len()
+    });
+    let gap = gap_after(&server, 0);
+    eprintln!("Retry-After: 3 -> retried after {gap:?}");
+    assert!(
+        gap >= Duration::from_millis(2_850),
+        "retried {gap:?} after Retry-After: 3"
+    );
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 30, "{rep:#}");
+}
+
+/// (e) 503 with `Retry-After: <HTTP date>` about 4 s ahead: the retry waits
+/// until that date.
+#[test]
+fn retry_after_http_date_is_honoured() {
+    let server = FaultServer::start();
+    let at = fault::http_date_floor(SystemTime::now() + Duration::from_secs(5));
+    server.script([Action::RetryAfterDate(503, at)]);
+    let mut r = remote("cloud", &server);
+    r.max_backoff = "30s".into();
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("rd", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    wait_until(DEADLINE, "all lines at the remote", || {
+        server.accepted_len() == all.len()
+    });
+    let first = server.request(0).unwrap();
+    let asked = at.duration_since(first.at_system).unwrap_or_default();
+    let gap = gap_after(&server, 0);
+    eprintln!("Retry-After date {asked:?} ahead -> retried after {gap:?}");
+    assert!(
+        asked >= Duration::from_secs(1),
+        "test setup too slow: the date was only {asked:?} ahead"
+    );
+    assert!(
+        gap + Duration::from_millis(300) >= asked,
+        "retried {gap:?} after an answer asking for {asked:?}"
+    );
+    wait_drained(&agent, "r1", DEADLINE);
+}
+
+/// (e) A huge Retry-After, in seconds or as a date a day ahead, is capped at
+/// `max_backoff` (1 s here): the retries come after about 1 s, not after an
+/// hour.
+#[test]
+fn huge_retry_after_is_capped_at_max_backoff() {
+    let server = FaultServer::start();
+    server.script([
+        Action::RetryAfterSecs(429, 3_600),
+        Action::RetryAfterDate(503, SystemTime::now() + Duration::from_secs(86_400)),
+    ]);
+    let mut r = remote("cloud", &server);
+    r.max_backoff = "1s".into();
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("rh", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    wait_until(
+        Duration::from_secs(20),
+        "all lines at the remote (an uncapped Retry-After would take an hour)",
+        || server.accepted_len() == all.len(),
+    );
+    for seq in 0..2 {
+        let gap = gap_after(&server, seq);
+        eprintln!("huge Retry-After #{seq} -> retried after {gap:?}");
+        // Capped means "wait max_backoff", not "ignore the header and use
+        // min_backoff" (50 ms).
+        assert!(
+            gap >= Duration::from_millis(800),
+            "retry {seq} came {gap:?} after a capped Retry-After (max_backoff 1 s)"
+        );
+    }
+    wait_drained(&agent, "r1", DEADLINE);
+}
+
+/// A `Retry-After` of 0, or an HTTP date already past (a gateway whose clock
+/// runs ahead of the remote's), must not turn into a retry loop without
+/// pause: retries stay at least `min_backoff` apart.
+#[test]
+fn zero_or_past_retry_after_does_not_hammer_the_remote() {
+    let zero = FaultServer::with_rule(|_| Action::RetryAfterSecs(503, 0));
+    let past = SystemTime::now() - Duration::from_secs(3_600);
+    let stale = FaultServer::with_rule(move |_| Action::RetryAfterDate(429, past));
+    let tune = |mut r: RemoteConfig| {
+        r.min_backoff = "200ms".into();
+        r.max_backoff = "1s".into();
+        r
+    };
+    let config = AgentConfig {
+        remotes: vec![tune(remote("zero", &zero)), tune(remote("stale", &stale))],
+        replications: vec![
+            ReplicationConfig::new("r-zero", "zero", "b"),
+            ReplicationConfig::new("r-stale", "stale", "b"),
+        ],
+        ..AgentConfig::default()
+    };
+    let agent = Agent::start(config);
+    let all = split(&lines("rz", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    for (what, server) in [
+        ("Retry-After: 0", &zero),
+        ("a Retry-After date in the past", &stale),
+    ] {
+        wait_requests(server, 6, DEADLINE);
+        let n = server.request_count();
+        let shortest = (0..n - 1).map(|seq| gap_after(server, seq)).min().unwrap();
+        assert!(
+            shortest >= Duration::from_millis(150),
+            "after {what} the agent retried within {shortest:?} (min_backoff 200 ms); {n} requests so far"
+        );
+    }
+    zero.set_rule(|_| Action::ok());
+    stale.set_rule(|_| Action::ok());
+    for name in ["r-zero", "r-stale"] {
+        let rep = wait_drained(&agent, name, DEADLINE);
+        assert_eq!(field(&rep, "deliveredLines"), 30, "{rep:#}");
+    }
+}
+
+/// A redirect is not a delivery. A captive portal (hotel, cellular) answers
+/// the POST with 30x to a login page that says 200: the lines must stay
+/// queued, not be counted as delivered to a remote that never saw them.
+#[test]
+fn redirects_are_never_counted_as_deliveries() {
+    let codes = [301u16, 302, 303, 307, 308];
+    let servers: Vec<FaultServer> = codes
+        .iter()
+        .map(|&code| {
+            FaultServer::with_rule(move |req| {
+                if req.path() == "/portal" {
+                    Action::Status(
+                        200,
+                        vec![("Content-Type".into(), "text/html".into())],
+                        "<html>please log in</html>".into(),
+                    )
+                } else {
+                    Action::Status(
+                        code,
+                        vec![("Location".into(), "/portal".into())],
+                        String::new(),
+                    )
+                }
+            })
+        })
+        .collect();
+    let config = AgentConfig {
+        remotes: codes
+            .iter()
+            .zip(&servers)
+            .map(|(c, s)| remote(&format!("x{c}"), s))
+            .collect(),
+        replications: codes
+            .iter()
+            .map(|c| ReplicationConfig::new(&format!("r{c}"), &format!("x{c}"), "b"))
+            .collect(),
+        ..AgentConfig::default()
+    };
+    let agent = Agent::start(config);
+    let all = split(&lines("rx", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let posts = |s: &FaultServer| s.requests().iter().filter(|r| r.method == "POST").count();
+    wait_until(
+        DEADLINE,
+        "3 attempts at every redirecting remote, or the lines gone",
+        || {
+            codes.iter().zip(&servers).all(|(c, s)| {
+                posts(s) >= 3 || field(&status(&agent, &format!("r{c}")), "remainingLines") == 0
+            })
+        },
+    );
+    let mut lost = Vec::new();
+    for (c, s) in codes.iter().zip(&servers) {
+        let rep = status(&agent, &format!("r{c}"));
+        assert_eq!(s.accepted_len(), 0);
+        if field(&rep, "deliveredLines") > 0 || field(&rep, "remainingLines") != 30 {
+            lost.push(format!(
+                "HTTP {c}: deliveredLines {} remainingLines {} (the remote accepted nothing)",
+                field(&rep, "deliveredLines"),
+                field(&rep, "remainingLines")
+            ));
+        }
+    }
+    assert!(
+        lost.is_empty(),
+        "redirects counted as deliveries:\n{}",
+        lost.join("\n")
+    );
+    for s in &servers {
+        s.set_rule(|_| Action::ok());
+    }
+    let expected: HashSet<String> = all.into_iter().collect();
+    for (c, s) in codes.iter().zip(&servers) {
+        wait_drained(&agent, &format!("r{c}"), DEADLINE);
+        assert_accepted_exactly(s, &expected);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 408, 5xx, transport errors: back off and retry, never give up
+// ---------------------------------------------------------------------------
+
+/// (e) A run of 500, 502, 503 (no Retry-After), 504, 408 then success:
+/// each retry waits at least `min_backoff`, the same lines are resent, and
+/// everything is delivered once the remote recovers.
+#[test]
+fn server_errors_back_off_then_deliver() {
+    let server = FaultServer::start();
+    server.script([
+        Action::influx_error(500, "internal error (fault remote)"),
+        Action::status(502),
+        Action::status(503),
+        Action::influx_error(504, "gateway timeout (fault remote)"),
+        Action::status(408),
+        Action::influx_error(500, "still broken (fault remote)"),
+    ]);
+    let mut r = remote("cloud", &server);
+    r.min_backoff = "200ms".into();
+    r.max_backoff = "1s".into();
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("se", 3, 100, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    wait_requests(&server, 1, DEADLINE);
+    let rep = wait_state(&agent, "r1", "backoff", Duration::from_secs(5));
+    assert!(rep["latestResponseCode"].is_u64(), "{rep:#}");
+    wait_until(DEADLINE, "all lines at the remote", || {
+        server.accepted_len() == all.len()
+    });
+    assert_eq!(server.script_left(), 0);
+    let reqs = server.requests();
+    assert!(
+        reqs.len() >= 7,
+        "6 failures then a success, got {} requests",
+        reqs.len()
+    );
+    let written: HashSet<String> = all.iter().cloned().collect();
+    for (seq, req) in reqs.iter().enumerate().take(6) {
+        assert!(
+            req.lines().all(|l| written.contains(l)),
+            "request #{seq} sent unknown lines"
+        );
+        let gap = gap_after(&server, seq);
+        assert!(
+            gap >= Duration::from_millis(180),
+            "retry after request #{seq} came after {gap:?}, below min_backoff 200 ms"
+        );
+    }
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 100, "{rep:#}");
+    assert_eq!(str_field(&rep, "state"), "running", "{rep:#}");
+    let code = rep["latestResponseCode"].as_u64().unwrap_or(0);
+    assert!(
+        (200..300).contains(&code),
+        "latest answer should be the success: {rep:#}"
+    );
+}
+
+/// (e) Resets, a truncated answer, a stall far beyond `timeout`, slow bodies:
+/// each is retried and nothing is lost. The stall proves the request timeout
+/// works: the retry comes long before the stall would have ended.
+#[test]
+fn transport_faults_are_retried_and_lose_nothing() {
+    let server = FaultServer::start();
+    server.script([
+        Action::Reset,
+        Action::Truncated,
+        Action::stall(Duration::from_secs(60), Action::ok()),
+        Action::SlowBody(500, 100, Duration::from_millis(100)),
+        Action::SlowBody(200, 100, Duration::from_millis(100)),
+        Action::Reset,
+    ]);
+    let mut r = remote("cloud", &server);
+    r.timeout = "1s".into();
+    let agent = Agent::start(single(r, |r| r.batch_size = "2kB".into()));
+    let all = split(&lines("tf", 3, 60, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    wait_until(DEADLINE, "all lines at the remote", || {
+        server.accepted_len() == all.len()
+    });
+    assert_eq!(server.script_left(), 0);
+    let stalled = gap_after_arrival(&server, 2);
+    eprintln!("after a 60 s stall with timeout 1 s, the retry came {stalled:?} later");
+    assert!(
+        stalled < Duration::from_secs(30),
+        "the request after a 60 s stall came {stalled:?} later: is `timeout` (1 s) applied?"
+    );
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 60, "{rep:#}");
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}
+
+/// A TLS failure (an `https://` URL whose server does not speak TLS) is a
+/// transport error like any other: backoff, data kept, never given up; once
+/// the URL is fixed (reload), everything is delivered.
+#[test]
+fn tls_errors_back_off_and_keep_the_data() {
+    // Answers every connection with plain-HTTP bytes, which no TLS client accepts.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop = Arc::new(AtomicBool::new(false));
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (st, hs) = (stop.clone(), handshakes.clone());
+    let not_tls = std::thread::spawn(move || {
+        while !st.load(Ordering::SeqCst) {
+            match listener.accept() {
+                Ok((mut conn, _)) => {
+                    use std::io::Write as _;
+                    hs.fetch_add(1, Ordering::SeqCst);
+                    let _ =
+                        conn.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let _stop = SetOnDrop(&stop);
+    let server = FaultServer::start();
+    let mut agent = Agent::start(single(
+        remote_at("cloud", &format!("https://127.0.0.1:{port}")),
+        |_| {},
+    ));
+    let all = split(&lines("tls", 3, 100, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    wait_until(DEADLINE, "3 TLS attempts", || {
+        handshakes.load(Ordering::SeqCst) >= 3
+    });
+    let rep = status(&agent, "r1");
+    assert_eq!(str_field(&rep, "state"), "backoff", "{rep:#}");
+    assert!(!str_field(&rep, "latestErrorMessage").is_empty(), "{rep:#}");
+    assert_eq!(field(&rep, "remainingLines"), 100, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 0, "{rep:#}");
+
+    agent.config.remotes[0].url = server.url();
+    agent.write_config();
+    agent.sighup();
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 100, "{rep:#}");
+    assert_accepted_exactly(&server, &all.into_iter().collect());
+    stop.store(true, Ordering::SeqCst);
+    not_tls.join().unwrap();
+}
+
+/// Time between the arrivals of requests `seq` and `seq + 1`.
+fn gap_after_arrival(server: &FaultServer, seq: usize) -> Duration {
+    let a = server.request(seq).expect("request");
+    let b = server.request(seq + 1).expect("next request");
+    b.at.saturating_duration_since(a.at)
+}
+
+/// Keep-alive and protocol shape: many batches over one or two connections,
+/// each a gzip v2 write with the token, org, bucket, ns precision, the
+/// agent's User-Agent, and at most `batch_size` bytes of whole lines.
+#[test]
+fn batches_reuse_the_connection_and_speak_influx_v2() {
+    let server = FaultServer::start();
+    let agent = Agent::start(single(remote("cloud", &server), |r| {
+        r.batch_size = "4kB".into();
+    }));
+    let all = split(&lines("ka", 5, 300, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    wait_drained(&agent, "r1", DEADLINE);
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+    let reqs = server.requests();
+    assert!(
+        reqs.len() >= 5,
+        "300 lines of ~140 B in 4 kB batches: got {} requests",
+        reqs.len()
+    );
+    let conns: HashSet<usize> = reqs.iter().map(|r| r.conn).collect();
+    assert!(
+        conns.len() <= 2,
+        "{} requests used {} connections: keep-alive not reused",
+        reqs.len(),
+        conns.len()
+    );
+    for req in &reqs {
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.path(), "/api/v2/write", "{}", req.target);
+        assert_eq!(
+            req.query("org").as_deref(),
+            Some("test-org"),
+            "{}",
+            req.target
+        );
+        assert_eq!(req.query("bucket").as_deref(), Some("b"), "{}", req.target);
+        assert_eq!(
+            req.query("precision").as_deref(),
+            Some("ns"),
+            "{}",
+            req.target
+        );
+        assert!(req.has_token("test-token"), "{:?}", req.headers);
+        assert_eq!(req.header("content-encoding"), Some("gzip"));
+        assert!(req.decode_error.is_none(), "{:?}", req.decode_error);
+        assert!(
+            req.header("user-agent")
+                .is_some_and(|u| u.starts_with("edge-replicator/")),
+            "{:?}",
+            req.headers
+        );
+        assert!(
+            req.body_len() <= 4_000,
+            "a {} B batch exceeds batch_size 4kB",
+            req.body_len()
+        );
+        assert!(req.body.ends_with('\n'), "whole lines only");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Independence of replications
+// ---------------------------------------------------------------------------
+
+/// (f) Four replications of the same bucket: to a closed port, to a remote
+/// that accepts connections and never answers, to a remote refusing the
+/// token, and to a healthy remote. The healthy one delivers everything
+/// promptly while the others hold all their lines.
+#[test]
+fn a_dead_or_paused_remote_never_delays_a_healthy_one() {
+    let healthy = FaultServer::start();
+    let blackhole =
+        FaultServer::with_rule(|_| Action::stall(Duration::from_secs(600), Action::ok()));
+    let refusing =
+        FaultServer::with_rule(|_| Action::influx_error(401, "unauthorized access (fault remote)"));
+    let dead_url = format!("http://127.0.0.1:{}", free_port());
+
+    let mut dead = remote_at("dead", &dead_url);
+    dead.min_backoff = "1s".into();
+    dead.max_backoff = "300s".into();
+    dead.connect_timeout = "5s".into();
+    let mut hole = remote("hole", &blackhole);
+    hole.timeout = "300s".into();
+    let mut paused = remote("paused", &refusing);
+    paused.max_backoff = "300s".into();
+    let config = AgentConfig {
+        remotes: vec![dead, hole, paused, remote("healthy", &healthy)],
+        replications: vec![
+            ReplicationConfig::new("r-dead", "dead", "b"),
+            ReplicationConfig::new("r-hole", "hole", "b"),
+            ReplicationConfig::new("r-paused", "paused", "b"),
+            ReplicationConfig::new("r-healthy", "healthy", "b"),
+        ],
+        ..AgentConfig::default()
+    };
+    let agent = Agent::start(config);
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut written = HashSet::new();
+    for j in 0..10 {
+        let body = lines("fo", 5, 200, base + j * 1_000_000_000);
+        let (code, text) = agent.write_v2("b", &body, &Opts::shape(j as usize));
+        assert_eq!(code, 204, "write {j}: {text}");
+        written.extend(split(&body));
+    }
+    wait_eq(
+        Duration::from_secs(30),
+        "lines at the healthy remote (the others back off for minutes)",
+        written.len(),
+        || healthy.accepted_len(),
+    );
+    assert_accepted_exactly(&healthy, &written);
+    wait_state(&agent, "r-dead", "backoff", DEADLINE);
+    wait_state(&agent, "r-paused", "paused", DEADLINE);
+    assert!(
+        blackhole.request_count() >= 1,
+        "the blackhole remote got no request"
+    );
+    for name in ["r-dead", "r-hole", "r-paused"] {
+        let rep = status(&agent, name);
+        assert_eq!(field(&rep, "deliveredLines"), 0, "{rep:#}");
+        assert_eq!(field(&rep, "remainingLines"), 2_000, "{rep:#}");
+    }
+    // And it keeps going while the others are still stuck.
+    let more = lines("fo2", 5, 500, base + 100_000_000_000);
+    assert_eq!(agent.write_v2("b", &more, &Opts::new()).0, 204);
+    written.extend(split(&more));
+    wait_eq(
+        Duration::from_secs(30),
+        "later lines at the healthy remote",
+        written.len(),
+        || healthy.accepted_len(),
+    );
+    let rep = wait_drained(&agent, "r-healthy", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 2_500, "{rep:#}");
+    assert_eq!(field(&status(&agent, "r-dead"), "remainingLines"), 2_500);
+}
+
+// ---------------------------------------------------------------------------
+// Dead-letter store: list, replay, purge
+// ---------------------------------------------------------------------------
+
+fn cli_ok(agent: &Agent, args: &[&str]) -> String {
+    let out = agent.cli(args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "edge-replicator {args:?} failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    stdout
+}
+
+/// `dead-letter list --json`: (total lines over all records, every reason).
+fn dead_letters(agent: &Agent) -> (u64, Vec<String>) {
+    let text = cli_ok(
+        agent,
+        &["dead-letter", "list", "--replication", "r1", "--json"],
+    );
+    let v: Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("`dead-letter list --json` is not JSON ({e}):\n{text}"));
+    let list = v["deadLetters"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no deadLetters array: {v}"))
+        .clone();
+    let lines = list.iter().map(|d| field(d, "lines")).sum();
+    let reasons = list
+        .iter()
+        .map(|d| str_field(d, "reason").to_string())
+        .collect();
+    (lines, reasons)
+}
+
+/// Dead-lettered lines can be listed (with the remote's reason), replayed
+/// after the remote is fixed (they are then delivered; a line still refused
+/// comes back) and purged; the counters conserve throughout.
+#[test]
+fn dead_letter_list_replay_purge() {
+    let server = FaultServer::with_rule(refuse_poison);
+    let agent = Agent::start(single(remote("cloud", &server), |_| {}));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut all = split(&lines("dl", 4, 200, base));
+    let (pa, pb) = (poison("a", base + 1), poison("b", base + 2));
+    all.insert(50, pa.clone());
+    all.insert(150, pb.clone());
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deadLetteredLines"), 2, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 200, "{rep:#}");
+
+    let listed = cli_ok(&agent, &["dead-letter", "list", "--replication", "r1"]);
+    assert!(
+        listed.contains("2 lines"),
+        "`dead-letter list` should count 2 lines:\n{listed}"
+    );
+    assert!(
+        listed.contains("poison pill refused"),
+        "and give the remote's reason:\n{listed}"
+    );
+    let with_lines = cli_ok(
+        &agent,
+        &["dead-letter", "list", "--replication", "r1", "--lines"],
+    );
+    for p in [&pa, &pb] {
+        assert!(
+            with_lines.contains(p.as_str()),
+            "`--lines` should show {p:?}:\n{with_lines}"
+        );
+    }
+    let (n, reasons) = dead_letters(&agent);
+    assert_eq!(n, 2, "{reasons:?}");
+    let out = agent.cli(&[
+        "dead-letter",
+        "list",
+        "--replication",
+        "no-such-replication",
+    ]);
+    assert!(
+        !out.status.success(),
+        "an unknown replication must be an error"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no-such-replication"),
+        "the error should name the replication: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The remote now takes `a` but still refuses `b`.
+    let pb_rule = pb.clone();
+    server.set_rule(move |req| {
+        if req.lines().any(|l| l == pb_rule) {
+            Action::influx_error(400, "still refusing poison b (fault remote)")
+        } else {
+            Action::ok()
+        }
+    });
+    let replayed = cli_ok(&agent, &["dead-letter", "replay", "--replication", "r1"]);
+    assert!(
+        replayed.contains('2'),
+        "replay should say how many lines: {replayed}"
+    );
+    wait_until(DEADLINE, "the replayed line a at the remote", || {
+        server.has_accepted(&pa)
+    });
+    let mut rep = Value::Null;
+    wait_until(DEADLINE, "b refused again and set aside", || {
+        rep = status(&agent, "r1");
+        field(&rep, "remainingLines") == 0 && dead_letters(&agent).0 == 1
+    });
+    assert_eq!(field(&rep, "deliveredLines"), 201, "{rep:#}");
+    assert!(!server.has_accepted(&pb));
+    let (n, reasons) = dead_letters(&agent);
+    assert_eq!(n, 1, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("still refusing poison b")),
+        "{reasons:?}"
+    );
+
+    let purged = cli_ok(&agent, &["dead-letter", "purge", "--replication", "r1"]);
+    assert!(
+        purged.contains('1'),
+        "purge should say how many lines: {purged}"
+    );
+    assert_eq!(dead_letters(&agent).0, 0, "purged, yet listed");
+    let rep = status(&agent, "r1");
+    assert_eq!(field(&rep, "remainingLines"), 0, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 201, "{rep:#}");
+    // Replay of an empty store is harmless.
+    cli_ok(&agent, &["dead-letter", "replay", "--replication", "r1"]);
+    assert_eq!(field(&status(&agent, "r1"), "remainingLines"), 0);
+}
+
+// ---------------------------------------------------------------------------
+// Randomized fault schedule
+// ---------------------------------------------------------------------------
+
+/// A remote that fails at random (transient faults only: resets, truncated
+/// answers, stalls, slow bodies, 5xx, 408, 429/503 with Retry-After) and
+/// otherwise answers deterministically: 413 over 12 KiB decompressed, 400 to
+/// a batch holding a poison line, else 204.
+fn chaos(seed: u64) -> impl Fn(&Request) -> Action + Send + Sync + 'static {
+    let rng = Mutex::new(StdRng::seed_from_u64(seed));
+    move |req| {
+        let mut rng = rng.lock().unwrap();
+        let r: f64 = rng.random();
+        let transient = match r {
+            r if r < 0.06 => Some(Action::Reset),
+            r if r < 0.10 => Some(Action::Truncated),
+            r if r < 0.12 => Some(Action::stall(Duration::from_millis(1_500), Action::ok())),
+            r if r < 0.14 => Some(Action::SlowBody(500, 30, Duration::from_millis(50))),
+            r if r < 0.22 => Some(Action::influx_error(500, "internal error (chaos)")),
+            r if r < 0.25 => Some(Action::status(502)),
+            r if r < 0.27 => Some(Action::status(408)),
+            r if r < 0.31 => Some(Action::RetryAfterSecs(503, rng.random_range(0..=1))),
+            r if r < 0.34 => Some(Action::RetryAfterDate(
+                429,
+                SystemTime::now() + Duration::from_secs(1),
+            )),
+            _ => None,
+        };
+        if let Some(a) = transient {
+            return a;
+        }
+        if req.body_len() > 12 * 1024 {
+            return Action::influx_error(413, "request too large (chaos)");
+        }
+        refuse_poison(req)
+    }
+}
+
+/// (g) 200 writes from 4 writers fanned out to two replications whose
+/// remotes fail at random. Afterwards, for each replication: the counters
+/// conserve (and did at every reading), every good line is at the remote,
+/// every poison line was dead-lettered (r1) or dropped and counted (r2).
+#[test]
+fn randomized_fault_schedule_conserves_and_delivers() {
+    let seed = std::env::var("DELIVERY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_240_611u64);
+    let _report = SeedReport(seed);
+    eprintln!("randomized fault schedule: seed {seed} (DELIVERY_SEED)");
+    let server1 = FaultServer::with_rule(chaos(seed ^ 0x1111));
+    let server2 = FaultServer::with_rule(chaos(seed ^ 0x2222));
+    let tune = |mut r: RemoteConfig| {
+        r.min_backoff = "20ms".into();
+        r.max_backoff = "300ms".into();
+        r.timeout = "700ms".into();
+        r.connect_timeout = "500ms".into();
+        r
+    };
+    let mut rep1 = ReplicationConfig::new("r1", "one", "g");
+    rep1.batch_size = "16kB".into();
+    let mut rep2 = ReplicationConfig::new("r2", "two", "g");
+    rep2.batch_size = "16kB".into();
+    rep2.extra = "drop_non_retryable_data = true\n".into();
+    let config = AgentConfig {
+        remotes: vec![tune(remote("one", &server1)), tune(remote("two", &server2))],
+        replications: vec![rep1, rep2],
+        ..AgentConfig::default()
+    };
+    let agent = Agent::start(config);
+
+    // Conservation at every reading, while everything is in motion.
+    let done = AtomicBool::new(false);
+    let broken: Mutex<Vec<Value>> = Mutex::new(Vec::new());
+    let readings = std::sync::atomic::AtomicUsize::new(0);
+    let base = ts_ago(Duration::from_secs(7200));
+    let written: Mutex<(Vec<String>, Vec<String>)> = Mutex::new((Vec::new(), Vec::new()));
+    std::thread::scope(|s| {
+        let _stop_monitor = SetOnDrop(&done);
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                for rep in agent.replications()["replications"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default()
+                {
+                    let sum: u64 = COUNTERS.iter().map(|c| field(&rep, c)).sum();
+                    if field(&rep, "acceptedLines") != sum {
+                        broken.lock().unwrap().push(rep);
+                    }
+                }
+                readings.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let writers: Vec<_> = (0..4u64)
+            .map(|w| {
+                let (agent, written) = (&agent, &written);
+                s.spawn(move || {
+                    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(w));
+                    let mut seq = 0u64;
+                    for j in 0..50usize {
+                        let n = rng.random_range(5..=60);
+                        let mut good = Vec::new();
+                        let mut bad = Vec::new();
+                        let mut body = Vec::new();
+                        for _ in 0..n {
+                            seq += 1;
+                            let ts = base + ((w * 1_000_000 + seq) * 1_000) as i64;
+                            let line = if rng.random_bool(0.004) {
+                                let l = format!("poison,writer=w{w} seq={seq}i {ts}");
+                                bad.push(l.clone());
+                                l
+                            } else {
+                                let l = format!(
+                                    "g,writer=w{w},sensor=s{} value={:.3},seq={seq}i,note=\"write {j}\" {ts}",
+                                    seq % 5,
+                                    rng.random::<f64>() * 100.0
+                                );
+                                good.push(l.clone());
+                                l
+                            };
+                            body.push(line);
+                        }
+                        let (code, text) = agent.write_v2("g", join(&body), &Opts::shape(j));
+                        assert_eq!(code, 204, "writer {w} write {j}: {text}");
+                        let mut wr = written.lock().unwrap();
+                        wr.0.extend(good);
+                        wr.1.extend(bad);
+                    }
+                })
+            })
+            .collect();
+        for h in writers {
+            h.join().expect("writer panicked");
+        }
+        for name in ["r1", "r2"] {
+            wait_drained(&agent, name, Duration::from_secs(180));
+        }
+        done.store(true, Ordering::SeqCst);
+    });
+    let (good, bad) = written.into_inner().unwrap();
+    let broken = broken.into_inner().unwrap();
+    assert!(
+        broken.is_empty(),
+        "conservation broken in {} readings, first: {:#}",
+        broken.len(),
+        broken[0]
+    );
+    assert!(readings.load(Ordering::Relaxed) > 0);
+    eprintln!(
+        "randomized: {} good and {} poison lines; remote 1 saw {} requests, remote 2 {}",
+        good.len(),
+        bad.len(),
+        server1.request_count(),
+        server2.request_count()
+    );
+    assert!(
+        !bad.is_empty(),
+        "seed {seed} produced no poison line; the test would prove less"
+    );
+    let expected: HashSet<String> = good.iter().cloned().collect();
+    let total = (good.len() + bad.len()) as u64;
+    for (name, server) in [("r1", &server1), ("r2", &server2)] {
+        let rep = status(&agent, name);
+        assert_accepted_exactly(server, &expected);
+        assert_eq!(field(&rep, "acceptedLines"), total, "{rep:#}");
+        assert_eq!(field(&rep, "deliveredLines"), good.len() as u64, "{rep:#}");
+        assert_eq!(
+            field(&rep, "droppedFullLines") + field(&rep, "expiredLines"),
+            0,
+            "{rep:#}"
+        );
+        let (dead, dropped) = (
+            field(&rep, "deadLetteredLines"),
+            field(&rep, "droppedNonRetryableLines"),
+        );
+        if name == "r1" {
+            assert_eq!((dead, dropped), (bad.len() as u64, 0), "{rep:#}");
+        } else {
+            assert_eq!((dead, dropped), (0, bad.len() as u64), "{rep:#}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Real remote restarts
+// ---------------------------------------------------------------------------
+
+/// (h) VictoriaMetrics stopped and restarted 5 times while writers run:
+/// every accepted line is there afterwards, counted back exactly.
+///
+/// The server is stopped with the harness's `stop()` (flush, SIGTERM), not
+/// SIGKILL: VictoriaMetrics may lose its own last second of acknowledged
+/// data on SIGKILL, which would blame the agent for the remote's loss.
+#[test]
+fn victoria_metrics_restarted_mid_stream_loses_nothing() {
+    let Some(mut vm) = VictoriaMetrics::start() else {
+        return;
+    };
+    let mut r = RemoteConfig::v2("vm", &vm.url());
+    r.min_backoff = "50ms".into();
+    r.max_backoff = "500ms".into();
+    r.connect_timeout = "500ms".into();
+    let mut config = AgentConfig::single(r, "sensors", Some("edge"));
+    config.replications[0].batch_size = "32kB".into();
+    let agent = Agent::start(config);
+    let base = ts_ago(Duration::from_secs(3600));
+    let done = AtomicBool::new(false);
+    let expected: Mutex<HashSet<Key>> = Mutex::new(HashSet::new());
+    let mut outages = 0;
+    std::thread::scope(|s| {
+        let _stop_writers = SetOnDrop(&done);
+        for w in 0..2usize {
+            let (agent, expected, done) = (&agent, &expected, &done);
+            s.spawn(move || {
+                let mut j = 0usize;
+                while !done.load(Ordering::SeqCst) || j < 20 {
+                    let start = base + ((w * 100_000 + j) as i64) * 100_000_000;
+                    let body = lines("vr", 8, 200, start);
+                    let (code, text) = agent.write_v2("sensors", &body, &Opts::shape(j));
+                    assert_eq!(code, 204, "writer {w} write {j}: {text}");
+                    expected.lock().unwrap().extend(line_keys(&body));
+                    j += 1;
+                    std::thread::sleep(Duration::from_millis(40));
+                }
+            });
+        }
+        for round in 0..5u64 {
+            std::thread::sleep(Duration::from_millis(300 + 100 * round));
+            vm.stop();
+            // The agent must notice the outage while data is flowing.
+            wait_until(
+                DEADLINE,
+                "r1 in backoff while VictoriaMetrics is down",
+                || str_field(&status(&agent, "r1"), "state") == "backoff",
+            );
+            outages += 1;
+            std::thread::sleep(Duration::from_millis(300));
+            vm.restart();
+        }
+        done.store(true, Ordering::SeqCst);
+    });
+    assert_eq!(outages, 5);
+    let expected = expected.into_inner().unwrap();
+    let total = expected.len() as u64;
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "acceptedLines"), total, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), total, "{rep:#}");
+    wait_eq(
+        DEADLINE,
+        "samples of vr_value at VictoriaMetrics",
+        total,
+        || vm.count("vr_value"),
+    );
+    assert!(
+        vm.keys("vr_value") == expected,
+        "the points at VictoriaMetrics are not the ones written"
+    );
+}
