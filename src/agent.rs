@@ -164,6 +164,8 @@ impl Streams {
             statuses: self.streams.values().map(|s| s.status.clone()).collect(),
             tokens: self.config.listen.tokens.clone(),
             max_body_size: self.config.listen.max_body_size,
+            header_timeout: self.config.listen.header_timeout,
+            body_timeout: self.config.listen.body_timeout,
         };
         self.ingest.set_routing(routing);
     }
@@ -276,6 +278,8 @@ pub fn run(
             statuses: Vec::new(),
             tokens: config.listen.tokens.clone(),
             max_body_size: config.listen.max_body_size,
+            header_timeout: config.listen.header_timeout,
+            body_timeout: config.listen.body_timeout,
         },
     ));
     let addr = config.listen.address;

@@ -69,6 +69,11 @@ pub struct Listen {
     pub tokens: Vec<Secret>,
     /// Largest request body accepted, after decompression.
     pub max_body_size: u64,
+    /// How long a client may take to send a request's headers (and how long
+    /// an idle keep-alive connection is kept).
+    pub header_timeout: Duration,
+    /// How long a client may take to send a request's whole body.
+    pub body_timeout: Duration,
 }
 
 /// The queue: `[queue]`.
@@ -361,6 +366,8 @@ struct RawListen {
     address: Option<String>,
     tokens: Option<RawTokens>,
     max_body_size: Option<Scalar>,
+    header_timeout: Option<Scalar>,
+    body_timeout: Option<Scalar>,
 }
 
 #[derive(Deserialize)]
@@ -1055,6 +1062,8 @@ impl Validator<'_> {
             address: None,
             tokens: None,
             max_body_size: None,
+            header_timeout: None,
+            body_timeout: None,
         });
         let address = match raw.address {
             None => SocketAddr::from(([127, 0, 0, 1], 8086)),
@@ -1085,10 +1094,28 @@ impl Validator<'_> {
         if max_body_size == 0 {
             return Err(invalid("listen.max_body_size", "must be greater than 0"));
         }
+        let header_timeout = positive(
+            "listen.header_timeout",
+            duration_value(
+                "listen.header_timeout",
+                raw.header_timeout,
+                Duration::from_secs(10),
+            )?,
+        )?;
+        let body_timeout = positive(
+            "listen.body_timeout",
+            duration_value(
+                "listen.body_timeout",
+                raw.body_timeout,
+                Duration::from_secs(60),
+            )?,
+        )?;
         Ok(Listen {
             address,
             tokens,
             max_body_size,
+            header_timeout,
+            body_timeout,
         })
     }
 
@@ -1625,6 +1652,8 @@ mod tests {
             ("[listen]\ntokens = [\"a\\nb\"]".into(), "listen.tokens[0]: contains a control character"),
             ("[listen]\ntokens = \"t\"".into(), "tokens: invalid type: string, expected an array"),
             ("[listen]\ntokens = [1]".into(), "tokens: invalid type: integer"),
+            ("[listen]\nheader_timeout = \"0s\"".into(), "listen.header_timeout: must be greater than 0"),
+            ("[listen]\nbody_timeout = \"soon\"".into(), "listen.body_timeout: invalid duration"),
             (
                 "[listen]\nmax_body_size = \"12XB\"".into(),
                 "listen.max_body_size: invalid size \"12XB\" (use e.g. \"500kB\", \"64MiB\")",
@@ -1823,6 +1852,8 @@ mod tests {
         assert_eq!(c.listen.address, "127.0.0.1:8086".parse().unwrap());
         assert!(c.listen.tokens.is_empty());
         assert_eq!(c.listen.max_body_size, 32 * MIB);
+        assert_eq!(c.listen.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.listen.body_timeout, Duration::from_secs(60));
         assert_eq!(c.queue.commit_interval, Duration::from_millis(10));
         assert_eq!(c.queue.durability, Durability::Fsync);
         assert_eq!(c.queue.map_size, 64 * MIB);

@@ -9,7 +9,7 @@ pub mod http;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
@@ -33,6 +33,9 @@ pub struct Routing {
     pub statuses: Vec<Arc<ReplStatus>>,
     pub tokens: Vec<Secret>,
     pub max_body_size: u64,
+    /// `listen.header_timeout` and `listen.body_timeout`.
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
 }
 
 /// Everything a write needs; shared by all connections.
