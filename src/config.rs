@@ -25,6 +25,8 @@ use std::time::Duration;
 use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
 use serde::Deserialize;
 
+use crate::lineproto::Precision;
+
 /// Where `run` and `check-config` look for the config when `--config` is not given.
 pub const DEFAULT_PATH: &str = "/etc/edge-replicator/config.toml";
 
@@ -50,6 +52,10 @@ pub struct Config {
     pub queue: QueueConfig,
     pub remotes: Vec<Remote>,
     pub replications: Vec<Replication>,
+    /// `[[tail]]`: line-protocol files followed into a local bucket.
+    pub tails: Vec<Tail>,
+    /// `[[influxdb_wal]]`: local InfluxDB WALs followed into a local bucket.
+    pub influxdb_wals: Vec<InfluxdbWal>,
     /// Non-fatal findings, one line each, for the caller to log.
     pub warnings: Vec<String>,
 }
@@ -265,6 +271,33 @@ impl Replication {
     }
 }
 
+/// A followed line-protocol file (or glob of files): one `[[tail]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tail {
+    /// An absolute path, or a glob pattern of paths (`*`, `?`, `[...]`).
+    pub path: PathBuf,
+    /// Local bucket the lines are routed as; always taken by a replication.
+    pub bucket: String,
+    /// Unit of the files' timestamps.
+    pub precision: Precision,
+    pub poll_interval: Duration,
+    /// Whether files present at the very first start are read from their
+    /// start (true) or their end; files appearing later are always read whole.
+    pub from_beginning: bool,
+}
+
+/// A followed InfluxDB TSM WAL: one `[[influxdb_wal]]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InfluxdbWal {
+    /// 1.x `wal-dir`, or 2.x `<engine-path>/wal`.
+    pub wal_dir: PathBuf,
+    /// 1.x database name, or 2.x bucket ID: the folder under `wal_dir`.
+    pub database: String,
+    /// Local bucket the points are routed as; always taken by a replication.
+    pub bucket: String,
+    pub poll_interval: Duration,
+}
+
 /// A secret string (token or password). `Debug` and `Display` print `<redacted>`, so a
 /// secret cannot reach a log line by accident; [`Secret::expose`] gives the value.
 #[derive(Clone, PartialEq, Eq)]
@@ -358,6 +391,10 @@ struct RawConfig {
     remote: Vec<RawRemote>,
     #[serde(default)]
     replication: Vec<RawReplication>,
+    #[serde(default)]
+    tail: Vec<RawTail>,
+    #[serde(default)]
+    influxdb_wal: Vec<RawInfluxdbWal>,
 }
 
 #[derive(Deserialize)]
@@ -424,6 +461,25 @@ struct RawDownsample {
     every: Scalar,
     allowed_lateness: Option<Scalar>,
     fields: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTail {
+    path: String,
+    bucket: String,
+    precision: Option<String>,
+    poll_interval: Option<Scalar>,
+    from_beginning: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInfluxdbWal {
+    wal_dir: String,
+    database: String,
+    bucket: Option<String>,
+    poll_interval: Option<Scalar>,
 }
 
 /// A size or duration as written: a string such as `"64MiB"` or a bare integer.
@@ -1040,6 +1096,7 @@ impl Validator<'_> {
             }
         }
 
+        let (tails, influxdb_wals) = self.sources(raw.tail, raw.influxdb_wal, &replications)?;
         let queue = self.queue(raw.queue, &replications)?;
         Ok(Config {
             data_dir,
@@ -1049,6 +1106,8 @@ impl Validator<'_> {
             queue,
             remotes,
             replications,
+            tails,
+            influxdb_wals,
             warnings: self.warnings,
         })
     }
@@ -1543,6 +1602,111 @@ impl Validator<'_> {
     }
 }
 
+impl Validator<'_> {
+    /// `[[tail]]` and `[[influxdb_wal]]`. A source's bucket must be taken by a
+    /// replication: its lines would have nowhere to go.
+    fn sources(
+        &mut self,
+        tails: Vec<RawTail>,
+        wals: Vec<RawInfluxdbWal>,
+        replications: &[Replication],
+    ) -> Result<(Vec<Tail>, Vec<InfluxdbWal>), ConfigError> {
+        let bucket = |label: &str, b: String| -> Result<String, ConfigError> {
+            let key = format!("{label}: bucket");
+            if b.is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+            if b.contains('*') {
+                let why = format!("{b:?}: a source writes to one bucket, not a pattern");
+                return Err(invalid(key, why));
+            }
+            if !replications.iter().any(|r| r.takes_bucket(&b)) {
+                let why = format!(
+                    "{b:?} is not taken by any replication (no local_bucket = {b:?} or \"*\")"
+                );
+                return Err(invalid(key, why));
+            }
+            Ok(b)
+        };
+        let poll = |key: String, v: Option<Scalar>, default: Duration| {
+            positive(&key, duration_value(&key, v, default)?)
+        };
+        let mut out_tails: Vec<Tail> = Vec::with_capacity(tails.len());
+        for (i, t) in tails.into_iter().enumerate() {
+            let label = format!("tail[{i}]");
+            let key = |field: &str| format!("{label}: {field}");
+            if t.path.is_empty() {
+                return Err(invalid(key("path"), "must not be empty"));
+            }
+            let path = self.resolve(&t.path);
+            let Some(text) = path.to_str() else {
+                return Err(invalid(key("path"), "must be valid UTF-8"));
+            };
+            if let Err(e) = glob::Pattern::new(text) {
+                let why = format!("{text:?} is not a valid glob pattern: {}", e.msg);
+                return Err(invalid(key("path"), why));
+            }
+            if text.ends_with('/') {
+                let why = format!("{text:?} names a directory; use e.g. \"{text}*.lp\"");
+                return Err(invalid(key("path"), why));
+            }
+            if let Some(j) = out_tails.iter().position(|o| o.path == path) {
+                let why = format!("{text:?} is already followed by tail[{j}]");
+                return Err(invalid(key("path"), why));
+            }
+            let precision = match t.precision.as_deref() {
+                None | Some("ns") => Precision::Nanoseconds,
+                Some("us") => Precision::Microseconds,
+                Some("ms") => Precision::Milliseconds,
+                Some("s") => Precision::Seconds,
+                Some(other) => {
+                    let why =
+                        format!("invalid value {other:?} (use \"ns\", \"us\", \"ms\" or \"s\")");
+                    return Err(invalid(key("precision"), why));
+                }
+            };
+            let default_poll = Duration::from_millis(250);
+            out_tails.push(Tail {
+                path,
+                bucket: bucket(&label, t.bucket)?,
+                precision,
+                poll_interval: poll(key("poll_interval"), t.poll_interval, default_poll)?,
+                from_beginning: t.from_beginning.unwrap_or(true),
+            });
+        }
+        let mut out_wals: Vec<InfluxdbWal> = Vec::with_capacity(wals.len());
+        for (i, w) in wals.into_iter().enumerate() {
+            let label = format!("influxdb_wal[{i}]");
+            let key = |field: &str| format!("{label}: {field}");
+            if w.wal_dir.is_empty() {
+                return Err(invalid(key("wal_dir"), "must not be empty"));
+            }
+            let wal_dir = self.resolve(&w.wal_dir);
+            let db = w.database;
+            if db.is_empty() || db == "." || db == ".." || db.contains(['/', '\0']) {
+                let why = format!(
+                    "{db:?} is not a folder name under wal_dir (a 1.x database, or a 2.x bucket ID)"
+                );
+                return Err(invalid(key("database"), why));
+            }
+            let same = |o: &InfluxdbWal| o.wal_dir == wal_dir && o.database == db;
+            if let Some(j) = out_wals.iter().position(same) {
+                let why = format!("{db:?} in {wal_dir:?} is already followed by influxdb_wal[{j}]");
+                return Err(invalid(key("database"), why));
+            }
+            let b = w.bucket.unwrap_or_else(|| db.clone());
+            let default_poll = Duration::from_millis(100);
+            out_wals.push(InfluxdbWal {
+                bucket: bucket(&label, b)?,
+                poll_interval: poll(key("poll_interval"), w.poll_interval, default_poll)?,
+                wal_dir,
+                database: db,
+            });
+        }
+        Ok((out_tails, out_wals))
+    }
+}
+
 /// The remote bucket `r` writes a line of local `bucket` to.
 fn target<'a>(r: &'a Replication, bucket: &'a str) -> &'a str {
     r.remote_bucket.as_deref().unwrap_or(bucket)
@@ -1624,8 +1788,6 @@ mod tests {
                 "downsample.fields.t",
             ),
             (repl("[replication.downsample]\nevry = \"10m\""), "unknown field `evry`"),
-            ("[[tail]]\npath = \"/x\"".into(), "unknown field `tail`"),
-            ("[[influxdb_wal]]\nwal_dir = \"/x\"".into(), "unknown field `influxdb_wal`"),
             // Syntax.
             ("[listen\n".into(), "line 1"),
             ("data_dir = \n".into(), "line 1, column 12: data_dir:"),
@@ -1682,7 +1844,7 @@ mod tests {
             (remote_bare(""), "missing field `url`"),
             (
                 "[[tail]] # see [docs]\npath = \"x\"".into(),
-                "line 1, column 3: [[tail]]: unknown field `tail`",
+                "line 1, column 1: [[tail]]: missing field `bucket`",
             ),
             ("[remote]\nname = \"x\"".into(), "line 1, column 1: [remote]: invalid type: map, expected a sequence"),
             // url
@@ -1841,6 +2003,117 @@ mod tests {
                 "not lower-case: {msg:?}"
             );
         }
+    }
+
+    /// Replication "sensors" (taking bucket "sensors") plus `lines`.
+    fn with_repl(lines: &str) -> String {
+        format!("{}\n{lines}\n", repl(""))
+    }
+
+    #[test]
+    fn source_error_cases_name_the_key() {
+        let cases: Vec<(String, &str)> = vec![
+            (with_repl("[[tail]]\npath = \"/x\""), "missing field `bucket`"),
+            (with_repl("[[tail]]\nbucket = \"sensors\""), "missing field `path`"),
+            (with_repl("[[tail]]\npath = \"/x\"\nbucket = \"sensors\"\nfollow = true"), "unknown field `follow`"),
+            (with_repl("[[tail]]\npath = \"\"\nbucket = \"sensors\""), "tail[0]: path: must not be empty"),
+            (with_repl("[[tail]]\npath = \"/x/[a\"\nbucket = \"sensors\""), "tail[0]: path: \"/x/[a\" is not a valid glob pattern"),
+            (with_repl("[[tail]]\npath = \"/x/\"\nbucket = \"sensors\""), "tail[0]: path: \"/x/\" names a directory"),
+            (
+                with_repl("[[tail]]\npath = \"/x\"\nbucket = \"sensors\"\n[[tail]]\npath = \"/x\"\nbucket = \"sensors\""),
+                "tail[1]: path: \"/x\" is already followed by tail[0]",
+            ),
+            (with_repl("[[tail]]\npath = \"/x\"\nbucket = \"\""), "tail[0]: bucket: must not be empty"),
+            (with_repl("[[tail]]\npath = \"/x\"\nbucket = \"s*\""), "tail[0]: bucket: \"s*\": a source writes to one bucket"),
+            (
+                with_repl("[[tail]]\npath = \"/x\"\nbucket = \"other\""),
+                "tail[0]: bucket: \"other\" is not taken by any replication",
+            ),
+            (with_repl("[[tail]]\npath = \"/x\"\nbucket = \"sensors\"\nprecision = \"m\""), "tail[0]: precision: invalid value \"m\""),
+            (with_repl("[[tail]]\npath = \"/x\"\nbucket = \"sensors\"\npoll_interval = \"0s\""), "tail[0]: poll_interval: must be greater than 0"),
+            (with_repl("[[tail]]\npath = \"/x\"\nbucket = \"sensors\"\npoll_interval = \"often\""), "tail[0]: poll_interval: invalid duration \"often\""),
+            (with_repl("[[tail]]\npath = \"/x\"\nbucket = \"sensors\"\nfrom_beginning = \"yes\""), "from_beginning: invalid type: string"),
+            (with_repl("[[tail]]\npath = \"${LOGS}/x\"\nbucket = \"sensors\""), "tail[0].path: environment variable LOGS is not set"),
+            (with_repl("[[influxdb_wal]]\nwal_dir = \"/w\""), "missing field `database`"),
+            (with_repl("[[influxdb_wal]]\ndatabase = \"sensors\""), "missing field `wal_dir`"),
+            (with_repl("[[influxdb_wal]]\nwal_dir = \"/w\"\ndatabase = \"sensors\"\nrp = \"autogen\""), "unknown field `rp`"),
+            (with_repl("[[influxdb_wal]]\nwal_dir = \"\"\ndatabase = \"sensors\""), "influxdb_wal[0]: wal_dir: must not be empty"),
+            (with_repl("[[influxdb_wal]]\nwal_dir = \"/w\"\ndatabase = \"a/b\""), "influxdb_wal[0]: database: \"a/b\" is not a folder name"),
+            (with_repl("[[influxdb_wal]]\nwal_dir = \"/w\"\ndatabase = \"..\""), "influxdb_wal[0]: database: \"..\" is not a folder name"),
+            (
+                with_repl("[[influxdb_wal]]\nwal_dir = \"/w\"\ndatabase = \"telegraf\""),
+                "influxdb_wal[0]: bucket: \"telegraf\" is not taken by any replication",
+            ),
+            (
+                with_repl("[[influxdb_wal]]\nwal_dir = \"/w\"\ndatabase = \"sensors\"\n[[influxdb_wal]]\nwal_dir = \"/w/\"\ndatabase = \"sensors\""),
+                "influxdb_wal[1]: database: \"sensors\" in \"/w/\" is already followed by influxdb_wal[0]",
+            ),
+            (
+                with_repl("[[influxdb_wal]]\nwal_dir = \"/w\"\ndatabase = \"sensors\"\npoll_interval = 0"),
+                "influxdb_wal[0]: poll_interval: must be greater than 0",
+            ),
+        ];
+        for (text, want) in cases {
+            let msg = err(&text);
+            assert!(
+                msg.contains(want),
+                "for:\n{text}\nwant {want:?}\ngot  {msg:?}"
+            );
+            assert!(!msg.contains('\n'), "not one line: {msg:?}");
+        }
+    }
+
+    #[test]
+    fn sources_get_defaults_and_resolve_paths() {
+        let c = ok(&with_repl(
+            "[[tail]]\npath = \"logs/*.lp\"\nbucket = \"sensors\"\n\
+             [[tail]]\npath = \"/var/log/m.lp\"\nbucket = \"sensors\"\nprecision = \"s\"\npoll_interval = \"1s\"\nfrom_beginning = false\n\
+             [[influxdb_wal]]\nwal_dir = \"/var/lib/influxdb/wal\"\ndatabase = \"sensors\"\n\
+             [[influxdb_wal]]\nwal_dir = \"engine/wal\"\ndatabase = \"0123456789abcdef\"\nbucket = \"sensors\"\npoll_interval = \"20ms\"",
+        ));
+        assert_eq!(
+            c.tails,
+            vec![
+                Tail {
+                    path: PathBuf::from(format!("{BASE}/logs/*.lp")),
+                    bucket: "sensors".into(),
+                    precision: Precision::Nanoseconds,
+                    poll_interval: Duration::from_millis(250),
+                    from_beginning: true,
+                },
+                Tail {
+                    path: PathBuf::from("/var/log/m.lp"),
+                    bucket: "sensors".into(),
+                    precision: Precision::Seconds,
+                    poll_interval: Duration::from_secs(1),
+                    from_beginning: false,
+                },
+            ]
+        );
+        assert_eq!(
+            c.influxdb_wals,
+            vec![
+                InfluxdbWal {
+                    wal_dir: PathBuf::from("/var/lib/influxdb/wal"),
+                    database: "sensors".into(),
+                    bucket: "sensors".into(),
+                    poll_interval: Duration::from_millis(100),
+                },
+                InfluxdbWal {
+                    wal_dir: PathBuf::from(format!("{BASE}/engine/wal")),
+                    database: "0123456789abcdef".into(),
+                    bucket: "sensors".into(),
+                    poll_interval: Duration::from_millis(20),
+                },
+            ]
+        );
+        // A "*" replication takes any bucket.
+        let all = repl("").replace("local_bucket = \"sensors\"", "local_bucket = \"*\"");
+        let c = ok(&format!(
+            "{all}\n[[influxdb_wal]]\nwal_dir = \"/w\"\ndatabase = \"telegraf\""
+        ));
+        assert_eq!(c.influxdb_wals[0].bucket, "telegraf");
+        assert!(ok("").tails.is_empty() && ok("").influxdb_wals.is_empty());
     }
 
     #[test]
