@@ -84,6 +84,8 @@ struct Streams {
     ingest: Arc<Ingest>,
     config: Config,
     streams: BTreeMap<String, Stream>,
+    /// `[[tail]]` and `[[influxdb_wal]]` threads.
+    sources: crate::source::Sources,
 }
 
 impl Streams {
@@ -235,13 +237,17 @@ impl Streams {
             }
         }
         self.publish_routing();
+        // A changed source restarts from its checkpoint.
+        self.sources.apply(&self.config, &self.queue, &self.ingest);
         info!(
             "configuration reloaded: {} replications",
             self.streams.len()
         );
     }
 
-    fn stop(self, budget: Duration) {
+    fn stop(mut self, budget: Duration) {
+        // Sources write into the queue: they stop before it closes.
+        self.sources.stop();
         for s in self.streams.values() {
             s.control.stop();
         }
@@ -290,11 +296,13 @@ pub fn run(
         ingest: ingest.clone(),
         config,
         streams: BTreeMap::new(),
+        sources: Default::default(),
     };
     for r in &replications {
         streams.start(r)?;
     }
     streams.publish_routing();
+    streams.sources.apply(&streams.config, &queue, &ingest);
     let streams = Arc::new(Mutex::new(Some(streams)));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -16,6 +16,7 @@ pub mod lineproto;
 pub mod logging;
 pub mod queue;
 pub mod ship;
+pub mod source;
 pub mod status;
 pub mod systemd;
 pub mod transform;

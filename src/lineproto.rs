@@ -158,6 +158,8 @@ pub enum ParseErrorKind {
     TimestampOutOfRange,
     /// Something follows the timestamp.
     TrailingData,
+    /// The line is not valid UTF-8 (InfluxDB requires it; `column` is the first bad byte).
+    InvalidUtf8,
 }
 
 impl ParseErrorKind {
@@ -185,6 +187,7 @@ impl ParseErrorKind {
             InvalidTimestamp => "invalid timestamp",
             TimestampOutOfRange => "timestamp out of range",
             TrailingData => "unexpected data after timestamp",
+            InvalidUtf8 => "invalid UTF-8",
         }
     }
 }
@@ -556,6 +559,12 @@ fn scan_line(raw: &[u8]) -> Result<Scanned<'_>, ParseError> {
         b'#' => return Ok(Scanned::Comment(start)),
         b',' => return Err(error(MissingMeasurement, start, end)),
         _ => {}
+    }
+    // InfluxDB requires UTF-8: 3.x and Cloud parse line protocol as text,
+    // 1.x and 2.x drop keys with invalid unicode. Refused here, by line,
+    // rather than dead-lettered after a round trip to the remote.
+    if let Err(e) = std::str::from_utf8(&b[start..]) {
+        return Err(error(InvalidUtf8, start + e.valid_up_to(), end));
     }
 
     // Measurement: the first byte is neither ',' nor blank, so it is never empty.
@@ -1267,6 +1276,44 @@ mod tests {
     ];
 
     #[test]
+    fn lines_that_are_not_utf8_are_rejected_where_the_bad_byte_is() {
+        let cases: &[(&[u8], usize)] = &[
+            (b"m\xff v=1 1", 2),
+            (b"m,t=\xc3\x28 v=1 1", 5),
+            (b"m s=\"caf\xc3\" 1", 9),
+            (b"  m v=1 1\xed\xa0\x80", 10),
+            (b"m s=\"\xf0\x9f\x98\" 1", 6),
+        ];
+        for (line, column) in cases {
+            let body = [
+                b"good v=1 1\n".as_slice(),
+                line,
+                b"\n# \xff comment\ngood v=2 2\n",
+            ]
+            .concat();
+            let (out, summary) = norm(&body, Precision::Nanoseconds);
+            assert_eq!(out, "good v=1 1\ngood v=2 2\n", "{line:?}");
+            assert_eq!(summary.error_count, 1, "{line:?}");
+            assert_eq!(summary.errors[0].line, 2);
+            assert_eq!(
+                summary.errors[0].error,
+                ParseError {
+                    kind: InvalidUtf8,
+                    column: *column
+                },
+                "{line:?}"
+            );
+            assert_eq!(parse_line(line).unwrap_err().kind, InvalidUtf8);
+        }
+        let (out, summary) = norm(
+            "m,t=caf\u{e9} s=\"\u{1f600} ok\",\u{b5}=1 1\n".as_bytes(),
+            Precision::Nanoseconds,
+        );
+        assert_eq!(summary.error_count, 0);
+        assert_eq!(out, "m,t=caf\u{e9} s=\"\u{1f600} ok\",\u{b5}=1 1\n");
+    }
+
+    #[test]
     fn invalid_lines_are_rejected_and_neighbours_kept() {
         for (line, kind, column) in INVALID {
             let body = format!("good,n=1 v=1 1\n{line}\r\n\n good v=2i 2");
@@ -1817,6 +1864,21 @@ mod tests {
                 prop_assert!(e.line >= 1);
                 let _ = describe_errors(&summary, summary.lines + summary.error_count);
             }
+        }
+
+        /// Arbitrary bytes, not biased toward line protocol: whatever comes in,
+        /// only whole, valid UTF-8 lines go out, and every other line is counted.
+        #[test]
+        fn arbitrary_bytes_give_only_valid_utf8_lines(body in prop::collection::vec(any::<u8>(), 0..2000)) {
+            let mut out = Vec::new();
+            let summary = normalize(&body, Precision::Milliseconds, NOW, &mut out);
+            check_output(&out, &summary);
+            prop_assert!(std::str::from_utf8(&out).is_ok());
+            let lines = body.split(|&b| b == b'\n').filter(|l| {
+                let t: Vec<u8> = l.iter().copied().filter(|b| !b" \t\r".contains(b)).collect();
+                !t.is_empty() && t[0] != b'#'
+            }).count() as u64;
+            prop_assert_eq!(summary.lines + summary.error_count, lines);
         }
 
         #[test]

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::config::{Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
 use crate::queue::{Queue, QueueError, ReplHandle};
-use crate::status::{IngestStats, ReplStatus};
+use crate::status::{IngestStats, ReplStatus, SourceStatus};
 
 /// Bodies above this size are validated on a blocking thread so one large
 /// write does not stall the runtime's other connections.
@@ -43,6 +43,8 @@ pub struct Ingest {
     pub queue: Arc<Queue>,
     routing: RwLock<Arc<Routing>>,
     pub stats: IngestStats,
+    /// Statuses of the running `[[tail]]` and `[[influxdb_wal]]` sources.
+    sources: RwLock<Vec<Arc<SourceStatus>>>,
 }
 
 /// Why a write was not (fully) taken.
@@ -98,12 +100,23 @@ impl Ingest {
             queue,
             routing: RwLock::new(Arc::new(routing)),
             stats: IngestStats::default(),
+            sources: RwLock::new(Vec::new()),
         }
     }
 
     /// The routing in force now.
     pub fn routing(&self) -> Arc<Routing> {
         self.routing.read().unwrap().clone()
+    }
+
+    /// The running sources, for status and metrics.
+    pub fn sources(&self) -> Vec<Arc<SourceStatus>> {
+        self.sources.read().unwrap().clone()
+    }
+
+    /// Publishes the sources now running.
+    pub fn set_sources(&self, sources: Vec<Arc<SourceStatus>>) {
+        *self.sources.write().unwrap() = sources;
     }
 
     /// Replaces the routing (config reload); writes in progress finish with the old one.

@@ -1,0 +1,690 @@
+//! `[[tail]]`: follows line-protocol files, by path or glob, into a local
+//! bucket.
+//!
+//! Every poll lists the files the pattern matches and reads whatever whole
+//! lines were appended since the last committed offset. Files are known by
+//! device and inode, not by name, which is what makes rotation work:
+//!
+//! - **Rename** (`logrotate` default): the old inode no longer matches (or
+//!   matches under its new name); its descriptor stays open and is read to
+//!   the end, and dropped once nothing was added for a grace period (the
+//!   writer may need a moment to reopen). The new file at the old name is a
+//!   new inode and is read from its start.
+//! - **Copytruncate**: the same inode shrinks below the offset, or its first
+//!   bytes change (a fingerprint of up to 1 KiB of consumed data is kept):
+//!   reading starts again at 0. Lines written between the last poll and the
+//!   truncation are only in the copy; a glob that also matches the copy reads
+//!   it as a new file (the lines carry timestamps, so the remote overwrites).
+//! - **New files** matching the glob are read from their start.
+//!
+//! A last line without its newline is left until the newline arrives; only
+//! when a rotated file is finished is it taken as a line. Invalid lines are
+//! skipped, counted and logged with file and line number.
+//!
+//! The checkpoint (JSON, one record per followed file: path, device, inode,
+//! offset, line number, fingerprint) is committed with the lines read up to
+//! it. On start, records are matched to files by inode; a record whose file
+//! was rotated away while the agent was stopped is looked up by inode in the
+//! same directory and finished.
+
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde::{Deserialize, Serialize};
+
+use super::{Sink, SinkError};
+use crate::config::Tail;
+use crate::ingest::now_ns;
+use crate::lineproto;
+use crate::status::{Followed as FollowedStatus, SourceStatus};
+
+/// Bytes at the start of a file whose checksum tells a rewritten file from
+/// an appended one.
+const FINGERPRINT_LEN: u64 = 1024;
+/// A line longer than this is skipped (and counted invalid).
+pub const MAX_LINE: usize = 4 << 20;
+/// Smallest read window, whatever the queue budget.
+const MIN_WINDOW: usize = 1024;
+/// A rotated file is finished after this long without growing (at least;
+/// ten poll intervals when that is longer).
+const ROTATED_GRACE: Duration = Duration::from_secs(5);
+
+/// A followed file's position, as committed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Pos {
+    /// Bytes consumed: the start of the next line.
+    off: u64,
+    /// Lines consumed (blank ones too), for error messages.
+    line: u64,
+    /// Length and CRC32 of the fingerprinted prefix.
+    fpl: u64,
+    fpc: u32,
+    /// Inside a line longer than [`MAX_LINE`]: drop up to the next newline.
+    skip: bool,
+}
+
+/// One checkpoint record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Saved {
+    path: String,
+    dev: u64,
+    ino: u64,
+    off: u64,
+    line: u64,
+    fpl: u64,
+    fpc: u32,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    skip: bool,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct State {
+    files: Vec<Saved>,
+}
+
+struct Followed {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+    file: File,
+    pos: Pos,
+    /// Matched by the pattern at the last poll.
+    matched: bool,
+    /// Size at the last look.
+    size: u64,
+    /// Unmatched files: since when the size has not changed.
+    idle_since: Option<Instant>,
+}
+
+/// What the bytes after a file's offset hold.
+enum Chunk {
+    /// Whole lines (the text ends in '\n').
+    Lines(Vec<u8>),
+    /// Only the start of a line so far.
+    Partial,
+    /// This many bytes of a line longer than [`MAX_LINE`], no newline yet.
+    TooLong(u64),
+}
+
+/// The state of one `[[tail]]` source between polls.
+pub struct Tailer {
+    cfg: Tail,
+    pattern: String,
+    literal: bool,
+    status: Arc<SourceStatus>,
+    files: Vec<Followed>,
+    /// Checkpoint records not matched to a file yet (first poll only).
+    saved: Vec<Saved>,
+    /// No checkpoint existed when the source started.
+    fresh: bool,
+    first: bool,
+    grace: Duration,
+    /// Paths whose open failed, logged once.
+    failed: HashSet<PathBuf>,
+}
+
+fn crc_prefix(file: &File, len: u64) -> io::Result<Option<u32>> {
+    let mut buf = vec![0u8; len as usize];
+    match file.read_exact_at(&mut buf, 0) {
+        Ok(()) => Ok(Some(crc32fast::hash(&buf))),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Offset just past the last newline in `[0, size)`, and the newlines before it.
+fn end_of_last_line(file: &File, size: u64) -> io::Result<(u64, u64)> {
+    let mut end = None;
+    let mut lines = 0u64;
+    let mut buf = vec![0u8; 64 << 10];
+    let mut at = 0u64;
+    while at < size {
+        let n = ((size - at) as usize).min(buf.len());
+        file.read_exact_at(&mut buf[..n], at)?;
+        let chunk = &buf[..n];
+        lines += memchr::memchr_iter(b'\n', chunk).count() as u64;
+        if let Some(k) = memchr::memrchr(b'\n', chunk) {
+            end = Some(at + k as u64 + 1);
+        }
+        at += n as u64;
+    }
+    Ok((end.unwrap_or(0), lines))
+}
+
+/// Looks in `dir` for the file with inode `ino` on device `dev`.
+fn find_inode(dir: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
+    fs::read_dir(dir).ok()?.flatten().find_map(|e| {
+        let m = e.metadata().ok()?;
+        (m.is_file() && m.dev() == dev && m.ino() == ino).then(|| e.path())
+    })
+}
+
+impl Tailer {
+    /// A tailer resuming from `checkpoint` (a value this module committed).
+    pub fn new(cfg: Tail, status: Arc<SourceStatus>, checkpoint: Option<Vec<u8>>) -> Tailer {
+        let pattern = cfg.path.to_string_lossy().into_owned();
+        let literal = !pattern.contains(['*', '?', '[']);
+        let saved = match checkpoint.as_deref().map(serde_json::from_slice::<State>) {
+            None => Vec::new(),
+            Some(Ok(s)) => s.files,
+            Some(Err(e)) => {
+                warn!(
+                    "{}: its checkpoint is unreadable ({e}); files are read from their start",
+                    status.name
+                );
+                Vec::new()
+            }
+        };
+        let grace = ROTATED_GRACE.max(cfg.poll_interval * 10);
+        Tailer {
+            pattern,
+            literal,
+            status,
+            files: Vec::new(),
+            saved,
+            fresh: checkpoint.is_none(),
+            first: true,
+            grace,
+            failed: HashSet::new(),
+            cfg,
+        }
+    }
+
+    /// One round: find files, read what was appended, finish rotated files.
+    pub fn poll(&mut self, sink: &mut dyn Sink) -> Result<(), SinkError> {
+        // Starting at the files' ends must be remembered at once, or a
+        // restart would start at the (later) ends again.
+        let mut dirty = self.first && self.fresh && !self.cfg.from_beginning;
+        // A new file is recorded before it is read, so that a restart finds
+        // it by inode even if it was rotated away meanwhile.
+        dirty |= self.discover();
+        if self.first {
+            dirty |= self.resume_rotated();
+            self.first = false;
+        }
+        if dirty {
+            sink.write(&[], 0, &self.state(None, None))?;
+        }
+        for i in 0..self.files.len() {
+            self.read(i, sink)?;
+        }
+        self.finish_rotated(sink)?;
+        self.publish();
+        Ok(())
+    }
+
+    fn error(&self, msg: String) {
+        warn!("{}: {msg}", self.status.name);
+        self.status.errors.fetch_add(1, Ordering::Relaxed);
+        self.status.detail.lock().unwrap().latest_error = msg;
+    }
+
+    fn scan(&self) -> Vec<PathBuf> {
+        if self.literal {
+            return vec![self.cfg.path.clone()];
+        }
+        let mut out: Vec<PathBuf> = match glob::glob(&self.pattern) {
+            Ok(paths) => paths.flatten().collect(),
+            Err(_) => Vec::new(),
+        };
+        out.sort();
+        out
+    }
+
+    /// Matches the pattern's files to the followed ones and opens new ones;
+    /// true when some were added.
+    fn discover(&mut self) -> bool {
+        let mut added = false;
+        for f in &mut self.files {
+            f.matched = false;
+        }
+        for path in self.scan() {
+            let meta = match fs::metadata(&path) {
+                Ok(m) if m.is_file() => m,
+                _ => continue,
+            };
+            let (dev, ino) = (meta.dev(), meta.ino());
+            if let Some(f) = self.files.iter_mut().find(|f| f.dev == dev && f.ino == ino) {
+                if !f.matched {
+                    if f.path != path {
+                        info!(
+                            "{}: {} is now {}",
+                            self.status.name,
+                            f.path.display(),
+                            path.display()
+                        );
+                        f.path = path;
+                    }
+                    f.matched = true;
+                }
+                continue;
+            }
+            match self.open(&path) {
+                Ok(f) => {
+                    self.failed.remove(&path);
+                    self.files.push(f);
+                    added = true;
+                }
+                Err(e) => {
+                    if self.failed.insert(path.clone()) {
+                        self.error(format!("cannot follow {}: {e}", path.display()));
+                    }
+                }
+            }
+        }
+        added
+    }
+
+    /// Opens a file newly matched, at the position its checkpoint record
+    /// (if any, and still valid) gives.
+    fn open(&mut self, path: &Path) -> io::Result<Followed> {
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        let (dev, ino, size) = (meta.dev(), meta.ino(), meta.len());
+        let name = &self.status.name;
+        let mut pos = Pos::default();
+        if let Some(i) = self.saved.iter().position(|s| s.dev == dev && s.ino == ino) {
+            let s = self.saved.swap_remove(i);
+            if s.off <= size && crc_prefix(&file, s.fpl)? == Some(s.fpc) {
+                pos = Pos {
+                    off: s.off,
+                    line: s.line,
+                    fpl: s.fpl,
+                    fpc: s.fpc,
+                    skip: s.skip,
+                };
+                info!(
+                    "{name}: {}: resuming at byte {} (line {})",
+                    path.display(),
+                    pos.off,
+                    pos.line + 1
+                );
+            } else {
+                info!(
+                    "{name}: {}: truncated or rewritten while the agent was stopped; reading it from its start",
+                    path.display()
+                );
+            }
+        } else if self.first && self.fresh && !self.cfg.from_beginning {
+            let (off, line) = end_of_last_line(&file, size)?;
+            pos.off = off;
+            pos.line = line;
+            pos.fpl = off.min(FINGERPRINT_LEN);
+            pos.fpc = crc_prefix(&file, pos.fpl)?.unwrap_or(0);
+            info!(
+                "{name}: {}: starting at its end, byte {off} (from_beginning = false)",
+                path.display()
+            );
+        } else {
+            info!("{name}: {}: following from its start", path.display());
+        }
+        Ok(Followed {
+            path: path.to_path_buf(),
+            dev,
+            ino,
+            file,
+            pos,
+            matched: true,
+            size,
+            idle_since: None,
+        })
+    }
+
+    /// First poll: checkpoint records whose file no longer matches were
+    /// rotated while the agent was stopped; finish them if they are still
+    /// in their directory. True when a record was given up (the checkpoint
+    /// changes).
+    fn resume_rotated(&mut self) -> bool {
+        let name = self.status.name.clone();
+        let mut gave_up = false;
+        for s in std::mem::take(&mut self.saved) {
+            let old = PathBuf::from(&s.path);
+            let found = old
+                .parent()
+                .and_then(|dir| find_inode(dir, s.dev, s.ino))
+                .and_then(|p| File::open(&p).ok().map(|f| (p, f)));
+            let resumed = found.and_then(|(p, file)| {
+                let size = file.metadata().ok()?.len();
+                let same = s.off <= size && crc_prefix(&file, s.fpl).ok()? == Some(s.fpc);
+                same.then_some((p, file, size))
+            });
+            match resumed {
+                Some((p, file, size)) => {
+                    if p == old {
+                        info!(
+                            "{name}: {}: rotated away before the restart; finishing it from byte {}",
+                            p.display(),
+                            s.off
+                        );
+                    } else {
+                        info!(
+                            "{name}: {} was rotated to {} while the agent was stopped; finishing it from byte {}",
+                            old.display(),
+                            p.display(),
+                            s.off
+                        );
+                    }
+                    self.files.push(Followed {
+                        path: p,
+                        dev: s.dev,
+                        ino: s.ino,
+                        file,
+                        pos: Pos {
+                            off: s.off,
+                            line: s.line,
+                            fpl: s.fpl,
+                            fpc: s.fpc,
+                            skip: s.skip,
+                        },
+                        matched: false,
+                        size,
+                        idle_since: None,
+                    });
+                }
+                None => {
+                    warn!(
+                        "{name}: {} is gone since the agent stopped (rotated away and removed?); lines added to it after byte {}, if any, were not read",
+                        old.display(),
+                        s.off
+                    );
+                    gave_up = true;
+                }
+            }
+        }
+        gave_up
+    }
+
+    /// The checkpoint: every followed file, with file `i` at `pos` if given,
+    /// and without file `drop`.
+    fn state(&self, with: Option<(usize, Pos)>, drop: Option<usize>) -> Vec<u8> {
+        let files = self
+            .files
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != drop)
+            .map(|(i, f)| {
+                let p = match with {
+                    Some((j, p)) if j == i => p,
+                    _ => f.pos,
+                };
+                Saved {
+                    path: f.path.to_string_lossy().into_owned(),
+                    dev: f.dev,
+                    ino: f.ino,
+                    off: p.off,
+                    line: p.line,
+                    fpl: p.fpl,
+                    fpc: p.fpc,
+                    skip: p.skip,
+                }
+            })
+            .collect();
+        serde_json::to_vec(&State { files }).expect("a checkpoint serialises")
+    }
+
+    /// The whole lines (or the over-long line) after `f`'s offset.
+    fn next_chunk(f: &Followed, size: u64, window: usize) -> io::Result<Chunk> {
+        let avail = size - f.pos.off;
+        let want = (avail as usize).min(window);
+        let mut buf = vec![0u8; want];
+        if let Err(e) = f.file.read_exact_at(&mut buf, f.pos.off) {
+            // Shrunk since it was measured: the next poll sees the truncation.
+            return if e.kind() == io::ErrorKind::UnexpectedEof {
+                Ok(Chunk::Partial)
+            } else {
+                Err(e)
+            };
+        }
+        if let Some(k) = memchr::memrchr(b'\n', &buf) {
+            buf.truncate(k + 1);
+            return Ok(Chunk::Lines(buf));
+        }
+        if want as u64 == avail && want < MAX_LINE {
+            return Ok(Chunk::Partial);
+        }
+        // One line longer than the window: read on to its end.
+        let want = (avail as usize).min(MAX_LINE);
+        let mut buf = vec![0u8; want];
+        if f.file.read_exact_at(&mut buf, f.pos.off).is_err() {
+            return Ok(Chunk::Partial);
+        }
+        match memchr::memchr(b'\n', &buf) {
+            Some(k) => {
+                buf.truncate(k + 1);
+                Ok(Chunk::Lines(buf))
+            }
+            None if want == MAX_LINE => Ok(Chunk::TooLong(MAX_LINE as u64)),
+            None => Ok(Chunk::Partial),
+        }
+    }
+
+    /// Whether the fingerprinted prefix of `f` is still what was consumed.
+    fn unchanged(f: &Followed) -> io::Result<bool> {
+        Ok(f.pos.fpl == 0 || crc_prefix(&f.file, f.pos.fpl)? == Some(f.pos.fpc))
+    }
+
+    /// Reads and commits the whole lines appended to file `i`.
+    fn read(&mut self, i: usize, sink: &mut dyn Sink) -> Result<(), SinkError> {
+        let mut window = sink.budget().max(MIN_WINDOW);
+        loop {
+            let f = &self.files[i];
+            let size = match f.file.metadata() {
+                Ok(m) => m.len(),
+                Err(e) => {
+                    self.error(format!("cannot stat {}: {e}", f.path.display()));
+                    return Ok(());
+                }
+            };
+            let rewritten = match Self::unchanged(f) {
+                Ok(same) => !same,
+                Err(e) => {
+                    self.error(format!("cannot read {}: {e}", f.path.display()));
+                    return Ok(());
+                }
+            };
+            if size < f.pos.off || rewritten {
+                info!(
+                    "{}: {} was truncated (copytruncate?) at byte {} of {}; reading it from its start",
+                    self.status.name,
+                    f.path.display(),
+                    size,
+                    f.pos.off
+                );
+                self.files[i].pos = Pos::default();
+            }
+            let f = &mut self.files[i];
+            if f.size != size {
+                f.idle_since = None;
+            }
+            f.size = size;
+            if size == f.pos.off {
+                return Ok(());
+            }
+            let chunk = match Self::next_chunk(f, size, window) {
+                Ok(c) => c,
+                Err(e) => {
+                    let msg = format!("cannot read {}: {e}", f.path.display());
+                    self.error(msg);
+                    return Ok(());
+                }
+            };
+            let f = &self.files[i];
+            let mut next = f.pos;
+            let (payload, lines) = match chunk {
+                Chunk::Partial => return Ok(()),
+                Chunk::TooLong(n) => {
+                    if !next.skip {
+                        self.invalid(&f.path, next.line + 1, "line longer than 4 MiB");
+                    }
+                    next.off += n;
+                    next.skip = true;
+                    (Vec::new(), 0)
+                }
+                Chunk::Lines(text) => {
+                    let mut body = &text[..];
+                    let mut first_line = next.line;
+                    if next.skip {
+                        // The end of an over-long line: drop it.
+                        let k = memchr::memchr(b'\n', body).expect("chunk ends in a newline");
+                        body = &body[k + 1..];
+                        first_line += 1;
+                        next.skip = false;
+                    }
+                    let (payload, lines) = self.validate(&f.path, body, first_line);
+                    next.off += text.len() as u64;
+                    next.line += memchr::memchr_iter(b'\n', &text).count() as u64;
+                    (payload, lines)
+                }
+            };
+            if next.fpl < FINGERPRINT_LEN && next.off > next.fpl {
+                next.fpl = next.off.min(FINGERPRINT_LEN);
+                next.fpc = match crc_prefix(&f.file, next.fpl) {
+                    Ok(Some(c)) => c,
+                    _ => return Ok(()),
+                };
+            }
+            match sink.write(&payload, lines, &self.state(Some((i, next)), None)) {
+                Ok(()) => self.files[i].pos = next,
+                Err(SinkError::TooLarge) if lines > 1 => {
+                    window = (window / 2).max(MIN_WINDOW);
+                    continue;
+                }
+                Err(SinkError::TooLarge) => {
+                    // One line larger than a queue's bound can never be queued.
+                    self.invalid(
+                        &self.files[i].path,
+                        self.files[i].pos.line + 1,
+                        "line larger than a replication's max_queue_size",
+                    );
+                    sink.write(&[], 0, &self.state(Some((i, next)), None))?;
+                    self.files[i].pos = next;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn invalid(&self, path: &Path, line: u64, why: &str) {
+        self.status.invalid_lines.fetch_add(1, Ordering::Relaxed);
+        warn!(
+            "{}: {}:{line}: {why}; skipped",
+            self.status.name,
+            path.display()
+        );
+    }
+
+    /// Validates and normalises `body` (whole lines; the first is line
+    /// `first_line + 1` of its file); logs and counts the invalid ones.
+    fn validate(&self, path: &Path, body: &[u8], first_line: u64) -> (Vec<u8>, u64) {
+        let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
+        let summary = lineproto::normalize(body, self.cfg.precision, now_ns(), &mut out);
+        if summary.error_count > 0 {
+            self.status
+                .invalid_lines
+                .fetch_add(summary.error_count, Ordering::Relaxed);
+            for e in &summary.errors {
+                warn!(
+                    "{}: {}:{}: {}: \"{}\"; skipped",
+                    self.status.name,
+                    path.display(),
+                    first_line + e.line as u64,
+                    e.error,
+                    e.excerpt
+                );
+            }
+            let more = summary.error_count - summary.errors.len() as u64;
+            if more > 0 {
+                warn!(
+                    "{}: {}: {more} more invalid lines after line {} skipped",
+                    self.status.name,
+                    path.display(),
+                    first_line + summary.errors.last().map_or(0, |e| e.line as u64)
+                );
+            }
+        }
+        (out, summary.lines)
+    }
+
+    /// Finishes files that no longer match and stopped growing: a last line
+    /// without a newline is taken as a line, and the file is dropped from
+    /// the checkpoint.
+    fn finish_rotated(&mut self, sink: &mut dyn Sink) -> Result<(), SinkError> {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.files.len() {
+            let f = &mut self.files[i];
+            if f.matched {
+                f.idle_since = None;
+                i += 1;
+                continue;
+            }
+            let since = *f.idle_since.get_or_insert(now);
+            if now.duration_since(since) < self.grace {
+                i += 1;
+                continue;
+            }
+            let f = &self.files[i];
+            let rest = f.size.saturating_sub(f.pos.off);
+            let mut payload = Vec::new();
+            let mut lines = 0;
+            if rest > 0 && !f.pos.skip && rest <= MAX_LINE as u64 {
+                let mut buf = vec![0u8; rest as usize];
+                if f.file.read_exact_at(&mut buf, f.pos.off).is_ok() {
+                    buf.push(b'\n');
+                    (payload, lines) = self.validate(&f.path, &buf, f.pos.line);
+                }
+            }
+            let state = self.state(None, Some(i));
+            match sink.write(&payload, lines, &state) {
+                Ok(()) => {}
+                Err(SinkError::TooLarge) => {
+                    self.invalid(
+                        &f.path,
+                        f.pos.line + 1,
+                        "line larger than a replication's max_queue_size",
+                    );
+                    sink.write(&[], 0, &state)?;
+                }
+                Err(e) => return Err(e),
+            }
+            let f = self.files.remove(i);
+            info!(
+                "{}: {} (rotated away) finished at byte {}; no longer followed",
+                self.status.name,
+                f.path.display(),
+                f.size
+            );
+        }
+        Ok(())
+    }
+
+    fn publish(&self) {
+        let followed = self
+            .files
+            .iter()
+            .map(|f| FollowedStatus {
+                path: f.path.to_string_lossy().into_owned(),
+                segment: None,
+                offset: f.pos.off,
+                lag_bytes: f.size.saturating_sub(f.pos.off),
+            })
+            .collect::<Vec<_>>();
+        let mut d = self.status.detail.lock().unwrap();
+        d.state = if followed.is_empty() {
+            "waiting"
+        } else {
+            "following"
+        };
+        d.followed = followed;
+    }
+}
+
+#[cfg(test)]
+mod tests;
