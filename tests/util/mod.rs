@@ -1878,3 +1878,163 @@ fn sink_connection(
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Sources: [[tail]] files and [[influxdb_wal]] WALs
+// ---------------------------------------------------------------------------
+
+impl Launch {
+    /// Appends `toml` (e.g. `[[tail]]` or `[[influxdb_wal]]` tables) to the
+    /// rendered config.
+    pub fn append(mut self, toml: &str) -> Launch {
+        let toml = toml.to_string();
+        self.edits.push(std::sync::Arc::new(move |text: String| {
+            format!("{text}\n{toml}\n")
+        }));
+        self
+    }
+}
+
+impl Agent {
+    /// The `sources` array of `GET /api/v2/replications`.
+    pub fn sources(&self) -> Vec<Value> {
+        let all = self.replications();
+        all["sources"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no sources array: {all}"))
+            .clone()
+    }
+
+    /// The status of the first source of `kind` (`tail`, `influxdb_wal`).
+    pub fn source(&self, kind: &str) -> Value {
+        let all = self.sources();
+        all.iter()
+            .find(|s| s["kind"] == kind)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {kind} source in {all:?}"))
+    }
+}
+
+impl Influx16 {
+    /// As `start`, with `lines` added to the `[data]` section of its config
+    /// (e.g. `cache-snapshot-write-cold-duration = "2s"`).
+    pub fn start_with_data(lines: &str) -> Option<Influx16> {
+        let mut influx = Influx16::start()?;
+        influx.stop();
+        let path = influx.dir.path().join("influxdb.conf");
+        let text = fs::read_to_string(&path).unwrap();
+        fs::write(&path, insert_after(&text, "[data]", lines)).unwrap();
+        influx.spawn();
+        Some(influx)
+    }
+
+    /// The WAL segment files of database `db`, relative to the WAL dir.
+    pub fn wal_segments(&self, db: &str) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|x| x == "wal") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.wal_dir().join(db), &mut out);
+        out.sort();
+        out
+    }
+}
+
+/// A small encoder of InfluxDB's TSM WAL (`tsdb/engine/tsm1/wal.go`), for
+/// tests of the `[[influxdb_wal]]` source that need layouts or contents no
+/// local InfluxDB produces (2.x, uint64 values, damaged tails).
+pub mod tsm_wal {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+
+    #[derive(Debug, Clone, PartialEq)]
+    pub enum Value {
+        Float(f64),
+        Integer(i64),
+        Boolean(bool),
+        String(String),
+        Unsigned(u64),
+    }
+
+    impl Value {
+        fn kind(&self) -> u8 {
+            match self {
+                Value::Float(_) => 1,
+                Value::Integer(_) => 2,
+                Value::Boolean(_) => 3,
+                Value::String(_) => 4,
+                Value::Unsigned(_) => 5,
+            }
+        }
+    }
+
+    /// One field of one point: escaped series key, unescaped field key.
+    #[derive(Debug, Clone)]
+    pub struct Field {
+        pub series: String,
+        pub field: String,
+        pub time: i64,
+        pub value: Value,
+    }
+
+    /// `[type][u32 BE length][snappy block]`.
+    pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let block = snap::raw::Encoder::new()
+            .compress_vec(payload)
+            .expect("snappy");
+        let mut out = vec![kind];
+        out.extend_from_slice(&(block.len() as u32).to_be_bytes());
+        out.extend_from_slice(&block);
+        out
+    }
+
+    /// A write entry holding `fields`, one key per series and field (in
+    /// reverse key order, as a Go map may give them).
+    pub fn write_entry(fields: &[Field]) -> Vec<u8> {
+        let mut keys: BTreeMap<String, Vec<&Field>> = BTreeMap::new();
+        for f in fields {
+            keys.entry(format!("{}#!~#{}", f.series, f.field))
+                .or_default()
+                .push(f);
+        }
+        let mut payload = Vec::new();
+        for (key, values) in keys.iter().rev() {
+            payload.push(values[0].value.kind());
+            payload.extend_from_slice(&(key.len() as u16).to_be_bytes());
+            payload.extend_from_slice(key.as_bytes());
+            payload.extend_from_slice(&(values.len() as u32).to_be_bytes());
+            for v in values {
+                assert_eq!(v.value.kind(), values[0].value.kind(), "one type per key");
+                payload.extend_from_slice(&v.time.to_be_bytes());
+                match &v.value {
+                    Value::Float(x) => payload.extend_from_slice(&x.to_bits().to_be_bytes()),
+                    Value::Integer(x) => payload.extend_from_slice(&x.to_be_bytes()),
+                    Value::Boolean(x) => payload.push(*x as u8),
+                    Value::String(s) => {
+                        payload.extend_from_slice(&(s.len() as u32).to_be_bytes());
+                        payload.extend_from_slice(s.as_bytes());
+                    }
+                    Value::Unsigned(x) => payload.extend_from_slice(&x.to_be_bytes()),
+                }
+            }
+        }
+        frame(1, &payload)
+    }
+
+    /// A delete entry (type 2) of series keys.
+    pub fn delete_entry(keys: &[&str]) -> Vec<u8> {
+        frame(2, keys.join("\n").as_bytes())
+    }
+
+    /// `<dir>/_NNNNN.wal`.
+    pub fn segment_path(dir: &Path, id: u64) -> PathBuf {
+        dir.join(format!("_{id:05}.wal"))
+    }
+}

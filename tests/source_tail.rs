@@ -1,0 +1,270 @@
+//! End to end for `[[tail]]`: line-protocol files written by the test are
+//! followed by the agent and arrive at a real VictoriaMetrics, through rename
+//! rotation, copytruncate, a new file matching the glob, a partial last line,
+//! invalid lines, a graceful restart and a SIGKILL, all while a writer keeps
+//! appending. Counts are exact: the replication's `acceptedLines` (kept
+//! across restarts) equals the lines written (nothing queued twice), and
+//! VictoriaMetrics holds every one of them (nothing lost).
+
+mod util;
+
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::io::Write as _;
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::Value;
+use util::*;
+
+fn append(path: &Path, text: &str) {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+}
+
+fn accepted(agent: &Agent) -> u64 {
+    field(&agent.replication("r1"), "acceptedLines")
+}
+
+/// The tail source's status entry for `path`, if followed.
+fn followed(agent: &Agent, path: &Path) -> Option<Value> {
+    let name = path.display().to_string();
+    agent.source("tail")["files"]
+        .as_array()?
+        .iter()
+        .find(|f| f["path"] == name.as_str())
+        .cloned()
+}
+
+/// Waits until the agent has queued everything `path` holds.
+fn wait_consumed(agent: &Agent, path: &Path) {
+    let size = fs::metadata(path).unwrap().len();
+    wait_eq(
+        DEADLINE,
+        &format!("offset of {}", path.display()),
+        Some(size),
+        || followed(agent, path).and_then(|f| f["offset"].as_u64()),
+    );
+}
+
+#[test]
+fn tailed_files_arrive_exactly_once_through_rotation_and_restarts() {
+    let Some(vm) = VictoriaMetrics::start() else {
+        return;
+    };
+    let files = tempfile::tempdir().unwrap();
+    let dir = files.path();
+    let config = AgentConfig::single(RemoteConfig::v2("vm", &vm.url()), "files", None);
+    let launch = Launch::new().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"50ms\"\n",
+        toml_str(&dir.join("*.lp").display().to_string())
+    ));
+    let mut agent = Agent::start_with(config, &launch);
+
+    let all = lines("tl", 9, 6_101, ts_ago(Duration::from_secs(7200)));
+    let mut source = all.lines().map(|l| format!("{l}\n"));
+    let mut take = |n: usize| -> String { source.by_ref().take(n).collect() };
+    let mut expected = 0u64;
+
+    // A file, and a last line that arrives in two writes.
+    let a = dir.join("a.lp");
+    append(&a, &take(1_000));
+    let line = take(1);
+    let (head, rest) = line.split_at(line.len() / 2);
+    append(&a, head);
+    expected += 1_000;
+    wait_eq(
+        DEADLINE,
+        "accepted before the line is finished",
+        expected,
+        || accepted(&agent),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(accepted(&agent), expected, "half a line was queued");
+    append(&a, rest);
+    expected += 1;
+    wait_eq(
+        DEADLINE,
+        "accepted after the line is finished",
+        expected,
+        || accepted(&agent),
+    );
+
+    // Rotation by rename: the writer keeps its handle on the old file for a
+    // while, and a new a.lp starts.
+    let mut old = OpenOptions::new().append(true).open(&a).unwrap();
+    fs::rename(&a, dir.join("a.lp.1")).unwrap();
+    old.write_all(take(200).as_bytes()).unwrap();
+    append(&a, &take(300));
+    old.write_all(take(100).as_bytes()).unwrap();
+    drop(old);
+    expected += 600;
+    wait_eq(DEADLINE, "accepted after rename rotation", expected, || {
+        accepted(&agent)
+    });
+
+    // Copytruncate: once everything is read, the file is copied (to a name the
+    // glob does not match) and truncated, and the writer goes on.
+    let b = dir.join("b.lp");
+    append(&b, &take(500));
+    expected += 500;
+    wait_consumed(&agent, &b);
+    fs::copy(&b, dir.join("b.lp.1")).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    append(&b, &take(400));
+    expected += 400;
+    // A new file matching the glob.
+    append(&dir.join("c.lp"), &take(500));
+    append(&dir.join("c.txt"), "not followed\n");
+    expected += 500;
+    wait_eq(
+        DEADLINE,
+        "accepted after copytruncate and a new file",
+        expected,
+        || accepted(&agent),
+    );
+
+    // Restarts while a writer appends.
+    let d = dir.join("d.lp");
+    let chunk: Vec<String> = (0..60).map(|_| take(50)).collect();
+    expected += 60 * 50;
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for c in &chunk {
+                append(&d, c);
+                std::thread::sleep(Duration::from_millis(40));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(600));
+        assert!(agent.sigterm_and_wait().success());
+        agent.restart();
+        std::thread::sleep(Duration::from_millis(700));
+        agent.kill9();
+        agent.restart();
+        writer.join().unwrap();
+    });
+    wait_eq(DEADLINE, "accepted after restarts", expected, || {
+        accepted(&agent)
+    });
+
+    // Invalid lines: skipped, counted, logged with file and line number.
+    let e = dir.join("e.lp");
+    let good = take(100);
+    let mut text = String::new();
+    for (i, l) in good.lines().enumerate() {
+        text += l;
+        text += "\n";
+        if i % 40 == 0 {
+            text += "tl,bad=1 value=\n";
+        }
+    }
+    append(&e, &text);
+    expected += 100;
+    wait_eq(DEADLINE, "accepted after invalid lines", expected, || {
+        accepted(&agent)
+    });
+    let status = agent.source("tail");
+    assert_eq!(status["invalidLines"], 3, "{status:#}");
+    let bad_line = text.lines().position(|l| l.contains("bad=1")).unwrap() + 1;
+    assert!(
+        agent
+            .log()
+            .contains(&format!("{}:{bad_line}: ", e.display())),
+        "the log names file and line"
+    );
+
+    assert_eq!(source.next(), None, "every generated line was written");
+    let rep = agent.replication("r1");
+    assert_eq!(field(&rep, "acceptedLines"), 6_101, "{rep:#}");
+    wait_eq(DEADLINE, "samples of tl_value at the remote", 6_101, || {
+        vm.count("tl_value")
+    });
+    let want: HashSet<Key> = line_keys(&all).into_iter().collect();
+    assert_eq!(vm.keys("tl_value"), want);
+    wait_eq(DEADLINE, "r1 remainingLines", 0, || {
+        field(&agent.replication("r1"), "remainingLines")
+    });
+    let rep = agent.replication("r1");
+    assert_eq!(field(&rep, "deliveredLines"), 6_101, "{rep:#}");
+    assert_conserved(&rep);
+
+    // The rotated file was finished and dropped; the others are followed.
+    wait_until(DEADLINE, "a.lp.1 no longer followed", || {
+        followed(&agent, &dir.join("a.lp.1")).is_none()
+    });
+    let status = agent.source("tail");
+    assert_eq!(status["state"], "following", "{status:#}");
+    assert_eq!(status["lagBytes"], 0, "{status:#}");
+    let paths: HashSet<String> = status["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_string())
+        .collect();
+    let want: HashSet<String> = ["a.lp", "b.lp", "c.lp", "d.lp", "e.lp"]
+        .iter()
+        .map(|n| dir.join(n).display().to_string())
+        .collect();
+    assert_eq!(paths, want);
+    let metrics = agent.metrics();
+    let label = format!("source=\"tail {}\"", dir.join("*.lp").display());
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "edge_replicator_source_lines_invalid_total",
+            &label
+        ),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_value(&metrics, "edge_replicator_source_lines_total", &label)
+            .is_some_and(|v| v > 0.0),
+        "{metrics}"
+    );
+}
+
+/// With `from_beginning = false`, what the files held at the first start is
+/// left alone; what is appended later (and across a restart) is queued.
+#[test]
+fn from_beginning_false_starts_at_the_end_once() {
+    let Some(vm) = VictoriaMetrics::start() else {
+        return;
+    };
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path().join("m.lp");
+    let start = ts_ago(Duration::from_secs(3600));
+    let all = lines("fb", 3, 300, start);
+    let parts: Vec<&str> = all.lines().collect();
+    append(&f, &(parts[..100].join("\n") + "\n"));
+    let config = AgentConfig::single(RemoteConfig::v2("vm", &vm.url()), "files", None);
+    let launch = Launch::new().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"50ms\"\nfrom_beginning = false\n",
+        toml_str(&f.display().to_string())
+    ));
+    let mut agent = Agent::start_with(config, &launch);
+    wait_until(DEADLINE, "m.lp followed", || followed(&agent, &f).is_some());
+    append(&f, &(parts[100..200].join("\n") + "\n"));
+    wait_eq(DEADLINE, "accepted", 100, || accepted(&agent));
+    assert!(agent.sigterm_and_wait().success());
+    append(&f, &(parts[200..].join("\n") + "\n"));
+    agent.restart();
+    wait_eq(DEADLINE, "accepted after restart", 200, || accepted(&agent));
+    wait_eq(DEADLINE, "samples of fb_value", 200, || {
+        vm.count("fb_value")
+    });
+    let want: HashSet<Key> = line_keys(&(parts[100..].join("\n") + "\n"))
+        .into_iter()
+        .collect();
+    assert_eq!(vm.keys("fb_value"), want);
+}
