@@ -1,14 +1,28 @@
 //! Reading request bodies within bounds: the wire size and the decompressed
 //! size are both capped at `max_body_size`, and decompression stops one byte
-//! past the cap, so a gzip bomb costs at most that much memory.
+//! past the cap, so a gzip bomb costs at most that much memory. Inflating
+//! runs off the async runtime, a few bodies at a time, so bombs arriving
+//! together neither stall other connections nor add up in memory.
+//!
+//! A body refused as too large is still read to its end (and thrown away)
+//! when that end is near, so a client that is still sending sees the 413
+//! rather than a connection reset.
 
 use std::io::Read as _;
 use std::time::Duration;
 
 use bytes::Bytes;
 use flate2::read::MultiGzDecoder;
-use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Body as _, Incoming};
+use tokio::sync::Semaphore;
+
+/// Past `max_body_size`, at most this much more is read and discarded
+/// before the 413 (beyond it the connection is closed instead).
+const DRAIN_LIMIT: u64 = 64 << 20;
+/// Bodies inflated at once; each holds up to `max_body_size` bytes.
+const INFLATING: usize = 2;
+static INFLATE_SLOTS: Semaphore = Semaphore::const_new(INFLATING);
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BodyError {
@@ -49,19 +63,52 @@ pub async fn read(
     max: u64,
     timeout: Duration,
 ) -> Result<Bytes, BodyError> {
-    let limited = Limited::new(body, max as usize);
-    let collected = match tokio::time::timeout(timeout, limited.collect()).await {
+    let collected = match tokio::time::timeout(timeout, collect(body, max)).await {
         Err(_) => return Err(BodyError::Timeout(timeout)),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            return Err(BodyError::TooLarge(max))
-        }
-        Ok(Err(e)) => return Err(BodyError::Read(e.to_string())),
-        Ok(Ok(c)) => c.to_bytes(),
+        Ok(r) => r?,
     };
     match encoding {
         Encoding::Identity => Ok(collected),
-        Encoding::Gzip => decompress(&collected, max).map(Bytes::from),
+        Encoding::Gzip => {
+            let _slot = INFLATE_SLOTS
+                .acquire()
+                .await
+                .map_err(|e| BodyError::Read(e.to_string()))?;
+            tokio::task::spawn_blocking(move || decompress(&collected, max))
+                .await
+                .map_err(|e| BodyError::Read(e.to_string()))?
+                .map(Bytes::from)
+        }
     }
+}
+
+/// The body's bytes, at most `max` of them; past that, drained (see
+/// [`DRAIN_LIMIT`]) and refused.
+async fn collect(mut body: Incoming, max: u64) -> Result<Bytes, BodyError> {
+    let announced = body.size_hint().exact();
+    if announced.is_some_and(|n| n > max.saturating_add(DRAIN_LIMIT)) {
+        return Err(BodyError::TooLarge(max));
+    }
+    let mut buf = Vec::with_capacity(announced.unwrap_or(0).min(max) as usize);
+    let mut seen: u64 = 0;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers
+        };
+        seen += data.len() as u64;
+        if seen <= max {
+            buf.extend_from_slice(&data);
+        } else if seen > max.saturating_add(DRAIN_LIMIT) {
+            return Err(BodyError::TooLarge(max));
+        } else if !buf.is_empty() {
+            buf = Vec::new();
+        }
+    }
+    if seen > max {
+        return Err(BodyError::TooLarge(max));
+    }
+    Ok(Bytes::from(buf))
 }
 
 /// Inflates concatenated gzip members, refusing more than `max` bytes.

@@ -165,13 +165,13 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             Api::V2,
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed",
-            &format!("{method} is not allowed on {path}"),
+            &format!("{method} is not allowed on {}", shown(&path)),
         ),
         _ => error(
             Api::V2,
             StatusCode::NOT_FOUND,
             "not found",
-            &format!("path {path} not found"),
+            &format!("path {} not found", shown(&path)),
         ),
     }
 }
@@ -199,7 +199,7 @@ async fn dead_letter(ingest: &Ingest, method: &Method, path: &str, with_lines: b
                 Api::V2,
                 StatusCode::NOT_FOUND,
                 "not found",
-                &format!("path {path} not found"),
+                &format!("path {} not found", shown(path)),
             )
         }
     };
@@ -212,7 +212,7 @@ async fn dead_letter(ingest: &Ingest, method: &Method, path: &str, with_lines: b
             Api::V2,
             StatusCode::NOT_FOUND,
             "not found",
-            &format!("replication \"{name}\" not found"),
+            &format!("replication \"{}\" not found", shown(&name)),
         );
     };
     enum Op {
@@ -229,7 +229,7 @@ async fn dead_letter(ingest: &Ingest, method: &Method, path: &str, with_lines: b
                 Api::V2,
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method not allowed",
-                &format!("{method} is not allowed on {path}"),
+                &format!("{method} is not allowed on {}", shown(path)),
             )
         }
     };
@@ -339,7 +339,7 @@ async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
             api,
             StatusCode::BAD_REQUEST,
             "invalid",
-            &format!("invalid precision \"{p}\""),
+            &format!("invalid precision \"{}\"", shown(p)),
         );
     };
     if routing.targets(&bucket).is_empty() {
@@ -347,7 +347,7 @@ async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
             api,
             StatusCode::NOT_FOUND,
             "not found",
-            &format!("bucket \"{bucket}\" not found"),
+            &format!("bucket \"{}\" not found", shown(&bucket)),
         );
     }
     let encoding = req
@@ -402,7 +402,7 @@ async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
             api,
             StatusCode::NOT_FOUND,
             "not found",
-            &format!("bucket \"{b}\" not found"),
+            &format!("bucket \"{}\" not found", shown(&b)),
         ),
         Err(WriteError::Invalid { message, .. }) => {
             error(api, StatusCode::BAD_REQUEST, "invalid", &message)
@@ -507,6 +507,16 @@ fn error(api: Api, status: StatusCode, code: &str, message: &str) -> Resp {
         );
     }
     r
+}
+
+/// A value from the request for an error message, cut short: a client's
+/// 100 kB bucket name is not worth echoing into a body or a header.
+fn shown(s: &str) -> std::borrow::Cow<'_, str> {
+    const MAX: usize = 100;
+    match s.char_indices().nth(MAX) {
+        Some((i, _)) => format!("{}...", &s[..i]).into(),
+        None => s.into(),
+    }
 }
 
 fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {

@@ -1,0 +1,576 @@
+//! Hostile and careless clients against the write API: gzip bombs, huge
+//! lines, bytes that are not UTF-8, clients that send slowly or not at all,
+//! too many connections, and absurd requests. The agent must answer each with
+//! a clear 4xx/5xx in bounded memory and time, and keep serving everyone else.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use util::*;
+
+fn sink_agent(launch: &Launch) -> (Sink, Agent) {
+    let sink = Sink::accept_all();
+    let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    let agent = Agent::start_with(config, launch);
+    (sink, agent)
+}
+
+/// Sends `head` (request line and headers, without the blank line) and
+/// `body` on a fresh connection; returns the status and body of the answer,
+/// or `None` when the server closed the connection without one.
+fn raw_request(port: u16, head: &str, body: &[u8]) -> Option<(u16, String)> {
+    raw_exchange(port, head, body).map(|(status, _, body)| (status, body))
+}
+
+/// As `raw_request`, with the answer's head (status line and headers) too.
+fn raw_exchange(port: u16, head: &str, body: &[u8]) -> Option<(u16, String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let _ = s.write_all(format!("{head}\r\n\r\n").as_bytes());
+    let _ = s.write_all(body);
+    read_full_answer(&mut s)
+}
+
+fn read_answer(s: &mut TcpStream) -> Option<(u16, String)> {
+    read_full_answer(s).map(|(status, _, body)| (status, body))
+}
+
+fn read_full_answer(s: &mut TcpStream) -> Option<(u16, String, String)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 << 10];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                break;
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    Some((status, head.to_string(), body.to_string()))
+}
+
+// ---------------------------------------------------------------------------
+// Bodies
+// ---------------------------------------------------------------------------
+
+/// `total` bytes of zeros as concatenated gzip members of 8 MiB each: about
+/// a thousandth of that on the wire.
+fn gzip_bomb(total: usize) -> Vec<u8> {
+    let member = gzip(&vec![0u8; 8 << 20]);
+    member.repeat(total / (8 << 20))
+}
+
+fn post_gzip(agent: &Agent, body: &[u8], chunked: bool) -> Reply {
+    let http = http();
+    let mut req = http
+        .post(format!("{}/api/v2/write", agent.url()))
+        .query("bucket", "b")
+        .header("Content-Encoding", "gzip");
+    req = req.header("Content-Type", "text/plain");
+    let result = if chunked {
+        req.send(ureq::SendBody::from_owned_reader(std::io::Cursor::new(
+            body.to_vec(),
+        )))
+    } else {
+        req.send(body)
+    };
+    let mut resp = result.expect("an HTTP answer");
+    Reply {
+        status: resp.status().as_u16(),
+        body: resp.body_mut().read_to_string().unwrap_or_default(),
+        headers: Default::default(),
+    }
+}
+
+#[test]
+fn gzip_bombs_are_refused_in_bounded_memory() {
+    let (_sink, agent) = sink_agent(&Launch::new());
+    let max_body = 32u64 << 20;
+    // Warm up: a normal write, so the baseline holds the steady state.
+    let normal = lines("bomb", 4, 20_000, ts_ago(Duration::from_secs(60)));
+    assert_eq!(agent.write_v2("b", &normal, &Opts::new().gzip(true)).0, 204);
+    let base = agent.peak_rss_kib();
+
+    let bomb = gzip_bomb(1 << 30);
+    eprintln!(
+        "gzip bomb: {} KiB on the wire, 1 GiB inflated",
+        bomb.len() >> 10
+    );
+    for chunked in [false, true] {
+        let r = post_gzip(&agent, &bomb, chunked);
+        assert_eq!(r.status, 413, "{}", r.body);
+        assert!(r.body.contains("max_body_size"), "{}", r.body);
+    }
+    let one = agent.peak_rss_kib();
+    eprintln!(
+        "gzip bomb: agent peak RSS {} MiB before, {} MiB after one bomb at a time (max_body_size 32 MiB)",
+        base >> 10,
+        one >> 10
+    );
+    assert!(
+        (one - base) << 10 < 2 * max_body,
+        "one bomb raised the peak by {} MiB",
+        (one - base) >> 10
+    );
+
+    // Eight at once.
+    let threads: Vec<_> = (0..8)
+        .map(|i| {
+            let (bomb, url) = (bomb.clone(), agent.url());
+            std::thread::spawn(move || {
+                let r = http()
+                    .post(format!("{url}/api/v2/write"))
+                    .query("bucket", "b")
+                    .header("Content-Encoding", "gzip")
+                    .send(&bomb[..])
+                    .map(|r| r.status().as_u16());
+                (i, r)
+            })
+        })
+        .collect();
+    for t in threads {
+        let (i, r) = t.join().unwrap();
+        assert_eq!(r.ok(), Some(413), "bomb {i}");
+    }
+    let eight = agent.peak_rss_kib();
+    eprintln!(
+        "gzip bomb: agent peak RSS {} MiB after eight bombs at once",
+        eight >> 10
+    );
+    // Two are inflated at a time, whatever the number sent.
+    assert!(
+        (eight - base) << 10 < 4 * max_body,
+        "eight bombs raised the peak by {} MiB",
+        (eight - base) >> 10
+    );
+    assert_eq!(agent.get("/health").status, 200);
+    // Still takes writes.
+    assert_eq!(agent.write_v2("b", &normal, &Opts::new().gzip(true)).0, 204);
+}
+
+#[test]
+fn huge_lines_are_taken_whole_or_refused_clearly() {
+    let (sink, agent) = sink_agent(&Launch::new());
+    let ts = ts_ago(Duration::from_secs(60));
+    // One 20 MB line (a 32 MiB body is allowed): taken, and sent alone.
+    let huge = format!("huge,k=v s=\"{}\" {ts}\n", "x".repeat(20_000_000));
+    let started = Instant::now();
+    let (status, text) = agent.write_v2("b", &huge, &Opts::new());
+    assert_eq!(status, 204, "{text}");
+    eprintln!(
+        "a 20 MB line validated and queued in {:?}",
+        started.elapsed()
+    );
+    let small = lines("small", 2, 10, ts);
+    assert_eq!(agent.write_v2("b", &small, &Opts::new()).0, 204);
+    wait_eq(DEADLINE, "delivered", 11, || {
+        field(&agent.replication("r1"), "deliveredLines")
+    });
+    let sent = sink.lines_accepted();
+    assert!(
+        sent.iter().any(|l| l.len() + 1 == huge.len()
+            && huge.starts_with(std::str::from_utf8(&l[..30]).unwrap())),
+        "the huge line arrived whole"
+    );
+
+    // Past max_body_size: refused, with the limit named.
+    let too_big = format!("huge,k=v s=\"{}\" {ts}\n", "y".repeat(40_000_000));
+    let (status, text) = agent.write_v2("b", &too_big, &Opts::new());
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("max_body_size"), "{text}");
+
+    // A 30 MB line that is not line protocol: a short, clear 400.
+    let junk = "z".repeat(30_000_000);
+    let (status, text) = agent.write_v2("b", &junk, &Opts::new());
+    assert_eq!(status, 400);
+    assert!(text.len() < 1000, "the error quotes {} bytes", text.len());
+    assert!(text.contains("line 1"), "{text}");
+
+    // A line of many thousands of tags and fields.
+    let mut wide = String::from("wide");
+    for i in 0..50_000 {
+        wide += &format!(",t{i:05}=v");
+    }
+    wide += " ";
+    wide += &(0..50_000)
+        .map(|i| format!("f{i:05}={i}i"))
+        .collect::<Vec<_>>()
+        .join(",");
+    wide += &format!(" {ts}\n");
+    let started = Instant::now();
+    let (status, text) = agent.write_v2("b", &wide, &Opts::new());
+    assert_eq!(status, 204, "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // And the same tags sorted backwards, with one duplicate at the end.
+    let mut dup = String::from("wide");
+    for i in (0..50_000).rev() {
+        dup += &format!(",t{i:05}=v");
+    }
+    dup += &format!(",t00000=w f=1 {ts}\n");
+    let (status, text) = agent.write_v2("b", &dup, &Opts::new());
+    assert_eq!(status, 400);
+    assert!(text.contains("duplicate tag key"), "{text}");
+    assert_eq!(agent.get("/health").status, 200);
+}
+
+/// InfluxDB requires line protocol to be UTF-8 (InfluxDB 3 and Cloud parse
+/// it as text; 1.x and 2.x drop keys with invalid unicode), so a line that
+/// is not is refused here, with its number, instead of at the remote.
+#[test]
+fn lines_that_are_not_utf8_are_refused_by_number() {
+    let (sink, agent) = sink_agent(&Launch::new());
+    let ts = ts_ago(Duration::from_secs(60));
+    let mut body = Vec::new();
+    body.extend_from_slice(format!("ok,k=a f=1 {ts}\n").as_bytes());
+    body.extend_from_slice(b"bad,k=\xff\xfe f=1 ");
+    body.extend_from_slice(format!("{ts}\n").as_bytes());
+    body.extend_from_slice(format!("ok,k=b f=2 {ts}\n").as_bytes());
+    body.extend_from_slice(b"bad,k=c s=\"caf\xc3\" ");
+    body.extend_from_slice(format!("{ts}\n").as_bytes());
+    body.extend_from_slice(format!("ok,k=c f=3,s=\"caf\u{e9} \u{1f600}\" {ts}\n").as_bytes());
+    for api in ["v2", "v1"] {
+        let r = if api == "v2" {
+            agent.write_v2_reply("b", &body, &Opts::new())
+        } else {
+            agent.write_v1_reply("b", None, &body, &Opts::new())
+        };
+        assert_eq!(r.status, 400, "{api}: {}", r.body);
+        let msg = r.json();
+        let msg = msg["message"]
+            .as_str()
+            .or(msg["error"].as_str())
+            .unwrap()
+            .to_string();
+        assert!(msg.starts_with("2 of 5 lines invalid"), "{api}: {msg}");
+        assert!(
+            msg.contains("line 2: invalid UTF-8") && msg.contains("line 4: invalid UTF-8"),
+            "{api}: {msg}"
+        );
+    }
+    wait_eq(DEADLINE, "valid lines delivered", 6, || {
+        field(&agent.replication("r1"), "deliveredLines")
+    });
+    for line in sink.lines_accepted() {
+        assert!(std::str::from_utf8(&line).is_ok(), "{line:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Connections
+// ---------------------------------------------------------------------------
+
+fn timeouts(header: &str, body: &str) -> Launch {
+    Launch::new().insert_after(
+        "[listen]",
+        &format!("header_timeout = \"{header}\"\nbody_timeout = \"{body}\"\n"),
+    )
+}
+
+/// Waits until the server closes `s` (or answers); returns how long after
+/// `started` that was.
+fn closed_after(s: &mut TcpStream, started: Instant, limit: Duration) -> Duration {
+    s.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return started.elapsed(),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => return started.elapsed(),
+        }
+        assert!(
+            started.elapsed() < limit,
+            "connection still open after {limit:?}"
+        );
+    }
+}
+
+#[test]
+fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
+    let (_sink, agent) = sink_agent(&timeouts("1s", "2s"));
+    let ts = ts_ago(Duration::from_secs(60));
+    let port = agent.port;
+
+    let opened = Instant::now();
+    // Connects and says nothing.
+    let mut silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // Sends its headers a byte at a time, never finishing.
+    let mut trickle = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let trickler = {
+        let mut t = trickle.try_clone().unwrap();
+        std::thread::spawn(move || {
+            for b in b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nX-Slow: "
+                .iter()
+                .chain(std::iter::repeat(&b'a'))
+                .take(200)
+            {
+                if t.write_all(&[*b]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    // Sends headers, then its body slowly.
+    let mut slow_body = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow_body
+        .write_all(
+            b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+        )
+        .unwrap();
+    let dribbler = {
+        let mut t = slow_body.try_clone().unwrap();
+        let line = format!("slow f=1 {ts}\n");
+        std::thread::spawn(move || {
+            for _ in 0..100 {
+                if t.write_all(line.as_bytes()).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+
+    // Everyone else is served meanwhile, at once.
+    for i in 0..5 {
+        let started = Instant::now();
+        let body = lines("fast", 2, 100, ts + i);
+        assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 204);
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    let t_silent = closed_after(&mut silent, opened, Duration::from_secs(10));
+    let t_trickle = closed_after(&mut trickle, opened, Duration::from_secs(10));
+    slow_body
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let answer = read_answer(&mut slow_body);
+    eprintln!(
+        "silent client cut off after {t_silent:?}, header trickle after {t_trickle:?}, slow body answered {answer:?}"
+    );
+    let (status, body) = answer.expect("the slow body gets an answer");
+    assert_eq!(status, 408, "{body}");
+    assert!(body.contains("too slowly"), "{body}");
+    trickler.join().unwrap();
+    dribbler.join().unwrap();
+    assert_eq!(agent.get("/health").status, 200);
+}
+
+#[test]
+fn connections_past_the_cap_get_503_until_others_leave() {
+    // Idle connections stay for the header timeout: long, so they pile up.
+    let (_sink, agent) = sink_agent(&timeouts("60s", "60s"));
+    let port = agent.port;
+    let idle: Vec<TcpStream> = (0..512)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Past the cap: a clear 503.
+    let (status, body) = raw_request(
+        port,
+        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 0",
+        b"",
+    )
+    .expect("an answer past the cap");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too many connections"), "{body}");
+    // A flood beyond that costs little and is refused too.
+    let flood: Vec<TcpStream> = (0..2000)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    let rss = agent.rss_kib();
+    eprintln!(
+        "{} idle connections plus a flood of {}: agent RSS {} MiB",
+        idle.len(),
+        flood.len(),
+        rss >> 10
+    );
+    drop(flood);
+    drop(idle);
+    // The slots come back as the idle clients leave.
+    let ts = ts_ago(Duration::from_secs(60));
+    wait_until(DEADLINE, "a write is taken again", || {
+        agent
+            .try_write_v2("b", lines("back", 1, 1, ts).as_bytes(), &Opts::new())
+            .is_ok_and(|r| r.status == 204)
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Absurd requests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn absurd_requests_get_short_clear_answers() {
+    let (_sink, agent) = sink_agent(&Launch::new());
+    let port = agent.port;
+    let long = "q".repeat(100_000);
+    let line = format!("m f=1 {}\n", ts_ago(Duration::from_secs(60)));
+    let cases: Vec<(String, String, &[u16])> = vec![
+        (
+            format!("POST /api/v2/write?bucket={long} HTTP/1.1"),
+            "long bucket".into(),
+            &[404, 414, 431],
+        ),
+        (
+            format!("POST /write?db={} HTTP/1.1", "d".repeat(5000)),
+            "5 kB database, echoed in a header too".into(),
+            &[404],
+        ),
+        (
+            format!("POST /api/v2/write?bucket=b&precision={long} HTTP/1.1"),
+            "long precision".into(),
+            &[400, 414, 431],
+        ),
+        (
+            "POST /api/v2/write?bucket=b&precision=fs HTTP/1.1".into(),
+            "unknown precision".into(),
+            &[400],
+        ),
+        (
+            "POST /write?db=%ZZ%00%0A HTTP/1.1".into(),
+            "bad escapes".into(),
+            &[404],
+        ),
+        (
+            "POST /write?db=a%0D%0AX-Injected:%20yes HTTP/1.1".into(),
+            "header injection".into(),
+            &[404],
+        ),
+        (
+            format!(
+                "POST /api/v2/write?{} HTTP/1.1",
+                (0..5000)
+                    .map(|i| format!("bucket=b{i}"))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            ),
+            "repeated parameters".into(),
+            &[404],
+        ),
+        (
+            "POST /api/v2/write HTTP/1.1".into(),
+            "no bucket".into(),
+            &[400],
+        ),
+        (
+            "POST /api/v2/write?bucket= HTTP/1.1".into(),
+            "empty bucket".into(),
+            &[400],
+        ),
+        (
+            "POST /api/v2/write?bucket=b&org=o&org=p&precision=ns&precision=s HTTP/1.1".into(),
+            "repeated precision".into(),
+            &[204],
+        ),
+        (
+            "FROB /api/v2/write?bucket=b HTTP/1.1".into(),
+            "unknown method".into(),
+            &[405],
+        ),
+        (
+            format!("GET /{long} HTTP/1.1"),
+            "long path".into(),
+            &[404, 414, 431],
+        ),
+        (
+            "POST /api/v2/write?bucket=b HTTP/1.1\r\nContent-Encoding: br".into(),
+            "unknown encoding".into(),
+            &[415],
+        ),
+        (
+            "POST /api/v2/write?bucket=b HTTP/1.1\r\nContent-Encoding: gzip".into(),
+            "gzip header, plain body".into(),
+            &[400],
+        ),
+        (
+            format!("POST /api/v2/write?bucket=b HTTP/1.1\r\nX-Big: {long}"),
+            "huge header".into(),
+            &[204, 431],
+        ),
+        (
+            format!(
+                "POST /api/v2/write?bucket=b HTTP/1.1\r\n{}",
+                (0..2000)
+                    .map(|i| format!("X-H{i}: v"))
+                    .collect::<Vec<_>>()
+                    .join("\r\n")
+            ),
+            "many headers".into(),
+            &[204, 431],
+        ),
+    ];
+    for (head, what, expected) in &cases {
+        let head = format!(
+            "{head}\r\nHost: x\r\nContent-Length: {}\r\nConnection: close",
+            line.len()
+        );
+        let answer = raw_exchange(port, &head, line.as_bytes());
+        let (status, answer_head, body) = answer.unwrap_or((0, String::new(), String::new()));
+        eprintln!("{what}: {status} {:.120}", body);
+        assert!(
+            expected.contains(&status),
+            "{what}: expected one of {expected:?}, got {status}: {:.300}",
+            body
+        );
+        assert!(
+            body.len() < 2000,
+            "{what}: a {} byte answer: {:.300}",
+            body.len(),
+            body
+        );
+        assert!(
+            !answer_head.to_ascii_lowercase().contains("\r\nx-injected"),
+            "{what}: {answer_head}"
+        );
+        if !body.is_empty() {
+            let json: serde_json::Value = serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body}"));
+            assert!(json.is_object(), "{what}: {body}");
+        }
+    }
+    // A body announced larger than the limit is refused before it is sent.
+    let started = Instant::now();
+    let answer = raw_request(
+        port,
+        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000",
+        b"",
+    );
+    assert_eq!(answer.map(|a| a.0), Some(413));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Nonsense Content-Length values.
+    for cl in ["-1", "abc", "99999999999999999999999"] {
+        let answer = raw_request(
+            port,
+            &format!("POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: {cl}"),
+            b"",
+        );
+        assert!(
+            matches!(answer, Some((400, _)) | None),
+            "Content-Length {cl}: {answer:?}"
+        );
+    }
+    let log = agent.log();
+    assert!(!log.contains("panicked"), "{log}");
+    assert_eq!(agent.get("/health").status, 200);
+}
