@@ -195,6 +195,7 @@ fn show_status(config: &Config, json: bool) -> ExitCode {
         }
         Ok(v) => {
             print!("{}", status::table(&v));
+            print!("{}", status::sources_table(&v));
             ExitCode::SUCCESS
         }
         Err(code) => code,

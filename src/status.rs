@@ -576,3 +576,109 @@ pub fn sources_metrics_text(list: &[Arc<SourceStatus>]) -> String {
     );
     out
 }
+
+/// The sources part of `edge-replicator status` (empty without sources).
+pub fn sources_table(v: &Value) -> String {
+    let cols = [
+        ("KIND", "kind"),
+        ("NAME", "name"),
+        ("BUCKET", "bucket"),
+        ("STATE", "state"),
+        ("LINES", "linesQueued"),
+        ("INVALID", "invalidLines"),
+        ("LAG BYTES", "lagBytes"),
+        ("MISSED SEGMENTS", "walSegmentsMissed"),
+        ("LATEST ERROR", "latestErrorMessage"),
+    ];
+    let Some(items) = v["sources"].as_array().filter(|a| !a.is_empty()) else {
+        return String::new();
+    };
+    let rows: Vec<Vec<String>> = items
+        .iter()
+        .map(|s| {
+            cols.iter()
+                .map(|(_, key)| match &s[*key] {
+                    Value::Null => "-".to_string(),
+                    Value::String(t) if t.is_empty() => "-".to_string(),
+                    Value::String(t) => t.clone(),
+                    other => other.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let widths: Vec<usize> = (0..cols.len())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r[i].chars().count())
+                .chain([cols[i].0.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::from("\n");
+    let header: Vec<String> = cols.iter().map(|(h, _)| h.to_string()).collect();
+    for r in std::iter::once(&header).chain(&rows) {
+        let last = r.len() - 1;
+        for (i, c) in r.iter().enumerate() {
+            if i == last {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod source_table_tests {
+    use super::*;
+
+    #[test]
+    fn sources_get_their_own_table() {
+        assert_eq!(sources_table(&json!({"replications": []})), "");
+        let s = Arc::new(SourceStatus::new(
+            "influxdb_wal",
+            "influxdb_wal /w/db".into(),
+            "db",
+        ));
+        s.lines.store(12, Ordering::Relaxed);
+        s.segments_missed.store(1, Ordering::Relaxed);
+        let v = json!({"replications": [], "sources": sources_json(&[s])});
+        let t = sources_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "");
+        assert!(lines[1].starts_with("KIND  "), "{t}");
+        let cells: Vec<&str> = lines[2]
+            .split("  ")
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .collect();
+        assert_eq!(
+            cells,
+            [
+                "influxdb_wal",
+                "influxdb_wal /w/db",
+                "db",
+                "waiting",
+                "12",
+                "0",
+                "0",
+                "1",
+                "-"
+            ]
+        );
+        let text = sources_metrics_text(&[Arc::new(SourceStatus::new(
+            "tail",
+            "tail /a \"b\"".into(),
+            "b",
+        ))]);
+        assert!(
+            text.contains(
+                "edge_replicator_source_lines_total{source=\"tail /a \\\"b\\\"\",kind=\"tail\"} 0"
+            ),
+            "{text}"
+        );
+    }
+}
