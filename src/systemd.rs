@@ -21,6 +21,7 @@
 //! forward when NTP first syncs, and that must not look like a stuck worker.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread;
@@ -54,8 +55,12 @@ pub fn stopping() {
 }
 
 fn notify(states: &[NotifyState]) {
+    // Said once: a watchdog ping that fails fails again every few seconds.
+    static WARNED: AtomicBool = AtomicBool::new(false);
     if let Err(e) = sd_notify::notify(states) {
-        warn!("cannot notify systemd: {e}");
+        if !WARNED.swap(true, Ordering::Relaxed) {
+            warn!("cannot notify systemd: {e}");
+        }
     }
 }
 
