@@ -102,9 +102,10 @@ test_target() {
         if ((${#only_build[@]})); then
             "$cargo" test --locked --target "$t" "${only_build[@]}" --no-run
         fi
-        local built=$SECONDS
-        "$cargo" test --locked --target "$t" "${scope[@]}"
+        local built=$SECONDS rc=0
+        "$cargo" test --locked --no-fail-fast --target "$t" "${scope[@]}" || rc=$?
         log "$t: tests ran under qemu in $((SECONDS - built)) s (build $((built - start)) s)"
+        exit $rc
     )
 }
 
