@@ -574,7 +574,44 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     };
     // Absolute, so a later change of working directory cannot move the data.
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    parse(&text, &dir, &|name| std::env::var(name).ok())
+    let mut config = parse(&text, &dir, &|name| std::env::var(name).ok())?;
+    if let Some(w) = inline_secret_warning(path, &text, &config) {
+        config.warnings.push(w);
+    }
+    Ok(config)
+}
+
+/// A config file that holds a secret as written (not through `${VAR}` or a
+/// `*_file`) and that any local user can read deserves a warning.
+#[cfg(unix)]
+fn inline_secret_warning(path: &Path, text: &str, config: &Config) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o7777;
+    if mode & 0o004 == 0 {
+        return None;
+    }
+    let remotes = config
+        .remotes
+        .iter()
+        .flat_map(|r| [&r.token, &r.password])
+        .flatten();
+    let inline = config
+        .listen
+        .tokens
+        .iter()
+        .chain(remotes)
+        .any(|s| text.contains(s.expose()));
+    inline.then(|| {
+        format!(
+            "{path:?} holds a token or password and is readable by others (mode {mode:04o}); \
+             chmod 640 it, or use token_file or ${{VAR}}"
+        )
+    })
+}
+
+#[cfg(not(unix))]
+fn inline_secret_warning(_path: &Path, _text: &str, _config: &Config) -> Option<String> {
+    None
 }
 
 /// Validates config `text`. `base_dir` anchors relative paths (the config file's

@@ -29,6 +29,12 @@ pub fn init(level: LevelFilter) {
         .filter_module("hyper_util", LevelFilter::Warn);
     if let Ok(spec) = std::env::var("RUST_LOG") {
         b.parse_filters(&spec);
+        // At trace level ureq's protocol layer hex-dumps every byte it
+        // sends, the Authorization header included; a credential must not
+        // reach a log even when asked for everything.
+        if spec.contains("trace") {
+            b.filter_module("ureq_proto", LevelFilter::Debug);
+        }
     }
     b.format(move |buf, record| {
         if journald {

@@ -33,6 +33,10 @@ pub struct Client {
     api: Api,
     org: Option<String>,
     authorization: Option<String>,
+    /// The credentials sent (token, password, their Basic encoding): cut
+    /// out of whatever the remote says back, since some remotes (proxies,
+    /// gateways) quote the request's credentials in their error pages.
+    secrets: Vec<String>,
 }
 
 impl Client {
@@ -100,12 +104,25 @@ impl Client {
             (_, _, Some(token)) => Some(format!("Token {}", token.expose())),
             _ => None,
         };
+        let secrets = [&remote.token, &remote.password]
+            .into_iter()
+            .flatten()
+            .map(|s| s.expose().to_string())
+            .chain(
+                authorization
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix("Basic "))
+                    .map(str::to_string),
+            )
+            .filter(|s| !s.is_empty())
+            .collect();
         Ok(Client {
             agent: config.into(),
             base: remote.url.clone(),
             api: remote.api,
             org: remote.org.clone(),
             authorization,
+            secrets,
         })
     }
 
@@ -177,12 +194,21 @@ impl Client {
                 };
                 Answer::Status {
                     code,
-                    message,
+                    message: self.redact(message),
                     retry_after,
                 }
             }
-            Err(e) => Answer::Transport(describe_transport(&e)),
+            Err(e) => Answer::Transport(self.redact(describe_transport(&e))),
         }
+    }
+
+    fn redact(&self, mut text: String) -> String {
+        for s in &self.secrets {
+            if text.contains(s.as_str()) {
+                text = text.replace(s.as_str(), "<redacted>");
+            }
+        }
+        text
     }
 }
 
