@@ -123,11 +123,9 @@ fn run(path: &Path, data_dir: Option<PathBuf>) -> ExitCode {
         config.data_dir = dir;
     }
     logging::init(config.log_level);
+    // Among them, one per remote with allow_insecure_tls.
     for w in &config.warnings {
         log::warn!("{w}");
-    }
-    if config.remotes.iter().any(|r| r.allow_insecure_tls) {
-        log::warn!("allow_insecure_tls is set: remote TLS certificates are not verified");
     }
     let events = match agent::signal_events() {
         Ok(e) => e,

@@ -233,6 +233,11 @@ fn error_message(code: u16, body: &[u8]) -> String {
 fn describe_transport(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Timeout(t) => format!("timeout ({t})"),
+        // rustls reports every TLS failure (certificate, name, handshake)
+        // as InvalidData; a plain socket never does.
+        ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
+            format!("TLS error: {io}")
+        }
         ureq::Error::Io(io) => format!("connection error: {io}"),
         ureq::Error::HostNotFound => "host not found".to_string(),
         ureq::Error::ConnectionFailed => "connection failed".to_string(),
