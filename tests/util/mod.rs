@@ -481,13 +481,16 @@ pub fn line_keys(body: &str) -> Vec<Key> {
 // Status helpers
 // ---------------------------------------------------------------------------
 
-pub const COUNTERS: [&str; 6] = [
+pub const COUNTERS: [&str; 9] = [
     "deliveredLines",
     "remainingLines",
     "droppedFullLines",
     "expiredLines",
     "droppedNonRetryableLines",
     "deadLetteredLines",
+    "filteredLines",
+    "lateLines",
+    "downsampledLines",
 ];
 
 /// A numeric field of a replication status object; panics naming it if absent.
@@ -501,12 +504,13 @@ pub fn str_field<'a>(rep: &'a Value, name: &str) -> &'a str {
     rep.get(name).and_then(Value::as_str).unwrap_or("")
 }
 
-/// accepted = delivered + remaining + droppedFull + expired +
-/// droppedNonRetryable + deadLettered.
+/// accepted + aggregate = delivered + remaining + droppedFull + expired +
+/// droppedNonRetryable + deadLettered + filtered + late + downsampled (the
+/// last four terms are zero unless the replication transforms lines).
 pub fn assert_conserved(rep: &Value) {
-    let accepted = field(rep, "acceptedLines");
+    let inflow = field(rep, "acceptedLines") + field(rep, "aggregateLines");
     let sum: u64 = COUNTERS.iter().map(|c| field(rep, c)).sum();
-    assert_eq!(accepted, sum, "conservation of lines broken: {rep:#}");
+    assert_eq!(inflow, sum, "conservation of lines broken: {rep:#}");
 }
 
 /// The value of the first sample of `name` whose labels contain `label`
