@@ -482,13 +482,16 @@ impl Tailer {
                     return Ok(());
                 }
             };
-            let rewritten = match Self::unchanged(f) {
-                Ok(same) => !same,
-                Err(e) => {
-                    self.error(format!("cannot read {}: {e}", f.path.display()));
-                    return Ok(());
-                }
-            };
+            // Only a file whose size changed can have been truncated and
+            // rewritten since the last look; an idle one costs no read.
+            let rewritten = size != f.size
+                && match Self::unchanged(f) {
+                    Ok(same) => !same,
+                    Err(e) => {
+                        self.error(format!("cannot read {}: {e}", f.path.display()));
+                        return Ok(());
+                    }
+                };
             if size < f.pos.off || rewritten {
                 info!(
                     "{}: {} was truncated (copytruncate?) at byte {} of {}; reading it from its start",
