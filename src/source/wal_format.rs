@@ -28,9 +28,13 @@ pub const HEADER_LEN: usize = 5;
 /// larger length is a damaged header.
 pub const MAX_ENTRY_LEN: u32 = 256 << 20;
 
-/// Largest decompressed payload accepted (snappy expands at most ~6x, and a
-/// hostile header could claim more).
-const MAX_DECODED_LEN: usize = 1 << 30;
+/// Largest decompressed payload accepted: far above what InfluxDB writes,
+/// low enough that a damaged length cannot exhaust a 32-bit device.
+const MAX_DECODED_LEN: usize = 256 << 20;
+
+/// A snappy copy element of at most 5 bytes yields at most 64 bytes, so a
+/// real block never decodes to more than this many times its size.
+const MAX_EXPANSION: usize = 32;
 
 /// Separator between the series key and the field key.
 const FIELD_SEPARATOR: &[u8] = b"#!~#";
@@ -98,7 +102,7 @@ pub enum DecodeError {
 /// Decompresses an entry's snappy block (raw block format, not framed).
 pub fn decompress(block: &[u8]) -> Result<Vec<u8>, DecodeError> {
     let len = snap::raw::decompress_len(block).map_err(|e| DecodeError::Snappy(e.to_string()))?;
-    if len > MAX_DECODED_LEN {
+    if len > MAX_DECODED_LEN || len > block.len().saturating_mul(MAX_EXPANSION) {
         return Err(DecodeError::TooLarge(len));
     }
     snap::raw::Decoder::new()
@@ -524,6 +528,16 @@ mod tests {
             Err(DecodeError::NoField(3))
         ));
         assert!(decompress(&[0xff, 0xff, 0xff, 0xff, 0x0f, 1, 2]).is_err());
+        // A length claim no block of this size can honour is refused before
+        // anything is allocated.
+        assert_eq!(
+            decompress(&[0x80, 0x80, 0x80, 0x40, 0, 1, 2]),
+            Err(DecodeError::TooLarge(128 << 20))
+        );
+        // Highly compressible data is within the bound.
+        let zeros = vec![0u8; 1 << 20];
+        let block = snap::raw::Encoder::new().compress_vec(&zeros).unwrap();
+        assert_eq!(decompress(&block).unwrap(), zeros);
         // A count far beyond the data ends in a bounds error, not an allocation.
         let mut huge = payload(&[(1, b"m#!~#x", vec![])]);
         let n = huge.len();
