@@ -268,3 +268,51 @@ fn from_beginning_false_starts_at_the_end_once() {
         .collect();
     assert_eq!(vm.keys("fb_value"), want);
 }
+
+/// SIGHUP: a source whose settings changed restarts from its checkpoint (no
+/// line read twice), and an added one starts.
+#[test]
+fn a_reload_restarts_changed_sources_from_their_checkpoints() {
+    let Some(vm) = VictoriaMetrics::start() else {
+        return;
+    };
+    let files = tempfile::tempdir().unwrap();
+    let (a, b) = (files.path().join("a"), files.path().join("b"));
+    fs::create_dir_all(&a).unwrap();
+    fs::create_dir_all(&b).unwrap();
+    let tail = |dir: &Path, poll: &str| {
+        format!(
+            "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"{poll}\"\n",
+            toml_str(&dir.join("*.lp").display().to_string())
+        )
+    };
+    let config = AgentConfig::single(RemoteConfig::v2("vm", &vm.url()), "files", None);
+    let mut agent = Agent::start_with(config, &Launch::new().append(&tail(&a, "50ms")));
+    let all = lines("rl", 4, 600, ts_ago(Duration::from_secs(3600)));
+    let parts: Vec<String> = all.lines().map(|l| format!("{l}\n")).collect();
+    append(&a.join("x.lp"), &parts[..300].concat());
+    wait_eq(DEADLINE, "accepted before the reload", 300, || {
+        accepted(&agent)
+    });
+
+    let changed = Launch::new()
+        .append(&tail(&a, "80ms"))
+        .append(&tail(&b, "50ms"));
+    agent.write_config_with(&changed);
+    agent.sighup();
+    wait_eq(DEADLINE, "sources after the reload", 2, || {
+        agent.sources().len()
+    });
+    append(&a.join("x.lp"), &parts[300..500].concat());
+    append(&b.join("y.lp"), &parts[500..].concat());
+    wait_eq(DEADLINE, "accepted after the reload", 600, || {
+        accepted(&agent)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(accepted(&agent), 600, "a line was read twice");
+    wait_eq(DEADLINE, "samples of rl_value", 600, || {
+        vm.count("rl_value")
+    });
+    assert!(agent.log().contains("stopping (removed or changed)"));
+    assert!(agent.sigterm_and_wait().success());
+}
