@@ -316,3 +316,51 @@ fn a_reload_restarts_changed_sources_from_their_checkpoints() {
     assert!(agent.log().contains("stopping (removed or changed)"));
     assert!(agent.sigterm_and_wait().success());
 }
+
+/// Backpressure: with `when_full = "reject"` and the remote down, the source
+/// waits at the bound (its checkpoint does not move past refused lines), and
+/// once the remote is back every line arrives, once.
+#[test]
+fn a_full_reject_queue_makes_the_source_wait_not_skip() {
+    let Some(mut vm) = VictoriaMetrics::start() else {
+        return;
+    };
+    vm.stop();
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path().join("m.lp");
+    let mut config = AgentConfig::single(RemoteConfig::v2("vm", &vm.url()), "files", None);
+    let r = &mut config.replications[0];
+    r.when_full = "reject".into();
+    r.max_queue_size = "20kB".into();
+    r.batch_size = "5kB".into();
+    let launch = Launch::new().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"50ms\"\n",
+        toml_str(&f.display().to_string())
+    ));
+    let agent = Agent::start_with(config, &launch);
+    let all = lines("bp", 5, 2_000, ts_ago(Duration::from_secs(3600)));
+    append(&f, &all);
+    wait_until(DEADLINE, "the source to be blocked", || {
+        agent.source("tail")["state"] == "blocked"
+    });
+    let rep = agent.replication("r1");
+    assert!(field(&rep, "currentQueueSizeBytes") <= 20_000, "{rep:#}");
+    assert!(field(&rep, "acceptedLines") < 2_000, "{rep:#}");
+    let status = agent.source("tail");
+    assert!(status["retries"].as_u64().unwrap() > 0, "{status:#}");
+    assert!(status["lagBytes"].as_u64().unwrap() > 0, "{status:#}");
+
+    vm.restart();
+    wait_eq(DEADLINE, "accepted once the remote is back", 2_000, || {
+        accepted(&agent)
+    });
+    wait_eq(DEADLINE, "samples of bp_value", 2_000, || {
+        vm.count("bp_value")
+    });
+    let want: HashSet<Key> = line_keys(&all).into_iter().collect();
+    assert_eq!(vm.keys("bp_value"), want);
+    wait_until(DEADLINE, "the source to follow again", || {
+        agent.source("tail")["state"] == "following"
+    });
+    assert_eq!(agent.source("tail")["lagBytes"], 0);
+}

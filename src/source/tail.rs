@@ -209,6 +209,8 @@ impl Tailer {
             dirty |= self.resume_rotated();
             self.first = false;
         }
+        // Shown while the reads below wait on a full queue, too.
+        self.publish();
         if dirty {
             sink.write(&[], 0, &self.state(None, None))?;
         }

@@ -180,6 +180,8 @@ impl WalFollower {
     /// One round: find shards and segments, queue what was written.
     pub fn poll(&mut self, sink: &mut dyn Sink) -> Result<(), SinkError> {
         let mut dirty = self.discover();
+        // Shown while the reads below wait on a full queue, too.
+        self.publish();
         let names: Vec<String> = self.shards.keys().cloned().collect();
         for name in names {
             dirty |= self.follow(&name, sink)?;
