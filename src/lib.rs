@@ -1,9 +1,10 @@
 //! edge-replicator: a store-and-forward agent for edge gateways.
 //!
 //! Line protocol comes in through an InfluxDB-compatible write API
-//! ([`ingest`]) or from tailed files and a local InfluxDB's WAL ([`source`]), is validated and normalised by [`lineproto`], persisted in a
-//! bounded, crash-safe LMDB [`queue`], and replicated in gzip batches to a
-//! remote InfluxDB by [`ship`]. [`agent`] wires them together for the
+//! ([`ingest`]) or from tailed files and a local InfluxDB's WAL ([`source`]),
+//! is validated and normalised by [`lineproto`], persisted in a bounded,
+//! crash-safe LMDB [`queue`], and replicated in gzip batches to a remote
+//! InfluxDB by [`ship`]. [`agent`] wires them together for the
 //! `run` command of [`cli`]; [`status`] is what operators see, and
 //! [`systemd`] what the service manager sees.
 
