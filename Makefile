@@ -59,3 +59,16 @@ deb-test: ## install, upgrade, remove and purge the amd64 .deb (root)
 
 systemd-verify: ## systemd-analyze verify and offline security score of the unit
 	./scripts/systemd-verify.sh
+
+# Reliability runs: bounded, but too long for `make test` (which runs the
+# crash loop with 50 kills and the property tests on every change).
+FUZZ_TIME ?= 60
+.PHONY: fuzz soak
+fuzz: ## fuzz the line-protocol parser and the gzip body reader, FUZZ_TIME seconds each (default 60)
+	./scripts/install-fuzz-deps.sh
+	./scripts/fuzz.sh $(FUZZ_TIME)
+
+soak: test-deps ## long runs: CRASH_KILLS (default 1000) SIGKILLs under load, every crash point, 5 min of fuzzing per target
+	CRASH_KILLS=$(or $(CRASH_KILLS),1000) CRASH_SEED=$${CRASH_SEED:-$$(date +%s)} \
+		$(CARGO) test --test crash -- --nocapture --test-threads=1
+	$(MAKE) fuzz FUZZ_TIME=$(or $(SOAK_FUZZ_TIME),300)

@@ -1875,8 +1875,10 @@ mod tests {
             check_output(&out, &summary);
             prop_assert!(std::str::from_utf8(&out).is_ok());
             let lines = body.split(|&b| b == b'\n').filter(|l| {
-                let t: Vec<u8> = l.iter().copied().filter(|b| !b" \t\r".contains(b)).collect();
-                !t.is_empty() && t[0] != b'#'
+                // Trailing blanks and '\r' are trimmed; a leading '\r' is not blank.
+                let end = l.len() - l.iter().rev().take_while(|b| b" \t\r".contains(b)).count();
+                let first = l[..end].iter().find(|b| !b" \t".contains(b));
+                first.is_some_and(|&b| b != b'#')
             }).count() as u64;
             prop_assert_eq!(summary.lines + summary.error_count, lines);
         }
