@@ -452,3 +452,63 @@ fn crash_while_moving_refused_lines_to_dead_letter() {
     }
     assert_eq!(influx.count("dl", "good", "value"), good_total);
 }
+
+/// A crash as a tailed file's new position commits with the lines read up
+/// to it: after the restart the file is read on from the position committed
+/// last, so every line is queued exactly once (`acceptedLines` equals the
+/// lines written) and delivered.
+#[test]
+fn crash_while_committing_a_source_checkpoint_queues_each_line_once() {
+    let sink = Sink::accept_all();
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("metrics.lp");
+    let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "files", None);
+    let launch = Launch::new().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"50ms\"\n",
+        toml_str(&path.display().to_string())
+    ));
+    let mut agent = Agent::stopped(config);
+    agent.write_config_with(&launch);
+    let all = lines("ckpt", 7, 4 * 700, ts_ago(Duration::from_secs(3600)));
+    let all: Vec<&str> = all.lines().collect();
+    let mut written = 0;
+    let crash = launch.clone().env("EDGE_REPLICATOR_CRASH_AT", "checkpoint");
+    for (round, chunk) in all.chunks(700).enumerate() {
+        let text: String = chunk.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()))
+            .unwrap();
+        written += chunk.len() as u64;
+        agent.launch_with(&crash);
+        let status = agent
+            .wait_exit(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("round {round}: the checkpoint crash point was not reached"));
+        assert_eq!(
+            status.signal(),
+            Some(libc::SIGABRT),
+            "round {round}: {status}"
+        );
+        agent.spawn_with(&launch);
+        wait_eq(DEADLINE, "every line queued", written, || {
+            field(&agent.replication("r1"), "acceptedLines")
+        });
+        thread::sleep(Duration::from_millis(300));
+        let rep = agent.replication("r1");
+        assert_eq!(
+            field(&rep, "acceptedLines"),
+            written,
+            "queued twice: {rep:#}"
+        );
+        agent.kill9();
+    }
+    agent.spawn_with(&launch);
+    wait_eq(DEADLINE, "every line delivered", written, || {
+        field(&agent.replication("r1"), "deliveredLines")
+    });
+    let sent: HashSet<Vec<u8>> = sink.lines_accepted().into_iter().collect();
+    assert_eq!(sent.len() as u64, written);
+    assert!(all.iter().all(|l| sent.contains(l.as_bytes())));
+}
