@@ -347,36 +347,40 @@ fn a_write_is_in_the_queue_exactly_when_its_commit_happened() {
         let acked = 100;
         let r = agent.write_v2_reply("b", lines("cw", 5, acked, base).as_bytes(), &Opts::new());
         assert_eq!(r.status, 204, "{}", r.body);
-        let mut crashed_on_write = false;
-        for attempt in 0..10 {
-            agent.kill9();
-            agent.launch_with(&Launch::new().env("EDGE_REPLICATOR_CRASH_AT", point));
-            if agent.wait_ready(Duration::from_secs(30)).is_err() {
-                continue; // housekeeping's commit came first: try again
+        let crash = Launch::new().env("EDGE_REPLICATOR_CRASH_AT", point);
+        let mut before = None;
+        for attempt in 0..20 {
+            if agent.is_running() {
+                agent.kill9();
             }
+            let launched = Instant::now();
+            agent.launch_with(&crash);
+            if agent.wait_ready(Duration::from_secs(30)).is_err() {
+                continue; // another commit came first
+            }
+            let queued = field(&agent.replication("r1"), "remainingLines");
             let body = lines("cw", 5, 40, base + (attempt + 1) * 1_000_000_000);
-            let answered = agent.try_write_v2("b", body.as_bytes(), &Opts::new());
-            let status = agent.wait_exit(Duration::from_secs(10));
-            if answered.is_err() && status.is_some() {
-                crashed_on_write = true;
+            if let Ok(r) = agent.try_write_v2("b", body.as_bytes(), &Opts::new()) {
+                panic!(
+                    "{point}: a write was answered ({}) although the crash point was armed",
+                    r.status
+                );
+            }
+            agent
+                .wait_exit(Duration::from_secs(10))
+                .expect("the agent crashed");
+            // The writer's housekeeping commits once a second; a crash within
+            // the first second was this write's commit.
+            if launched.elapsed() < Duration::from_secs(1) {
+                before = Some(queued);
                 break;
             }
-            // The write was answered (a housekeeping commit took the hit
-            // or nothing crashed yet): count it and try again.
-            if let Ok(r) = answered {
-                assert_eq!(r.status, 204, "{}", r.body);
-                panic!("{point}: a write was answered although the crash point was armed");
-            }
         }
-        assert!(crashed_on_write, "{point}: never crashed on a write");
+        let before = before.unwrap_or_else(|| panic!("{point}: never crashed on a write"));
         agent.spawn_with(&Launch::new());
         let rep = agent.replication("r1");
         assert_conserved(&rep);
-        let expected = if kept {
-            acked as u64 + 40
-        } else {
-            acked as u64
-        };
+        let expected = if kept { before + 40 } else { before };
         assert_eq!(
             field(&rep, "remainingLines"),
             expected,
