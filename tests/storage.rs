@@ -420,3 +420,30 @@ fn a_full_disk_refuses_writes_with_507_keeps_the_queue_and_recovers() {
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(agent.sigterm_and_wait().code(), Some(0));
 }
+
+#[test]
+fn a_second_agent_on_the_same_data_dir_is_refused_and_the_first_goes_on() {
+    let sink = Sink::accept_all();
+    let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    let first = Agent::start(config.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("second.toml");
+    fs::write(
+        &path,
+        config.render(&first.data_dir(), &format!("127.0.0.1:{}", free_port())),
+    )
+    .unwrap();
+    let out = run_cli(&["run", "--config", path.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is in use by another edge-replicator process"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let body = lines("first", 2, 10, ts_ago(Duration::from_secs(60)));
+    assert_eq!(first.write_v2("b", &body, &Opts::new()).0, 204);
+    wait_eq(DEADLINE, "delivered by the first agent", 10, || {
+        field(&first.replication("r1"), "deliveredLines")
+    });
+}
