@@ -246,6 +246,8 @@ pub enum PointError {
     NotFinite,
     #[error("the series key is empty")]
     EmptySeries,
+    #[error("the series key starts with '#' or a blank (a comment, or trimmed, as a line)")]
+    SeriesStart,
     #[error("the point has no fields")]
     NoFields,
 }
@@ -255,6 +257,11 @@ pub enum PointError {
 pub fn push_line(out: &mut Vec<u8>, p: &Point<'_>) -> Result<(), PointError> {
     if p.series.is_empty() {
         return Err(PointError::EmptySeries);
+    }
+    // Not written by line protocol, but other write paths can store such a
+    // measurement; as a line it would vanish as a comment or change.
+    if matches!(p.series[0], b'#' | b' ' | b'\t') {
+        return Err(PointError::SeriesStart);
     }
     if p.fields.is_empty() {
         return Err(PointError::NoFields);
@@ -483,6 +490,12 @@ mod tests {
             fields: vec![(b"x", Value::Float(f64::NAN))],
         };
         assert_eq!(push_line(&mut out, &p), Err(PointError::NotFinite));
+        let p = Point {
+            series: b"#m",
+            time: 1,
+            fields: vec![(b"x", Value::Float(1.0))],
+        };
+        assert_eq!(push_line(&mut out, &p), Err(PointError::SeriesStart));
         assert!(out.is_empty());
     }
 
