@@ -15,7 +15,6 @@ mod fault;
 mod util;
 
 use std::collections::HashSet;
-use std::fs;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};

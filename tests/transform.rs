@@ -6,7 +6,6 @@ mod util;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde_json::Value;
 use util::*;
 
 const S: i64 = 1_000_000_000;

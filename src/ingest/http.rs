@@ -365,7 +365,9 @@ async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
             )
         }
     };
-    let _preparing = ingest.queue.preparing();
+    // Counted as being prepared until its lines reach the queue writer, so
+    // the commit it joins can wait for it (see `queue::Queue::preparing`).
+    let preparing = ingest.queue.preparing();
     let body = match body::read(
         req.into_body(),
         encoding,
@@ -396,7 +398,10 @@ async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
             return error(api, status, code, &e.to_string());
         }
     };
-    match ingest.write(&bucket, precision, body).await {
+    match ingest
+        .write(&bucket, precision, body, Some(preparing))
+        .await
+    {
         Ok(_) => no_content(),
         Err(WriteError::NoRoute(b)) => error(
             api,

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
-use crate::queue::{Queue, QueueError, ReplHandle};
+use crate::queue::{Preparing, Queue, QueueError, ReplHandle};
 use crate::status::{IngestStats, ReplStatus, SourceStatus};
 
 /// Bodies above this size are validated on a blocking thread so one large
@@ -126,11 +126,14 @@ impl Ingest {
 
     /// Validates `body`, stamps and normalises it, and queues the valid
     /// lines for every replication taking `bucket`. Returns the lines queued.
+    /// `preparing` (see [`Queue::preparing`]) is released as soon as the
+    /// lines are handed to the queue writer, before the commit is awaited.
     pub async fn write(
         &self,
         bucket: &str,
         precision: Precision,
         body: bytes::Bytes,
+        preparing: Option<Preparing<'_>>,
     ) -> Result<u64, WriteError> {
         let targets = self.routing().targets(bucket);
         if targets.is_empty() {
@@ -152,10 +155,11 @@ impl Ingest {
             .fetch_add(summary.error_count, Ordering::Relaxed);
         let lines = summary.lines;
         if lines > 0 {
-            self.queue
-                .append(targets, bucket.to_string(), payload, lines)
-                .await
-                .unwrap_or(Err(QueueError::Closed))?;
+            let committed = self
+                .queue
+                .append(targets, bucket.to_string(), payload, lines);
+            drop(preparing);
+            committed.await.unwrap_or(Err(QueueError::Closed))?;
             self.stats.lines_written.fetch_add(lines, Ordering::Relaxed);
         }
         if summary.error_count > 0 {

@@ -48,7 +48,7 @@ use std::fs::{self, File};
 use std::io;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -325,6 +325,9 @@ struct Shared {
     /// Writes that have started reading their body but not yet reached the
     /// writer: the writer lingers for them (bounded by `commit_interval`).
     preparing: AtomicUsize,
+    /// Write transactions committed (group commit shows as far fewer
+    /// commits than writes).
+    commits: AtomicU64,
     _lock: File,
     /// Turns a SIGBUS reading the map (a truncated file, a failing medium)
     /// into a clear error and exit 1.
@@ -516,6 +519,7 @@ impl Queue {
             dead,
             windows,
             preparing: AtomicUsize::new(0),
+            commits: AtomicU64::new(0),
             _lock: lock,
             _map_guard: map_guard,
         });
@@ -565,6 +569,11 @@ impl Queue {
         let _ = self.tx.send(writer::Command::Detach {
             name: name.to_string(),
         });
+    }
+
+    /// Write transactions committed since the queue opened.
+    pub fn commits(&self) -> u64 {
+        self.shared.commits.load(Ordering::Relaxed)
     }
 
     /// Marks a write as being prepared until the guard drops.

@@ -574,3 +574,42 @@ fn a_full_map_refuses_appends_keeps_the_queue_and_recovers_after_delivery() {
     append(&q, &h, lines("again", 200)).unwrap();
     assert_eq!(drain(&q, &h, 64 << 10), lines("again", 200));
 }
+
+#[test]
+fn concurrent_writes_share_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut o = opts();
+    o.commit_interval = Duration::from_millis(200);
+    let q = Arc::new(
+        Queue::open(dir.path(), &o, &[spec("r", 64 << 20, WhenFull::DropOldest)]).unwrap(),
+    );
+    let h = q.handles()[0].clone();
+    let writers = 32;
+    let barrier = Arc::new(std::sync::Barrier::new(writers));
+    let before = q.commits();
+    let threads: Vec<_> = (0..writers)
+        .map(|i| {
+            let (q, h, barrier) = (q.clone(), h.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                // As the HTTP path does: prepared while the body arrives,
+                // released once the lines are handed over.
+                let preparing = q.preparing();
+                barrier.wait();
+                let committed = q.append(vec![h], "b".into(), lines(&format!("w{i}"), 10), 10);
+                drop(preparing);
+                committed.blocking_recv().unwrap().unwrap();
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let commits = q.commits() - before;
+    assert_eq!(h.counters().accepted_lines, 320);
+    // One group takes every writer that was still preparing; housekeeping
+    // may add a commit of its own. Far from one commit per write.
+    assert!(
+        commits <= 4,
+        "{writers} concurrent writes took {commits} commits"
+    );
+}

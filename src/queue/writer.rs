@@ -441,6 +441,7 @@ impl Writer {
         }
         crate::fault::point("commit");
         wtxn.commit()?;
+        shared.commits.fetch_add(1, Ordering::Relaxed);
         crate::fault::point("committed");
         Ok(())
     }

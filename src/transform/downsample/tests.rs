@@ -278,5 +278,8 @@ fn a_1hz_sensor_load_shrinks_by_orders_of_magnitude() {
         agg_gz,
         raw_gz as f64 / agg_gz as f64
     );
-    assert!(agg_gz * 50 < raw_gz, "aggregates should be far smaller: {agg_gz} vs {raw_gz}");
+    assert!(
+        agg_gz * 50 < raw_gz,
+        "aggregates should be far smaller: {agg_gz} vs {raw_gz}"
+    );
 }
