@@ -58,7 +58,10 @@ build() {
         log "$t: building with cross (Docker)"
         CROSS_CONFIG=cross/Cross.toml cross build --release --locked --target "$t"
     else
-        (debian_toolchain "$t" && "$cargo" build --release --locked --target "$t")
+        (
+            debian_toolchain "$t"
+            "$cargo" build --release --locked --target "$t"
+        )
     fi
     local bin=target/$t/release/edge-replicator
     [[ "$t" == "$host" ]] && bin=target/release/edge-replicator
