@@ -368,6 +368,9 @@ fn unknown_bucket_is_404() {
     let body = lines("nb", 2, 4, ts_ago(Duration::from_secs(600)));
     let reply = agent.write_v2_reply("nope", body.as_bytes(), &Opts::new());
     assert_eq!(reply.status, 404, "{}", reply.body);
+    // Answered before its body was read: the connection is not reusable,
+    // and the answer says so.
+    assert_eq!(reply.header("connection"), Some("close"));
     let json = reply.json();
     assert_eq!(json["code"], "not found", "{json}");
     assert!(

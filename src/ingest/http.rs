@@ -289,6 +289,24 @@ fn get<'a>(q: &'a [(String, String)], key: &str) -> Option<&'a str> {
 }
 
 async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
+    let mut body_read = false;
+    let mut resp = write_unclosed(ingest, req, api, &mut body_read).await;
+    if !body_read {
+        // Answered without reading the body (auth, bucket, parameters, or a
+        // body that could not be read): the connection cannot carry another
+        // request, so say so rather than let a client reuse it and fail.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn write_unclosed(
+    ingest: &Ingest,
+    req: Request<Incoming>,
+    api: Api,
+    body_read: &mut bool,
+) -> Resp {
     ingest.stats.requests.fetch_add(1, Ordering::Relaxed);
     let routing = ingest.routing();
     let query = query_pairs(&req);
@@ -376,7 +394,10 @@ async fn write(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
     )
     .await
     {
-        Ok(b) => b,
+        Ok(b) => {
+            *body_read = true;
+            b
+        }
         Err(e) => {
             let status = match e {
                 BodyError::TooLarge(_) => {
