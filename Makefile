@@ -60,6 +60,13 @@ deb-test: ## install, upgrade, remove and purge the amd64 .deb (root)
 systemd-verify: ## systemd-analyze verify and offline security score of the unit
 	./scripts/systemd-verify.sh
 
+# Benchmarks: not part of `make test` (timed results are not assertions).
+.PHONY: bench
+bench: ## edge-replicator vs vmagent and the hardware limits (BENCH_QUICK=1: smoke test); results in target/bench/
+	./scripts/install-bench-deps.sh
+	$(CARGO) build --release
+	$(CARGO) bench --bench bench
+
 # Reliability runs: bounded, but too long for `make test` (which runs the
 # crash loop with 50 kills and the property tests on every change).
 FUZZ_TIME ?= 60

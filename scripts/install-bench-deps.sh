@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what `make bench` compares against and drives: vmagent and
+# VictoriaMetrics (Debian's victoria-metrics package) and the hey load client.
+# Idempotent and silent when everything is in place; needs root otherwise.
+set -euo pipefail
+
+missing=()
+command -v vmagent >/dev/null && command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
+command -v hey >/dev/null || missing+=(hey)
+[[ ${#missing[@]} -eq 0 ]] && exit 0
+
+if [[ "$(id -u)" -ne 0 ]]; then
+    echo "install-bench-deps: missing ${missing[*]}; run $0 as root (or apt-get install ${missing[*]})" >&2
+    exit 1
+fi
+echo "install-bench-deps: installing ${missing[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
