@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod deflate;
 pub mod fault;
 pub mod ingest;
 pub mod lineproto;

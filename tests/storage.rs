@@ -352,7 +352,9 @@ fn a_full_disk_refuses_writes_with_507_keeps_the_queue_and_recovers() {
     let base = ts_ago(Duration::from_secs(3600));
     let mut acked: Vec<String> = Vec::new();
     let mut refused = None;
-    for i in 0..200 {
+    // Lines are compressed when queued (about 10:1 here), so it takes a
+    // few hundred writes to fill the room left.
+    for i in 0..2000 {
         let body = lines("full", 10, 1500, base + i * 10_000_000_000);
         let r = agent.write_v2_reply("b", body.as_bytes(), &Opts::shape(i as usize));
         match r.status {

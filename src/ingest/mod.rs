@@ -13,12 +13,27 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
-use crate::queue::{Preparing, Queue, QueueError, ReplHandle};
+use crate::queue::{self, Preparing, Queue, QueueError, ReplHandle, Segment, Write};
 use crate::status::{IngestStats, ReplStatus, SourceStatus};
 
 /// Bodies above this size are validated on a blocking thread so one large
 /// write does not stall the runtime's other connections.
 const INLINE_VALIDATION_LIMIT: usize = 256 << 10;
+
+/// How a write is compressed before it is queued.
+#[derive(Debug, Clone, Copy)]
+pub struct Deflate {
+    pub level: u32,
+    /// Bytes of lines per segment, at most.
+    pub chunk: usize,
+    /// Some replication transforms the lines, so they are queued too.
+    pub lines_needed: bool,
+}
+
+/// Writes of at least this many bytes of lines are compressed when queued.
+/// Smaller ones are queued as lines and compressed together when shipped: a
+/// segment of a few lines would compress poorly.
+pub const DEFLATE_MIN: usize = 32 << 10;
 
 /// A replication as the router sees it.
 pub struct Route {
@@ -74,6 +89,21 @@ impl Routing {
             .filter(|r| r.config.takes_bucket(bucket))
             .map(|r| r.handle.clone())
             .collect()
+    }
+
+    /// How writes to `bucket` are compressed when queued: the gzip level
+    /// and segment size of the first replication taking them unchanged
+    /// (without filters, tags or downsampling), if any.
+    pub fn deflate(&self, bucket: &str) -> Option<Deflate> {
+        let mut taking = self.routes.iter().filter(|r| r.config.takes_bucket(bucket));
+        let plain = taking.clone().find(|r| !r.config.transforms())?;
+        let batch = plain.config.batch_size as usize;
+        Some(Deflate {
+            level: plain.config.gzip_level,
+            // A quarter of a batch: batches fill to at least 3/4.
+            chunk: (batch / 4).max(DEFLATE_MIN).min(batch.max(1)),
+            lines_needed: taking.any(|r| r.config.transforms()),
+        })
     }
 
     /// The local bucket of a v1 write: `db/rp` when a replication takes it,
@@ -135,29 +165,41 @@ impl Ingest {
         body: bytes::Bytes,
         preparing: Option<Preparing<'_>>,
     ) -> Result<u64, WriteError> {
-        let targets = self.routing().targets(bucket);
+        let routing = self.routing();
+        let targets = routing.targets(bucket);
         if targets.is_empty() {
             return Err(WriteError::NoRoute(bucket.to_string()));
         }
+        let deflate = routing.deflate(bucket);
+        drop(routing);
         let now = now_ns();
-        let (payload, summary) = if body.len() > INLINE_VALIDATION_LIMIT {
-            tokio::task::spawn_blocking(move || validate(&body, precision, now))
-                .await
-                .map_err(|e| QueueError::Storage(format!("validation task failed: {e}")))?
-        } else {
-            validate(&body, precision, now)
-        };
+        let (payload, summary, segments) =
+            if body.len() > INLINE_VALIDATION_LIMIT || body.len() >= DEFLATE_MIN {
+                tokio::task::spawn_blocking(move || prepare(body, precision, now, deflate))
+                    .await
+                    .map_err(|e| QueueError::Storage(format!("validation task failed: {e}")))?
+            } else {
+                prepare(body, precision, now, None)
+            };
+        let received = segments.as_ref().map_or(payload.len() as u64, |s| {
+            s.iter().map(|s| s.deflated.len as u64).sum()
+        });
         self.stats
             .bytes_received
-            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+            .fetch_add(received, Ordering::Relaxed);
         self.stats
             .lines_invalid
             .fetch_add(summary.error_count, Ordering::Relaxed);
         let lines = summary.lines;
         if lines > 0 {
-            let committed = self
-                .queue
-                .append(targets, bucket.to_string(), payload, lines);
+            let w = Write {
+                targets,
+                bucket: bucket.to_string(),
+                payload,
+                lines,
+                checkpoint: None,
+            };
+            let committed = self.queue.write_deflated(w, segments);
             drop(preparing);
             committed.await.unwrap_or(Err(QueueError::Closed))?;
             self.stats.lines_written.fetch_add(lines, Ordering::Relaxed);
@@ -173,9 +215,27 @@ impl Ingest {
     }
 }
 
-fn validate(body: &[u8], precision: Precision, now: i64) -> (Vec<u8>, Summary) {
+/// Validates and normalises a body; with `deflate` (level, segment size),
+/// also compresses the lines once, here, where writes are handled in
+/// parallel, instead of in the single shipping worker at every send.
+fn prepare(
+    body: bytes::Bytes,
+    precision: Precision,
+    now: i64,
+    deflate: Option<Deflate>,
+) -> (Vec<u8>, Summary, Option<Vec<Segment>>) {
     // Normalised lines grow by at most a timestamp each; most already have one.
     let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
-    let summary = lineproto::normalize(body, precision, now, &mut out);
-    (out, summary)
+    let summary = lineproto::normalize(&body, precision, now, &mut out);
+    // The body is not needed past here: free it before compressing.
+    drop(body);
+    let Some(d) = deflate.filter(|_| out.len() >= DEFLATE_MIN) else {
+        return (out, summary, None);
+    };
+    let segments = queue::deflate_lines(&out, d.chunk, d.level);
+    if !d.lines_needed {
+        // Only the segments are queued: free the lines before the commit.
+        out = Vec::new();
+    }
+    (out, summary, Some(segments))
 }

@@ -3,21 +3,28 @@
 //!
 //! ```text
 //! offset size field
-//!      0    1 format version (1)
+//!      0    1 format version: 1 (lines as they are) or 2 (lines deflated)
 //!      1    4 CRC32 (IEEE) of every byte from offset 5 to the end
 //!      5    8 enqueue time, ns since the Unix epoch, little endian
 //!     13    4 line count, little endian
 //!     17    2 bucket name length N, little endian
 //!     19    N bucket name (UTF-8): the local bucket the lines were written to
+//! version 1:
 //!   19+N    * payload: whole lines, each ending in '\n', ns timestamps
+//! version 2:
+//!   19+N    4 length of the lines, little endian
+//!   23+N    4 CRC32 of the lines (for the gzip trailer of a batch)
+//!   27+N    * payload: the lines as a deflate segment ([`crate::deflate`])
 //! ```
 //!
 //! The CRC covers the header fields as well as the payload, so a damaged line
-//! count or bucket name is caught, not just damaged lines.
+//! count or bucket name is caught, not just damaged lines. Version 2 entries
+//! are taken or removed whole; positions inside one are never used.
 
 use std::fmt;
 
 const VERSION: u8 = 1;
+const VERSION_DEFLATED: u8 = 2;
 const FIXED_HEADER: usize = 19;
 
 /// A decoded entry borrowing the stored bytes.
@@ -26,7 +33,38 @@ pub struct Entry<'a> {
     pub enqueued_ns: u64,
     pub lines: u32,
     pub bucket: &'a str,
+    /// The lines, or their deflate segment when `deflated` is set.
     pub payload: &'a [u8],
+    pub deflated: Option<Deflated>,
+}
+
+/// What a deflated payload holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deflated {
+    /// Bytes of lines.
+    pub len: u32,
+    /// CRC32 of the lines.
+    pub crc: u32,
+}
+
+impl Entry<'_> {
+    /// Bytes of lines the entry holds (what queue bounds count).
+    pub fn lines_len(&self) -> usize {
+        self.deflated.map_or(self.payload.len(), |d| d.len as usize)
+    }
+
+    /// The lines themselves, inflated when stored deflated.
+    pub fn lines_bytes(&self) -> Result<std::borrow::Cow<'_, [u8]>, Corruption> {
+        match self.deflated {
+            None => Ok(std::borrow::Cow::Borrowed(self.payload)),
+            Some(d) => {
+                let mut out = Vec::new();
+                crate::deflate::inflate_segment(self.payload, d.len as usize, &mut out)
+                    .map_err(|_| Corruption::BadSegment)?;
+                Ok(std::borrow::Cow::Owned(out))
+            }
+        }
+    }
 }
 
 /// Why stored bytes are not a valid entry.
@@ -36,6 +74,7 @@ pub enum Corruption {
     UnknownVersion(u8),
     CrcMismatch { stored: u32, computed: u32 },
     BadBucket,
+    BadSegment,
 }
 
 impl fmt::Display for Corruption {
@@ -50,34 +89,56 @@ impl fmt::Display for Corruption {
                 )
             }
             Corruption::BadBucket => write!(f, "bucket name is not valid UTF-8"),
+            Corruption::BadSegment => write!(f, "compressed lines do not inflate"),
         }
     }
 }
 
-/// Size of the encoded entry for a bucket name and payload.
-pub fn encoded_len(bucket: &str, payload: &[u8]) -> usize {
-    FIXED_HEADER + bucket.len() + payload.len()
+/// The bytes before the payload: header fields, the CRC left at zero
+/// (see [`seal`]). Raw lines when `deflated` is `None`, else a segment.
+pub fn header(enqueued_ns: u64, lines: u32, bucket: &str, deflated: Option<Deflated>) -> Vec<u8> {
+    let blen = u16::try_from(bucket.len()).expect("bucket names are validated to be short");
+    let mut h = Vec::with_capacity(FIXED_HEADER + bucket.len() + 8);
+    h.push(if deflated.is_some() {
+        VERSION_DEFLATED
+    } else {
+        VERSION
+    });
+    h.extend_from_slice(&[0; 4]);
+    h.extend_from_slice(&enqueued_ns.to_le_bytes());
+    h.extend_from_slice(&lines.to_le_bytes());
+    h.extend_from_slice(&blen.to_le_bytes());
+    h.extend_from_slice(bucket.as_bytes());
+    if let Some(d) = deflated {
+        h.extend_from_slice(&d.len.to_le_bytes());
+        h.extend_from_slice(&d.crc.to_le_bytes());
+    }
+    h
 }
 
-/// Writes the entry into `out`, which must be exactly `encoded_len` bytes
-/// (LMDB hands out reserved space, so the payload is copied only once).
-pub fn encode_into(out: &mut [u8], enqueued_ns: u64, lines: u32, bucket: &str, payload: &[u8]) {
-    debug_assert_eq!(out.len(), encoded_len(bucket, payload));
-    let blen = u16::try_from(bucket.len()).expect("bucket names are validated to be short");
-    out[0] = VERSION;
-    out[5..13].copy_from_slice(&enqueued_ns.to_le_bytes());
-    out[13..17].copy_from_slice(&lines.to_le_bytes());
-    out[17..19].copy_from_slice(&blen.to_le_bytes());
-    out[FIXED_HEADER..FIXED_HEADER + bucket.len()].copy_from_slice(bucket.as_bytes());
-    out[FIXED_HEADER + bucket.len()..].copy_from_slice(payload);
-    let crc = crc32fast::hash(&out[5..]);
-    out[1..5].copy_from_slice(&crc.to_le_bytes());
+/// Sets the CRC of a complete entry (header then payload). The writer
+/// builds entries in space LMDB reserves, so the payload is copied once.
+pub fn seal(entry: &mut [u8]) {
+    let crc = crc32fast::hash(&entry[5..]);
+    entry[1..5].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Encodes into a fresh vector (tests and the dead-letter store).
 pub fn encode(enqueued_ns: u64, lines: u32, bucket: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![0; encoded_len(bucket, payload)];
-    encode_into(&mut out, enqueued_ns, lines, bucket, payload);
+    encode_with(enqueued_ns, lines, bucket, payload, None)
+}
+
+/// Encodes lines (`deflated: None`) or a deflate segment of them.
+pub fn encode_with(
+    enqueued_ns: u64,
+    lines: u32,
+    bucket: &str,
+    payload: &[u8],
+    deflated: Option<Deflated>,
+) -> Vec<u8> {
+    let mut out = header(enqueued_ns, lines, bucket, deflated);
+    out.extend_from_slice(payload);
+    seal(&mut out);
     out
 }
 
@@ -86,7 +147,7 @@ pub fn decode(bytes: &[u8]) -> Result<Entry<'_>, Corruption> {
     if bytes.len() < FIXED_HEADER {
         return Err(Corruption::TooShort);
     }
-    if bytes[0] != VERSION {
+    if bytes[0] != VERSION && bytes[0] != VERSION_DEFLATED {
         return Err(Corruption::UnknownVersion(bytes[0]));
     }
     let stored = u32::from_le_bytes(bytes[1..5].try_into().unwrap());
@@ -111,11 +172,29 @@ pub fn decode_unchecked(bytes: &[u8]) -> Result<Entry<'_>, Corruption> {
     }
     let bucket = std::str::from_utf8(&bytes[FIXED_HEADER..FIXED_HEADER + blen])
         .map_err(|_| Corruption::BadBucket)?;
+    let at = FIXED_HEADER + blen;
+    if bytes[0] == VERSION_DEFLATED {
+        if bytes.len() < at + 8 {
+            return Err(Corruption::TooShort);
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().unwrap());
+        return Ok(Entry {
+            enqueued_ns,
+            lines,
+            bucket,
+            payload: &bytes[at + 8..],
+            deflated: Some(Deflated {
+                len: u32_at(at),
+                crc: u32_at(at + 4),
+            }),
+        });
+    }
     Ok(Entry {
         enqueued_ns,
         lines,
         bucket,
-        payload: &bytes[FIXED_HEADER + blen..],
+        payload: &bytes[at..],
+        deflated: None,
     })
 }
 
@@ -168,6 +247,44 @@ mod tests {
                     "flip of bit {bit} in byte {i} not caught"
                 );
             }
+        }
+    }
+
+    fn deflated(lines: &[u8]) -> Vec<u8> {
+        let mut seg = Vec::new();
+        let crc = crate::deflate::segment(lines, 6, &mut seg);
+        let d = Deflated {
+            len: lines.len() as u32,
+            crc,
+        };
+        encode_with(9, 2, "b", &seg, Some(d))
+    }
+
+    #[test]
+    fn deflated_round_trip() {
+        let lines = b"a f=1 1\nb f=2 2\n";
+        let bytes = deflated(lines);
+        let e = decode(&bytes).unwrap();
+        assert_eq!((e.enqueued_ns, e.lines, e.bucket), (9, 2, "b"));
+        assert_eq!(e.lines_len(), lines.len());
+        assert_eq!(&e.lines_bytes().unwrap()[..], &lines[..]);
+        // Raw entries hand out their payload as is.
+        let raw = encode(1, 1, "b", b"m f=1 1\n");
+        let r = decode(&raw).unwrap();
+        assert_eq!((r.deflated, r.lines_len()), (None, 8));
+        assert_eq!(&r.lines_bytes().unwrap()[..], b"m f=1 1\n");
+    }
+
+    #[test]
+    fn deflated_damage_is_caught() {
+        let bytes = deflated(b"m f=1 1\n");
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x10;
+            assert!(decode(&damaged).is_err(), "flip in byte {i} not caught");
+        }
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "truncation to {len}");
         }
     }
 

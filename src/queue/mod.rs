@@ -5,7 +5,9 @@
 //!
 //! Three databases in one environment under `<data_dir>/queue/`:
 //! - `entries`: key `[replication id: u32 BE][sequence: u64 BE]`, value an
-//!   [`entry`] (header with enqueue time, line count, CRC32; then whole lines).
+//!   [`entry`] (header with enqueue time, line count, CRC32; then whole lines,
+//!   or a deflate segment of them: large writes are compressed once, before
+//!   they reach the writer, and shipped as stored).
 //! - `meta`: `N<name>` → replication id; `I` → next free id; `R<id BE>` → the
 //!   replication's [`Meta`]: the head position (first unsent byte), the next
 //!   sequence, the exact unsent bytes and lines, and the line counters.
@@ -30,6 +32,11 @@
 //!   `max_age` expiry, or when set aside as corrupt; each is counted.
 //! - Start-up reads one `Meta` and one entry header per replication: its time
 //!   and memory do not grow with the backlog.
+//! - A deflated entry is read and removed whole; positions inside entries
+//!   only ever point into entries of lines.
+//! - `Meta` version 2 marks a log that may hold deflated entries: an older
+//!   agent refuses to open it instead of setting those entries aside as
+//!   damaged.
 //!
 //! # Crash behaviour
 //!
@@ -42,7 +49,7 @@ mod entry;
 mod mapguard;
 mod writer;
 
-pub use entry::Corruption;
+pub use entry::{Corruption, Deflated};
 
 use std::fs::{self, File};
 use std::io;
@@ -211,6 +218,108 @@ pub struct Batch {
     /// `split_buckets` was asked for).
     pub bucket: String,
     pub oldest_enqueued_ns: u64,
+}
+
+/// A batch as stored: runs of lines, and deflate segments of lines that
+/// were compressed when they were queued, in order.
+#[derive(Debug, Default)]
+pub struct Shipment {
+    buf: Vec<u8>,
+    pieces: Vec<Piece>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Lines(std::ops::Range<usize>),
+    Segment(std::ops::Range<usize>, Deflated),
+}
+
+impl Shipment {
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.pieces.clear();
+    }
+
+    fn push_lines(&mut self, lines: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(lines);
+        // Runs of lines from consecutive entries are compressed together.
+        match self.pieces.last_mut() {
+            Some(Piece::Lines(r)) if r.end == start => r.end = self.buf.len(),
+            _ => self.pieces.push(Piece::Lines(start..self.buf.len())),
+        }
+    }
+
+    fn push_segment(&mut self, seg: &[u8], d: Deflated) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(seg);
+        self.pieces.push(Piece::Segment(start..self.buf.len(), d));
+    }
+
+    /// The batch as one gzip member: lines are compressed at `level`,
+    /// segments are taken as they are.
+    pub fn gzip(&self, level: u32, reuse: Vec<u8>) -> Vec<u8> {
+        let mut body = crate::deflate::GzipBody::new(reuse);
+        for p in &self.pieces {
+            match p {
+                Piece::Lines(r) => body.push_lines(&self.buf[r.clone()], level),
+                Piece::Segment(r, d) => body.push_segment(&self.buf[r.clone()], d.len, d.crc),
+            }
+        }
+        body.finish()
+    }
+
+    /// Appends the batch's lines to `out`, inflating segments.
+    pub fn lines_into(&self, out: &mut Vec<u8>) -> Result<(), Corruption> {
+        for p in &self.pieces {
+            match p {
+                Piece::Lines(r) => out.extend_from_slice(&self.buf[r.clone()]),
+                Piece::Segment(r, d) => {
+                    crate::deflate::inflate_segment(&self.buf[r.clone()], d.len as usize, out)
+                        .map_err(|_| Corruption::BadSegment)?
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lines compressed once, before they reach the queue, for replications
+/// that queue them unchanged: each segment becomes one entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub data: Vec<u8>,
+    pub lines: u32,
+    pub deflated: Deflated,
+}
+
+/// Cuts `lines` (whole lines, each ending in '\n') into segments of at most
+/// `chunk` bytes of lines (a longer line alone), compressed at `level`.
+pub fn deflate_lines(lines: &[u8], chunk: usize, level: u32) -> Vec<Segment> {
+    let mut out = Vec::with_capacity(lines.len() / chunk.max(1) + 1);
+    let mut rest = lines;
+    while !rest.is_empty() {
+        let cut = if rest.len() <= chunk {
+            rest.len()
+        } else {
+            memchr::memrchr(b'\n', &rest[..chunk])
+                .or_else(|| memchr::memchr(b'\n', rest))
+                .map_or(rest.len(), |i| i + 1)
+        };
+        let part = &rest[..cut];
+        let mut data = Vec::new();
+        let crc = crate::deflate::segment(part, level, &mut data);
+        out.push(Segment {
+            data,
+            lines: memchr::memchr_iter(b'\n', part).count() as u32,
+            deflated: Deflated {
+                len: part.len() as u32,
+                crc,
+            },
+        });
+        rest = &rest[cut..];
+    }
+    out
 }
 
 /// How a shipped batch ended. Lines of the batch not named here were delivered.
@@ -387,7 +496,10 @@ pub(crate) struct Meta {
 }
 
 impl Meta {
-    const VERSION: u64 = 1;
+    /// 2: the log may hold deflated entries (entry format 2). Older
+    /// versions of the agent refuse a meta they do not know, rather than
+    /// setting such entries aside as damaged; this one reads version 1 too.
+    const VERSION: u64 = 2;
 
     fn encode(&self) -> Vec<u8> {
         let c = &self.c;
@@ -426,7 +538,7 @@ impl Meta {
         let mut f = bytes
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()));
-        if f.next()? != Self::VERSION {
+        if !(1..=Self::VERSION).contains(&f.next()?) {
             return None;
         }
         // Fields added later read as zero from older metas.
@@ -617,8 +729,24 @@ impl Queue {
     /// Queues a [`Write`]: its lines and its checkpoint (if any) commit in
     /// one transaction, or neither does.
     pub fn write(&self, w: Write) -> tokio::sync::oneshot::Receiver<Result<(), QueueError>> {
+        self.write_deflated(w, None)
+    }
+
+    /// [`Queue::write`] with the payload also compressed as `segments`
+    /// ([`deflate_lines`]): replications that queue lines unchanged store
+    /// the segments, so the lines are never compressed again; the others
+    /// (filters, tags, downsampling) store what their transform makes.
+    pub fn write_deflated(
+        &self,
+        w: Write,
+        segments: Option<Vec<Segment>>,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), QueueError>> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        let cmd = writer::Command::Append(writer::Append { write: w, reply });
+        let cmd = writer::Command::Append(writer::Append {
+            write: w,
+            segments,
+            reply,
+        });
         if let Err(mpsc::SendError(writer::Command::Append(a))) = self.tx.send(cmd) {
             let _ = a.reply.send(Err(QueueError::Closed));
         }
@@ -649,6 +777,32 @@ impl Queue {
         split_buckets: bool,
         out: &mut Vec<u8>,
     ) -> Result<Option<Batch>, QueueError> {
+        let mut shipment = Shipment::default();
+        let batch = self.read_shipment(repl, None, max_bytes, split_buckets, &mut shipment)?;
+        out.clear();
+        shipment
+            .lines_into(out)
+            .map_err(|why| QueueError::Corrupt {
+                replication: repl.name.clone(),
+                seq: batch.as_ref().map_or(0, |b| b.from.seq),
+                why,
+            })?;
+        Ok(batch)
+    }
+
+    /// Reads the next batch of `repl` as [`read_batch`](Self::read_batch)
+    /// does, but starting at `from` when that is past the head (the end of a
+    /// batch whose settlement is still being committed), and leaving
+    /// deflated entries deflated, so that shipping never compresses them
+    /// again.
+    pub fn read_shipment(
+        &self,
+        repl: &ReplHandle,
+        from: Option<Pos>,
+        max_bytes: usize,
+        split_buckets: bool,
+        out: &mut Shipment,
+    ) -> Result<Option<Batch>, QueueError> {
         out.clear();
         let s = &self.shared;
         let rtxn = s.env.read_txn()?;
@@ -659,11 +813,14 @@ impl Queue {
         else {
             return Ok(None);
         };
-        if meta.head.seq >= meta.next_seq {
+        let start_pos = from.map_or(meta.head, |f| f.max(meta.head));
+        if start_pos.seq >= meta.next_seq {
             return Ok(None);
         }
-        let range = entry_key(repl.id, meta.head.seq)..entry_key(repl.id, meta.next_seq);
+        let range = entry_key(repl.id, start_pos.seq)..entry_key(repl.id, meta.next_seq);
         let mut batch: Option<Batch> = None;
+        let mut from_pos = start_pos;
+        let mut taken = 0usize;
         for item in s
             .entries
             .range(&rtxn, &key_range(&range.start, &range.end))?
@@ -683,14 +840,22 @@ impl Queue {
                 }
                 Err(_) => break,
             };
-            let start = if seq == meta.head.seq {
-                (meta.head.off as usize).min(e.payload.len())
+            let start = if seq == start_pos.seq {
+                start_pos.off as usize
             } else {
                 0
             };
+            if batch.is_none() && start > 0 && (e.deflated.is_some() || start >= e.payload.len()) {
+                // Wholly in the batch before, whose settlement is on its way.
+                from_pos = Pos {
+                    seq: seq + 1,
+                    off: 0,
+                };
+                continue;
+            }
             let b = batch.get_or_insert_with(|| Batch {
-                from: meta.head,
-                to: meta.head,
+                from: from_pos,
+                to: from_pos,
                 lines: 0,
                 bytes: 0,
                 bucket: e.bucket.to_string(),
@@ -699,13 +864,31 @@ impl Queue {
             if split_buckets && b.bucket != e.bucket {
                 break;
             }
+            let room = max_bytes.saturating_sub(taken);
+            if let Some(d) = e.deflated {
+                // Taken whole or not at all (a lone one larger than a batch
+                // travels alone).
+                let len = d.len as usize;
+                if len > room && taken > 0 {
+                    break;
+                }
+                out.push_segment(e.payload, d);
+                b.lines += e.lines as u64;
+                b.bytes += len as u64;
+                b.to = Pos { seq, off: d.len };
+                taken += len;
+                if taken >= max_bytes {
+                    break;
+                }
+                continue;
+            }
+            let start = start.min(e.payload.len());
             let avail = &e.payload[start..];
-            let room = max_bytes.saturating_sub(out.len());
             let (take, whole) = if avail.len() <= room {
                 (avail.len(), true)
             } else if let Some(i) = memchr::memrchr(b'\n', &avail[..room]) {
                 (i + 1, false)
-            } else if out.is_empty() {
+            } else if taken == 0 {
                 // One line longer than a batch: it travels alone.
                 (
                     memchr::memchr(b'\n', avail).map_or(avail.len(), |i| i + 1),
@@ -714,19 +897,20 @@ impl Queue {
             } else {
                 break;
             };
-            let taken = &avail[..take];
-            out.extend_from_slice(taken);
+            let part = &avail[..take];
+            out.push_lines(part);
+            taken += take;
             b.lines += if start == 0 && whole {
                 e.lines as u64
             } else {
-                memchr::memchr_iter(b'\n', taken).count() as u64
+                memchr::memchr_iter(b'\n', part).count() as u64
             };
             b.bytes += take as u64;
             b.to = Pos {
                 seq,
                 off: (start + take) as u32,
             };
-            if !whole || out.len() >= max_bytes {
+            if !whole || taken >= max_bytes {
                 break;
             }
         }
@@ -790,7 +974,7 @@ impl Queue {
                     id: key_seq(key),
                     at_ns: e.enqueued_ns,
                     lines: e.lines as u64,
-                    bytes: e.payload.len() as u64,
+                    bytes: e.lines_len() as u64,
                     bucket: e.bucket.to_string(),
                     reason,
                     replayable: true,

@@ -613,3 +613,182 @@ fn concurrent_writes_share_commits() {
         "{writers} concurrent writes took {commits} commits"
     );
 }
+
+// ---- deflated entries (lines compressed when queued) ----
+
+fn append_deflated(
+    q: &Queue,
+    h: &Arc<ReplHandle>,
+    payload: Vec<u8>,
+    chunk: usize,
+) -> Result<Vec<Segment>, QueueError> {
+    let n = memchr::memchr_iter(b'\n', &payload).count() as u64;
+    let segments = deflate_lines(&payload, chunk, 6);
+    let w = Write {
+        targets: vec![h.clone()],
+        bucket: "b".into(),
+        payload,
+        lines: n,
+        checkpoint: None,
+    };
+    q.write_deflated(w, Some(segments.clone()))
+        .blocking_recv()
+        .unwrap_or(Err(QueueError::Closed))?;
+    Ok(segments)
+}
+
+fn gunzip(body: &[u8]) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    // A single-member decoder: what the strictest remote does.
+    flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+#[test]
+fn deflated_entries_ship_as_stored_and_read_back_as_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
+    let h = q.handles()[0].clone();
+    let a = lines("a", 40);
+    let b = lines("b", 300);
+    let c = lines("c", 7);
+    append(&q, &h, a.clone()).unwrap();
+    let segs = append_deflated(&q, &h, b.clone(), 1000).unwrap();
+    assert!(segs.len() > 3, "cut into several segments");
+    append(&q, &h, c.clone()).unwrap();
+    let k = h.counters();
+    assert_eq!(k.queued_bytes, (a.len() + b.len() + c.len()) as u64);
+    assert_eq!(k.queued_lines, 347);
+    // Each batch is one gzip member holding exactly its lines.
+    let mut all = Vec::new();
+    let mut sh = Shipment::default();
+    while let Some(batch) = q.read_shipment(&h, None, 2500, false, &mut sh).unwrap() {
+        let lines = gunzip(&sh.gzip(6, Vec::new()));
+        assert_eq!(lines.len() as u64, batch.bytes);
+        assert_eq!(
+            memchr::memchr_iter(b'\n', &lines).count() as u64,
+            batch.lines
+        );
+        let mut plain = Vec::new();
+        sh.lines_into(&mut plain).unwrap();
+        assert_eq!(plain, lines);
+        all.extend_from_slice(&lines);
+        q.settle(&h, &batch, Settlement::default()).unwrap();
+    }
+    assert_eq!(all, [a, b, c].concat());
+    let k = h.counters();
+    assert_eq!(
+        (k.queued_lines, k.queued_bytes, k.delivered_lines),
+        (0, 0, 347)
+    );
+    assert_eq!(k.inflow_lines(), k.accounted_lines());
+}
+
+#[test]
+fn deflated_entries_are_evicted_whole_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let specs = [spec("r", 3000, WhenFull::DropOldest)];
+    let a = lines("a", 180);
+    assert!(a.len() > 1500 && a.len() < 3000, "{}", a.len());
+    {
+        let q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+        let h = q.handles()[0].clone();
+        let segs = append_deflated(&q, &h, a.clone(), 400).unwrap();
+        // A second write evicts the oldest segments, whole.
+        append_deflated(&q, &h, a.clone(), 400).unwrap();
+        let k = h.counters();
+        let first = segs[0].lines as u64;
+        assert!(k.dropped_full_lines >= first);
+        assert!(k.queued_bytes <= 3000);
+        assert_eq!(k.inflow_lines(), k.accounted_lines());
+    }
+    let q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+    let h = q.handles()[0].clone();
+    let queued = h.counters().queued_lines;
+    let got = drain(&q, &h, 500);
+    assert_eq!(memchr::memchr_iter(b'\n', &got).count() as u64, queued);
+    assert!(
+        a.ends_with(&got[got.len() - 200..]),
+        "the newest lines stay"
+    );
+}
+
+#[test]
+fn a_version_1_meta_is_read() {
+    let m = Meta {
+        head: Pos { seq: 3, off: 7 },
+        next_seq: 9,
+        c: Counters {
+            queued_lines: 5,
+            ..Counters::default()
+        },
+    };
+    let mut bytes = m.encode();
+    bytes[..8].copy_from_slice(&1u64.to_le_bytes());
+    assert_eq!(Meta::decode(&bytes), Some(m));
+    bytes[..8].copy_from_slice(&3u64.to_le_bytes());
+    assert_eq!(Meta::decode(&bytes), None, "a newer meta is refused");
+}
+
+#[test]
+fn a_transforming_replication_gets_lines_back_from_segments() {
+    // Ingest keeps only the segments when no replication transforms the
+    // lines; a reload may add one before the write reaches the queue.
+    let r = crate::config::Replication {
+        name: "tagged".into(),
+        remote: "x".into(),
+        local_bucket: "b".into(),
+        remote_bucket: None,
+        max_queue_size: 1 << 20,
+        max_age: None,
+        when_full: WhenFull::DropOldest,
+        drop_non_retryable_data: false,
+        batch_size: 1000,
+        gzip_level: 6,
+        include_measurements: Vec::new(),
+        exclude_measurements: Vec::new(),
+        add_tags: [("gw".to_string(), "1".to_string())].into_iter().collect(),
+        downsample: None,
+    };
+    let mut tagged = spec("tagged", 1 << 20, WhenFull::DropOldest);
+    tagged.transform = crate::transform::Transform::new(&r).map(Arc::new);
+    assert!(tagged.transform.is_some());
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("plain", 1 << 20, WhenFull::DropOldest), tagged],
+    )
+    .unwrap();
+    let (plain, tagged) = (q.handles()[0].clone(), q.handles()[1].clone());
+    let data = b"m f=1i 1\n".repeat(500);
+    let w = Write {
+        targets: vec![plain.clone(), tagged.clone()],
+        bucket: "b".into(),
+        payload: Vec::new(),
+        lines: 500,
+        checkpoint: None,
+    };
+    q.write_deflated(w, Some(deflate_lines(&data, 1000, 6)))
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    assert_eq!(drain(&q, &plain, 1 << 20), data);
+    assert_eq!(drain(&q, &tagged, 1 << 20), b"m,gw=1 f=1i 1\n".repeat(500));
+    for h in [&plain, &tagged] {
+        let k = h.counters();
+        assert_eq!(
+            (k.accepted_lines, k.accepted_bytes),
+            (500, data.len() as u64)
+        );
+        assert_eq!(k.inflow_lines(), k.accounted_lines());
+    }
+}

@@ -9,6 +9,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -21,7 +22,7 @@ use tokio::sync::oneshot;
 use super::entry;
 use super::{
     checkpoint_key, entry_key, key_range, key_seq, meta_key, Counters, Meta, Pos, QueueError,
-    ReplHandle, ReplSpec, Settlement, Shared, Signal, Write,
+    ReplHandle, ReplSpec, Segment, Settlement, Shared, Signal, Write,
 };
 use crate::config::WhenFull;
 use crate::transform::downsample::{Deltas, Folded, Window};
@@ -39,6 +40,8 @@ pub(super) type Reply = oneshot::Sender<Result<(), QueueError>>;
 
 pub(super) struct Append {
     pub write: Write,
+    /// The payload compressed once, for replications without a transform.
+    pub segments: Option<Vec<Segment>>,
     pub reply: Reply,
 }
 
@@ -98,7 +101,6 @@ pub(super) struct Writer {
     rx: Receiver<Command>,
     commit_interval: Duration,
     states: HashMap<u32, ReplState>,
-    scratch: Vec<u8>,
 }
 
 fn now_ns() -> u64 {
@@ -115,7 +117,6 @@ impl Writer {
             rx,
             commit_interval,
             states: HashMap::new(),
-            scratch: Vec::new(),
         }
     }
 
@@ -388,7 +389,7 @@ impl Writer {
         for cmd in group {
             let r = match cmd {
                 Command::Append(a) if with_appends => self
-                    .append(&mut wtxn, &a.write, now, touched, appended)?
+                    .append(&mut wtxn, a, now, touched, appended)?
                     .map(|()| 0),
                 Command::Append(_) => Ok(0),
                 Command::Settle(s) => {
@@ -450,22 +451,49 @@ impl Writer {
     fn append(
         &mut self,
         wtxn: &mut RwTxn,
-        a: &Write,
+        cmd: &Append,
         now: u64,
         touched: &mut BTreeSet<u32>,
         appended: &mut BTreeSet<u32>,
     ) -> Result<Result<(), QueueError>, QueueError> {
+        let a = &cmd.write;
+        let total = cmd.lines_len() as u64;
+        // Ingest drops the lines it compressed when no replication taking
+        // them transforms them; one changed by a reload since then gets them
+        // back from the segments.
+        let mut inflated = None;
+        if a.payload.is_empty() && a.lines > 0 {
+            if let Some(segments) = &cmd.segments {
+                let transforms = a.targets.iter().any(|t| {
+                    self.states
+                        .get(&t.id)
+                        .is_some_and(|st| st.spec.transform.is_some())
+                });
+                if transforms {
+                    inflated = Some(inflate(segments)?);
+                }
+            }
+        }
+        let lines: &[u8] = inflated.as_deref().unwrap_or(&a.payload);
         // Each replication's transform first: bounds apply to what it queues.
         let mut prepared = Vec::with_capacity(a.targets.len());
         for t in &a.targets {
             let Some(st) = self.states.get(&t.id) else {
                 return Ok(Err(QueueError::Closed));
             };
-            prepared.push(prepare(st.spec.transform.as_deref(), a, now as i64));
+            prepared.push(prepare(
+                st.spec.transform.as_deref(),
+                lines,
+                a.lines,
+                now as i64,
+            ));
         }
         for (t, p) in a.targets.iter().zip(&prepared) {
             let st = self.states.get_mut(&t.id).expect("checked above");
-            let len = p.payload.len() as u64;
+            let len = match (&p.payload, &cmd.segments) {
+                (Cow::Borrowed(_), Some(_)) => total,
+                _ => p.payload.len() as u64,
+            };
             if len > st.spec.max_bytes {
                 return Ok(Err(QueueError::TooLarge {
                     replication: st.spec.name.clone(),
@@ -478,7 +506,7 @@ impl Writer {
                 && st.meta.c.queued_bytes + len > st.spec.max_bytes
             {
                 st.meta.c.rejected_lines += a.lines;
-                st.meta.c.rejected_bytes += a.payload.len() as u64;
+                st.meta.c.rejected_bytes += total;
                 touched.insert(t.id);
                 return Ok(Err(QueueError::Full {
                     replication: st.spec.name.clone(),
@@ -503,12 +531,34 @@ impl Writer {
                 c.late_lines += folded.late;
                 c.downsampled_lines += folded.folded;
             } else if p.lines > 0 {
-                self.push_entry(wtxn, t.id, &a.bucket, &p.payload, p.lines, now)?;
+                match (&p.payload, &cmd.segments) {
+                    // Unchanged lines: store them as compressed at ingest.
+                    (Cow::Borrowed(_), Some(segments)) => {
+                        for seg in segments {
+                            self.push_entry(
+                                wtxn,
+                                t.id,
+                                &a.bucket,
+                                Stored::Segment(seg),
+                                seg.lines as u64,
+                                now,
+                            )?;
+                        }
+                    }
+                    _ => self.push_entry(
+                        wtxn,
+                        t.id,
+                        &a.bucket,
+                        Stored::Lines(&p.payload),
+                        p.lines,
+                        now,
+                    )?,
+                }
                 appended.insert(t.id);
             }
             let c = &mut self.states.get_mut(&t.id).expect("checked above").meta.c;
             c.accepted_lines += a.lines;
-            c.accepted_bytes += a.payload.len() as u64;
+            c.accepted_bytes += total;
             c.filtered_lines += p.filtered;
         }
         if let Some(cp) = &a.checkpoint {
@@ -524,11 +574,15 @@ impl Writer {
         wtxn: &mut RwTxn,
         id: u32,
         bucket: &str,
-        payload: &[u8],
+        stored: Stored,
         lines: u64,
         now: u64,
     ) -> Result<(), QueueError> {
-        let len = payload.len() as u64;
+        let (payload, deflated) = match stored {
+            Stored::Lines(l) => (l, None),
+            Stored::Segment(seg) => (&seg.data[..], Some(seg.deflated)),
+        };
+        let len = deflated.map_or(payload.len() as u64, |d| d.len as u64);
         loop {
             let st = &self.states[&id];
             if st.meta.c.queued_bytes + len <= st.spec.max_bytes
@@ -549,11 +603,18 @@ impl Writer {
         }
         let shared = self.shared.clone();
         let st = self.states.get_mut(&id).expect("attached");
-        self.scratch.resize(entry::encoded_len(bucket, payload), 0);
-        entry::encode_into(&mut self.scratch, now, lines as u32, bucket, payload);
-        shared
-            .entries
-            .put(wtxn, &entry_key(id, st.meta.next_seq), &self.scratch)?;
+        let header = entry::header(now, lines as u32, bucket, deflated);
+        shared.entries.put_reserved(
+            wtxn,
+            &entry_key(id, st.meta.next_seq),
+            header.len() + payload.len(),
+            |space| {
+                space.write_all(&header)?;
+                space.write_all(payload)?;
+                entry::seal(space.written_mut());
+                Ok(())
+            },
+        )?;
         if st.meta.head.seq >= st.meta.next_seq {
             st.meta.c.oldest_enqueued_ns = Some(now);
         }
@@ -621,7 +682,7 @@ impl Writer {
                 continue;
             }
             for (bucket, (payload, lines)) in by_bucket {
-                self.push_entry(wtxn, id, &bucket, &payload, lines, now)?;
+                self.push_entry(wtxn, id, &bucket, Stored::Lines(&payload), lines, now)?;
                 self.states
                     .get_mut(&id)
                     .expect("attached")
@@ -683,7 +744,7 @@ impl Writer {
         let raw = shared.entries.get(wtxn, &key)?.map(<[u8]>::to_vec);
         let (lines, bytes) = match raw.as_deref().map(entry::decode_unchecked) {
             Some(Ok(e)) if (e.lines as u64) <= st.meta.c.queued_lines => {
-                (e.lines as u64, e.payload.len() as u64)
+                (e.lines as u64, e.lines_len() as u64)
             }
             // The header itself is damaged: the counts are unknown, so take
             // what is left when this is the last entry, else nothing.
@@ -771,7 +832,7 @@ impl Writer {
             let (key, raw) = item?;
             let (_, e) = entry::decode_dead(raw);
             let (l, b) = entry::decode_unchecked(e).map_or((0, e.len() as u64), |e| {
-                (e.lines as u64, e.payload.len() as u64)
+                (e.lines as u64, e.lines_len() as u64)
             });
             bytes_left = bytes_left.saturating_sub(b);
             lines += l;
@@ -807,13 +868,16 @@ impl Writer {
             let Ok(e) = entry::decode(bytes) else {
                 continue;
             };
+            let Ok(payload) = e.lines_bytes() else {
+                continue;
+            };
             let st = &self.states[&id];
-            let len = e.payload.len() as u64;
+            let len = payload.len() as u64;
             if st.meta.c.queued_bytes + len > st.spec.max_bytes {
                 break;
             }
             let lines = e.lines as u64;
-            self.push_entry(wtxn, id, e.bucket, e.payload, lines, now)?;
+            self.push_entry(wtxn, id, e.bucket, Stored::Lines(&payload), lines, now)?;
             shared.dead.delete(wtxn, &key)?;
             let c = &mut self.states.get_mut(&id).expect("attached").meta.c;
             c.dead_lettered_lines = c.dead_lettered_lines.saturating_sub(lines);
@@ -879,21 +943,28 @@ impl Writer {
             let found = match shared.entries.get(wtxn, &key)? {
                 None => None,
                 Some(raw) => {
-                    let (enq_lines, payload) = match entry::decode_unchecked(raw) {
-                        Ok(e) => (e.lines as u64, e.payload),
-                        Err(_) => (0, &raw[..0]),
+                    // Lines of a deflated entry cannot be counted in part:
+                    // such entries leave whole (batches take them whole).
+                    let (enq_lines, plen, lines) = match entry::decode_unchecked(raw) {
+                        Ok(e) => (
+                            e.lines as u64,
+                            e.lines_len(),
+                            e.deflated.is_none().then_some(e.payload),
+                        ),
+                        Err(_) => (0, 0, Some(&raw[..0])),
                     };
-                    let plen = payload.len();
                     let start = (m.head.off as usize).min(plen);
                     let end = if to.seq == m.head.seq {
                         (to.off as usize).min(plen)
                     } else {
                         plen
                     };
-                    let l = if start == 0 && end == plen {
-                        enq_lines
-                    } else {
-                        memchr::memchr_iter(b'\n', &payload[start..end]).count() as u64
+                    let l = match lines {
+                        _ if start == 0 && end == plen => enq_lines,
+                        Some(lines) => {
+                            memchr::memchr_iter(b'\n', &lines[start..end]).count() as u64
+                        }
+                        None => break,
                     };
                     Some((l, (end - start) as u64, end == plen, end))
                 }
@@ -940,7 +1011,7 @@ impl Writer {
 
 fn command_bytes(c: &Command) -> usize {
     match c {
-        Command::Append(a) => a.write.payload.len(),
+        Command::Append(a) => a.lines_len(),
         _ => 0,
     }
 }
@@ -976,6 +1047,33 @@ fn next_dead_key(s: &Shared, txn: &RwTxn, id: u32) -> Result<[u8; 12], QueueErro
     Ok(entry_key(id, last.map_or(0, |(k, _)| key_seq(k) + 1)))
 }
 
+/// The lines of a write's segments.
+fn inflate(segments: &[Segment]) -> Result<Vec<u8>, QueueError> {
+    let mut out = Vec::new();
+    for s in segments {
+        crate::deflate::inflate_segment(&s.data, s.deflated.len as usize, &mut out)
+            .map_err(|e| QueueError::Storage(format!("a write's compressed lines: {e}")))?;
+    }
+    Ok(out)
+}
+
+impl Append {
+    /// Bytes of lines in the write (its segments', when ingest kept only those).
+    fn lines_len(&self) -> usize {
+        self.segments
+            .as_ref()
+            .map_or(self.write.payload.len(), |s| {
+                s.iter().map(|s| s.deflated.len as usize).sum()
+            })
+    }
+}
+
+/// What an entry stores.
+enum Stored<'a> {
+    Lines(&'a [u8]),
+    Segment(&'a Segment),
+}
+
 /// A write as one replication will queue it.
 struct Prepared<'a> {
     payload: Cow<'a, [u8]>,
@@ -985,18 +1083,23 @@ struct Prepared<'a> {
     windows: Option<(Deltas, Folded)>,
 }
 
-fn prepare<'a>(transform: Option<&Transform>, a: &'a Write, now: i64) -> Prepared<'a> {
+fn prepare<'a>(
+    transform: Option<&Transform>,
+    payload: &'a [u8],
+    lines: u64,
+    now: i64,
+) -> Prepared<'a> {
     let Some(t) = transform else {
         return Prepared {
-            payload: Cow::Borrowed(&a.payload),
-            lines: a.lines,
+            payload: Cow::Borrowed(payload),
+            lines,
             filtered: 0,
             windows: None,
         };
     };
     if let Some(ds) = &t.downsample {
         let mut deltas = Deltas::new();
-        let folded = ds.fold(&a.payload, now, |l| t.select(l), &mut deltas);
+        let folded = ds.fold(payload, now, |l| t.select(l), &mut deltas);
         return Prepared {
             payload: Cow::Borrowed(&[]),
             lines: 0,
@@ -1004,8 +1107,8 @@ fn prepare<'a>(transform: Option<&Transform>, a: &'a Write, now: i64) -> Prepare
             windows: Some((deltas, folded)),
         };
     }
-    let mut out = Vec::with_capacity(a.payload.len());
-    let applied = t.apply(&a.payload, &mut out);
+    let mut out = Vec::with_capacity(payload.len());
+    let applied = t.apply(payload, &mut out);
     Prepared {
         payload: Cow::Owned(out),
         lines: applied.lines,

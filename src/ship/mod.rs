@@ -22,7 +22,7 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use log::{debug, error, info, warn};
 
-use crate::queue::{Batch, Queue, QueueError, ReplHandle, Settlement, Signal};
+use crate::queue::{Batch, Queue, QueueError, ReplHandle, Settlement, Shipment, Signal};
 use crate::status::{ReplStatus, State};
 pub use client::{Answer, Client};
 
@@ -143,6 +143,7 @@ impl Worker {
 
     fn run(self) {
         let name = &self.repl.name;
+        let mut shipment = Shipment::default();
         let mut lines = Vec::new();
         debug!("replication \"{name}\": worker started");
         while !self.control.stopped() {
@@ -150,34 +151,37 @@ impl Worker {
             let seen = self.repl.data.generation();
             let t = self.target();
             let split = t.config.remote_bucket.is_none();
-            let batch =
-                match self
-                    .queue
-                    .read_batch(&self.repl, t.config.batch_size, split, &mut lines)
-                {
-                    Ok(Some(b)) => b,
-                    Ok(None) => {
-                        self.status.ship.lock().unwrap().next_retry = None;
-                        self.repl.data.wait_past(seen, Duration::from_secs(1));
-                        continue;
-                    }
-                    Err(QueueError::Corrupt { seq, why, .. }) => {
-                        error!(
+            let read = self.queue.read_shipment(
+                &self.repl,
+                None,
+                t.config.batch_size,
+                split,
+                &mut shipment,
+            );
+            let batch = match read {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    self.status.ship.lock().unwrap().next_retry = None;
+                    self.repl.data.wait_past(seen, Duration::from_secs(1));
+                    continue;
+                }
+                Err(QueueError::Corrupt { seq, why, .. }) => {
+                    error!(
                         "replication \"{name}\": entry {seq} is corrupt ({why}); setting it aside"
                     );
-                        if let Err(e) = self.queue.set_aside(&self.repl, seq) {
-                            error!("replication \"{name}\": cannot set entry {seq} aside: {e}");
-                            self.sleep(Duration::from_secs(1));
-                        }
-                        continue;
-                    }
-                    Err(e) => {
-                        error!("replication \"{name}\": cannot read the queue: {e}");
+                    if let Err(e) = self.queue.set_aside(&self.repl, seq) {
+                        error!("replication \"{name}\": cannot set entry {seq} aside: {e}");
                         self.sleep(Duration::from_secs(1));
-                        continue;
                     }
-                };
-            let settlement = match self.deliver(&batch, &lines) {
+                    continue;
+                }
+                Err(e) => {
+                    error!("replication \"{name}\": cannot read the queue: {e}");
+                    self.sleep(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let settlement = match self.deliver(&batch, &shipment, &mut lines) {
                 Ok(s) => s,
                 Err(Unsettled::Stale) => continue,
                 Err(Unsettled::Stopped) => break,
@@ -195,18 +199,28 @@ impl Worker {
         debug!("replication \"{name}\": worker stopped");
     }
 
-    /// Sends `data` (the batch's lines) until every line is delivered or
-    /// refused for good. A 413 splits the failing part in halves; a 400/422
-    /// bisects it until the refused lines stand alone (resending good lines
-    /// is harmless: they overwrite). Anything else is retried after a wait.
-    fn deliver(&self, batch: &Batch, data: &[u8]) -> Result<Settlement, Unsettled> {
+    /// Sends the batch until every line is delivered or refused for good.
+    /// The first attempt sends the batch as stored, as one gzip member (lines
+    /// compressed when queued are not compressed again). A 413 splits the
+    /// failing part in halves; a 400/422 bisects it until the refused lines
+    /// stand alone (resending good lines is harmless: they overwrite).
+    /// Anything else is retried after a wait.
+    fn deliver(
+        &self,
+        batch: &Batch,
+        shipment: &Shipment,
+        lines: &mut Vec<u8>,
+    ) -> Result<Settlement, Unsettled> {
         let mut settlement = Settlement {
             bucket: batch.bucket.clone(),
             ..Settlement::default()
         };
+        let whole = 0..batch.bytes as usize;
+        // The batch's lines, inflated only when a part must be cut out.
+        let mut have_lines = false;
         // Parts still to send, the next one last.
         let mut pending: Vec<Range<usize>> = Vec::with_capacity(16);
-        pending.push(0..data.len());
+        pending.push(whole.clone());
         let mut body: Option<(Range<usize>, u32, Vec<u8>)> = None;
         let mut attempt: u32 = 0;
         while let Some(part) = pending.last().cloned() {
@@ -219,15 +233,17 @@ impl Worker {
             }
             self.control.beat();
             let t = self.target();
-            let slice = &data[part.clone()];
+            let level = t.config.gzip_level;
             // Compress each part once, not once per retry.
-            if !matches!(&body, Some((r, level, _)) if *r == part && *level == t.config.gzip_level)
-            {
-                body = Some((
-                    part.clone(),
-                    t.config.gzip_level,
-                    gzip(slice, t.config.gzip_level),
-                ));
+            if !matches!(&body, Some((r, l, _)) if *r == part && *l == level) {
+                let reuse = body.take().map(|(_, _, b)| b).unwrap_or_default();
+                let gz = if part == whole {
+                    shipment.gzip(level, reuse)
+                } else {
+                    self.inflated(shipment, lines, &mut have_lines)?;
+                    gzip(&lines[part.clone()], level)
+                };
+                body = Some((part.clone(), level, gz));
             }
             let gz = &body.as_ref().expect("set above").2;
             let bucket = t.config.remote_bucket.as_deref().unwrap_or(&batch.bucket);
@@ -242,6 +258,8 @@ impl Worker {
                 Verdict::TooLarge | Verdict::Refused => {
                     pending.pop();
                     self.record_answer(&answer, State::Running, None);
+                    self.inflated(shipment, lines, &mut have_lines)?;
+                    let slice = &lines[part.clone()];
                     let n = memchr::memchr_iter(b'\n', slice).count();
                     if n > 1 {
                         let mid = split_point(slice);
@@ -270,6 +288,31 @@ impl Worker {
             }
         }
         Ok(settlement)
+    }
+
+    /// Puts the batch's lines in `lines` (once).
+    fn inflated(
+        &self,
+        shipment: &Shipment,
+        lines: &mut Vec<u8>,
+        done: &mut bool,
+    ) -> Result<(), Unsettled> {
+        if *done {
+            return Ok(());
+        }
+        lines.clear();
+        if let Err(why) = shipment.lines_into(lines) {
+            // Checksummed when read, so this is not damage on disk; try
+            // again later rather than send or drop what cannot be read.
+            error!(
+                "replication \"{}\": cannot read back a compressed batch: {why}",
+                self.repl.name
+            );
+            self.sleep(Duration::from_secs(1));
+            return Err(Unsettled::Stale);
+        }
+        *done = true;
+        Ok(())
     }
 
     /// A single line the remote refused for good: dead letter, or dropped.
