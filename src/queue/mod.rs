@@ -926,14 +926,32 @@ impl Queue {
         batch: &Batch,
         s: Settlement,
     ) -> Result<(), QueueError> {
-        self.call(|reply| {
-            writer::Command::Settle(writer::Settle {
-                repl: repl.clone(),
-                to: batch.to,
-                settlement: s,
-                reply,
-            })
-        })
+        self.settle_async(repl, batch, s)
+            .blocking_recv()
+            .unwrap_or(Err(QueueError::Closed))
+    }
+
+    /// [`settle`](Self::settle) without waiting: the answer arrives once the
+    /// change is durable. Settlements apply in the order they are sent, so a
+    /// worker can read and ship the next batch (from this one's end) while
+    /// this one commits.
+    pub fn settle_async(
+        &self,
+        repl: &Arc<ReplHandle>,
+        batch: &Batch,
+        s: Settlement,
+    ) -> tokio::sync::oneshot::Receiver<Result<(), QueueError>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let cmd = writer::Command::Settle(writer::Settle {
+            repl: repl.clone(),
+            to: batch.to,
+            settlement: s,
+            reply,
+        });
+        if let Err(mpsc::SendError(writer::Command::Settle(st))) = self.tx.send(cmd) {
+            let _ = st.reply.send(Err(QueueError::Closed));
+        }
+        rx
     }
 
     /// Moves a corrupt entry out of the log into the dead-letter store.

@@ -693,6 +693,60 @@ fn deflated_entries_ship_as_stored_and_read_back_as_lines() {
 }
 
 #[test]
+fn the_next_batch_is_read_while_the_last_one_settles() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
+    let h = q.handles()[0].clone();
+    let a = lines("a", 100);
+    let b = lines("b", 100);
+    append(&q, &h, a.clone()).unwrap();
+    append_deflated(&q, &h, b.clone(), 700).unwrap();
+    let mut all = Vec::new();
+    let mut sh = Shipment::default();
+    let mut pending: Option<(
+        Batch,
+        tokio::sync::oneshot::Receiver<Result<(), QueueError>>,
+    )> = None;
+    loop {
+        let from = pending.as_ref().map(|(b, _)| b.to);
+        let Some(batch) = q.read_shipment(&h, from, 900, false, &mut sh).unwrap() else {
+            match pending.take() {
+                Some((_, rx)) => {
+                    rx.blocking_recv().unwrap().unwrap();
+                    continue;
+                }
+                None => break,
+            }
+        };
+        if let Some((prev, _)) = &pending {
+            assert_eq!(
+                batch.from.max(prev.to),
+                batch.from,
+                "reads on from the last batch"
+            );
+        }
+        let mut plain = Vec::new();
+        sh.lines_into(&mut plain).unwrap();
+        all.extend_from_slice(&plain);
+        if let Some((_, rx)) = pending.take() {
+            rx.blocking_recv().unwrap().unwrap();
+        }
+        // Settled in order, the next one read before this one is durable.
+        let rx = q.settle_async(&h, &batch, Settlement::default());
+        pending = Some((batch, rx));
+    }
+    assert_eq!(all, [a, b].concat(), "every line once, in order");
+    let k = h.counters();
+    assert_eq!((k.queued_lines, k.delivered_lines), (0, 200));
+    assert_eq!(k.inflow_lines(), k.accounted_lines());
+}
+
+#[test]
 fn deflated_entries_are_evicted_whole_and_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let specs = [spec("r", 3000, WhenFull::DropOldest)];

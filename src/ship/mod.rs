@@ -22,7 +22,7 @@ use flate2::write::GzEncoder;
 use flate2::Compression;
 use log::{debug, error, info, warn};
 
-use crate::queue::{Batch, Queue, QueueError, ReplHandle, Settlement, Shipment, Signal};
+use crate::queue::{Batch, Pos, Queue, QueueError, ReplHandle, Settlement, Shipment, Signal};
 use crate::status::{ReplStatus, State};
 pub use client::{Answer, Client};
 
@@ -121,6 +121,13 @@ pub struct Worker {
     pub control: Arc<Control>,
 }
 
+/// A settlement sent to the queue and not yet confirmed durable.
+struct Settling {
+    /// Where the settled batch ends: the next batch starts there.
+    to: Pos,
+    reply: tokio::sync::oneshot::Receiver<Result<(), QueueError>>,
+}
+
 /// Why a batch was not settled.
 enum Unsettled {
     /// The worker was told to stop.
@@ -145,27 +152,40 @@ impl Worker {
         let name = &self.repl.name;
         let mut shipment = Shipment::default();
         let mut lines = Vec::new();
+        // The batch delivered last, while the queue commits its settlement:
+        // the next batch is read from its end and shipped meanwhile.
+        let mut settling: Option<Settling> = None;
         debug!("replication \"{name}\": worker started");
         while !self.control.stopped() {
             self.control.beat();
             let seen = self.repl.data.generation();
             let t = self.target();
             let split = t.config.remote_bucket.is_none();
+            let from = settling.as_ref().map(|s| s.to);
             let read = self.queue.read_shipment(
                 &self.repl,
-                None,
+                from,
                 t.config.batch_size,
                 split,
                 &mut shipment,
             );
             let batch = match read {
                 Ok(Some(b)) => b,
+                Ok(None) if settling.is_some() => {
+                    // Nothing past the batch in flight: wait for its
+                    // settlement, then look again.
+                    if let Err(QueueError::Closed) = self.confirm(&mut settling) {
+                        break;
+                    }
+                    continue;
+                }
                 Ok(None) => {
                     self.status.ship.lock().unwrap().next_retry = None;
                     self.repl.data.wait_past(seen, Duration::from_secs(1));
                     continue;
                 }
                 Err(QueueError::Corrupt { seq, why, .. }) => {
+                    let _ = self.confirm(&mut settling);
                     error!(
                         "replication \"{name}\": entry {seq} is corrupt ({why}); setting it aside"
                     );
@@ -186,17 +206,40 @@ impl Worker {
                 Err(Unsettled::Stale) => continue,
                 Err(Unsettled::Stopped) => break,
             };
-            if let Err(e) = self.queue.settle(&self.repl, &batch, settlement) {
-                // Delivered but not settled: the batch is sent again later,
-                // which the remote treats as an overwrite.
-                error!("replication \"{name}\": cannot settle a delivered batch: {e}");
-                if matches!(e, QueueError::Closed) {
-                    break;
-                }
+            match self.confirm(&mut settling) {
+                Ok(()) => {}
+                Err(QueueError::Closed) => break,
+                // This batch followed one that could not be settled: both
+                // are read and sent again (the remote overwrites).
+                Err(_) => continue,
+            }
+            settling = Some(Settling {
+                to: batch.to,
+                reply: self.queue.settle_async(&self.repl, &batch, settlement),
+            });
+        }
+        let _ = self.confirm(&mut settling);
+        debug!("replication \"{name}\": worker stopped");
+    }
+
+    /// Waits until the settlement in flight (if any) is durable.
+    fn confirm(&self, settling: &mut Option<Settling>) -> Result<(), QueueError> {
+        let Some(s) = settling.take() else {
+            return Ok(());
+        };
+        let r = s.reply.blocking_recv().unwrap_or(Err(QueueError::Closed));
+        if let Err(e) = &r {
+            // Delivered but not settled: the batch is sent again later,
+            // which the remote treats as an overwrite.
+            error!(
+                "replication \"{}\": cannot settle a delivered batch: {e}",
+                self.repl.name
+            );
+            if !matches!(e, QueueError::Closed) {
                 self.sleep(Duration::from_secs(1));
             }
         }
-        debug!("replication \"{name}\": worker stopped");
+        r
     }
 
     /// Sends the batch until every line is delivered or refused for good.
