@@ -52,7 +52,7 @@ impl Drop for Guard {
 
 /// Where `file` is mapped into this process, from /proc/self/maps (LMDB
 /// does not say: its `me_mapaddr` is only the fixed-map address).
-fn mapped_range(file: &Path) -> Option<(usize, usize)> {
+pub(super) fn mapped_range(file: &Path) -> Option<(usize, usize)> {
     let file = std::fs::canonicalize(file).ok()?;
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
     maps.lines()

@@ -5,9 +5,7 @@
 //!
 //! Three databases in one environment under `<data_dir>/queue/`:
 //! - `entries`: key `[replication id: u32 BE][sequence: u64 BE]`, value an
-//!   [`entry`] (header with enqueue time, line count, CRC32; then whole lines,
-//!   or a deflate segment of them: large writes are compressed once, before
-//!   they reach the writer, and shipped as stored).
+//!   [`entry`] (header with enqueue time, line count, CRC32; then whole lines).
 //! - `meta`: `N<name>` → replication id; `I` → next free id; `R<id BE>` → the
 //!   replication's [`Meta`]: the head position (first unsent byte), the next
 //!   sequence, the exact unsent bytes and lines, and the line counters.
@@ -32,11 +30,6 @@
 //!   `max_age` expiry, or when set aside as corrupt; each is counted.
 //! - Start-up reads one `Meta` and one entry header per replication: its time
 //!   and memory do not grow with the backlog.
-//! - A deflated entry is read and removed whole; positions inside entries
-//!   only ever point into entries of lines.
-//! - `Meta` version 2 marks a log that may hold deflated entries: an older
-//!   agent refuses to open it instead of setting those entries aside as
-//!   damaged.
 //!
 //! # Crash behaviour
 //!
@@ -437,6 +430,10 @@ struct Shared {
     /// Write transactions committed (group commit shows as far fewer
     /// commits than writes).
     commits: AtomicU64,
+    /// Entry bytes read since the map was last released.
+    read_since_release: AtomicUsize,
+    /// Where LMDB mapped the data file, when /proc says.
+    map: Option<(usize, usize)>,
     _lock: File,
     /// Turns a SIGBUS reading the map (a truncated file, a failing medium)
     /// into a clear error and exit 1.
@@ -458,6 +455,42 @@ pub struct Preparing<'a>(&'a AtomicUsize);
 impl Drop for Preparing<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Entry bytes read between two releases of the map.
+const RELEASE_EVERY: usize = 8 << 20;
+
+impl Shared {
+    /// Counts bytes read from the map; now and then, and once a log is read
+    /// to its end, unmaps what was read: memory must not grow with the
+    /// backlog.
+    fn read_bytes(&self, n: usize, at_end: bool) {
+        let read = self.read_since_release.fetch_add(n, Ordering::Relaxed) + n;
+        if read >= RELEASE_EVERY || (at_end && read > 0) {
+            self.read_since_release.store(0, Ordering::Relaxed);
+            if let Some(map) = self.map {
+                release_map(map);
+            }
+        }
+    }
+}
+
+/// Drops the page table entries of `[start, end)`, LMDB's map of the data
+/// file. Reading a backlog maps its pages into the agent one by one (and
+/// the kernel maps their neighbours along); the kernel keeps them in its
+/// page cache either way, but mapped, they count as the agent's resident
+/// memory, which would then grow with every page read, up to the size of
+/// the backlog.
+fn release_map((start, end): (usize, usize)) {
+    // SAFETY: the range is LMDB's shared mapping of the data file, which
+    // stays mapped while the environment is open. The environment is opened
+    // without WRITEMAP, so the map is read-only (the writer builds pages in
+    // its own memory and writes them with pwrite): MADV_DONTNEED only drops
+    // page table entries, and the next access maps the same file pages
+    // again, so neither LMDB nor its readers can tell.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
     }
 }
 
@@ -632,6 +665,8 @@ impl Queue {
             windows,
             preparing: AtomicUsize::new(0),
             commits: AtomicU64::new(0),
+            read_since_release: AtomicUsize::new(0),
+            map: mapguard::mapped_range(&qdir.join("data.mdb")),
             _lock: lock,
             _map_guard: map_guard,
         });
@@ -815,6 +850,8 @@ impl Queue {
         };
         let start_pos = from.map_or(meta.head, |f| f.max(meta.head));
         if start_pos.seq >= meta.next_seq {
+            drop(rtxn);
+            s.read_bytes(0, true);
             return Ok(None);
         }
         let range = entry_key(repl.id, start_pos.seq)..entry_key(repl.id, meta.next_seq);
@@ -914,6 +951,8 @@ impl Queue {
                 break;
             }
         }
+        drop(rtxn);
+        s.read_bytes(out.buf.len(), batch.is_none());
         Ok(batch)
     }
 
