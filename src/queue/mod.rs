@@ -18,7 +18,8 @@
 //!   replication's entries and its `Meta` happens in the same transaction, so
 //!   the counters on disk always match the entries on disk.
 //! - Group commit: the writer takes every request waiting in its channel (and
-//!   lingers up to `commit_interval` while more writes are being prepared),
+//!   lingers up to `commit_interval` while more writes are being prepared,
+//!   unless the group already holds 256 KiB of lines),
 //!   applies them all in one write transaction and answers them only after the
 //!   commit returned, i.e. after LMDB's fsync when `durability = "fsync"`.
 //! - Conservation: for every replication `accepted = delivered + queued +

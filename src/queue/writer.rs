@@ -30,6 +30,10 @@ use crate::transform::Transform;
 
 /// A group stops gathering past this many payload bytes.
 const MAX_GROUP_BYTES: usize = 16 << 20;
+/// A group holding this many bytes of lines commits without waiting for
+/// writes still being prepared: one fsync is then cheap per line already,
+/// and waiting would only delay the writes in hand.
+const LINGER_MAX_BYTES: usize = 256 << 10;
 /// Expiry and age checks run this often.
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// A dead-letter store holds at most this much (or the replication's
@@ -250,6 +254,7 @@ impl Writer {
             }
             let elapsed = start.elapsed();
             if group.is_empty()
+                || bytes >= LINGER_MAX_BYTES
                 || self.shared.preparing.load(Ordering::Acquire) == 0
                 || elapsed >= self.commit_interval
             {
