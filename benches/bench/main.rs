@@ -277,9 +277,11 @@ fn main() {
     // BENCH_ONLY=ingest,e2e,backlog,outage runs some phases only.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
-    if run("ingest") {
-        ingest(&ctx, &mut rows, &mut raw);
-    }
+    let ingest_rate = if run("ingest") {
+        ingest(&ctx, &mut rows, &mut raw)
+    } else {
+        500_000.0
+    };
     if run("e2e") {
         end_to_end(&ctx, &mut rows, &mut raw);
     }
@@ -289,7 +291,7 @@ fn main() {
         300_000.0
     };
     let outage = if run("outage") {
-        outage(&ctx, drain_rate, &mut raw)
+        outage(&ctx, ingest_rate.min(drain_rate), &mut raw)
     } else {
         String::new()
     };
@@ -383,8 +385,14 @@ impl Samples {
 const MB: f64 = 1e6;
 
 /// Phase 1, durable ingest with the remote down.
-fn ingest(ctx: &Ctx, rows: &mut Vec<Row>, raw: &mut serde_json::Map<String, serde_json::Value>) {
+/// Returns our median ingest rate of the metrics mix, in lines/s.
+fn ingest(
+    ctx: &Ctx,
+    rows: &mut Vec<Row>,
+    raw: &mut serde_json::Map<String, serde_json::Value>,
+) -> f64 {
     let s = &ctx.sizes;
+    let mut ours = f64::NAN;
     let mut ready = Samples::default();
     let mut idle_rss = Samples::default();
     for (mix, file, body_len) in &ctx.body_files {
@@ -432,6 +440,9 @@ fn ingest(ctx: &Ctx, rows: &mut Vec<Row>, raw: &mut serde_json::Map<String, serd
             }
         }
         let m = mix.name();
+        if *mix == Mix::Metrics {
+            ours = median(&rate.ours);
+        }
         rows.push(rate.row(
             &format!("durable ingest, {m} mix, remote down (lines/s)"),
             Target::AtLeast(1.0),
@@ -472,6 +483,7 @@ fn ingest(ctx: &Ctx, rows: &mut Vec<Row>, raw: &mut serde_json::Map<String, serd
     rows.push(ready.row("start to ready, empty queue (ms)", Target::None));
     raw.insert("startEmptyMs".into(), ready.json());
     raw.insert("idleRssEmptyMB".into(), idle_rss.json());
+    ours
 }
 
 /// Samples VmRSS of `pid` every 100 ms until stopped.
@@ -779,15 +791,16 @@ fn backlog(
 }
 
 /// Phase 4, steady load through an outage of the remote and its recovery
-/// (ours).
+/// (ours), from two paced clients.
 fn outage(
     ctx: &Ctx,
-    drain_rate: f64,
+    capacity: f64,
     raw: &mut serde_json::Map<String, serde_json::Value>,
 ) -> String {
     let (total, down_at, up_at) = ctx.sizes.outage;
-    // 40 % of what a drain sustains: enough headroom to catch up.
-    let per_second = (0.4 * drain_rate / LINES_PER_BODY as f64).max(1.0);
+    // 30 % of what the agent sustains (ingest and drain, whichever is
+    // lower): headroom to catch up after the outage.
+    let per_second = (0.3 * capacity / LINES_PER_BODY as f64).max(1.0);
     eprintln!(
         "bench: outage of the remote under {:.0} lines/s",
         per_second * LINES_PER_BODY as f64
@@ -798,7 +811,17 @@ fn outage(
     let max_backoff = "5s";
     let (mut p, _) = Who::Ours.start(ctx, &dir, port, &sink.url(), max_backoff);
     let stop = Arc::new(AtomicBool::new(false));
-    let (loader, _sent) = load::paced(&write_url(port), ctx.pool.clone(), per_second, stop.clone());
+    let loaders: Vec<_> = (0..2)
+        .map(|_| {
+            load::paced(
+                &write_url(port),
+                ctx.pool.clone(),
+                per_second / 2.0,
+                stop.clone(),
+            )
+            .0
+        })
+        .collect();
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut prev: Option<(f64, u64, u64)> = None;
@@ -833,7 +856,9 @@ fn outage(
         thread::sleep(Duration::from_millis(250));
     }
     stop.store(true, Ordering::Release);
-    loader.join().unwrap();
+    for l in loaders {
+        l.join().unwrap();
+    }
     p.stop(Duration::from_secs(60));
     let _ = fs::remove_dir_all(&dir);
     // Recovery: from the remote's return until the queue is back to what it
