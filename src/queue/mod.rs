@@ -460,7 +460,7 @@ impl Drop for Preparing<'_> {
 }
 
 /// Entry bytes read between two releases of the map.
-const RELEASE_EVERY: usize = 1 << 20;
+const RELEASE_EVERY: usize = 256 << 10;
 
 impl Shared {
     /// Counts bytes read from the map; now and then, and once a log is read
