@@ -11,8 +11,10 @@
 //!   writer may need a moment to reopen). The new file at the old name is a
 //!   new inode and is read from its start.
 //! - **Copytruncate**: the same inode shrinks below the offset, or its first
-//!   bytes change (a fingerprint of up to 1 KiB of consumed data is kept):
-//!   reading starts again at 0. Lines written between the last poll and the
+//!   bytes change (a fingerprint of up to 1 KiB of consumed data is kept and
+//!   checked at every poll, since a file can be truncated and rewritten to
+//!   the very size it had between two polls): reading starts again at 0.
+//!   A rewrite that keeps both the size and the first KiB is not noticed. Lines written between the last poll and the
 //!   truncation are only in the copy; a glob that also matches the copy reads
 //!   it as a new file (the lines carry timestamps, so the remote overwrites).
 //! - **New files** matching the glob are read from their start.
@@ -484,16 +486,16 @@ impl Tailer {
                     return Ok(());
                 }
             };
-            // Only a file whose size changed can have been truncated and
-            // rewritten since the last look; an idle one costs no read.
-            let rewritten = size != f.size
-                && match Self::unchanged(f) {
-                    Ok(same) => !same,
-                    Err(e) => {
-                        self.error(format!("cannot read {}: {e}", f.path.display()));
-                        return Ok(());
-                    }
-                };
+            // The prefix is checked even when the size did not change: a
+            // file truncated and rewritten between two polls may be back at
+            // exactly the size it had (one read of at most 1 KiB per poll).
+            let rewritten = match Self::unchanged(f) {
+                Ok(same) => !same,
+                Err(e) => {
+                    self.error(format!("cannot read {}: {e}", f.path.display()));
+                    return Ok(());
+                }
+            };
             if size < f.pos.off || rewritten {
                 info!(
                     "{}: {} was truncated (copytruncate?) at byte {} of {}; reading it from its start",
