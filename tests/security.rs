@@ -10,7 +10,7 @@ mod util;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -55,7 +55,7 @@ fn assert_no_secret(what: &str, text: &str) {
 
 /// `edge-replicator ARGS` with `env`, to completion.
 fn cli_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(agent_bin());
+    let mut cmd = agent_command();
     cmd.args(args);
     for (k, v) in env {
         cmd.env(k, v);

@@ -32,6 +32,22 @@ pub fn agent_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_edge-replicator"))
 }
 
+/// A command that runs the agent binary. `EDGE_REPLICATOR_TEST_RUNNER` (set by
+/// `make test-cross`) puts an emulator in front of it: without binfmt_misc an
+/// ARM binary cannot be exec'd directly, but qemu-user can run it.
+pub fn agent_command() -> Command {
+    let runner = std::env::var("EDGE_REPLICATOR_TEST_RUNNER").unwrap_or_default();
+    let mut words = runner.split_whitespace();
+    match words.next() {
+        Some(emulator) => {
+            let mut c = Command::new(emulator);
+            c.args(words).arg(agent_bin());
+            c
+        }
+        None => Command::new(agent_bin()),
+    }
+}
+
 /// The repository root (where Cargo.toml lives).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -257,10 +273,23 @@ fn mark_log(path: &Path, what: &str) {
 // ---------------------------------------------------------------------------
 
 /// An HTTP client that reports 4xx/5xx as statuses rather than errors.
+/// How many times slower than native the agent may run: 10 when it runs
+/// under an emulator (`EDGE_REPLICATOR_TEST_RUNNER`, set by `make
+/// test-cross`), else 1. It stretches how long a client waits for an answer;
+/// deadlines that are part of what a test asserts are left alone.
+pub fn slowdown() -> u32 {
+    let emulated = std::env::var("EDGE_REPLICATOR_TEST_RUNNER").is_ok_and(|r| !r.trim().is_empty());
+    if emulated {
+        10
+    } else {
+        1
+    }
+}
+
 pub fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
+        .timeout_global(Some(Duration::from_secs(60) * slowdown()))
         .timeout_connect(Some(Duration::from_secs(5)))
         .build()
         .new_agent()
@@ -1119,7 +1148,7 @@ impl AgentConfig {
 
 /// Runs `edge-replicator` with `args` to completion (60 s deadline).
 pub fn run_cli(args: &[&str]) -> Output {
-    let mut child = Command::new(agent_bin())
+    let mut child = agent_command()
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -1221,7 +1250,7 @@ impl Agent {
         assert!(self.child.is_none(), "agent already running");
         mark_log(&self.log_path(), "start");
         let log = log_file(&self.log_path());
-        let child = Command::new(agent_bin())
+        let child = agent_command()
             .arg("run")
             .arg("--config")
             .arg(self.config_path())
@@ -1524,7 +1553,7 @@ impl Agent {
         assert!(self.child.is_none(), "agent already running");
         mark_log(&self.log_path(), "start");
         let log = log_file(&self.log_path());
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = agent_command();
         cmd.arg("run")
             .arg("--config")
             .arg(self.config_path())
