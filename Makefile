@@ -71,7 +71,7 @@ bench: ## edge-replicator vs vmagent and the hardware limits (BENCH_QUICK=1: smo
 # crash loop with 50 kills and the property tests on every change).
 FUZZ_TIME ?= 60
 .PHONY: fuzz soak
-fuzz: ## fuzz the line-protocol parser and the gzip body reader, FUZZ_TIME seconds each (default 60)
+fuzz: ## fuzz the line-protocol parser, the gzip body reader and the WAL decoder, FUZZ_TIME seconds each (default 60)
 	./scripts/install-fuzz-deps.sh
 	./scripts/fuzz.sh $(FUZZ_TIME)
 

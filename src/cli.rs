@@ -95,8 +95,15 @@ pub fn main() -> ExitCode {
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
                 }
+                let mut sources = String::new();
+                if !c.tails.is_empty() {
+                    sources += &format!(", {} tail sources", c.tails.len());
+                }
+                if !c.influxdb_wals.is_empty() {
+                    sources += &format!(", {} influxdb_wal sources", c.influxdb_wals.len());
+                }
                 println!(
-                    "{}: ok ({} remotes, {} replications, data_dir {})",
+                    "{}: ok ({} remotes, {} replications{sources}, data_dir {})",
                     config.display(),
                     c.remotes.len(),
                     c.replications.len(),

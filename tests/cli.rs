@@ -46,6 +46,24 @@ fn check_config_accepts_a_valid_file() {
         "valid config refused: {}",
         text(&out)
     );
+    assert!(
+        text(&out).contains("ok (1 remotes, 1 replications, data_dir"),
+        "{}",
+        text(&out)
+    );
+    // Sources are counted too.
+    let with_tail = valid_config(dir.path())
+        + &format!(
+            "\n[[tail]]\npath = {:?}\nbucket = \"sensors\"\n",
+            dir.path().join("*.lp").display().to_string()
+        );
+    let out = with_config(&with_tail, &["check-config"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("1 replications, 1 tail sources, data_dir"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// Each case: what is wrong, how to break the valid config, the key the
