@@ -272,7 +272,6 @@ fn mark_log(path: &Path, what: &str) {
 // HTTP
 // ---------------------------------------------------------------------------
 
-/// An HTTP client that reports 4xx/5xx as statuses rather than errors.
 /// How many times slower than native the agent may run: 10 when it runs
 /// under an emulator (`EDGE_REPLICATOR_TEST_RUNNER`, set by `make
 /// test-cross`), else 1. It stretches how long a client waits for an answer;
@@ -286,6 +285,7 @@ pub fn slowdown() -> u32 {
     }
 }
 
+/// An HTTP client that reports 4xx/5xx as statuses rather than errors.
 pub fn http() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
