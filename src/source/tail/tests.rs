@@ -68,6 +68,16 @@ impl World {
         f.write_all(text.as_bytes()).unwrap();
     }
 
+    /// Empties the file in place, as copytruncate does after its copy.
+    fn truncate(&self, name: &str) {
+        OpenOptions::new()
+            .write(true)
+            .open(self.path(name))
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    }
+
     fn poll(&mut self) {
         self.tailer.poll(&mut self.sink).unwrap();
     }
@@ -170,12 +180,7 @@ fn copytruncate_starts_again_at_zero() {
     w.append("a.lp", &lines(0..10));
     w.poll();
     fs::copy(w.path("a.lp"), w.path("a.lp.1")).unwrap();
-    OpenOptions::new()
-        .write(true)
-        .open(w.path("a.lp"))
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    w.truncate("a.lp");
     w.append("a.lp", &lines(10..12));
     w.poll();
     assert_eq!(w.got(), lines(0..12));
@@ -186,12 +191,7 @@ fn copytruncate_is_noticed_even_when_the_file_regrew_past_the_offset() {
     let mut w = World::new();
     w.append("a.lp", &lines(0..3));
     w.poll();
-    OpenOptions::new()
-        .write(true)
-        .open(w.path("a.lp"))
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    w.truncate("a.lp");
     w.append("a.lp", &lines(100..110));
     w.poll();
     assert_eq!(w.got(), lines(0..3) + &lines(100..110));
@@ -202,12 +202,7 @@ fn copytruncate_is_noticed_when_the_file_regrew_to_the_same_size() {
     let mut w = World::new();
     w.append("a.lp", &lines(10..16));
     w.poll();
-    OpenOptions::new()
-        .write(true)
-        .open(w.path("a.lp"))
-        .unwrap()
-        .set_len(0)
-        .unwrap();
+    w.truncate("a.lp");
     // Same line lengths, same count: the size alone shows no change.
     w.append("a.lp", &lines(20..26));
     assert_eq!(lines(10..16).len(), lines(20..26).len());
@@ -427,7 +422,7 @@ proptest! {
                         // the copy, which is not followed: read them first.
                         finish(&w, &mut pending, &mut written, f);
                         w.poll();
-                        OpenOptions::new().write(true).open(w.path(&name(f))).unwrap().set_len(0).unwrap();
+                        w.truncate(&name(f));
                     }
                 }
                 Op::Poll => w.poll(),
