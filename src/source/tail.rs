@@ -14,9 +14,10 @@
 //!   bytes change (a fingerprint of up to 1 KiB of consumed data is kept and
 //!   checked at every poll, since a file can be truncated and rewritten to
 //!   the very size it had between two polls): reading starts again at 0.
-//!   A rewrite that keeps both the size and the first KiB is not noticed. Lines written between the last poll and the
-//!   truncation are only in the copy; a glob that also matches the copy reads
-//!   it as a new file (the lines carry timestamps, so the remote overwrites).
+//!   A rewrite that keeps both the size and the first KiB is not noticed.
+//!   Lines written between the last poll and the truncation are only in the
+//!   copy; a glob that also matches the copy reads it as a new file (the
+//!   lines carry timestamps, so the remote overwrites).
 //! - **New files** matching the glob are read from their start.
 //!
 //! A last line without its newline is left until the newline arrives; only
