@@ -462,6 +462,13 @@ impl SourceStatus {
         }
     }
 
+    /// A read error: logged, counted, and shown as the latest error.
+    pub fn error(&self, msg: String) {
+        log::warn!("{}: {msg}", self.name);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        self.detail.lock().unwrap().latest_error = msg;
+    }
+
     fn lag_bytes(&self) -> u64 {
         let d = self.detail.lock().unwrap();
         d.followed.iter().map(|f| f.lag_bytes).sum()

@@ -225,12 +225,6 @@ impl Tailer {
         Ok(())
     }
 
-    fn error(&self, msg: String) {
-        warn!("{}: {msg}", self.status.name);
-        self.status.errors.fetch_add(1, Ordering::Relaxed);
-        self.status.detail.lock().unwrap().latest_error = msg;
-    }
-
     fn scan(&self) -> Vec<PathBuf> {
         if self.literal {
             return vec![self.cfg.path.clone()];
@@ -279,7 +273,8 @@ impl Tailer {
                 }
                 Err(e) => {
                     if self.failed.insert(path.clone()) {
-                        self.error(format!("cannot follow {}: {e}", path.display()));
+                        self.status
+                            .error(format!("cannot follow {}: {e}", path.display()));
                     }
                 }
             }
@@ -483,7 +478,8 @@ impl Tailer {
             let size = match f.file.metadata() {
                 Ok(m) => m.len(),
                 Err(e) => {
-                    self.error(format!("cannot stat {}: {e}", f.path.display()));
+                    self.status
+                        .error(format!("cannot stat {}: {e}", f.path.display()));
                     return Ok(());
                 }
             };
@@ -493,7 +489,8 @@ impl Tailer {
             let rewritten = match Self::unchanged(f) {
                 Ok(same) => !same,
                 Err(e) => {
-                    self.error(format!("cannot read {}: {e}", f.path.display()));
+                    self.status
+                        .error(format!("cannot read {}: {e}", f.path.display()));
                     return Ok(());
                 }
             };
@@ -519,7 +516,7 @@ impl Tailer {
                 Ok(c) => c,
                 Err(e) => {
                     let msg = format!("cannot read {}: {e}", f.path.display());
-                    self.error(msg);
+                    self.status.error(msg);
                     return Ok(());
                 }
             };

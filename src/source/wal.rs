@@ -193,12 +193,6 @@ impl WalFollower {
         Ok(())
     }
 
-    fn error(&self, msg: String) {
-        warn!("{}: {msg}", self.status.name);
-        self.status.errors.fetch_add(1, Ordering::Relaxed);
-        self.status.detail.lock().unwrap().latest_error = msg;
-    }
-
     /// Lists retention policies and shards; true when the set changed in a
     /// way the checkpoint must record.
     fn discover(&mut self) -> bool {
@@ -312,7 +306,7 @@ impl WalFollower {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return false,
             Err(e) => {
                 let msg = format!("shard {name}: cannot list {}: {e}", shard.dir.display());
-                self.error(msg);
+                self.status.error(msg);
                 return false;
             }
         };
@@ -366,7 +360,7 @@ impl WalFollower {
                 self.status
                     .segments_missed
                     .fetch_add(missed, Ordering::Relaxed);
-                self.error(format!(
+                self.status.error(format!(
                     "shard {name}: {what}; their lines are lost (InfluxDB snapshotted them while the agent was stopped or blocked)"
                 ));
                 let shard = self.shards.get_mut(name).expect("listed");
@@ -383,7 +377,7 @@ impl WalFollower {
                 Ok(p) => p,
                 Err(e) => {
                     let msg = format!("shard {name}: segment {}: {e}", pos.seg);
-                    self.error(msg);
+                    self.status.error(msg);
                     return Ok(moved);
                 }
             };
@@ -401,7 +395,7 @@ impl WalFollower {
                         self.status
                             .invalid_lines
                             .fetch_add(lines, Ordering::Relaxed);
-                        self.error(format!(
+                        self.status.error(format!(
                             "shard {name}: segment {} byte {}: a point larger than a replication's max_queue_size; skipped",
                             pos.seg, pos.off
                         ));
@@ -432,7 +426,7 @@ impl WalFollower {
                 return Ok(moved);
             }
             if piece.tail > 0 || piece.bad_header {
-                self.error(format!(
+                self.status.error(format!(
                     "shard {name}: segment {} ends with {} bytes that are not a whole entry (influxd stopped mid-write?); skipped",
                     pos.seg,
                     size - pos.off
@@ -559,19 +553,12 @@ fn read_piece(file: &File, pos: Pos, budget: usize) -> io::Result<Piece> {
             p.next = after;
             continue;
         }
-        let data = match wal_format::decompress(&block) {
-            Ok(d) => d,
-            Err(e) => {
-                p.notes.push(format!(
-                    "segment {} byte {off}: damaged entry skipped: {e}",
-                    pos.seg
-                ));
-                p.damaged += 1;
-                p.next = after;
-                continue;
-            }
+        let data = wal_format::decompress(&block);
+        let decoded = match &data {
+            Ok(d) => wal_format::write_points(d),
+            Err(e) => Err(e.clone()),
         };
-        let points = match wal_format::write_points(&data) {
+        let points = match decoded {
             Ok(points) => points,
             Err(e) => {
                 p.notes.push(format!(
