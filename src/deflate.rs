@@ -146,19 +146,22 @@ impl GzipBody {
     }
 }
 
+/// Inflates the first gzip member only: the strictest reading a remote may
+/// do (InfluxDB 3 reads no further), so bodies are checked against it.
+#[cfg(test)]
+pub(crate) fn gunzip_first_member(body: &[u8]) -> Vec<u8> {
+    use std::io::Read as _;
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Read as _;
-
-    fn gunzip_first_member(body: &[u8]) -> Vec<u8> {
-        // The strictest reading a remote may do: one member only.
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(body)
-            .read_to_end(&mut out)
-            .unwrap();
-        out
-    }
 
     #[test]
     fn segments_made_apart_form_one_member() {

@@ -20,6 +20,13 @@ fn spec(name: &str, max_bytes: u64, when_full: WhenFull) -> ReplSpec {
     }
 }
 
+/// A queue of one replication "r" of 1 MiB, dropping the oldest when full.
+fn one_replication(dir: &std::path::Path) -> (Queue, Arc<ReplHandle>) {
+    let q = Queue::open(dir, &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    (q, h)
+}
+
 fn lines(prefix: &str, n: usize) -> Vec<u8> {
     (0..n)
         .map(|i| format!("{prefix} f={i}i {i}\n"))
@@ -48,13 +55,7 @@ fn drain(q: &Queue, h: &Arc<ReplHandle>, max: usize) -> Vec<u8> {
 #[test]
 fn append_read_settle_and_counters() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        &opts(),
-        &[spec("r", 1 << 20, WhenFull::DropOldest)],
-    )
-    .unwrap();
-    let h = q.handles()[0].clone();
+    let (q, h) = one_replication(dir.path());
     let a = lines("a", 100);
     let b = lines("b", 50);
     append(&q, &h, a.clone()).unwrap();
@@ -78,13 +79,7 @@ fn append_read_settle_and_counters() {
 #[test]
 fn a_line_longer_than_a_batch_travels_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        &opts(),
-        &[spec("r", 1 << 20, WhenFull::DropOldest)],
-    )
-    .unwrap();
-    let h = q.handles()[0].clone();
+    let (q, h) = one_replication(dir.path());
     let long = format!("m s=\"{}\" 1\n", "x".repeat(300));
     append(
         &q,
@@ -107,13 +102,7 @@ fn a_line_longer_than_a_batch_travels_alone() {
 #[test]
 fn batches_do_not_mix_buckets_when_asked() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        &opts(),
-        &[spec("r", 1 << 20, WhenFull::DropOldest)],
-    )
-    .unwrap();
-    let h = q.handles()[0].clone();
+    let (q, h) = one_replication(dir.path());
     q.append_blocking(vec![h.clone()], "x".into(), b"a f=1 1\n".to_vec(), 1)
         .unwrap();
     q.append_blocking(vec![h.clone()], "y".into(), b"b f=1 1\n".to_vec(), 1)
@@ -188,13 +177,7 @@ fn reopen_resumes_mid_entry() {
     let dir = tempfile::tempdir().unwrap();
     let all = lines("m", 100);
     {
-        let q = Queue::open(
-            dir.path(),
-            &opts(),
-            &[spec("r", 1 << 20, WhenFull::DropOldest)],
-        )
-        .unwrap();
-        let h = q.handles()[0].clone();
+        let (q, h) = one_replication(dir.path());
         append(&q, &h, all.clone()).unwrap();
         let mut buf = Vec::new();
         let b = q.read_batch(&h, 300, false, &mut buf).unwrap().unwrap();
@@ -202,13 +185,7 @@ fn reopen_resumes_mid_entry() {
         q.settle(&h, &b, Settlement::default()).unwrap();
         q.close();
     }
-    let q = Queue::open(
-        dir.path(),
-        &opts(),
-        &[spec("r", 1 << 20, WhenFull::DropOldest)],
-    )
-    .unwrap();
-    let h = q.handles()[0].clone();
+    let (q, h) = one_replication(dir.path());
     let k = h.counters();
     assert_eq!(k.accepted_lines, 100);
     assert_eq!(k.delivered_lines + k.queued_lines, 100);
@@ -220,13 +197,7 @@ fn reopen_resumes_mid_entry() {
 #[test]
 fn settlement_splits_refused_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        &opts(),
-        &[spec("r", 1 << 20, WhenFull::DropOldest)],
-    )
-    .unwrap();
-    let h = q.handles()[0].clone();
+    let (q, h) = one_replication(dir.path());
     append(&q, &h, lines("m", 10)).unwrap();
     let mut buf = Vec::new();
     let b = q.read_batch(&h, 1 << 20, false, &mut buf).unwrap().unwrap();
@@ -298,13 +269,7 @@ fn settlement_splits_refused_lines() {
 #[test]
 fn a_corrupt_entry_is_reported_and_set_aside() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        &opts(),
-        &[spec("r", 1 << 20, WhenFull::DropOldest)],
-    )
-    .unwrap();
-    let h = q.handles()[0].clone();
+    let (q, h) = one_replication(dir.path());
     append(&q, &h, lines("a", 5)).unwrap();
     append(&q, &h, lines("b", 5)).unwrap();
     {
@@ -637,26 +602,10 @@ fn append_deflated(
     Ok(segments)
 }
 
-fn gunzip(body: &[u8]) -> Vec<u8> {
-    use std::io::Read as _;
-    let mut out = Vec::new();
-    // A single-member decoder: what the strictest remote does.
-    flate2::read::GzDecoder::new(body)
-        .read_to_end(&mut out)
-        .unwrap();
-    out
-}
-
 #[test]
 fn deflated_entries_ship_as_stored_and_read_back_as_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        &opts(),
-        &[spec("r", 1 << 20, WhenFull::DropOldest)],
-    )
-    .unwrap();
-    let h = q.handles()[0].clone();
+    let (q, h) = one_replication(dir.path());
     let a = lines("a", 40);
     let b = lines("b", 300);
     let c = lines("c", 7);
@@ -671,7 +620,7 @@ fn deflated_entries_ship_as_stored_and_read_back_as_lines() {
     let mut all = Vec::new();
     let mut sh = Shipment::default();
     while let Some(batch) = q.read_shipment(&h, None, 2500, false, &mut sh).unwrap() {
-        let lines = gunzip(&sh.gzip(6, Vec::new()));
+        let lines = crate::deflate::gunzip_first_member(&sh.gzip(6, Vec::new()));
         assert_eq!(lines.len() as u64, batch.bytes);
         assert_eq!(
             memchr::memchr_iter(b'\n', &lines).count() as u64,
@@ -695,13 +644,7 @@ fn deflated_entries_ship_as_stored_and_read_back_as_lines() {
 #[test]
 fn the_next_batch_is_read_while_the_last_one_settles() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(
-        dir.path(),
-        &opts(),
-        &[spec("r", 1 << 20, WhenFull::DropOldest)],
-    )
-    .unwrap();
-    let h = q.handles()[0].clone();
+    let (q, h) = one_replication(dir.path());
     let a = lines("a", 100);
     let b = lines("b", 100);
     append(&q, &h, a.clone()).unwrap();
