@@ -230,13 +230,12 @@ fn fault_remote_self_check() {
     assert!(!server.has_accepted("late v=1 1"));
     // A slow body outlasts a short client timeout.
     server.script([Action::SlowBody(500, 20, Duration::from_millis(100))]);
-    let t = Instant::now();
+    // (Read whole, the 500 bytes would arrive after 2 s and the post succeed.)
     let r = try_post_write(&impatient, &url, &params, b"y v=1 1\n", &Opts::new());
     assert!(
         r.is_err() || r.as_ref().unwrap().body.starts_with("(error"),
         "{r:?}"
     );
-    assert!(t.elapsed() < Duration::from_secs(2));
 }
 
 // ---------------------------------------------------------------------------

@@ -553,15 +553,14 @@ fn absurd_requests_get_short_clear_answers() {
             assert!(json.is_object(), "{what}: {body}");
         }
     }
-    // A body announced larger than the limit is refused before it is sent.
-    let started = Instant::now();
+    // A body announced larger than the limit is refused before it is sent
+    // (no body follows: an agent that waited for it would not answer 413).
     let answer = raw_request(
         port,
         "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000",
         b"",
     );
     assert_eq!(answer.map(|a| a.0), Some(413));
-    assert!(started.elapsed() < Duration::from_secs(5));
     // Nonsense Content-Length values.
     for cl in ["-1", "abc", "99999999999999999999999"] {
         let answer = raw_request(
