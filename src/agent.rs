@@ -6,6 +6,13 @@
 //! the workers stop (a POST in flight is finished or abandoned; either way
 //! its batch stays queued until settled), and last the queue writer commits
 //! what it holds and exits.
+//!
+//! The agent serves a socket it is given ([`run`] takes a bound listener, as
+//! a server that tests drive should): [`listener`] takes the one a service
+//! manager hands over (systemd socket activation), else binds
+//! `listen.address`. A socket held outside the agent keeps its port across
+//! restarts, and connections that arrive meanwhile wait in its backlog
+//! instead of being refused.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -33,6 +40,12 @@ pub enum AgentError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    /// The socket handed over by the service manager cannot be served.
+    #[error("listening socket from the service manager (LISTEN_FDS): {0}")]
+    Inherited(String),
+    /// The socket is reachable from other hosts and no token guards it.
+    #[error("listen.tokens: required when the write API listens on {0}, which is not loopback")]
+    OpenSocket(SocketAddr),
     #[error("{0}")]
     Setup(String),
 }
@@ -259,10 +272,88 @@ impl Streams {
     }
 }
 
-/// Runs the agent until `events` yields [`Event::Stop`] (or ends).
-/// `config_path` is read again on [`Event::Reload`].
+/// The socket the write API will serve: the one socket a service manager
+/// handed over (`LISTEN_FDS`, `LISTEN_PID` naming this process), else
+/// `listen.address`, bound here.
+///
+/// Either way "no tokens only on loopback" is checked against the address
+/// the socket is really bound to, not the one the config names.
+pub fn listener(config: &Config) -> Result<std::net::TcpListener, AgentError> {
+    let fds: Vec<_> = sd_notify::listen_fds()
+        .map_err(|e| AgentError::Inherited(e.to_string()))?
+        .collect();
+    let listener = match fds.len() {
+        0 => std::net::TcpListener::bind(config.listen.address).map_err(|source| {
+            AgentError::Listen {
+                addr: config.listen.address,
+                source,
+            }
+        })?,
+        1 => inherited(fds[0])?,
+        n => {
+            return Err(AgentError::Inherited(format!(
+                "{n} sockets handed over, the write API serves one"
+            )))
+        }
+    };
+    let local = listener
+        .local_addr()
+        .map_err(|e| AgentError::Inherited(format!("not an IP socket: {e}")))?;
+    if config.listen.tokens.is_empty() && !config::is_loopback(local.ip()) {
+        return Err(AgentError::OpenSocket(local));
+    }
+    if fds.len() == 1 && local != config.listen.address {
+        info!(
+            "serving the socket handed over by the service manager ({local}); listen.address {} is not bound",
+            config.listen.address
+        );
+    }
+    Ok(listener)
+}
+
+/// Takes file descriptor `fd` as a listening TCP socket, after checking that
+/// it is one: a socket that is not listening would fail every accept.
+fn inherited(fd: std::os::fd::RawFd) -> Result<std::net::TcpListener, AgentError> {
+    let option = |name: libc::c_int| -> std::io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `value`, an int
+        // that outlives the call; a bad fd is reported as an error.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc == 0 {
+            Ok(value)
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let stream =
+        option(libc::SO_TYPE).map_err(|e| AgentError::Inherited(format!("fd {fd}: {e}")))?;
+    let listening =
+        option(libc::SO_ACCEPTCONN).map_err(|e| AgentError::Inherited(format!("fd {fd}: {e}")))?;
+    if stream != libc::SOCK_STREAM || listening == 0 {
+        return Err(AgentError::Inherited(format!(
+            "fd {fd} is not a listening stream socket"
+        )));
+    }
+    // SAFETY: the service manager handed this descriptor to this process for
+    // exactly this use (sd_listen_fds(3)); nothing else in the process owns
+    // it, and it is taken once, here.
+    Ok(unsafe { <std::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Runs the agent on `listener` until `events` yields [`Event::Stop`] (or
+/// ends). `config_path` is read again on [`Event::Reload`].
 pub fn run(
     config: Config,
+    listener: std::net::TcpListener,
     config_path: Option<PathBuf>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<Event>,
 ) -> Result<(), AgentError> {
@@ -331,8 +422,9 @@ pub fn run(
             .collect()
     });
     let served = runtime.block_on(async {
-        let listener = TcpListener::bind(addr)
-            .await
+        let listener = listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(listener))
             .map_err(|source| AgentError::Listen { addr, source })?;
         let local = listener.local_addr().unwrap_or(addr);
         info!(

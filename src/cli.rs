@@ -141,7 +141,17 @@ fn run(path: &Path, data_dir: Option<PathBuf>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match agent::run(config, Some(path.to_path_buf()), events) {
+    let listener = match agent::listener(&config) {
+        Ok(l) => l,
+        Err(e) => {
+            log::error!("{e}");
+            return match e {
+                agent::AgentError::OpenSocket(_) => ExitCode::from(EX_CONFIG),
+                _ => ExitCode::FAILURE,
+            };
+        }
+    };
+    match agent::run(config, listener, Some(path.to_path_buf()), events) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");

@@ -1749,7 +1749,9 @@ fn target<'a>(r: &'a Replication, bucket: &'a str) -> &'a str {
     r.remote_bucket.as_deref().unwrap_or(bucket)
 }
 
-fn is_loopback(ip: IpAddr) -> bool {
+/// True for 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104: addresses other hosts
+/// cannot reach.
+pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => {
