@@ -186,11 +186,15 @@ fn run_refuses_a_bad_config_with_78() {
 
 /// Starts an agent whose remote is down and queues 123 lines in `sensors`.
 fn agent_with_backlog(tokens: &[&str]) -> Agent {
-    let remote = format!("http://127.0.0.1:{}", free_port());
-    let mut config =
-        AgentConfig::single(RemoteConfig::v2("cloud", &remote), "sensors", Some("edge"));
+    let remote = closed_port();
+    let mut config = AgentConfig::single(
+        RemoteConfig::v2("cloud", &remote.url()),
+        "sensors",
+        Some("edge"),
+    );
     config.tokens = tokens.iter().map(|t| t.to_string()).collect();
-    let agent = Agent::start(config);
+    let mut agent = Agent::start(config);
+    agent.keep(remote);
     let body = lines("cli", 3, 123, ts_ago(Duration::from_secs(60)));
     let opts = match tokens.first() {
         Some(t) => Opts::new().token(t),

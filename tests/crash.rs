@@ -192,10 +192,11 @@ impl Rig {
         let missing: Vec<&Point> = acked.iter().filter(|p| !at_vm.contains(p)).collect();
         assert!(
             missing.is_empty(),
-            "{} of {} acknowledged points are not at the remote, e.g. {:?}",
+            "{} of {} acknowledged points are not at the remote, e.g. {:?}\n{}",
             missing.len(),
             acked.len(),
-            &missing[..missing.len().min(5)]
+            &missing[..missing.len().min(5)],
+            self.where_they_went(&missing, &sent)
         );
         // Nothing reaches the remote that was not written.
         let delivered = field(&rep, "deliveredLines");
@@ -206,6 +207,35 @@ impl Rig {
         );
         assert_eq!(at_vm.len(), sent.len(), "the remote holds what was sent");
         (acked.len() as u64, resent)
+    }
+}
+
+impl Rig {
+    /// For a failure report: which ports were whose, what the proxy saw
+    /// and answered, and what VictoriaMetrics holds, so that a loss can be
+    /// told from a harness that read the wrong server.
+    fn where_they_went(&self, missing: &[&Point], sent: &HashMap<Point, u32>) -> String {
+        let requests = self.proxy.requests();
+        let mut answers: HashMap<u16, usize> = HashMap::new();
+        for r in &requests {
+            *answers
+                .entry(r.status.get().copied().unwrap_or(0))
+                .or_default() += 1;
+        }
+        let through_proxy = missing.iter().filter(|p| sent.contains_key(*p)).count();
+        let series = self.vm.export("{__name__=~\"crash_.*\"}").len();
+        format!(
+            "ports: agent {}, proxy {}, victoria-metrics {} (pid {:?}, listening on {:?}); \
+             the proxy got {} requests, answered {:?}; {through_proxy} of the missing points \
+             were accepted through it; victoria-metrics holds {series} crash_* series",
+            self.agent.port,
+            self.proxy.port,
+            self.vm.port,
+            self.vm.pid(),
+            self.vm.pid().map(listening_ports),
+            requests.len(),
+            answers,
+        )
     }
 }
 
@@ -340,8 +370,8 @@ fn crash_while_settling_a_shipped_batch_loses_nothing() {
 #[test]
 fn a_write_is_in_the_queue_exactly_when_its_commit_happened() {
     for (point, kept) in [("commit", false), ("committed", true)] {
-        let closed = format!("http://127.0.0.1:{}", free_port());
-        let config = AgentConfig::single(RemoteConfig::v2("down", &closed), "b", None);
+        let closed = closed_port();
+        let config = AgentConfig::single(RemoteConfig::v2("down", &closed.url()), "b", None);
         let mut agent = Agent::start(config);
         let base = ts_ago(Duration::from_secs(3600));
         let acked = 100;

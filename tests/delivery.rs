@@ -531,7 +531,8 @@ fn forbidden_and_missing_bucket_pause_then_retry_at_max_backoff() {
 #[test]
 fn reload_with_a_new_url_takes_effect_at_once() {
     let server = FaultServer::start();
-    let mut r = remote_at("cloud", &format!("http://127.0.0.1:{}", free_port()));
+    let closed = closed_port();
+    let mut r = remote_at("cloud", &closed.url());
     r.min_backoff = "60s".into();
     r.max_backoff = "120s".into();
     let mut agent = Agent::start(single(r, |_| {}));
@@ -1111,7 +1112,8 @@ fn a_dead_or_paused_remote_never_delays_a_healthy_one() {
         FaultServer::with_rule(|_| Action::stall(Duration::from_secs(600), Action::ok()));
     let refusing =
         FaultServer::with_rule(|_| Action::influx_error(401, "unauthorized access (fault remote)"));
-    let dead_url = format!("http://127.0.0.1:{}", free_port());
+    let closed = closed_port();
+    let dead_url = closed.url();
 
     let mut dead = remote_at("dead", &dead_url);
     dead.min_backoff = "1s".into();

@@ -104,7 +104,8 @@ fn no_secret_ever_reaches_a_log_a_status_or_an_error() {
     let mut basic = RemoteConfig::v1("basic", &v1.url());
     basic.username = Some("user".into());
     basic.password = Some(PASSWORD.into());
-    let mut proxied = RemoteConfig::v2("proxied", &format!("http://127.0.0.1:{}", free_port()));
+    let closed = closed_port();
+    let mut proxied = RemoteConfig::v2("proxied", &closed.url());
     proxied.token = Some("${ER_TEST_REMOTE_TOKEN}".into());
     let config = AgentConfig {
         log_level: "debug".into(),

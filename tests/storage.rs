@@ -146,8 +146,8 @@ fn refuses_data_dir(case: &str, dir: &Path, data_dir: &Path, expect: &[&str]) {
 
 /// A data_dir with a real queue in it (a few entries, cleanly stopped).
 fn used_data_dir() -> (TempDirGuard, PathBuf) {
-    let closed = format!("http://127.0.0.1:{}", free_port());
-    let config = AgentConfig::single(RemoteConfig::v2("down", &closed), "b", None);
+    let closed = closed_port();
+    let config = AgentConfig::single(RemoteConfig::v2("down", &closed.url()), "b", None);
     let mut agent = Agent::start(config);
     for i in 0..20 {
         let body = lines("used", 3, 200, ts_ago(Duration::from_secs(60)) + i);

@@ -48,6 +48,46 @@ pub fn agent_command() -> Command {
     }
 }
 
+/// `cmd` run with `listener` handed over as systemd does it: the socket as
+/// fd 3, `LISTEN_FDS=1` and `LISTEN_PID` naming the process. A shell sets
+/// the pid it then `exec`s into, since only the child knows its own pid.
+pub fn socket_activated(cmd: Command, listener: &TcpListener) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let mut wrapped = Command::new("/bin/sh");
+    wrapped
+        .arg("-c")
+        .arg(r#"LISTEN_PID=$$ LISTEN_FDS=1 exec "$@""#)
+        .arg("sh")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => wrapped.env(k, v),
+            None => wrapped.env_remove(k),
+        };
+    }
+    let fd = listener.as_raw_fd();
+    // SAFETY: between fork and exec only async-signal-safe calls are made
+    // (dup2, fcntl); `fd` stays open in the parent while the child starts.
+    // dup2 onto 3 clears close-on-exec; if the socket is already fd 3, fcntl
+    // clears it instead.
+    unsafe {
+        wrapped.pre_exec(move || {
+            let rc = if fd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(fd, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    wrapped
+}
+
 /// The repository root (where Cargo.toml lives).
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -136,7 +176,12 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-/// A free loopback TCP port, never handed out twice in this process.
+/// A loopback TCP port that was free a moment ago, never handed out twice in
+/// this process: for servers that cannot be handed a socket (VictoriaMetrics,
+/// influxd). It is only a guess: another process may bind it first. So a
+/// server started on it is trusted only once [`listening_ports`] shows that
+/// the child itself listens there ([`spawn_server`]); the agent and the
+/// in-process remotes are handed sockets bound on port 0 instead.
 ///
 /// Ports come from below the kernel's ephemeral range: a port taken from the
 /// ephemeral range could be reused as the source port of some outgoing
@@ -169,6 +214,121 @@ pub fn free_port() -> u16 {
         .port();
     given.insert(port);
     port
+}
+
+/// The TCP ports process `pid` listens on, read from /proc: its socket
+/// inodes matched against the kernel's table of listening sockets.
+pub fn listening_ports(pid: u32) -> HashSet<u16> {
+    let inodes: HashSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let mut ports = HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = fs::read_to_string(table).unwrap_or_default();
+        for row in text.lines().skip(1) {
+            let cols: Vec<&str> = row.split_whitespace().collect();
+            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode
+            if cols.len() > 9 && cols[3] == "0A" && inodes.contains(cols[9]) {
+                let port = cols[1].rsplit(':').next().unwrap_or("");
+                if let Ok(p) = u16::from_str_radix(port, 16) {
+                    ports.insert(p);
+                }
+            }
+        }
+    }
+    ports
+}
+
+/// How a server child came up in [`spawn_server`].
+pub enum Spawned {
+    /// It listens on the port itself and answers its readiness check.
+    Ready(Child),
+    /// It exited because the port was taken: pick another and try again.
+    PortTaken,
+}
+
+/// Starts `cmd` (a server told to listen on `port`) and waits until the
+/// child itself listens on `port` and `ready()` holds. A server that merely
+/// answers on the port is not enough: if someone else took the port first,
+/// that someone would answer, and a test would talk to the wrong server.
+pub fn spawn_server(
+    name: &str,
+    mut cmd: Command,
+    port: u16,
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> Spawned {
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let text = tail(log, 30);
+            if text.contains("address already in use") {
+                return Spawned::PortTaken;
+            }
+            panic!("{name} exited with {status} on start:\n{text}");
+        }
+        if listening_ports(child.id()).contains(&port) && ready() {
+            return Spawned::Ready(child);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{name} not listening on port {port} and ready within 30 s:\n{}",
+                tail(log, 30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A loopback port where connections are refused, kept so for as long as
+/// this value lives: a socket is bound to it but never listens, so no other
+/// server can take the port meanwhile (as one could take a port merely
+/// picked as "free").
+pub struct ClosedPort {
+    _socket: std::os::fd::OwnedFd,
+    pub port: u16,
+}
+
+impl ClosedPort {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// See [`ClosedPort`].
+pub fn closed_port() -> ClosedPort {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls on a descriptor created here and owned by
+    // the returned OwnedFd; the address structs outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let socket = OwnedFd::from_raw_fd(fd);
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
+        let mut bound: libc::sockaddr_in = std::mem::zeroed();
+        let mut blen = len;
+        let rc = libc::getsockname(fd, (&mut bound as *mut libc::sockaddr_in).cast(), &mut blen);
+        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+        ClosedPort {
+            _socket: socket,
+            port: u16::from_be(bound.sin_port),
+        }
+    }
 }
 
 /// Polls `cond` until it holds or `timeout` passes; then panics naming `what`.
@@ -580,24 +740,49 @@ impl VictoriaMetrics {
             bin,
             http: http(),
         };
-        vm.spawn();
-        Some(vm)
+        // Someone else may take the port between the pick and the bind.
+        for _ in 0..10 {
+            if vm.try_spawn() {
+                return Some(vm);
+            }
+            vm.port = free_port();
+        }
+        panic!("victoria-metrics: every port tried was taken");
     }
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Process id of the server, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("victoria-metrics.log")
     }
 
+    /// Starts again on its port: a restart must keep the URL the agent has.
     fn spawn(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.try_spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "victoria-metrics: port {} taken by another process for 30 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts the server on `self.port`; false if the port was taken.
+    fn try_spawn(&mut self) -> bool {
         assert!(self.child.is_none(), "VictoriaMetrics already running");
         mark_log(&self.log_path(), "start");
         let log = log_file(&self.log_path());
-        let child = Command::new(&self.bin)
-            .arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
             .arg(format!(
                 "-storageDataPath={}",
                 self.dir.path().join("data").display()
@@ -612,27 +797,16 @@ impl VictoriaMetrics {
             ])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn victoria-metrics");
-        self.child = Some(child);
+            .stderr(log);
         let url = format!("{}/health", self.url());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "victoria-metrics exited with {status} on start:\n{}",
-                    tail(&self.log_path(), 30)
-                );
+        let http = self.http.clone();
+        let ready = || matches!(get(&http, &url, None), Ok(r) if r.status == 200);
+        match spawn_server("victoria-metrics", cmd, self.port, &self.log_path(), ready) {
+            Spawned::Ready(child) => {
+                self.child = Some(child);
+                true
             }
-            if matches!(get(&self.http, &url, None), Ok(r) if r.status == 200) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "victoria-metrics not ready in 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
+            Spawned::PortTaken => false,
         }
     }
 
@@ -771,9 +945,27 @@ impl Influx16 {
             .prefix("influx16-")
             .tempdir()
             .unwrap();
-        let port = free_port();
-        let rpc_port = free_port();
-        let d = dir.path();
+        let mut influx = Influx16 {
+            child: None,
+            port: 0,
+            dir,
+            bin,
+            http: http(),
+        };
+        // Someone else may take a port between the pick and the bind.
+        for _ in 0..10 {
+            influx.port = free_port();
+            influx.write_config(free_port());
+            if influx.try_spawn() {
+                return Some(influx);
+            }
+        }
+        panic!("influxd: every port tried was taken");
+    }
+
+    /// Writes its config: HTTP on `self.port`, the RPC service on `rpc_port`.
+    fn write_config(&self, rpc_port: u16) {
+        let d = self.dir.path();
         let config = format!(
             r#"reporting-disabled = true
 bind-address = "127.0.0.1:{rpc_port}"
@@ -797,20 +989,12 @@ bind-address = "127.0.0.1:{rpc_port}"
 [logging]
   level = "warn"
 "#,
+            port = self.port,
             meta = d.join("meta").display(),
             data = d.join("data").display(),
             wal = d.join("wal").display(),
         );
         fs::write(d.join("influxdb.conf"), config).unwrap();
-        let mut influx = Influx16 {
-            child: None,
-            port,
-            dir,
-            bin,
-            http: http(),
-        };
-        influx.spawn();
-        Some(influx)
     }
 
     pub fn url(&self) -> String {
@@ -826,34 +1010,40 @@ bind-address = "127.0.0.1:{rpc_port}"
         self.dir.path().join("influxd.log")
     }
 
+    /// Starts again on its ports: a restart must keep the URL the agent has.
     fn spawn(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.try_spawn() {
+            assert!(
+                Instant::now() < deadline,
+                "influxd: a port of {} taken by another process for 30 s",
+                self.url()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Starts the server with its config; false if a port was taken.
+    fn try_spawn(&mut self) -> bool {
         assert!(self.child.is_none(), "influxd already running");
         mark_log(&self.log_path(), "start");
         let log = log_file(&self.log_path());
-        let child = Command::new(&self.bin)
-            .arg("run")
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("run")
             .arg("-config")
             .arg(self.dir.path().join("influxdb.conf"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn influxd");
-        self.child = Some(child);
+            .stderr(log);
         let url = format!("{}/ping", self.url());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "influxd exited with {status} on start:\n{}",
-                    tail(&self.log_path(), 30)
-                );
+        let http = self.http.clone();
+        let ready = || matches!(get(&http, &url, None), Ok(r) if r.status == 204);
+        match spawn_server("influxd", cmd, self.port, &self.log_path(), ready) {
+            Spawned::Ready(child) => {
+                self.child = Some(child);
+                true
             }
-            if matches!(get(&self.http, &url, None), Ok(r) if r.status == 204) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "influxd not ready in 30 s");
-            std::thread::sleep(Duration::from_millis(50));
+            Spawned::PortTaken => false,
         }
     }
 
@@ -1189,6 +1379,14 @@ pub fn run_cli(args: &[&str]) -> Output {
 pub struct Agent {
     child: Option<Child>,
     pub port: u16,
+    /// The socket the agent serves, bound here (port 0, read back) and
+    /// handed to every process of this agent as systemd would hand it
+    /// (`LISTEN_FDS`): the port is never free between a pick and a bind,
+    /// so nothing else can take it, even across restarts, and whatever
+    /// answers on it is this agent.
+    listener: TcpListener,
+    /// Ports kept refusing for as long as the agent runs (see [`Agent::keep`]).
+    closed: Vec<ClosedPort>,
     pub config: AgentConfig,
     dir: TempDir,
     http: ureq::Agent,
@@ -1197,14 +1395,7 @@ pub struct Agent {
 impl Agent {
     /// Writes the config and starts the agent; returns once `/health` is 200.
     pub fn start(config: AgentConfig) -> Agent {
-        let dir = tempfile::Builder::new().prefix("agent-").tempdir().unwrap();
-        let mut agent = Agent {
-            child: None,
-            port: free_port(),
-            config,
-            dir,
-            http: http(),
-        };
+        let mut agent = Agent::stopped(config);
         agent.write_config();
         agent.spawn();
         agent
@@ -1247,38 +1438,14 @@ impl Agent {
     }
 
     fn spawn(&mut self) {
-        assert!(self.child.is_none(), "agent already running");
-        mark_log(&self.log_path(), "start");
-        let log = log_file(&self.log_path());
-        let child = agent_command()
-            .arg("run")
-            .arg("--config")
-            .arg(self.config_path())
-            .env("RUST_BACKTRACE", "1")
-            .env_remove("JOURNAL_STREAM")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("spawn edge-replicator run");
-        self.child = Some(child);
-        let url = format!("{}/health", self.url());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                // Drop prints the log's tail.
-                panic!("agent exited with {status} before /health answered 200");
-            }
-            if matches!(get(&self.http, &url, None), Ok(r) if r.status == 200) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent /health not 200 within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(25));
-        }
+        self.spawn_with(&Launch::new());
+    }
+
+    /// `edge-replicator run` for this agent, serving the test's socket.
+    fn run_command(&self) -> Command {
+        let mut cmd = agent_command();
+        cmd.arg("run").arg("--config").arg(self.config_path());
+        socket_activated(cmd, &self.listener)
     }
 
     /// Process id of the running agent.
@@ -1521,11 +1688,20 @@ impl Agent {
         agent
     }
 
+    /// Keeps `port` refusing connections for as long as this agent lives
+    /// (a remote that is down for the whole test).
+    pub fn keep(&mut self, port: ClosedPort) {
+        self.closed.push(port);
+    }
+
     /// An agent with its temp dir and port, config not written, not running.
     pub fn stopped(config: AgentConfig) -> Agent {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the agent's socket");
         Agent {
             child: None,
-            port: free_port(),
+            port: listener.local_addr().unwrap().port(),
+            listener,
+            closed: Vec::new(),
             config,
             dir: tempfile::Builder::new().prefix("agent-").tempdir().unwrap(),
             http: http(),
@@ -1553,11 +1729,8 @@ impl Agent {
         assert!(self.child.is_none(), "agent already running");
         mark_log(&self.log_path(), "start");
         let log = log_file(&self.log_path());
-        let mut cmd = agent_command();
-        cmd.arg("run")
-            .arg("--config")
-            .arg(self.config_path())
-            .env("RUST_BACKTRACE", "1")
+        let mut cmd = self.run_command();
+        cmd.env("RUST_BACKTRACE", "1")
             .env_remove("JOURNAL_STREAM")
             .env_remove("EDGE_REPLICATOR_CRASH_AT")
             .stdin(Stdio::null())
@@ -1574,6 +1747,14 @@ impl Agent {
     pub fn wait_ready(&mut self, timeout: Duration) -> Result<(), ExitStatus> {
         let url = format!("{}/health", self.url());
         let deadline = Instant::now() + timeout;
+        // The socket is the test's: a request sent before the agent serves
+        // it waits in the backlog rather than being refused, so each probe
+        // gives up soon and the loop looks at the process again.
+        let probe = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(2) * slowdown()))
+            .build()
+            .new_agent();
         loop {
             let child = self.child.as_mut().expect("agent is running");
             if let Some(status) = child.try_wait().unwrap() {
@@ -1581,7 +1762,7 @@ impl Agent {
                 mark_log(&self.log_path(), &format!("exited: {status}"));
                 return Err(status);
             }
-            if matches!(get(&self.http, &url, None), Ok(r) if r.status == 200) {
+            if matches!(get(&probe, &url, None), Ok(r) if r.status == 200) {
                 return Ok(());
             }
             assert!(
