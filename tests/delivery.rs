@@ -492,6 +492,24 @@ fn oss_partial_write_stops_bisecting_once_the_count_is_found() {
     assert_accepted_exactly(&server, &good);
 }
 
+/// OSS 1.x counts only type conflicts in `dropped=N`, and answers a line it
+/// cannot parse with `dropped=0`: finding that line must not use up the
+/// count, or the conflicting line found after it would pass for written.
+#[test]
+fn oss_1x_parse_errors_do_not_use_up_the_conflict_count() {
+    let unparseable = |l: &str| l.contains(" v=2,");
+    let server = FaultServer::with_rule(move |req| fault::dialect::oss1(req, is_bad, unparseable));
+    let agent = Agent::start(single(remote("oss1", &server), |_| {}));
+    let mut all = even_lines("o1", 1_024, ts_ago(Duration::from_secs(3600)));
+    all[0] = all[0].replacen(" v=1,", " v=2,", 1);
+    all[1_023] = bad(&all[1_023]);
+    let rep = write_and_drain(&agent, &all);
+    let good: HashSet<String> = all[1..1_023].iter().cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 1_022, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 2, "{rep:#}");
+}
+
 /// Cloud Serverless answers 400 naming the refused lines (`error parsing
 /// line N (1-based)`) having written the others, but its body reads the same
 /// as a Dedicated or Clustered one that wrote nothing: the agent sets exactly

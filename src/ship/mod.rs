@@ -222,8 +222,12 @@ impl Delivery {
         self.suspect = None;
     }
 
-    /// `k` refused lines were found at `at`: every count holding them has
-    /// that many fewer left to find.
+    /// `k` lines refused with a count were found at `at`: every count
+    /// holding them has that many fewer left to find. Lines refused for
+    /// another reason do not count: InfluxDB 1.x counts type conflicts in
+    /// `dropped=N` but answers a line it cannot parse with `dropped=0`, so
+    /// counting those would end the search early and take a refused line
+    /// for a written one.
     fn found(&mut self, at: usize, k: u64) {
         for c in self.counted.iter_mut().filter(|c| c.holds(at)) {
             c.left = c.left.saturating_sub(k);
@@ -592,7 +596,6 @@ impl Worker {
         match answer::named_lines(slice, detail) {
             Some(named) => {
                 self.set_aside(&mut d.settlement, slice, &named, Verdict::Refused, answer, config);
-                d.found(part.start, named.len() as u64);
                 d.drop_finished();
             }
             None => warn!(
@@ -650,7 +653,6 @@ impl Worker {
                 answer,
                 config,
             );
-            d.found(part.start, k as u64);
             if written {
                 debug!(
                     "replication \"{name}\": the remote wrote the other {} of {n} lines",
@@ -732,7 +734,6 @@ impl Worker {
             answer,
             config,
         );
-        d.found(part.start, 1);
         d.drop_finished();
         Reading::AboutLines
     }

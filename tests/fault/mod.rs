@@ -267,6 +267,30 @@ pub mod dialect {
         )
     }
 
+    /// OSS 1.x: writes what it can and answers 400 `partial write:`; its
+    /// `dropped=N` counts type conflicts only, and a line it cannot parse
+    /// (quoted) comes with `dropped=0` when there is no conflict.
+    pub fn oss1(
+        req: &Request,
+        conflict: impl Fn(&str) -> bool,
+        unparseable: impl Fn(&str) -> bool,
+    ) -> Action {
+        let (conflicts, _) = sort(req, &conflict);
+        let (broken, _) = sort(req, &unparseable);
+        let (_, good) = sort(req, |l| conflict(l) || unparseable(l));
+        let message = if !conflicts.is_empty() {
+            format!(
+                "partial write: field type conflict: input field \"v\" on measurement \"m\" is type float, already exists as type integer dropped={}",
+                conflicts.len()
+            )
+        } else if let Some((_, line)) = broken.first() {
+            format!("partial write: unable to parse '{line}': invalid field format dropped=0")
+        } else {
+            return Action::ok();
+        };
+        partial(good, json(400, serde_json::json!({ "error": message })))
+    }
+
     /// Cloud Serverless (IOx with partial writes): writes the other lines
     /// and answers 400 naming up to 100 refused ones, `"line"` the first.
     /// Each named line's message is `pad` bytes longer, to make long bodies.
