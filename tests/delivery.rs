@@ -334,6 +334,313 @@ fn unprocessable_lines_are_isolated_across_batches() {
 }
 
 // ---------------------------------------------------------------------------
+// What each InfluxDB answers: transient 400s, partial writes, named lines
+// ---------------------------------------------------------------------------
+
+/// `n` lines of equal length (bisection halves fall exactly between them),
+/// all good; `bad` makes one of them refused by the dialect rules below.
+fn even_lines(tag: &str, n: usize, base: i64) -> Vec<String> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{tag},s={i:06} v=1,note=\"{}\" {}",
+                "n".repeat(60),
+                base + i as i64
+            )
+        })
+        .collect()
+}
+
+/// The same line, refused by [`is_bad`] (and of the same length).
+fn bad(line: &str) -> String {
+    line.replacen(" v=1,", " v=0,", 1)
+}
+
+fn is_bad(line: &str) -> bool {
+    line.contains(" v=0,")
+}
+
+/// Writes `all` as one batch and waits until it has left the queue.
+fn write_and_drain(agent: &Agent, all: &[String]) -> Value {
+    let (code, text) = agent.write_v2("b", join(all), &Opts::new());
+    assert_eq!(code, 204, "{text}");
+    wait_drained(agent, "r1", DEADLINE)
+}
+
+/// Requests made since `from`, as (lines, refused lines) each.
+fn sent_since(server: &FaultServer, from: usize) -> Vec<(usize, usize)> {
+    server.requests()[from..]
+        .iter()
+        .map(|r| (r.line_count(), r.lines().filter(|l| is_bad(l)).count()))
+        .collect()
+}
+
+/// InfluxDB 3 Core answers `400 wal buffer full` while its write buffer is
+/// full: that is about the server, so the batch waits (state `backoff`, the
+/// message in status) and is delivered whole once the remote recovers;
+/// nothing is bisected, dropped or dead-lettered, even with
+/// `drop_non_retryable_data = true`.
+#[test]
+fn wal_buffer_full_400_is_waited_out_not_set_aside() {
+    let full = Arc::new(AtomicBool::new(true));
+    let f = full.clone();
+    let server = FaultServer::with_rule(move |_| {
+        if f.load(Ordering::SeqCst) {
+            fault::dialect::wal_full()
+        } else {
+            Action::ok()
+        }
+    });
+    let agent = Agent::start(single(remote("core", &server), |r| {
+        r.extra = "drop_non_retryable_data = true\n".into();
+    }));
+    let all = even_lines("wf", 2_000, ts_ago(Duration::from_secs(3600)));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let rep = wait_state(&agent, "r1", "backoff", DEADLINE);
+    assert!(
+        str_field(&rep, "latestErrorMessage").contains("wal buffer full"),
+        "{rep:#}"
+    );
+    wait_requests(&server, 3, DEADLINE);
+    full.store(false, Ordering::SeqCst);
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_accepted_exactly(&server, &all.iter().cloned().collect());
+    assert_eq!(field(&rep, "deliveredLines"), 2_000, "{rep:#}");
+    assert_eq!(field(&rep, "droppedNonRetryableLines"), 0, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 0, "{rep:#}");
+    // Every request carried the whole batch: none was cut in pieces.
+    for (lines, _) in sent_since(&server, 0) {
+        assert_eq!(lines, 2_000, "{}", server.summary(10));
+    }
+}
+
+/// A remote whose 400 says nothing about lines and is the same for every
+/// piece refuses because of itself: the agent tries a few pieces, finds
+/// nothing accepted and nothing different said, and waits instead of
+/// setting every line aside.
+#[test]
+fn the_same_refusal_for_every_piece_is_a_backoff() {
+    // Two rounds of refusals, then the remote is well again.
+    let server = FaultServer::with_rule(|req| {
+        if req.seq < 24 {
+            Action::influx_error(400, "write rejected by the fault remote's proxy")
+        } else {
+            Action::ok()
+        }
+    });
+    let agent = Agent::start(single(remote("proxy", &server), |r| {
+        r.extra = "drop_non_retryable_data = true\n".into();
+    }));
+    let all = even_lines("sr", 1_024, ts_ago(Duration::from_secs(3600)));
+    let rep = write_and_drain(&agent, &all);
+    assert_accepted_exactly(&server, &all.iter().cloned().collect());
+    assert_eq!(field(&rep, "deliveredLines"), 1_024, "{rep:#}");
+    assert_eq!(field(&rep, "droppedNonRetryableLines"), 0, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 0, "{rep:#}");
+    // Each round: the batch halved down to its first line (11 requests for
+    // 1,024 lines), then the second line alone, then the wait.
+    let round = [1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1, 1];
+    let expected: Vec<usize> = round.iter().chain(&round).chain(&[1024]).copied().collect();
+    let sizes: Vec<usize> = sent_since(&server, 0).iter().map(|(n, _)| *n).collect();
+    assert_eq!(sizes, expected, "{}", server.summary(30));
+    assert!(
+        agent
+            .log()
+            .contains("fault remote's proxy (1024 lines waiting in this batch); retrying"),
+        "the wait and the remote's words are logged"
+    );
+}
+
+/// OSS 2.x answers 422 `partial write: ... dropped=N` having written the
+/// rest: the agent bisects only until N refused lines are found and sends
+/// nothing more of that batch. With the refused line first among 4,096, that
+/// is one request per halving (13), where a full bisection took 25. A batch
+/// refused whole (`dropped=` all its lines) costs one request.
+#[test]
+fn oss_partial_write_stops_bisecting_once_the_count_is_found() {
+    let server = FaultServer::with_rule(|req| fault::dialect::oss_partial(req, is_bad));
+    let agent = Agent::start(single(remote("oss", &server), |r| {
+        r.batch_size = "512KiB".into();
+    }));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut all = even_lines("op", 4_096, base);
+    all[0] = bad(&all[0]);
+    let rep = write_and_drain(&agent, &all);
+    let good: HashSet<String> = all[1..].iter().cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 4_095, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
+    let sent = sent_since(&server, 0);
+    let sizes: Vec<usize> = sent.iter().map(|(n, _)| *n).collect();
+    assert_eq!(
+        sizes,
+        [4096, 2048, 1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1],
+        "{}",
+        server.summary(15)
+    );
+
+    // Every line of the next batch beyond retention: one request.
+    let before = server.request_count();
+    let old: Vec<String> = even_lines("oq", 50, base + 10_000)
+        .iter()
+        .map(|l| bad(l))
+        .collect();
+    let rep = write_and_drain(&agent, &old);
+    assert_eq!(sent_since(&server, before), [(50, 50)]);
+    assert_eq!(field(&rep, "deliveredLines"), 4_095, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 51, "{rep:#}");
+    assert_accepted_exactly(&server, &good);
+}
+
+/// OSS 1.x counts only type conflicts in `dropped=N`, and answers a line it
+/// cannot parse with `dropped=0`: finding that line must not use up the
+/// count, or the conflicting line found after it would pass for written.
+#[test]
+fn oss_1x_parse_errors_do_not_use_up_the_conflict_count() {
+    let unparseable = |l: &str| l.contains(" v=2,");
+    let server = FaultServer::with_rule(move |req| fault::dialect::oss1(req, is_bad, unparseable));
+    let agent = Agent::start(single(remote("oss1", &server), |_| {}));
+    let mut all = even_lines("o1", 1_024, ts_ago(Duration::from_secs(3600)));
+    all[0] = all[0].replacen(" v=1,", " v=2,", 1);
+    all[1_023] = bad(&all[1_023]);
+    let rep = write_and_drain(&agent, &all);
+    let good: HashSet<String> = all[1..1_023].iter().cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 1_022, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 2, "{rep:#}");
+}
+
+/// Cloud Serverless answers 400 naming the refused lines (`error parsing
+/// line N (1-based)`) having written the others, but its body reads the same
+/// as a Dedicated or Clustered one that wrote nothing: the agent sets exactly
+/// the named lines aside and sends the rest once more, without them. One
+/// refused line in a batch of nearly 500 kB costs 2 requests, and so do three.
+#[test]
+fn serverless_named_lines_cost_two_requests() {
+    let server = FaultServer::with_rule(|req| fault::dialect::serverless(req, is_bad, 0));
+    let agent = Agent::start(single(remote("serverless", &server), |r| {
+        r.batch_size = "512KiB".into();
+    }));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut all = even_lines("sl", 4_700, base);
+    all[2_777] = bad(&all[2_777]);
+    let bytes: usize = all.iter().map(|l| l.len() + 1).sum();
+    assert!(bytes > 480_000 && bytes < 512 * 1024, "{bytes}");
+    let rep = write_and_drain(&agent, &all);
+    assert_eq!(
+        sent_since(&server, 0),
+        [(4_700, 1), (4_699, 0)],
+        "{}",
+        server.summary(5)
+    );
+    let good: HashSet<String> = all.iter().filter(|l| !is_bad(l)).cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 4_699, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
+    assert_eq!(dead_letters(&agent).0, 1);
+
+    let before = server.request_count();
+    let mut more = even_lines("sm", 1_000, base + 100_000);
+    for i in [0, 500, 999] {
+        more[i] = bad(&more[i]);
+    }
+    let rep = write_and_drain(&agent, &more);
+    assert_eq!(sent_since(&server, before), [(1_000, 3), (997, 0)]);
+    assert_eq!(field(&rep, "deliveredLines"), 4_699 + 997, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 4, "{rep:#}");
+}
+
+/// InfluxDB 3 Core with partial writes lists every refused line and says
+/// the write was partial: those lines are set aside and the rest counted
+/// delivered without resending, in one request, whether the status is a
+/// 400 or a 2xx carrying the details.
+#[test]
+fn core_partial_writes_cost_one_request() {
+    let server = FaultServer::with_rule(|req| fault::dialect::core_partial(req, is_bad, 400));
+    let agent = Agent::start(single(remote("core", &server), |r| {
+        r.extra = "drop_non_retryable_data = true\n".into();
+    }));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut all = even_lines("cp", 3_000, base);
+    for i in [3, 1_500, 2_999] {
+        all[i] = bad(&all[i]);
+    }
+    let rep = write_and_drain(&agent, &all);
+    assert_eq!(
+        sent_since(&server, 0),
+        [(3_000, 3)],
+        "{}",
+        server.summary(5)
+    );
+    let mut good: HashSet<String> = all.iter().filter(|l| !is_bad(l)).cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 2_997, "{rep:#}");
+    assert_eq!(field(&rep, "droppedNonRetryableLines"), 3, "{rep:#}");
+
+    server.set_rule(|req| fault::dialect::core_partial(req, is_bad, 201));
+    let before = server.request_count();
+    let mut more = even_lines("cq", 500, base + 100_000);
+    more[250] = bad(&more[250]);
+    let rep = write_and_drain(&agent, &more);
+    assert_eq!(sent_since(&server, before), [(500, 1)]);
+    good.extend(more.iter().filter(|l| !is_bad(l)).cloned());
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 2_997 + 499, "{rep:#}");
+    assert_eq!(field(&rep, "droppedNonRetryableLines"), 4, "{rep:#}");
+}
+
+/// InfluxDB 3 Core's v1 endpoint refuses the whole batch and names only its
+/// first bad line (`data.line_number`, quoting it): the agent sets that line
+/// aside and sends the rest again, until nothing is refused; nothing written
+/// is lost and only the named lines are set aside.
+#[test]
+fn core_whole_batch_refusals_set_aside_the_named_line_and_resend() {
+    let server = FaultServer::with_rule(|req| fault::dialect::core_v1(req, is_bad));
+    let agent = Agent::start(single(remote("core-v1", &server), |_| {}));
+    let mut all = even_lines("cv", 2_000, ts_ago(Duration::from_secs(3600)));
+    all[10] = bad(&all[10]);
+    all[1_990] = bad(&all[1_990]);
+    let rep = write_and_drain(&agent, &all);
+    assert_eq!(
+        sent_since(&server, 0),
+        [(2_000, 2), (1_999, 1), (1_998, 0)],
+        "{}",
+        server.summary(5)
+    );
+    let good: HashSet<String> = all.iter().filter(|l| !is_bad(l)).cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 1_998, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 2, "{rep:#}");
+}
+
+/// A 30 kB error body naming 90 lines is read (only a prefix of it is
+/// logged): exactly those lines are set aside, in 2 requests.
+#[test]
+fn long_error_bodies_are_read_and_only_their_log_is_cut() {
+    let server = FaultServer::with_rule(|req| fault::dialect::serverless(req, is_bad, 300));
+    let agent = Agent::start(single(remote("serverless", &server), |_| {}));
+    let mut all = even_lines("lb", 3_000, ts_ago(Duration::from_secs(3600)));
+    for i in 0..90 {
+        all[i * 31 + 5] = bad(&all[i * 31 + 5]);
+    }
+    let rep = write_and_drain(&agent, &all);
+    let sent = sent_since(&server, 0);
+    assert_eq!(sent, [(3_000, 90), (2_910, 0)], "{}", server.summary(5));
+    let good: HashSet<String> = all.iter().filter(|l| !is_bad(l)).cloned().collect();
+    assert_accepted_exactly(&server, &good);
+    assert_eq!(field(&rep, "deliveredLines"), 2_910, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 90, "{rep:#}");
+    let log = agent.log();
+    assert!(
+        log.contains("error parsing line 6 (1-based)"),
+        "the remote's words are logged"
+    );
+    assert!(log.contains("more bytes)"), "the logged message is cut");
+    let longest = log.lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 4 * 1024, "a log line of {longest} bytes");
+}
+
+// ---------------------------------------------------------------------------
 // 413: split in halves
 // ---------------------------------------------------------------------------
 

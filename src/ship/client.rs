@@ -8,10 +8,11 @@ use std::time::Duration;
 use base64::Engine as _;
 use ureq::tls::{Certificate, RootCerts, TlsConfig, TlsProvider};
 
+use std::io::Read as _;
+
 use crate::config::{Api, Remote};
 
-/// The longest piece of a remote's error body kept for status and logs.
-const MAX_ERROR_BODY: u64 = 2048;
+use super::answer::{self, Detail};
 
 /// What came back from one POST.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,9 +20,12 @@ pub enum Answer {
     /// The remote answered with this status.
     Status {
         code: u16,
-        /// The remote's message (its JSON `message` when there is one).
+        /// The remote's message (its JSON `message` when there is one),
+        /// whole as read: [`answer::shorten`] it before logging.
         message: String,
         retry_after: Option<String>,
+        /// What the body says about the lines sent.
+        detail: Detail,
     },
     /// No answer: connect, TLS, timeout, reset.
     Transport(String),
@@ -168,6 +172,7 @@ impl Client {
                     .get("retry-after")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
+                let mut detail = Detail::default();
                 let message = if (300..400).contains(&code) {
                     let to = resp
                         .headers()
@@ -175,27 +180,33 @@ impl Client {
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or("?");
                     format!("HTTP {code}: redirect to {to} not followed (check the remote's url)")
-                } else if (200..300).contains(&code) {
-                    // Drain so the connection can be reused.
+                } else {
+                    // A bounded prefix: the useful bodies (many lines named)
+                    // are the long ones. A body longer than this is not
+                    // drained, and ureq then does not reuse the connection.
+                    let mut body = Vec::new();
                     let _ = resp
                         .body_mut()
-                        .with_config()
-                        .limit(MAX_ERROR_BODY)
-                        .read_to_vec();
-                    String::new()
-                } else {
-                    let body = resp
-                        .body_mut()
-                        .with_config()
-                        .limit(MAX_ERROR_BODY)
-                        .read_to_vec()
-                        .unwrap_or_default();
-                    error_message(code, &body)
+                        .as_reader()
+                        .take(answer::MAX_BODY)
+                        .read_to_end(&mut body);
+                    let text = answer::message_of(&body);
+                    detail = answer::read_detail(&body, &text);
+                    if (200..300).contains(&code) {
+                        // 2xx bodies are usually empty; 3.x puts the lines a
+                        // partial write refused there.
+                        text
+                    } else if text.is_empty() {
+                        format!("HTTP {code}")
+                    } else {
+                        format!("HTTP {code}: {text}")
+                    }
                 };
                 Answer::Status {
                     code,
                     message: self.redact(message),
                     retry_after,
+                    detail,
                 }
             }
             Err(e) => Answer::Transport(self.redact(describe_transport(&e))),
@@ -212,24 +223,6 @@ impl Client {
     }
 }
 
-/// The remote's own words: InfluxDB answers `{"code":..,"message":..}` (v2)
-/// or `{"error":..}` (v1); anything else is kept as text.
-fn error_message(code: u16, body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
-    let msg = parsed
-        .as_ref()
-        .and_then(|v| v.get("message").or_else(|| v.get("error")))
-        .and_then(|m| m.as_str())
-        .map(str::to_string)
-        .unwrap_or_else(|| text.trim().to_string());
-    if msg.is_empty() {
-        format!("HTTP {code}")
-    } else {
-        format!("HTTP {code}: {msg}")
-    }
-}
-
 fn describe_transport(e: &ureq::Error) -> String {
     match e {
         ureq::Error::Timeout(t) => format!("timeout ({t})"),
@@ -242,30 +235,5 @@ fn describe_transport(e: &ureq::Error) -> String {
         ureq::Error::HostNotFound => "host not found".to_string(),
         ureq::Error::ConnectionFailed => "connection failed".to_string(),
         other => other.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_messages_prefer_the_remotes_words() {
-        assert_eq!(
-            error_message(
-                400,
-                br#"{"code":"invalid","message":"partial write: field type conflict"}"#
-            ),
-            "HTTP 400: partial write: field type conflict"
-        );
-        assert_eq!(
-            error_message(404, br#"{"error":"database not found: \"x\""}"#),
-            "HTTP 404: database not found: \"x\""
-        );
-        assert_eq!(
-            error_message(502, b"  bad gateway \n"),
-            "HTTP 502: bad gateway"
-        );
-        assert_eq!(error_message(503, b""), "HTTP 503");
     }
 }

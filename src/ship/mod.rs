@@ -7,7 +7,15 @@
 //! after `Retry-After` for 429/503, and slowly ("paused") for answers that
 //! say our token or bucket is wrong. The worker sleeps on a signal so that
 //! shutdown and config reloads interrupt any wait at once.
+//!
+//! A 400/422 sets lines aside only on evidence that they are at fault, read
+//! from the answer by [`answer`]: the InfluxDB family names refused lines,
+//! counts them, or says nothing usable (then the batch is bisected), and
+//! some of its 400s are about the server (then the batch waits). Reading the
+//! answer saves a bisection and the resending of lines already written,
+//! which Cloud Serverless bills as data-in.
 
+pub mod answer;
 pub mod backoff;
 pub mod client;
 
@@ -37,20 +45,25 @@ pub enum Verdict {
     Retry,
     /// 413: the body is too large for the remote.
     TooLarge,
-    /// 400, 422: the remote refuses some of the data.
+    /// 400, 422: the remote refuses some of the data (the body may say
+    /// which lines, or how many).
     Refused,
     /// 401, 403, 404: credentials or bucket wrong; pause.
     Unauthorized,
 }
 
-/// Classifies an answer (the table of the design's "Shipping" section).
+/// Classifies an answer (the table of the design's "Shipping" section). A
+/// 400 or 422 whose message puts the cause on the server (Core's `wal buffer
+/// full`, a soft-deleted database, limits) is retried like a 5xx: the lines
+/// are fine and must not be set aside for it.
 pub fn classify(answer: &Answer) -> Verdict {
     match answer {
         Answer::Transport(_) => Verdict::Retry,
-        Answer::Status { code, .. } => match *code {
+        Answer::Status { code, detail, .. } => match *code {
             200..=299 => Verdict::Delivered,
             429 | 503 => Verdict::Throttled,
             413 => Verdict::TooLarge,
+            400 | 422 if detail.server_side => Verdict::Retry,
             400 | 422 => Verdict::Refused,
             401 | 403 | 404 => Verdict::Unauthorized,
             _ => Verdict::Retry,
@@ -135,6 +148,152 @@ enum Unsettled {
     /// Eviction or expiry removed lines of the batch while it waited for a
     /// retry: read it again rather than deliver lines already counted as dropped.
     Stale,
+}
+
+/// How a 400/422 was read.
+enum Reading {
+    /// The refusal is about lines: they were set aside, or the part split.
+    AboutLines,
+    /// Every piece was refused alike down to a lone line: nothing says the
+    /// lines are at fault, so the batch waits like after a 5xx.
+    AboutServer,
+}
+
+/// What the answers to one batch have shown so far about its refusals.
+#[derive(Debug, Default)]
+struct Evidence {
+    /// The message of the batch's first refusal.
+    first: Option<String>,
+    /// A later refusal said something else.
+    varied: bool,
+    /// The remote wrote some piece of the batch.
+    accepted: bool,
+}
+
+/// A part the remote wrote except for `left` lines it has not named
+/// (`partial write: ... dropped=N`): once they are found by bisection, the
+/// rest of the part is known written and is not sent again.
+#[derive(Debug)]
+struct Counted {
+    part: Range<usize>,
+    left: u64,
+}
+
+impl Counted {
+    fn holds(&self, at: usize) -> bool {
+        self.part.start <= at && at < self.part.end
+    }
+}
+
+/// The state of one batch's delivery: the parts still to send (byte ranges
+/// of the batch's lines, the next one last) and what the answers said.
+struct Delivery {
+    settlement: Settlement,
+    /// The whole batch as it now stands in the lines.
+    whole: Range<usize>,
+    /// Refused lines were cut out of the lines, which no longer match the
+    /// batch as stored.
+    cut: bool,
+    pending: Vec<Range<usize>>,
+    counted: Vec<Counted>,
+    evidence: Evidence,
+    /// A lone line refused with nothing to show it is at fault, and the
+    /// answer: set aside if the rest of the batch shows the refusals are
+    /// about lines, else the batch waits.
+    suspect: Option<(Range<usize>, Answer)>,
+}
+
+impl Delivery {
+    /// Replaces `part` (the next to send) by its two halves.
+    fn split(&mut self, part: &Range<usize>, slice: &[u8]) {
+        let mid = split_point(slice);
+        self.pending.pop();
+        self.pending.push(part.start + mid..part.end);
+        self.pending.push(part.start..part.start + mid);
+    }
+
+    /// Sends the whole batch (as it now stands) again, forgetting what the
+    /// answers said; lines already set aside stay set aside.
+    fn restart(&mut self) {
+        self.pending.clear();
+        self.pending.push(self.whole.clone());
+        self.counted.clear();
+        self.evidence = Evidence::default();
+        self.suspect = None;
+    }
+
+    /// `k` lines refused with a count were found at `at`: every count
+    /// holding them has that many fewer left to find. Lines refused for
+    /// another reason do not count: InfluxDB 1.x counts type conflicts in
+    /// `dropped=N` but answers a line it cannot parse with `dropped=0`, so
+    /// counting those would end the search early and take a refused line
+    /// for a written one.
+    fn found(&mut self, at: usize, k: u64) {
+        for c in self.counted.iter_mut().filter(|c| c.holds(at)) {
+            c.left = c.left.saturating_sub(k);
+        }
+    }
+
+    /// Parts whose refused lines were all found were written otherwise:
+    /// their pieces still pending are not sent.
+    fn drop_finished(&mut self) {
+        while let Some(i) = self.counted.iter().position(|c| c.left == 0) {
+            let done = self.counted.swap_remove(i);
+            while self
+                .pending
+                .last()
+                .is_some_and(|p| done.part.start <= p.start && p.end <= done.part.end)
+            {
+                self.pending.pop();
+            }
+        }
+        // A part emptied by a cut has nothing to send.
+        while self.pending.last().is_some_and(|p| p.is_empty()) {
+            self.pending.pop();
+        }
+    }
+
+    /// Takes the `named` lines (ranges within `part`, the next part to
+    /// send) out of `lines`, so that the rest of the part goes again as one
+    /// request; every range after the cut moves back.
+    fn cut_out(&mut self, lines: &mut Vec<u8>, part: &Range<usize>, named: &[Range<usize>]) {
+        let mut removed = 0;
+        for r in named.iter().rev() {
+            lines.drain(part.start + r.start..part.start + r.end);
+            removed += r.len();
+        }
+        let end = part.end;
+        let shift = |r: &mut Range<usize>| {
+            if r.start >= end {
+                r.start -= removed;
+                r.end -= removed;
+            } else if r.end >= end {
+                r.end -= removed;
+            }
+        };
+        self.pending.iter_mut().for_each(shift);
+        self.counted.iter_mut().for_each(|c| shift(&mut c.part));
+        shift(&mut self.whole);
+        self.cut = true;
+    }
+}
+
+/// A part of one line as a set-aside takes it: all of it, even if it
+/// lacked its '\n', so that no byte leaves the queue uncounted.
+fn one_line(slice: &[u8]) -> Vec<Range<usize>> {
+    std::iter::once(0..slice.len()).collect()
+}
+
+/// The ranges of each line of `lines` (each ending in '\n').
+fn line_ranges(lines: &[u8]) -> Vec<Range<usize>> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', lines)
+        .map(|end| {
+            let r = start..end + 1;
+            start = end + 1;
+            r
+        })
+        .collect()
 }
 
 impl Worker {
@@ -245,8 +404,10 @@ impl Worker {
     /// Sends the batch until every line is delivered or refused for good.
     /// The first attempt sends the batch as stored, as one gzip member (lines
     /// compressed when queued are not compressed again). A 413 splits the
-    /// failing part in halves; a 400/422 bisects it until the refused lines
-    /// stand alone (resending good lines is harmless: they overwrite).
+    /// failing part in halves. A 400/422 is read for what it says (see
+    /// [`Worker::refused`]): named lines are set aside at once, a count of
+    /// refused lines ends the bisection once that many are found, and only
+    /// an answer that says nothing usable is bisected down to single lines.
     /// Anything else is retried after a wait.
     fn deliver(
         &self,
@@ -254,19 +415,50 @@ impl Worker {
         shipment: &Shipment,
         lines: &mut Vec<u8>,
     ) -> Result<Settlement, Unsettled> {
-        let mut settlement = Settlement {
-            bucket: batch.bucket.clone(),
-            ..Settlement::default()
+        let mut d = Delivery {
+            settlement: Settlement {
+                bucket: batch.bucket.clone(),
+                ..Settlement::default()
+            },
+            whole: 0..batch.bytes as usize,
+            cut: false,
+            pending: Vec::with_capacity(16),
+            counted: Vec::new(),
+            evidence: Evidence::default(),
+            suspect: None,
         };
-        let whole = 0..batch.bytes as usize;
+        d.pending.push(d.whole.clone());
         // The batch's lines, inflated only when a part must be cut out.
         let mut have_lines = false;
-        // Parts still to send, the next one last.
-        let mut pending: Vec<Range<usize>> = Vec::with_capacity(16);
-        pending.push(whole.clone());
         let mut body: Option<(Range<usize>, u32, Vec<u8>)> = None;
         let mut attempt: u32 = 0;
-        while let Some(part) = pending.last().cloned() {
+        loop {
+            let Some(part) = d.pending.last().cloned() else {
+                let Some((line, answer)) = d.suspect.take() else {
+                    break;
+                };
+                let t = self.target();
+                if d.evidence.accepted || d.evidence.varied {
+                    let slice = &lines[line];
+                    let all = one_line(slice);
+                    self.set_aside(
+                        &mut d.settlement,
+                        slice,
+                        &all,
+                        Verdict::Refused,
+                        &answer,
+                        &t.config,
+                    );
+                    break;
+                }
+                // Every piece refused alike: about the remote, not the lines.
+                attempt = attempt.saturating_add(1);
+                let wait = wait_for(&t.config, Verdict::Retry, &answer, attempt);
+                self.record_answer(&answer, State::Backoff, Some((wait, batch.lines)));
+                self.sleep(wait);
+                d.restart();
+                continue;
+            };
             if self.control.stopped() {
                 return Err(Unsettled::Stopped);
             }
@@ -280,7 +472,7 @@ impl Worker {
             // Compress each part once, not once per retry.
             if !matches!(&body, Some((r, l, _)) if *r == part && *l == level) {
                 let reuse = body.take().map(|(_, _, b)| b).unwrap_or_default();
-                let gz = if part == whole {
+                let gz = if part == d.whole && !d.cut {
                     shipment.gzip(level, reuse)
                 } else {
                     self.inflated(shipment, lines, &mut have_lines)?;
@@ -294,27 +486,70 @@ impl Worker {
             let verdict = classify(&answer);
             match verdict {
                 Verdict::Delivered => {
-                    pending.pop();
+                    d.pending.pop();
                     attempt = 0;
+                    d.evidence.accepted = true;
                     self.record_success(gz.len());
+                    if let Answer::Status {
+                        message, detail, ..
+                    } = &answer
+                    {
+                        if !message.is_empty() {
+                            self.accepted_with_detail(
+                                &mut d,
+                                part,
+                                message,
+                                detail,
+                                &answer,
+                                &t.config,
+                                shipment,
+                                lines,
+                                &mut have_lines,
+                            )?;
+                        }
+                    }
                 }
-                Verdict::TooLarge | Verdict::Refused => {
-                    pending.pop();
+                Verdict::TooLarge => {
                     self.record_answer(&answer, State::Running, None);
                     self.inflated(shipment, lines, &mut have_lines)?;
                     let slice = &lines[part.clone()];
                     let n = memchr::memchr_iter(b'\n', slice).count();
                     if n > 1 {
-                        let mid = split_point(slice);
                         debug!(
                             "replication \"{}\": {}; splitting {n} lines",
                             self.repl.name,
                             message(&answer)
                         );
-                        pending.push(part.start + mid..part.end);
-                        pending.push(part.start..part.start + mid);
+                        d.split(&part, slice);
                     } else {
-                        self.refuse(&mut settlement, slice, verdict, &answer, &t.config);
+                        d.pending.pop();
+                        let all = one_line(slice);
+                        self.set_aside(&mut d.settlement, slice, &all, verdict, &answer, &t.config);
+                    }
+                }
+                Verdict::Refused => {
+                    self.inflated(shipment, lines, &mut have_lines)?;
+                    if d.cut {
+                        // Ranges changed meaning: compress afresh.
+                        body = None;
+                    }
+                    let cut_before = d.cut;
+                    match self.refused(&mut d, part, lines, &answer, &t.config) {
+                        Reading::AboutLines => {
+                            self.record_answer(&answer, State::Running, None);
+                        }
+                        Reading::AboutServer => {
+                            // The same refusal for every piece: nothing says
+                            // the lines are at fault. Wait, then start over.
+                            attempt = attempt.saturating_add(1);
+                            let wait = wait_for(&t.config, Verdict::Retry, &answer, attempt);
+                            self.record_answer(&answer, State::Backoff, Some((wait, batch.lines)));
+                            self.sleep(wait);
+                            d.restart();
+                        }
+                    }
+                    if d.cut != cut_before {
+                        body = None;
                     }
                 }
                 Verdict::Throttled | Verdict::Retry | Verdict::Unauthorized => {
@@ -330,7 +565,177 @@ impl Worker {
                 }
             }
         }
-        Ok(settlement)
+        Ok(d.settlement)
+    }
+
+    /// A 2xx with a body: logged, and the lines it names (3.x reports a
+    /// partial write's refused lines this way) set aside.
+    #[allow(clippy::too_many_arguments)]
+    fn accepted_with_detail(
+        &self,
+        d: &mut Delivery,
+        part: Range<usize>,
+        message: &str,
+        detail: &answer::Detail,
+        answer: &Answer,
+        config: &ShipConfig,
+        shipment: &Shipment,
+        lines: &mut Vec<u8>,
+        have_lines: &mut bool,
+    ) -> Result<(), Unsettled> {
+        let name = &self.repl.name;
+        debug!(
+            "replication \"{name}\": remote accepted the write and said: {}",
+            answer::shorten(message)
+        );
+        if detail.lines.is_empty() {
+            return Ok(());
+        }
+        self.inflated(shipment, lines, have_lines)?;
+        let slice = &lines[part.clone()];
+        match answer::named_lines(slice, detail) {
+            Some(named) => {
+                self.set_aside(&mut d.settlement, slice, &named, Verdict::Refused, answer, config);
+                d.drop_finished();
+            }
+            None => warn!(
+                "replication \"{name}\": remote accepted the write but names lines that are not in the body sent; counting every line delivered: {}",
+                answer::shorten(message)
+            ),
+        }
+        Ok(())
+    }
+
+    /// Reads a 400/422 to `part` (of `lines`, already inflated) and decides
+    /// what happens to its lines.
+    ///
+    /// The refusal is about lines only when the evidence says so: the remote
+    /// names them (line numbers that fit the body sent, or a count), or a
+    /// single line alone is refused while something else was said or taken
+    /// (another piece accepted, a different message, the line quoted in
+    /// it). The same refusal for every piece is about the remote, and is
+    /// waited out rather than set aside: two lone lines refused alike with
+    /// nothing accepted, or one when the batch holds nothing else.
+    fn refused(
+        &self,
+        d: &mut Delivery,
+        part: Range<usize>,
+        lines: &mut Vec<u8>,
+        answer: &Answer,
+        config: &ShipConfig,
+    ) -> Reading {
+        let name = &self.repl.name;
+        let (message, detail) = match answer {
+            Answer::Status {
+                message, detail, ..
+            } => (message.as_str(), detail.clone()),
+            Answer::Transport(m) => (m.as_str(), answer::Detail::default()),
+        };
+        match &d.evidence.first {
+            None => d.evidence.first = Some(message.to_string()),
+            Some(first) if first != message => d.evidence.varied = true,
+            Some(_) => {}
+        }
+        let slice = &lines[part.clone()];
+        let n = memchr::memchr_iter(b'\n', slice).count();
+        if let Some(named) = answer::named_lines(slice, &detail) {
+            let k = named.len();
+            // Written only when the remote says so and names every refused
+            // line: IOx bodies read the same whether or not the rest was
+            // written, and Core's whole-batch refusal names only the first.
+            let written =
+                detail.partial && detail.complete && detail.dropped.is_none_or(|c| c == k as u64);
+            self.set_aside(
+                &mut d.settlement,
+                slice,
+                &named,
+                Verdict::Refused,
+                answer,
+                config,
+            );
+            if written {
+                debug!(
+                    "replication \"{name}\": the remote wrote the other {} of {n} lines",
+                    n - k
+                );
+                if k < n {
+                    d.evidence.accepted = true;
+                }
+                d.pending.pop();
+            } else {
+                debug!(
+                    "replication \"{name}\": sending the other {} of {n} lines again without the {k} refused",
+                    n - k
+                );
+                d.cut_out(lines, &part, &named);
+            }
+            d.drop_finished();
+            return Reading::AboutLines;
+        }
+        if let (true, Some(count)) = (detail.partial, detail.dropped) {
+            if count == n as u64 {
+                let all = line_ranges(slice);
+                self.set_aside(
+                    &mut d.settlement,
+                    slice,
+                    &all,
+                    Verdict::Refused,
+                    answer,
+                    config,
+                );
+                d.found(part.start, count);
+                d.pending.pop();
+                d.drop_finished();
+                return Reading::AboutLines;
+            }
+            if count >= 1 && count < n as u64 {
+                debug!(
+                    "replication \"{name}\": {}; looking for {count} refused lines among {n}",
+                    answer::shorten(message)
+                );
+                d.counted.push(Counted {
+                    part: part.clone(),
+                    left: count,
+                });
+                d.split(&part, slice);
+                return Reading::AboutLines;
+            }
+            // A count that does not fit the body: bisect as if none were given.
+        }
+        if n > 1 {
+            debug!(
+                "replication \"{name}\": {}; splitting {n} lines",
+                answer::shorten(message)
+            );
+            d.split(&part, slice);
+            return Reading::AboutLines;
+        }
+        let evidence = answer::quotes(message, slice)
+            || d.evidence.accepted
+            || d.evidence.varied
+            || d.counted.iter().any(|c| c.holds(part.start));
+        if !evidence {
+            if d.suspect.is_some() {
+                return Reading::AboutServer;
+            }
+            // Perhaps the batch's first line is bad and the remote does not
+            // say so in words: the next piece tells.
+            d.pending.pop();
+            d.suspect = Some((part, answer.clone()));
+            return Reading::AboutLines;
+        }
+        d.pending.pop();
+        let all = one_line(slice);
+        self.set_aside(
+            &mut d.settlement,
+            slice,
+            &all,
+            Verdict::Refused,
+            answer,
+            config,
+        );
+        d.drop_finished();
+        Reading::AboutLines
     }
 
     /// Puts the batch's lines in `lines` (once).
@@ -358,32 +763,45 @@ impl Worker {
         Ok(())
     }
 
-    /// A single line the remote refused for good: dead letter, or dropped.
-    fn refuse(
+    /// Lines the remote refused for good (`ranges` of `part`): dead letter,
+    /// or dropped when configured (never for 413).
+    fn set_aside(
         &self,
         s: &mut Settlement,
-        line: &[u8],
+        part: &[u8],
+        ranges: &[Range<usize>],
         verdict: Verdict,
         answer: &Answer,
         config: &ShipConfig,
     ) {
+        let Some(first) = ranges.first() else {
+            return;
+        };
         let why = message(answer);
+        let line = &part[first.clone()];
         let excerpt = String::from_utf8_lossy(&line[..line.len().min(200)]);
         let excerpt = excerpt.trim_end();
+        let what = match ranges.len() {
+            1 => "a line".to_string(),
+            k => format!("{k} lines"),
+        };
+        let first_of = if ranges.len() > 1 { " the first" } else { "" };
         if verdict == Verdict::Refused && config.drop_non_retryable_data {
-            s.dropped_lines += 1;
+            s.dropped_lines += ranges.len() as u64;
             warn!(
-                "replication \"{}\": remote refused a line ({why}); dropped: {excerpt}",
+                "replication \"{}\": remote refused {what} ({why}); dropped{first_of}: {excerpt}",
                 self.repl.name
             );
         } else {
-            s.dead_lines += 1;
-            s.dead_letter.extend_from_slice(line);
+            s.dead_lines += ranges.len() as u64;
+            for r in ranges {
+                s.dead_letter.extend_from_slice(&part[r.clone()]);
+            }
             if s.reason.is_empty() {
                 s.reason = why.clone();
             }
             warn!(
-                "replication \"{}\": remote refused a line ({why}); moved to the dead-letter store: {excerpt}",
+                "replication \"{}\": remote refused {what} ({why}); moved to the dead-letter store{first_of}: {excerpt}",
                 self.repl.name
             );
         }
@@ -408,10 +826,11 @@ impl Worker {
     /// Records a failed attempt; `retry` is the wait before the next one and
     /// the lines waiting, when the batch is retried as a whole.
     fn record_answer(&self, answer: &Answer, state: State, retry: Option<(Duration, u64)>) {
-        let (code, text) = match answer {
-            Answer::Status { code, message, .. } => (Some(*code), message.clone()),
-            Answer::Transport(m) => (None, m.clone()),
+        let code = match answer {
+            Answer::Status { code, .. } => Some(*code),
+            Answer::Transport(_) => None,
         };
+        let text = message(answer);
         let mut s = self.status.ship.lock().unwrap();
         let changed = s.latest_error != text || s.state != state;
         *s.errors
@@ -468,10 +887,11 @@ pub fn wait_for(c: &ShipConfig, verdict: Verdict, answer: &Answer, attempt: u32)
     }
 }
 
+/// The answer's message as logged and shown in status (shortened).
 fn message(answer: &Answer) -> String {
     match answer {
-        Answer::Status { message, .. } => message.clone(),
-        Answer::Transport(m) => m.clone(),
+        Answer::Status { message, .. } => answer::shorten(message),
+        Answer::Transport(m) => answer::shorten(m),
     }
 }
 
@@ -503,6 +923,7 @@ mod tests {
             code,
             message: String::new(),
             retry_after: None,
+            detail: answer::Detail::default(),
         }
     }
 
@@ -529,6 +950,110 @@ mod tests {
             assert_eq!(classify(&status(code)), v, "status {code}");
         }
         assert_eq!(classify(&Answer::Transport("reset".into())), Verdict::Retry);
+    }
+
+    #[test]
+    fn refusals_about_the_server_are_retried() {
+        let wal_full =
+            br#"{"code":"invalid","message":"error from wal: wal buffer full, please try again"}"#;
+        let text = answer::message_of(wal_full);
+        let a = Answer::Status {
+            code: 400,
+            detail: answer::read_detail(wal_full, &text),
+            message: text,
+            retry_after: None,
+        };
+        assert_eq!(classify(&a), Verdict::Retry);
+        let bad = br#"{"code":"invalid","message":"unable to parse 'm v=': missing field value"}"#;
+        let text = answer::message_of(bad);
+        let a = Answer::Status {
+            code: 422,
+            detail: answer::read_detail(bad, &text),
+            message: text,
+            retry_after: None,
+        };
+        assert_eq!(classify(&a), Verdict::Refused);
+    }
+
+    fn delivery(whole: Range<usize>) -> Delivery {
+        Delivery {
+            settlement: Settlement::default(),
+            whole: whole.clone(),
+            cut: false,
+            pending: vec![whole],
+            counted: Vec::new(),
+            evidence: Evidence::default(),
+            suspect: None,
+        }
+    }
+
+    #[test]
+    fn cutting_named_lines_moves_every_later_range() {
+        let mut lines = b"a\nb\nc\nd\n".to_vec();
+        let mut d = delivery(0..8);
+        d.split(&(0..8), &lines);
+        d.counted.push(Counted {
+            part: 0..8,
+            left: 2,
+        });
+        assert_eq!(d.pending, vec![4..8, 0..4]);
+        // Line 2 of the part 0..4 ("b") is named refused.
+        let named = answer::named_lines(
+            &lines[0..4],
+            &answer::Detail {
+                lines: vec![2],
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        d.found(0, 1);
+        d.cut_out(&mut lines, &(0..4), &named);
+        assert_eq!(lines, b"a\nc\nd\n");
+        assert_eq!(d.pending, vec![2..6, 0..2]);
+        assert_eq!((d.counted[0].part.clone(), d.counted[0].left), (0..6, 1));
+        assert_eq!(d.whole, 0..6);
+        assert!(d.cut);
+        d.drop_finished();
+        assert_eq!(d.pending.len(), 2, "one refused line is still to be found");
+        // The second is found in "a": the rest of the counted part was written.
+        d.pending.pop();
+        d.found(0, 1);
+        d.drop_finished();
+        assert!(d.pending.is_empty(), "{:?}", d.pending);
+        assert!(d.counted.is_empty());
+    }
+
+    #[test]
+    fn a_finished_count_leaves_parts_outside_it_pending() {
+        let mut d = delivery(0..100);
+        d.pending = vec![50..100, 30..50, 20..30];
+        d.counted.push(Counted {
+            part: 0..50,
+            left: 1,
+        });
+        d.found(25, 1);
+        d.drop_finished();
+        assert_eq!(d.pending, vec![50..100]);
+        d.counted.push(Counted {
+            part: 50..100,
+            left: 3,
+        });
+        d.found(10, 1);
+        d.drop_finished();
+        assert_eq!(
+            d.pending,
+            vec![50..100],
+            "a line outside a count does not count"
+        );
+        d.restart();
+        assert_eq!(d.pending, vec![0..100]);
+        assert!(d.counted.is_empty());
+    }
+
+    #[test]
+    fn line_ranges_cover_each_line() {
+        assert_eq!(line_ranges(b"ab\nc\n\n"), vec![0..3, 3..5, 5..6]);
+        assert!(line_ranges(b"").is_empty());
     }
 
     #[test]
@@ -560,6 +1085,7 @@ mod tests {
             code: 429,
             message: String::new(),
             retry_after: Some(v.into()),
+            detail: answer::Detail::default(),
         };
         assert_eq!(
             wait_for(&c, Verdict::Throttled, &throttled("7"), 1),

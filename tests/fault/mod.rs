@@ -12,6 +12,8 @@
 //! Action`), else with 204. The remote "commits" a request's lines to the
 //! accepted set when it starts a 2xx answer to a client that is still
 //! connected: a line in that set is one the agent could have seen acknowledged.
+//! A partial write ([`Action::Partial`], built by the [`dialect`]s of the
+//! InfluxDB family) commits only the lines the remote took, whatever its code.
 //!
 //! Everything is bounded: reads time out, stalls and slow bodies give up as
 //! soon as the server stops, and dropping the server stops and joins every
@@ -123,6 +125,9 @@ pub enum Action {
     /// Send the head of a `code` answer with a body of `len` bytes, then the
     /// body one byte per `pause`.
     SlowBody(u16, usize, Duration),
+    /// Commit exactly these lines (a partial write), then answer like
+    /// `Status`, whatever the code: the [`dialect`]s build it.
+    Partial(Vec<String>, u16, Vec<(String, String)>, String),
 }
 
 impl fmt::Debug for Action {
@@ -148,6 +153,10 @@ impl fmt::Debug for Action {
             Action::Truncated => write!(f, "truncated answer"),
             Action::SlowBody(code, len, pause) => {
                 write!(f, "{code} with a slow {len}-byte body ({pause:?}/byte)")
+            }
+            Action::Partial(lines, code, headers, body) => {
+                write!(f, "partial write of {} lines, then ", lines.len())?;
+                Action::Status(*code, headers.clone(), body.clone()).fmt(f)
             }
         }
     }
@@ -190,6 +199,159 @@ impl Action {
 
     pub fn stall(d: Duration, then: Action) -> Action {
         Action::Stall(d, Box::new(then))
+    }
+}
+
+/// How the members of the InfluxDB family answer a write holding lines they
+/// refuse (`refused` picks them), after the agent's reference
+/// (`influxdb-write-answers.md`). Line numbers are 1-based physical lines of
+/// the decompressed body, as the remotes count them.
+pub mod dialect {
+    use super::{Action, Request};
+
+    fn json(code: u16, body: serde_json::Value) -> Action {
+        Action::Status(
+            code,
+            vec![(
+                "Content-Type".into(),
+                "application/json; charset=utf-8".into(),
+            )],
+            body.to_string(),
+        )
+    }
+
+    fn partial(written: Vec<String>, answer: Action) -> Action {
+        match answer {
+            Action::Status(code, headers, body) => Action::Partial(written, code, headers, body),
+            other => other,
+        }
+    }
+
+    /// The body's physical lines, numbered from 1, split into the refused
+    /// ones and the others.
+    fn sort(req: &Request, refused: impl Fn(&str) -> bool) -> (Vec<(usize, String)>, Vec<String>) {
+        let body = req.body.strip_suffix('\n').unwrap_or(&req.body);
+        let (mut bad, mut good) = (Vec::new(), Vec::new());
+        for (i, line) in body.split('\n').enumerate() {
+            if refused(line) {
+                bad.push((i + 1, line.to_string()));
+            } else if !line.is_empty() {
+                good.push(line.to_string());
+            }
+        }
+        (bad, good)
+    }
+
+    /// InfluxDB 3 Core's v2 endpoint while its write buffer is full: a 400
+    /// about the server, for every request alike.
+    pub fn wal_full() -> Action {
+        Action::influx_error(400, "error from wal: wal buffer full, please try again")
+    }
+
+    /// OSS 2.x: writes the other lines and answers 422 with only a count.
+    pub fn oss_partial(req: &Request, refused: impl Fn(&str) -> bool) -> Action {
+        let (bad, good) = sort(req, refused);
+        if bad.is_empty() {
+            return Action::ok();
+        }
+        let message = format!(
+            "failure writing points to database: partial write: points beyond retention policy dropped={}",
+            bad.len()
+        );
+        partial(
+            good,
+            json(
+                422,
+                serde_json::json!({"code": "unprocessable entity", "message": message}),
+            ),
+        )
+    }
+
+    /// OSS 1.x: writes what it can and answers 400 `partial write:`; its
+    /// `dropped=N` counts type conflicts only, and a line it cannot parse
+    /// (quoted) comes with `dropped=0` when there is no conflict.
+    pub fn oss1(
+        req: &Request,
+        conflict: impl Fn(&str) -> bool,
+        unparseable: impl Fn(&str) -> bool,
+    ) -> Action {
+        let (conflicts, _) = sort(req, &conflict);
+        let (broken, _) = sort(req, &unparseable);
+        let (_, good) = sort(req, |l| conflict(l) || unparseable(l));
+        let message = if !conflicts.is_empty() {
+            format!(
+                "partial write: field type conflict: input field \"v\" on measurement \"m\" is type float, already exists as type integer dropped={}",
+                conflicts.len()
+            )
+        } else if let Some((_, line)) = broken.first() {
+            format!("partial write: unable to parse '{line}': invalid field format dropped=0")
+        } else {
+            return Action::ok();
+        };
+        partial(good, json(400, serde_json::json!({ "error": message })))
+    }
+
+    /// Cloud Serverless (IOx with partial writes): writes the other lines
+    /// and answers 400 naming up to 100 refused ones, `"line"` the first.
+    /// Each named line's message is `pad` bytes longer, to make long bodies.
+    pub fn serverless(req: &Request, refused: impl Fn(&str) -> bool, pad: usize) -> Action {
+        let (bad, good) = sort(req, refused);
+        let Some(&(first, _)) = bad.first() else {
+            return Action::ok();
+        };
+        let mut message =
+            String::from("failed to parse line protocol: errors encountered on line(s):");
+        for (n, _) in bad.iter().take(100) {
+            message.push_str(&format!(
+                "\nerror parsing line {n} (1-based): Invalid field value{}",
+                ".".repeat(pad)
+            ));
+        }
+        partial(
+            good,
+            json(
+                400,
+                serde_json::json!({"code": "invalid", "line": first, "message": message}),
+            ),
+        )
+    }
+
+    /// InfluxDB 3 Core's v1 endpoint (partial writes off): writes nothing
+    /// and names the first refused line, quoting it.
+    pub fn core_v1(req: &Request, refused: impl Fn(&str) -> bool) -> Action {
+        let (bad, _) = sort(req, refused);
+        let Some((n, line)) = bad.first() else {
+            return Action::ok();
+        };
+        json(
+            400,
+            serde_json::json!({
+                "error": "parsing failed for write_lp endpoint",
+                "data": {"original_line": line, "line_number": n, "error_message": "invalid column type"},
+            }),
+        )
+    }
+
+    /// InfluxDB 3 with partial writes on: writes the other lines and lists
+    /// every refused one, with the status `code` (a 400, or a 2xx).
+    pub fn core_partial(req: &Request, refused: impl Fn(&str) -> bool, code: u16) -> Action {
+        let (bad, good) = sort(req, refused);
+        if bad.is_empty() {
+            return Action::ok();
+        }
+        let data: Vec<_> = bad
+            .iter()
+            .map(|(n, line)| {
+                serde_json::json!({"original_line": line, "line_number": n, "error_message": "invalid column type"})
+            })
+            .collect();
+        partial(
+            good,
+            json(
+                code,
+                serde_json::json!({"error": "partial write of line protocol occurred", "data": data}),
+            ),
+        )
     }
 }
 
@@ -301,7 +463,8 @@ impl FaultServer {
         self.shared.accepted.lock().unwrap().lines.len()
     }
 
-    /// Lines committed counting repeats, and the number of 2xx answers.
+    /// Lines committed counting repeats, and the number of answers that
+    /// committed lines (2xx and partial writes).
     pub fn accepted_totals(&self) -> (u64, u64) {
         let a = self.shared.accepted.lock().unwrap();
         (a.total, a.requests)
@@ -683,6 +846,7 @@ impl Outcome {
 fn reason(code: u16) -> &'static str {
     match code {
         200 => "OK",
+        201 => "Created",
         204 => "No Content",
         400 => "Bad Request",
         401 => "Unauthorized",
@@ -744,16 +908,43 @@ fn pause(shared: &Shared, d: Duration) -> bool {
 
 /// Commits the request's lines: the remote has decided to say 2xx.
 fn commit(shared: &Shared, req: &Request) {
+    commit_lines(shared, req.lines());
+}
+
+/// Commits these lines (all of a request's, or those a partial write took).
+fn commit_lines<'a>(shared: &Shared, lines: impl Iterator<Item = &'a str>) {
     let mut a = shared.accepted.lock().unwrap();
-    for l in req.lines() {
+    for l in lines {
         a.total += 1;
         a.lines.insert(l.to_string());
     }
     a.requests += 1;
 }
 
+fn write_answer(conn: &mut Conn, code: u16, headers: &[(String, String)], body: &str) -> Outcome {
+    let mut out = response_head(code, headers, body.len()).into_bytes();
+    if code != 204 {
+        out.extend_from_slice(body.as_bytes());
+    }
+    match conn
+        .stream
+        .write_all(&out)
+        .and_then(|_| conn.stream.flush())
+    {
+        Ok(()) => Outcome::Answered,
+        Err(e) => Outcome::Gone(e.to_string()),
+    }
+}
+
 fn act(conn: &mut Conn, shared: &Shared, req: &Request, action: Action) -> Outcome {
     match action {
+        Action::Partial(written, code, headers, body) => {
+            if peer_gone(&conn.stream) {
+                return Outcome::Gone("hung up before the answer".into());
+            }
+            commit_lines(shared, written.iter().map(String::as_str));
+            write_answer(conn, code, &headers, &body)
+        }
         Action::Status(code, headers, body) => {
             if peer_gone(&conn.stream) {
                 return Outcome::Gone("hung up before the answer".into());
@@ -761,18 +952,7 @@ fn act(conn: &mut Conn, shared: &Shared, req: &Request, action: Action) -> Outco
             if (200..300).contains(&code) {
                 commit(shared, req);
             }
-            let mut out = response_head(code, &headers, body.len()).into_bytes();
-            if code != 204 {
-                out.extend_from_slice(body.as_bytes());
-            }
-            match conn
-                .stream
-                .write_all(&out)
-                .and_then(|_| conn.stream.flush())
-            {
-                Ok(()) => Outcome::Answered,
-                Err(e) => Outcome::Gone(e.to_string()),
-            }
+            write_answer(conn, code, &headers, &body)
         }
         Action::RetryAfterSecs(code, n) => {
             let msg = format!("slow down: retry after {n} s");
