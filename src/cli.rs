@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_PATH};
+use crate::logging::Escaped;
 use crate::{agent, logging, status};
 
 const EX_CONFIG: u8 = 78;
@@ -81,7 +82,9 @@ struct DeadLetterArgs {
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
     config::load(path).map_err(|e| {
-        eprintln!("edge-replicator: {}: {e}", path.display());
+        // One line, whatever the file's name or the TOML parser quotes.
+        let msg = format!("{}: {e}", path.display());
+        eprintln!("edge-replicator: {}", Escaped(&msg));
         ExitCode::from(EX_CONFIG)
     })
 }
@@ -183,7 +186,7 @@ fn call_agent(config: &Config, method: &str, path: &str) -> Result<serde_json::V
     let code = resp.status().as_u16();
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     if code != 200 {
-        eprintln!("edge-replicator: {url} answered {code}: {body}");
+        eprintln!("edge-replicator: {url} answered {code}: {}", Escaped(&body));
         return Err(ExitCode::FAILURE);
     }
     serde_json::from_str(&body).map_err(|e| {
@@ -242,12 +245,12 @@ fn dead_letter(action: DeadLetterAction) -> ExitCode {
                     d["id"],
                     d["lines"],
                     d["bytes"],
-                    d["bucket"].as_str().unwrap_or(""),
-                    d["reason"].as_str().unwrap_or("")
+                    Escaped(d["bucket"].as_str().unwrap_or("")),
+                    Escaped(d["reason"].as_str().unwrap_or(""))
                 );
                 if let Some(data) = d["data"].as_str() {
                     for line in data.lines() {
-                        println!("    {line}");
+                        println!("    {}", Escaped(line));
                     }
                 }
             }

@@ -467,3 +467,112 @@ fn trace_logging_does_not_dump_credentials() {
         }
     }
 }
+
+/// Panics if `log` holds any 8-byte piece of `secrets` (a hex dump splits a
+/// header over rows, so a whole-token search is not enough).
+fn assert_no_piece(what: &str, log: &str, secrets: &[&str]) {
+    for s in secrets {
+        for piece in s.as_bytes().windows(8) {
+            let piece = std::str::from_utf8(piece).unwrap();
+            assert!(
+                !log.contains(piece),
+                "{what}: the log holds {piece:?}, a piece of a secret:\n{log}"
+            );
+        }
+    }
+}
+
+/// `RUST_LOG` is read by env_logger, which takes levels in any case, module
+/// filters with or without a level (a module alone means trace), and longer
+/// module paths that outrank shorter ones. None of them may print the
+/// remote's token or a writer's, however the spec is spelt.
+#[test]
+fn no_rust_log_spelling_prints_a_credential() {
+    let remote_sink = echoing_401();
+    // (spec, a level marker the spec must have produced; the agent itself
+    // logs nothing at trace level, and the libraries stay at warn unless
+    // named)
+    let specs = [
+        ("Trace", Some(" DEBUG ")),
+        ("TRACE", Some(" DEBUG ")),
+        ("ureq_proto=Trace", Some(" DEBUG ")),
+        ("ureq_proto=TRACE,ureq=Trace", Some(" TRACE ")),
+        ("ureq_proto", Some(" DEBUG ")),
+        ("info,ureq_proto::util=trace,ureq_proto::client=trace", None),
+        (
+            "debug,hyper=trace,hyper_util=Trace,h2=TRACE",
+            Some(" DEBUG "),
+        ),
+        // env_logger takes a bare number as a module name, not a level;
+        // whatever a later version makes of it, nothing may leak.
+        ("5", None),
+        ("ureq_proto=5", None),
+    ];
+    for (spec, marker) in specs {
+        let mut remote = RemoteConfig::v2("echo", &remote_sink.url());
+        remote.token = Some(REMOTE.into());
+        let mut config = AgentConfig::single(remote, "b", None);
+        config.tokens = vec![LISTEN.into()];
+        let mut agent = Agent::start_with(config, &Launch::new().env("RUST_LOG", spec));
+        let body = lines("rl", 1, 5, ts_ago(Duration::from_secs(60)));
+        let r = agent.write_v2_reply("b", body.as_bytes(), &Opts::new().token(LISTEN));
+        assert_eq!(r.status, 204, "{spec}");
+        let r = agent.write_v2_reply("b", body.as_bytes(), &Opts::new().token("wrong"));
+        assert_eq!(r.status, 401, "{spec}");
+        wait_until(DEADLINE, "remote refused", || {
+            str_field(&agent.replication("r1"), "state") == "paused"
+        });
+        assert_eq!(agent.sigterm_and_wait().code(), Some(0), "{spec}");
+        let log = agent.log();
+        if let Some(m) = marker {
+            assert!(log.contains(m), "RUST_LOG={spec}: no {m:?} line:\n{log}");
+        }
+        assert_no_piece(&format!("RUST_LOG={spec}"), &log, &[LISTEN, REMOTE]);
+    }
+}
+
+/// A remote's answer is text from outside: a newline in it must not start a
+/// log line of the remote's choosing (under journald, `<3>` at a line's
+/// start makes an entry of error priority), and an ANSI sequence must not
+/// reach the operator's terminal, in the log or in `status`.
+#[test]
+fn a_remote_answer_cannot_forge_a_log_line() {
+    let remote_sink = Sink::start(|_| (500, "boom\n<3>forged\x1b[31m red\r\u{85}end".into()));
+    let config = AgentConfig::single(RemoteConfig::v2("cloud", &remote_sink.url()), "b", None);
+    let launch = Launch::new().env("JOURNAL_STREAM", "8:12345");
+    let mut agent = Agent::start_with(config, &launch);
+    let body = lines("fg", 1, 3, ts_ago(Duration::from_secs(60)));
+    assert_eq!(agent.write_v2("b", body, &Opts::new()).0, 204);
+    wait_until(DEADLINE, "the remote's 500 logged", || {
+        agent.log().contains("forged")
+    });
+    let status = agent.cli(&["status"]);
+    assert!(status.status.success(), "{}", output_text(&status));
+    assert_eq!(agent.sigterm_and_wait().code(), Some(0));
+    let log = agent.log();
+    assert!(!log.contains('\x1b') && !log.contains('\r'), "{log:?}");
+    assert!(!log.contains('\u{85}'), "{log:?}");
+    let forged: Vec<&str> = log.lines().filter(|l| l.contains("forged")).collect();
+    assert!(!forged.is_empty(), "{log}");
+    for line in &forged {
+        assert!(
+            line.starts_with("<4>") || line.starts_with("<3>"),
+            "{line:?}"
+        );
+        assert!(!line.starts_with("<3>forged"), "forged line: {line:?}");
+        assert!(
+            line.contains("boom\\n<3>forged\\x1b[31m red\\r\\u{85}end"),
+            "escaped in place: {line:?}"
+        );
+    }
+    assert!(
+        !log.lines().any(|l| l.starts_with("<3>forged")),
+        "a forged entry:\n{log}"
+    );
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(table.contains("boom\\n<3>forged\\x1b[31m"), "{table}");
+    assert!(
+        !table.contains('\x1b') && !table.contains('\r'),
+        "{table:?}"
+    );
+}
