@@ -1749,7 +1749,9 @@ fn target<'a>(r: &'a Replication, bucket: &'a str) -> &'a str {
     r.remote_bucket.as_deref().unwrap_or(bucket)
 }
 
-fn is_loopback(ip: IpAddr) -> bool {
+/// Whether `ip` reaches only this host (IPv4 loopback, `::1`, or IPv4 loopback
+/// mapped into IPv6).
+pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
         IpAddr::V6(v6) => {

@@ -576,3 +576,56 @@ fn a_remote_answer_cannot_forge_a_log_line() {
         "{table:?}"
     );
 }
+
+/// Issue 12, item 1: the address in the file may change to loopback with
+/// no tokens (valid on its own), but the socket stays where it was bound
+/// until a restart; dropping the tokens then would open the API to the
+/// network. Such a reload is refused whole and the running config kept.
+#[test]
+fn a_reload_cannot_switch_auth_off_on_a_public_socket() {
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("cloud", &sink.url()), "b", None);
+    config.tokens = vec![LISTEN.into()];
+    let mut agent = Agent::stopped(config);
+    let port = agent.port;
+    let public = Launch::new()
+        .remove_line(&format!("address = \"127.0.0.1:{port}\""))
+        .insert_after("[listen]", &format!("address = \"0.0.0.0:{port}\"\n"));
+    agent.write_config_with(&public);
+    assert!(fs::read_to_string(agent.config_path())
+        .unwrap()
+        .contains("0.0.0.0"));
+    agent.spawn_with(&public);
+    let body = lines("rl", 1, 3, ts_ago(Duration::from_secs(60)));
+    let token = Opts::new().token(LISTEN);
+    assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 401);
+    assert_eq!(agent.write_v2("b", &body, &token).0, 204);
+
+    // The file now says: loopback, no tokens, and a new replication.
+    agent.config.tokens.clear();
+    agent
+        .config
+        .replications
+        .push(ReplicationConfig::new("r2", "cloud", "other"));
+    agent.write_config();
+    agent.sighup();
+    wait_until(DEADLINE, "the reload refused", || {
+        agent.log_since_last("start").contains("reload refused")
+    });
+    let log = agent.log_since_last("start");
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("reload")).collect();
+    assert_eq!(refusals.len(), 1, "one line: {refusals:?}");
+    let line = refusals[0];
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("listen.tokens"), "{line}");
+    assert!(line.contains(&format!("0.0.0.0:{port}")), "{line}");
+    assert!(line.contains("keeping the running config"), "{line}");
+
+    // Nothing of the new file applies: not the empty token list, not the
+    // new replication.
+    assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 401);
+    assert_eq!(agent.write_v2("other", &body, &token).0, 404);
+    assert_eq!(agent.get("/api/v2/replications").status, 401);
+    assert_eq!(agent.write_v2("b", &body, &token).0, 204);
+    assert_no_secret("log", &agent.log());
+}
