@@ -1425,11 +1425,7 @@ impl Validator<'_> {
                     return Err(invalid(key, "must not be empty"));
                 }
                 let path = self.resolve(&f);
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::File {
-                    key: key.clone(),
-                    path: path.clone(),
-                    source,
-                })?;
+                let text = read_secret_file(&key, &path)?;
                 self.check_permissions(&key, &path);
                 let value = text.trim_end();
                 if value.is_empty() {
@@ -1741,6 +1737,79 @@ impl Validator<'_> {
             });
         }
         Ok((out_tails, out_wals))
+    }
+}
+
+/// Largest `token_file`/`password_file`: a secret is one line, and a file
+/// that is more than a few lines is not the file the operator meant.
+pub const MAX_SECRET_FILE: u64 = 64 * KIB;
+
+/// Reads a secret file. Only a regular file of at most [`MAX_SECRET_FILE`]
+/// bytes is read: `/dev/zero` or `/dev/urandom` would otherwise be read
+/// until memory runs out, and a FIFO would block `check-config` forever
+/// (the open does not wait for a writer, and a FIFO is then refused).
+fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    let file_error = |source| ConfigError::File {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(file_error)?;
+    let meta = file.metadata().map_err(file_error)?;
+    if !meta.is_file() {
+        let why = format!("not a regular file ({})", file_kind(&meta.file_type()));
+        return Err(invalid(format!("{key} {path:?}"), why));
+    }
+    let too_large = || {
+        invalid(
+            format!("{key} {path:?}"),
+            format!(
+                "larger than {} KiB; a token or password file holds one line",
+                MAX_SECRET_FILE / KIB
+            ),
+        )
+    };
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(too_large());
+    }
+    // The file may grow between the stat and the read.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(file_error)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|_| invalid(format!("{key} {path:?}"), "not valid UTF-8"))
+}
+
+/// What a file that is not a regular one is, for an error message.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else {
+        "not a plain file"
     }
 }
 
@@ -2537,6 +2606,77 @@ max_age = "0"
         assert!(e
             .to_string()
             .contains("token and token_file are mutually exclusive"));
+    }
+
+    /// Only a small regular file is read as a secret; anything else is an
+    /// error naming the key and the file, returned at once.
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo only reads the NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let max = MAX_SECRET_FILE as usize;
+        write(dir.path(), "max", &"t".repeat(max), 0o600);
+        write(dir.path(), "big", &"t".repeat(max + 1), 0o600);
+        write(dir.path(), "huge", &"t".repeat(1 << 20), 0o600);
+        std::fs::write(dir.path().join("latin1"), b"caf\xe9").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("max"), dir.path().join("link")).unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            (
+                "token_file",
+                "/dev/zero",
+                Some("not a regular file (a character device)"),
+            ),
+            (
+                "token_file",
+                "/dev/urandom",
+                Some("not a regular file (a character device)"),
+            ),
+            ("token_file", "fifo", Some("not a regular file (a FIFO)")),
+            (
+                "token_file",
+                "sub",
+                Some("not a regular file (a directory)"),
+            ),
+            ("token_file", "big", Some("larger than 64 KiB")),
+            ("token_file", "huge", Some("larger than 64 KiB")),
+            ("token_file", "latin1", Some("not valid UTF-8")),
+            ("token_file", "max", None),
+            // A link to a regular file is fine (systemd credentials may be links).
+            ("token_file", "link", None),
+            (
+                "password_file",
+                "/dev/zero",
+                Some("not a regular file (a character device)"),
+            ),
+            ("password_file", "big", Some("larger than 64 KiB")),
+        ];
+        for (key, file, want) in cases {
+            let lines = if *key == "password_file" {
+                format!("api = \"v1\"\nusername = \"u\"\npassword_file = {file:?}")
+            } else {
+                format!("token_file = {file:?}")
+            };
+            let text = remote(&lines);
+            match (parse(&text, dir.path(), &no_env), want) {
+                (Ok(c), None) => {
+                    let r = &c.remotes[0];
+                    assert_eq!(r.token.as_ref().unwrap().expose().len(), max, "{file}");
+                }
+                (Err(e), Some(want)) => {
+                    let path = dir.path().join(file);
+                    let named = format!("remote \"cloud\": {key} {path:?}: ");
+                    let e = e.to_string();
+                    assert!(e.starts_with(&format!("{named}{want}")), "{file}: {e}");
+                }
+                (got, want) => panic!("{key} = {file:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[cfg(unix)]

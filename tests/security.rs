@@ -629,3 +629,40 @@ fn a_reload_cannot_switch_auth_off_on_a_public_socket() {
     assert_eq!(agent.write_v2("b", &body, &token).0, 204);
     assert_no_secret("log", &agent.log());
 }
+
+/// A `token_file` that is a device, a FIFO or a huge file is refused at
+/// once by `check-config` and `run`, in one line naming the key and file:
+/// `/dev/zero` used to be read until memory ran out.
+#[test]
+fn a_token_file_that_is_not_a_small_regular_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big-token");
+    fs::write(&big, "t".repeat(1 << 20)).unwrap();
+    fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).unwrap();
+    let big = big.display().to_string();
+    for (file, why) in [
+        ("/dev/zero", "not a regular file (a character device)"),
+        (big.as_str(), "larger than 64 KiB"),
+    ] {
+        let mut remote = RemoteConfig::v2("cloud", "http://127.0.0.1:9");
+        remote.token = None;
+        let config = AgentConfig::single(remote, "b", None);
+        let text = insert_after(
+            &config.render(&dir.path().join("data"), "127.0.0.1:1"),
+            "name = \"cloud\"",
+            &format!("token_file = {}\n", toml_str(file)),
+        );
+        let path = dir.path().join("config.toml");
+        fs::write(&path, text).unwrap();
+        for cmd in ["check-config", "run"] {
+            let out = run_cli(&[cmd, "--config", path.to_str().unwrap()]);
+            let text = output_text(&out);
+            assert_eq!(out.status.code(), Some(78), "{file} {cmd}: {text}");
+            assert_eq!(text.trim().lines().count(), 1, "{file} {cmd}: {text}");
+            assert!(
+                text.contains(&format!("token_file {file:?}: {why}")),
+                "{file} {cmd}: {text}"
+            );
+        }
+    }
+}
