@@ -284,6 +284,11 @@ pub struct Tail {
     /// Whether files present at the very first start are read from their
     /// start (true) or their end; files appearing later are always read whole.
     pub from_beginning: bool,
+    /// Whether a matched path that is (or passes through, below the
+    /// pattern's fixed directories) a symbolic link is read. Off by default:
+    /// whoever can write in a tailed directory could otherwise point a link
+    /// at any file the agent can read and have it logged or shipped.
+    pub follow_symlinks: bool,
 }
 
 /// A followed InfluxDB TSM WAL: one `[[influxdb_wal]]` table.
@@ -471,6 +476,7 @@ struct RawTail {
     precision: Option<String>,
     poll_interval: Option<Scalar>,
     from_beginning: Option<bool>,
+    follow_symlinks: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -1705,6 +1711,7 @@ impl Validator<'_> {
                 precision,
                 poll_interval: poll(key("poll_interval"), t.poll_interval, default_poll)?,
                 from_beginning: t.from_beginning.unwrap_or(true),
+                follow_symlinks: t.follow_symlinks.unwrap_or(false),
             });
         }
         let mut out_wals: Vec<InfluxdbWal> = Vec::with_capacity(wals.len());
@@ -2175,7 +2182,7 @@ mod tests {
     fn sources_get_defaults_and_resolve_paths() {
         let c = ok(&with_repl(
             "[[tail]]\npath = \"logs/*.lp\"\nbucket = \"sensors\"\n\
-             [[tail]]\npath = \"/var/log/m.lp\"\nbucket = \"sensors\"\nprecision = \"s\"\npoll_interval = \"1s\"\nfrom_beginning = false\n\
+             [[tail]]\npath = \"/var/log/m.lp\"\nbucket = \"sensors\"\nprecision = \"s\"\npoll_interval = \"1s\"\nfrom_beginning = false\nfollow_symlinks = true\n\
              [[influxdb_wal]]\nwal_dir = \"/var/lib/influxdb/wal\"\ndatabase = \"sensors\"\n\
              [[influxdb_wal]]\nwal_dir = \"engine/wal\"\ndatabase = \"0123456789abcdef\"\nbucket = \"sensors\"\npoll_interval = \"20ms\"",
         ));
@@ -2188,6 +2195,7 @@ mod tests {
                     precision: Precision::Nanoseconds,
                     poll_interval: Duration::from_millis(250),
                     from_beginning: true,
+                    follow_symlinks: false,
                 },
                 Tail {
                     path: PathBuf::from("/var/log/m.lp"),
@@ -2195,6 +2203,7 @@ mod tests {
                     precision: Precision::Seconds,
                     poll_interval: Duration::from_secs(1),
                     from_beginning: false,
+                    follow_symlinks: true,
                 },
             ]
         );

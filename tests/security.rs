@@ -666,3 +666,83 @@ fn a_token_file_that_is_not_a_small_regular_file_is_refused() {
         }
     }
 }
+
+/// Whoever can write in a tailed directory can plant a link to a file the
+/// agent can read (its own token file, say). The link is not followed: the
+/// file's valid lines are not shipped and its text, valid or not, never
+/// reaches the log; the skip is logged once and shown in status. Invalid
+/// lines of a regular tailed file are logged by position, not by text.
+#[test]
+fn a_tailed_symlink_is_not_followed_and_file_text_is_never_logged() {
+    let sink = Sink::accept_all();
+    let files = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("token");
+    let ts = ts_ago(Duration::from_secs(60));
+    fs::write(&secret, format!("{REMOTE_FILE}\nleaked,k=v value=1 {ts}\n")).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&secret, files.path().join("x.lp")).unwrap();
+    fs::write(
+        files.path().join("ok.lp"),
+        format!("fine value=1 {ts}\nbad {REMOTE_FILE2}\nfine value=2 {ts}\n"),
+    )
+    .unwrap();
+    let config = AgentConfig::single(RemoteConfig::v2("cloud", &sink.url()), "files", None);
+    let tail = |follow: bool| {
+        Launch::new().append(&format!(
+            "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"20ms\"\nfollow_symlinks = {follow}\n",
+            toml_str(&files.path().join("*.lp").display().to_string())
+        ))
+    };
+    let mut agent = Agent::start_with(config, &tail(false));
+    wait_until(DEADLINE, "both fine lines delivered", || {
+        sink.lines_accepted().len() == 2
+    });
+    wait_until(DEADLINE, "the link reported", || {
+        agent.source("tail")["errors"] == 1
+    });
+    // Many polls later: still reported once, still not read.
+    std::thread::sleep(Duration::from_millis(300));
+    let source = agent.source("tail");
+    assert_eq!(source["errors"], 1, "{source:#}");
+    assert_eq!(source["invalidLines"], 1, "{source:#}");
+    let latest = source["latestErrorMessage"].as_str().unwrap();
+    assert!(
+        latest.contains("x.lp") && latest.contains("symbolic link"),
+        "{latest}"
+    );
+    let shipped: Vec<String> = sink
+        .lines_accepted()
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect();
+    assert!(
+        shipped.iter().all(|l| l.starts_with("fine ")),
+        "{shipped:?}"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("symbolic link")).count(),
+        1,
+        "logged once:\n{log}"
+    );
+    let ok = files.path().join("ok.lp").display().to_string();
+    assert!(
+        log.contains(&format!("{ok}:2:")),
+        "names file and line:\n{log}"
+    );
+    assert!(!log.contains("leaked") && !log.contains("bad "), "{log}");
+    assert_no_secret("log", &log);
+    assert_eq!(agent.sigterm_and_wait().code(), Some(0));
+
+    // Links are followed when the operator says so.
+    agent.write_config_with(&tail(true));
+    agent.spawn_with(&tail(true));
+    wait_until(DEADLINE, "the linked file's line delivered", || {
+        sink.lines_accepted()
+            .iter()
+            .any(|l| l.starts_with(b"leaked,"))
+    });
+    let log = agent.log();
+    assert_no_secret("log with follow_symlinks", &log);
+}
