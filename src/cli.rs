@@ -81,7 +81,16 @@ struct DeadLetterArgs {
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    config::load(path).map_err(|e| {
+    report(path, config::load(path))
+}
+
+/// [`config::load_as_client`], for the commands that talk to a running agent.
+fn load_as_client(path: &Path) -> Result<Config, ExitCode> {
+    report(path, config::load_as_client(path))
+}
+
+fn report(path: &Path, loaded: Result<Config, config::ConfigError>) -> Result<Config, ExitCode> {
+    loaded.map_err(|e| {
         // One line, whatever the file's name or the TOML parser quotes.
         let msg = format!("{}: {e}", path.display());
         eprintln!("edge-replicator: {}", Escaped(&msg));
@@ -89,11 +98,26 @@ fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// `config` once its data directory passed [`config::check_data_dir`], with
+/// the check's warnings added; else the error, printed.
+fn with_data_dir(mut config: Config) -> Result<Config, ExitCode> {
+    match config::check_data_dir(&config.data_dir) {
+        Ok(warnings) => {
+            config.warnings.extend(warnings);
+            Ok(config)
+        }
+        Err(e) => {
+            eprintln!("edge-replicator: {}", Escaped(&e.to_string()));
+            Err(ExitCode::from(EX_CONFIG))
+        }
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, data_dir } => run(&config, data_dir),
-        Command::CheckConfig { config } => match load(&config) {
+        Command::CheckConfig { config } => match load(&config).and_then(with_data_dir) {
             Ok(c) => {
                 for w in &c.warnings {
                     eprintln!("warning: {w}");
@@ -116,7 +140,7 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Status { config, json } => match load(&config) {
+        Command::Status { config, json } => match load_as_client(&config) {
             Ok(c) => show_status(&c, json),
             Err(code) => code,
         },
@@ -132,6 +156,10 @@ fn run(path: &Path, data_dir: Option<PathBuf>) -> ExitCode {
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
+    let config = match with_data_dir(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     logging::init(config.log_level);
     // Among them, one per remote with allow_insecure_tls.
     for w in &config.warnings {
@@ -217,7 +245,7 @@ fn dead_letter(action: DeadLetterAction) -> ExitCode {
         DeadLetterAction::Replay(a) => (a, "POST", "/replay"),
         DeadLetterAction::Purge(a) => (a, "DELETE", ""),
     };
-    let config = match load(&args.config) {
+    let config = match load_as_client(&args.config) {
         Ok(c) => c,
         Err(code) => return code,
     };

@@ -568,23 +568,80 @@ impl<'de> Deserialize<'de> for TokenString {
 // ---------------------------------------------------------------------------------------
 
 /// Reads and validates the config file at `path`; `${VAR}` comes from the process
-/// environment and relative paths are resolved against the file's directory.
+/// environment and relative paths are resolved against the file's directory. The
+/// config file and the secret files it names must not be writable by other users
+/// (see [`crate::trust`]): the agent runs with what they say.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, true)
+}
+
+/// As [`load`], for the commands that only talk to a running agent (`status`,
+/// `dead-letter`): they use the file for its address and token, so who else may
+/// write it is the agent's concern, not theirs.
+pub fn load_as_client(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, false)
+}
+
+fn load_with(path: &Path, check_owners: bool) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    let trust_warnings = if check_owners {
+        crate::trust::check(path, crate::trust::euid())
+            .map_err(|why| invalid(format!("config file {path:?}"), why))?
+    } else {
+        Vec::new()
+    };
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
     // Absolute, so a later change of working directory cannot move the data.
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let mut config = parse(&text, &dir, &|name| std::env::var(name).ok())?;
+    let env = |name: &str| std::env::var(name).ok();
+    let mut config = parse_with(&text, &dir, &env, check_owners)?;
     if let Some(w) = inline_secret_warning(path, &text, &config) {
         config.warnings.push(w);
     }
+    for w in trust_warnings {
+        config.warnings.push(format!("config file {path:?}: {w}"));
+    }
     Ok(config)
+}
+
+/// Checks that no other local user can write to `dir` (the queue's
+/// directory), its `queue` folder and file, or the directories above them
+/// (see [`crate::trust`]); a `dir` that does not exist yet is judged by the
+/// directory it would be made in. `Ok` holds warnings.
+pub fn check_data_dir(dir: &Path) -> Result<Vec<String>, ConfigError> {
+    let uid = crate::trust::euid();
+    let key = format!("data_dir {dir:?}");
+    let mut paths: Vec<PathBuf> = Vec::new();
+    if std::fs::symlink_metadata(dir).is_ok() {
+        paths.push(dir.to_path_buf());
+        let queue = dir.join("queue");
+        for p in [queue.clone(), queue.join("data.mdb")] {
+            if std::fs::symlink_metadata(&p).is_ok() {
+                paths.push(p);
+            }
+        }
+    } else if let Some(parent) = crate::trust::nearest_existing(dir) {
+        paths.push(parent);
+    }
+    let mut warnings = Vec::new();
+    for p in paths {
+        let label = if p == dir {
+            key.clone()
+        } else {
+            format!("{key}: {p:?}")
+        };
+        match crate::trust::check(&p, uid) {
+            Ok(w) => warnings.extend(w.into_iter().map(|w| format!("{label}: {w}"))),
+            Err(why) => return Err(invalid(label, why)),
+        }
+    }
+    Ok(warnings)
 }
 
 /// A config file that holds a secret as written (not through `${VAR}` or a
@@ -627,6 +684,16 @@ pub fn parse(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    parse_with(text, base_dir, env, true)
+}
+
+/// [`parse`], checking the owners and modes of secret files or not.
+fn parse_with(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    check_owners: bool,
+) -> Result<Config, ConfigError> {
     // Structure first, from the text itself, so unknown keys, missing keys and type
     // errors come with their line even when a `${VAR}` elsewhere is unset.
     toml::from_str::<RawConfig>(text).map_err(|e| toml_error(text, &e))?;
@@ -639,6 +706,7 @@ pub fn parse(
     Validator {
         base_dir,
         warnings: Vec::new(),
+        check_owners,
     }
     .config(raw)
 }
@@ -1050,6 +1118,9 @@ fn positive(key: &str, d: Duration) -> Result<Duration, ConfigError> {
 struct Validator<'a> {
     base_dir: &'a Path,
     warnings: Vec<String>,
+    /// Refuse secret files other users can write (everything but the
+    /// client commands).
+    check_owners: bool,
 }
 
 impl Validator<'_> {
@@ -1432,6 +1503,11 @@ impl Validator<'_> {
                 }
                 let path = self.resolve(&f);
                 let text = read_secret_file(&key, &path)?;
+                // Who may write it; who may read it is a warning below.
+                if self.check_owners {
+                    crate::trust::check(&path, crate::trust::euid())
+                        .map_err(|why| invalid(format!("{key} {path:?}"), why))?;
+                }
                 self.check_permissions(&key, &path);
                 let value = text.trim_end();
                 if value.is_empty() {

@@ -746,3 +746,182 @@ fn a_tailed_symlink_is_not_followed_and_file_text_is_never_logged() {
     let log = agent.log();
     assert_no_secret("log with follow_symlinks", &log);
 }
+
+/// Another local user who can write the queue's directory can rename the
+/// queue away (acknowledged lines gone after a restart, without a word);
+/// one who can write the config or a token file can send the data
+/// anywhere. Such paths stop `check-config` and `run` with exit 78 and one
+/// line naming the path; group-writable ones are warned about.
+#[test]
+fn paths_other_users_can_write_are_refused() {
+    // The "foreign" owner is uid 12345, a user nobody has here.
+    type Setup = fn(&Path);
+    /// Words of the refusal, or of the warning if one is expected.
+    type Want = Result<Option<&'static [&'static str]>, &'static [&'static str]>;
+    let chmod =
+        |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    // (case, what to do in the case's directory, what to expect)
+    let cases: Vec<(&str, Setup, Want)> = vec![
+        ("all fine", |_| {}, Ok(None)),
+        (
+            "no data_dir yet",
+            |t| fs::remove_dir(t.join("d/data")).unwrap(),
+            Ok(None),
+        ),
+        (
+            "data_dir o+w",
+            |t| fs::set_permissions(t.join("d/data"), fs::Permissions::from_mode(0o777)).unwrap(),
+            Err(&["data_dir", "data\"", "writable by other users (mode 0777)"]),
+        ),
+        (
+            "data_dir foreign",
+            |t| std::os::unix::fs::chown(t.join("d/data"), Some(12345), None).unwrap(),
+            Err(&["data_dir", "owned by uid 12345"]),
+        ),
+        (
+            "queue o+w",
+            |t| {
+                fs::create_dir(t.join("d/data/queue")).unwrap();
+                fs::set_permissions(t.join("d/data/queue"), fs::Permissions::from_mode(0o757))
+                    .unwrap();
+            },
+            Err(&["data_dir", "queue\"", "writable by other users (mode 0757)"]),
+        ),
+        (
+            "data_dir's directory o+w",
+            |t| fs::set_permissions(t.join("d"), fs::Permissions::from_mode(0o777)).unwrap(),
+            Err(&["data_dir", "without the sticky bit (mode 0777)"]),
+        ),
+        (
+            "config o+w",
+            |t| {
+                fs::set_permissions(t.join("config.toml"), fs::Permissions::from_mode(0o646))
+                    .unwrap()
+            },
+            Err(&[
+                "config file",
+                "config.toml",
+                "writable by other users (mode 0646)",
+            ]),
+        ),
+        (
+            "config foreign",
+            |t| std::os::unix::fs::chown(t.join("config.toml"), Some(12345), None).unwrap(),
+            Err(&["config file", "owned by uid 12345"]),
+        ),
+        (
+            "token_file o+w",
+            |t| fs::set_permissions(t.join("token"), fs::Permissions::from_mode(0o602)).unwrap(),
+            Err(&[
+                "token_file",
+                "token\"",
+                "writable by other users (mode 0602)",
+            ]),
+        ),
+        (
+            "token_file foreign",
+            |t| std::os::unix::fs::chown(t.join("token"), Some(12345), None).unwrap(),
+            Err(&["token_file", "owned by uid 12345"]),
+        ),
+        (
+            "data_dir g+w",
+            |t| fs::set_permissions(t.join("d/data"), fs::Permissions::from_mode(0o770)).unwrap(),
+            Ok(Some(&["data_dir", "writable by its group (mode 0770)"])),
+        ),
+        (
+            "config g+w",
+            |t| {
+                fs::set_permissions(t.join("config.toml"), fs::Permissions::from_mode(0o664))
+                    .unwrap()
+            },
+            Ok(Some(&["config file", "writable by its group (mode 0664)"])),
+        ),
+    ];
+    for (case, setup, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("t");
+        fs::create_dir(&t).unwrap();
+        chmod(&t, 0o755);
+        let data = t.join("d/data");
+        fs::create_dir_all(&data).unwrap();
+        chmod(&t.join("d"), 0o755);
+        chmod(&data, 0o700);
+        let token = t.join("token");
+        fs::write(&token, format!("{REMOTE_FILE}\n")).unwrap();
+        chmod(&token, 0o600);
+        let mut remote = RemoteConfig::v2("cloud", "http://127.0.0.1:9");
+        remote.token = None;
+        let port = free_port();
+        let text = insert_after(
+            &AgentConfig::single(remote, "b", None).render(&data, &format!("127.0.0.1:{port}")),
+            "name = \"cloud\"",
+            &format!("token_file = {}\n", toml_str(&token.display().to_string())),
+        );
+        let config = t.join("config.toml");
+        fs::write(&config, text).unwrap();
+        chmod(&config, 0o644);
+        setup(&t);
+        let config = config.to_str().unwrap();
+        match want {
+            Err(words) => {
+                for cmd in ["check-config", "run"] {
+                    let out = run_cli(&[cmd, "--config", config]);
+                    let text = output_text(&out);
+                    assert_eq!(out.status.code(), Some(78), "{case} {cmd}: {text}");
+                    assert_eq!(text.trim().lines().count(), 1, "{case} {cmd}: {text}");
+                    for w in words {
+                        assert!(text.contains(w), "{case} {cmd}: no {w:?} in {text}");
+                    }
+                    assert!(
+                        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+                        "{case} {cmd}: something listens on {port}"
+                    );
+                    assert_no_secret(case, &text);
+                }
+            }
+            Ok(warning) => {
+                let out = run_cli(&["check-config", "--config", config]);
+                let text = output_text(&out);
+                assert!(out.status.success(), "{case}: {text}");
+                let warnings: Vec<&str> =
+                    text.lines().filter(|l| l.starts_with("warning:")).collect();
+                match warning {
+                    None => assert!(warnings.is_empty(), "{case}: {text}"),
+                    Some(words) => {
+                        assert_eq!(warnings.len(), 1, "{case}: {text}");
+                        for w in words {
+                            assert!(warnings[0].contains(w), "{case}: no {w:?} in {text}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A group-writable data_dir is worth a warning in the log at start, and
+/// the agent runs.
+#[test]
+fn a_group_writable_data_dir_is_warned_about_at_start() {
+    let sink = Sink::accept_all();
+    let mut agent = Agent::stopped(AgentConfig::single(
+        RemoteConfig::v2("cloud", &sink.url()),
+        "b",
+        None,
+    ));
+    fs::create_dir(agent.data_dir()).unwrap();
+    fs::set_permissions(agent.data_dir(), fs::Permissions::from_mode(0o770)).unwrap();
+    agent.write_config();
+    agent.spawn_with(&Launch::new());
+    let log = agent.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("data_dir"))
+        .unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(
+        warning.contains("writable by its group (mode 0770)"),
+        "{warning}"
+    );
+    let body = lines("gw", 1, 3, ts_ago(Duration::from_secs(60)));
+    assert_eq!(agent.write_v2("b", body, &Opts::new()).0, 204);
+}
