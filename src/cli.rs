@@ -120,7 +120,7 @@ pub fn main() -> ExitCode {
         Command::CheckConfig { config } => match load(&config).and_then(with_data_dir) {
             Ok(c) => {
                 for w in &c.warnings {
-                    eprintln!("warning: {w}");
+                    eprintln!("warning: {}", Escaped(w));
                 }
                 let mut sources = String::new();
                 if !c.tails.is_empty() {

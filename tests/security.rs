@@ -549,7 +549,32 @@ fn a_remote_answer_cannot_forge_a_log_line() {
     let status = agent.cli(&["status"]);
     assert!(status.status.success(), "{}", output_text(&status));
     assert_eq!(agent.sigterm_and_wait().code(), Some(0));
+
+    // A file name is text from outside too: whoever names a file in a
+    // tailed directory chooses it.
+    let files = tempfile::tempdir().unwrap();
+    fs::write(files.path().join("x\n<3>named\x1b[31m.lp"), "not a line\n").unwrap();
+    let tail = launch.clone().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"b\"\npoll_interval = \"20ms\"\n",
+        toml_str(&files.path().join("*.lp").display().to_string())
+    ));
+    agent.write_config_with(&tail);
+    agent.spawn_with(&tail);
+    wait_until(DEADLINE, "the invalid line logged", || {
+        agent.log().contains("invalid field format; skipped")
+    });
+    assert_eq!(agent.sigterm_and_wait().code(), Some(0));
     let log = agent.log();
+    let named: Vec<&str> = log.lines().filter(|l| l.contains("named")).collect();
+    assert!(!named.is_empty(), "{log}");
+    for line in &named {
+        assert!(
+            line.starts_with("<4>") || line.starts_with("<6>"),
+            "{line:?}"
+        );
+        assert!(line.contains("x\\n<3>named\\x1b[31m.lp"), "{line:?}");
+    }
+    assert!(!log.lines().any(|l| l.starts_with("<3>named")), "{log}");
     assert!(!log.contains('\x1b') && !log.contains('\r'), "{log:?}");
     assert!(!log.contains('\u{85}'), "{log:?}");
     let forged: Vec<&str> = log.lines().filter(|l| l.contains("forged")).collect();
