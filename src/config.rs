@@ -7,8 +7,10 @@
 //! validated layer checks every rule the rest of the agent relies on (names, URLs,
 //! references between sections, bounds) and gives typed values: bytes as `u64`,
 //! durations as [`Duration`], secrets as [`Secret`]. Nothing is read from the environment
-//! or the disk except `${VAR}` references, `token_file`/`password_file`, and the
-//! existence of `ca_file`, so a config that passes [`load`] is one the agent can run.
+//! or the disk except `${VAR}` references, `token_file`/`password_file` (small regular
+//! files only), the existence of `ca_file`, and who owns and may write the config and
+//! secret files ([`crate::trust`]), so a config that passes [`load`] is one the agent
+//! can run.
 //!
 //! Every error is one lower-case line that names the key at fault, and no error message
 //! or `Debug` output ever contains a secret's value. Findings that should not stop the
