@@ -950,3 +950,54 @@ fn a_group_writable_data_dir_is_warned_about_at_start() {
     let body = lines("gw", 1, 3, ts_ago(Duration::from_secs(60)));
     assert_eq!(agent.write_v2("b", body, &Opts::new()).0, 204);
 }
+
+/// A reload reads the config again, and refuses it the same way when
+/// another user could have written it: the running config stays.
+#[test]
+fn a_reload_from_a_file_others_can_write_is_refused() {
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("cloud", &sink.url()), "b", None);
+    config.tokens = vec![LISTEN.into()];
+    let mut agent = Agent::start(config);
+    let body = lines("rw", 1, 3, ts_ago(Duration::from_secs(60)));
+    agent.config.tokens = vec![LISTEN2.into()];
+    agent.write_config();
+    let path = agent.config_path();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o646)).unwrap();
+    agent.sighup();
+    wait_until(DEADLINE, "the reload refused", || {
+        agent.log().contains("writable by other users (mode 0646)")
+    });
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("writable by other users"))
+        .unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("keeping the running config"),
+        "{line}"
+    );
+    assert!(!log.contains("configuration reloaded"), "{log}");
+    assert_eq!(
+        agent.write_v2("b", &body, &Opts::new().token(LISTEN)).0,
+        204
+    );
+    assert_eq!(
+        agent.write_v2("b", &body, &Opts::new().token(LISTEN2)).0,
+        401
+    );
+
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    agent.sighup();
+    wait_until(DEADLINE, "the reload applied", || {
+        agent.log().contains("configuration reloaded")
+    });
+    assert_eq!(
+        agent.write_v2("b", &body, &Opts::new().token(LISTEN2)).0,
+        204
+    );
+    assert_eq!(
+        agent.write_v2("b", &body, &Opts::new().token(LISTEN)).0,
+        401
+    );
+}
