@@ -96,6 +96,10 @@ struct Streams {
     queue: Arc<Queue>,
     ingest: Arc<Ingest>,
     config: Config,
+    /// The address the API socket was bound to at start. A reload cannot
+    /// move the socket, so rules about the address are checked against
+    /// this one, not against the reloaded `listen.address`.
+    bound: SocketAddr,
     streams: BTreeMap<String, Stream>,
     /// `[[tail]]` and `[[influxdb_wal]]` threads.
     sources: crate::source::Sources,
@@ -187,8 +191,13 @@ impl Streams {
 
     /// Applies a reloaded config: new tokens, remotes and bounds take effect,
     /// streams added start, streams removed stop (their queue stays on disk),
-    /// and every stream retries at once.
+    /// and every stream retries at once. A config that would leave the bound
+    /// socket without tokens on a non-loopback address is refused whole.
     fn reload(&mut self, new: Config) {
+        if let Err(why) = check_reload(self.bound, &new) {
+            error!("reload refused: {why}; keeping the running config");
+            return;
+        }
         let old = std::mem::replace(&mut self.config, new);
         let new = &self.config;
         if old.listen.address != new.listen.address
@@ -381,11 +390,15 @@ pub fn run(
         },
     ));
     let addr = config.listen.address;
+    // What a reload is checked against: the socket's real address, which
+    // differs from listen.address when the socket was handed over.
+    let bound = listener.local_addr().unwrap_or(addr);
     let deadline = config.shutdown_timeout;
     let replications = config.replications.clone();
     let mut streams = Streams {
         queue: queue.clone(),
         ingest: ingest.clone(),
+        bound,
         config,
         streams: BTreeMap::new(),
         sources: Default::default(),
@@ -481,6 +494,21 @@ pub fn run(
     Ok(())
 }
 
+/// Whether `new` may replace the running config of an agent whose API
+/// socket is bound to `bound`. The file may name a loopback address with no
+/// tokens, which `config::load` accepts, while the socket still listens on
+/// the address it was started with: an empty token list would then open the
+/// write API, dead-letter purge and status to the whole network.
+fn check_reload(bound: SocketAddr, new: &Config) -> Result<(), String> {
+    if new.listen.tokens.is_empty() && !config::is_loopback(bound.ip()) {
+        return Err(format!(
+            "listen.tokens is empty, but the API socket stays bound to {bound} (not loopback) \
+             until a restart"
+        ));
+    }
+    Ok(())
+}
+
 /// Keeps resident memory near what is in use. Request bodies and batches
 /// are large and come and go with the load; glibc gives each thread that
 /// allocates a heap of its own (up to 8 per core), and each keeps the blocks
@@ -534,4 +562,41 @@ pub fn signal_events() -> std::io::Result<tokio::sync::mpsc::UnboundedReceiver<E
             }
         })?;
     Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(address: &str, tokens: &str) -> Config {
+        let text = format!("[listen]\naddress = \"{address}\"\ntokens = {tokens}\n");
+        config::parse(&text, Path::new("/"), &|_| None).unwrap()
+    }
+
+    #[test]
+    fn a_reload_cannot_drop_the_tokens_of_a_public_socket() {
+        let open = config("127.0.0.1:8086", "[]");
+        let with_tokens = config("127.0.0.1:8086", "[\"t\"]");
+        let cases = [
+            ("0.0.0.0:8086", &open, false),
+            ("[::]:8086", &open, false),
+            ("192.0.2.7:8086", &open, false),
+            ("0.0.0.0:8086", &with_tokens, true),
+            ("127.0.0.1:8086", &open, true),
+            ("[::1]:8086", &open, true),
+            ("[::ffff:127.0.0.1]:8086", &open, true),
+        ];
+        for (bound, new, ok) in cases {
+            let bound: SocketAddr = bound.parse().unwrap();
+            match check_reload(bound, new) {
+                Ok(()) => assert!(ok, "{bound}: accepted"),
+                Err(why) => {
+                    assert!(!ok, "{bound}: refused: {why}");
+                    assert!(why.contains("listen.tokens"), "{why}");
+                    assert!(why.contains(&bound.to_string()), "{why}");
+                }
+            }
+        }
+    }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_PATH};
+use crate::logging::Escaped;
 use crate::{agent, logging, status};
 
 const EX_CONFIG: u8 = 78;
@@ -80,20 +81,46 @@ struct DeadLetterArgs {
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    config::load(path).map_err(|e| {
-        eprintln!("edge-replicator: {}: {e}", path.display());
+    report(path, config::load(path))
+}
+
+/// [`config::load_as_client`], for the commands that talk to a running agent.
+fn load_as_client(path: &Path) -> Result<Config, ExitCode> {
+    report(path, config::load_as_client(path))
+}
+
+fn report(path: &Path, loaded: Result<Config, config::ConfigError>) -> Result<Config, ExitCode> {
+    loaded.map_err(|e| {
+        // One line, whatever the file's name or the TOML parser quotes.
+        let msg = format!("{}: {e}", path.display());
+        eprintln!("edge-replicator: {}", Escaped(&msg));
         ExitCode::from(EX_CONFIG)
     })
+}
+
+/// `config` once its data directory passed [`config::check_data_dir`], with
+/// the check's warnings added; else the error, printed.
+fn with_data_dir(mut config: Config) -> Result<Config, ExitCode> {
+    match config::check_data_dir(&config.data_dir) {
+        Ok(warnings) => {
+            config.warnings.extend(warnings);
+            Ok(config)
+        }
+        Err(e) => {
+            eprintln!("edge-replicator: {}", Escaped(&e.to_string()));
+            Err(ExitCode::from(EX_CONFIG))
+        }
+    }
 }
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, data_dir } => run(&config, data_dir),
-        Command::CheckConfig { config } => match load(&config) {
+        Command::CheckConfig { config } => match load(&config).and_then(with_data_dir) {
             Ok(c) => {
                 for w in &c.warnings {
-                    eprintln!("warning: {w}");
+                    eprintln!("warning: {}", Escaped(w));
                 }
                 let mut sources = String::new();
                 if !c.tails.is_empty() {
@@ -113,7 +140,7 @@ pub fn main() -> ExitCode {
             }
             Err(code) => code,
         },
-        Command::Status { config, json } => match load(&config) {
+        Command::Status { config, json } => match load_as_client(&config) {
             Ok(c) => show_status(&c, json),
             Err(code) => code,
         },
@@ -129,6 +156,10 @@ fn run(path: &Path, data_dir: Option<PathBuf>) -> ExitCode {
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
+    let config = match with_data_dir(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
     logging::init(config.log_level);
     // Among them, one per remote with allow_insecure_tls.
     for w in &config.warnings {
@@ -193,7 +224,7 @@ fn call_agent(config: &Config, method: &str, path: &str) -> Result<serde_json::V
     let code = resp.status().as_u16();
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     if code != 200 {
-        eprintln!("edge-replicator: {url} answered {code}: {body}");
+        eprintln!("edge-replicator: {url} answered {code}: {}", Escaped(&body));
         return Err(ExitCode::FAILURE);
     }
     serde_json::from_str(&body).map_err(|e| {
@@ -224,7 +255,7 @@ fn dead_letter(action: DeadLetterAction) -> ExitCode {
         DeadLetterAction::Replay(a) => (a, "POST", "/replay"),
         DeadLetterAction::Purge(a) => (a, "DELETE", ""),
     };
-    let config = match load(&args.config) {
+    let config = match load_as_client(&args.config) {
         Ok(c) => c,
         Err(code) => return code,
     };
@@ -252,12 +283,12 @@ fn dead_letter(action: DeadLetterAction) -> ExitCode {
                     d["id"],
                     d["lines"],
                     d["bytes"],
-                    d["bucket"].as_str().unwrap_or(""),
-                    d["reason"].as_str().unwrap_or("")
+                    Escaped(d["bucket"].as_str().unwrap_or("")),
+                    Escaped(d["reason"].as_str().unwrap_or(""))
                 );
                 if let Some(data) = d["data"].as_str() {
                     for line in data.lines() {
-                        println!("    {line}");
+                        println!("    {}", Escaped(line));
                     }
                 }
             }

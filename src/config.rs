@@ -7,8 +7,10 @@
 //! validated layer checks every rule the rest of the agent relies on (names, URLs,
 //! references between sections, bounds) and gives typed values: bytes as `u64`,
 //! durations as [`Duration`], secrets as [`Secret`]. Nothing is read from the environment
-//! or the disk except `${VAR}` references, `token_file`/`password_file`, and the
-//! existence of `ca_file`, so a config that passes [`load`] is one the agent can run.
+//! or the disk except `${VAR}` references, `token_file`/`password_file` (small regular
+//! files only), the existence of `ca_file`, and who owns and may write the config and
+//! secret files ([`crate::trust`]), so a config that passes [`load`] is one the agent
+//! can run.
 //!
 //! Every error is one lower-case line that names the key at fault, and no error message
 //! or `Debug` output ever contains a secret's value. Findings that should not stop the
@@ -284,6 +286,11 @@ pub struct Tail {
     /// Whether files present at the very first start are read from their
     /// start (true) or their end; files appearing later are always read whole.
     pub from_beginning: bool,
+    /// Whether a matched path that is (or passes through, below the
+    /// pattern's fixed directories) a symbolic link is read. Off by default:
+    /// whoever can write in a tailed directory could otherwise point a link
+    /// at any file the agent can read and have it logged or shipped.
+    pub follow_symlinks: bool,
 }
 
 /// A followed InfluxDB TSM WAL: one `[[influxdb_wal]]` table.
@@ -471,6 +478,7 @@ struct RawTail {
     precision: Option<String>,
     poll_interval: Option<Scalar>,
     from_beginning: Option<bool>,
+    follow_symlinks: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -562,23 +570,80 @@ impl<'de> Deserialize<'de> for TokenString {
 // ---------------------------------------------------------------------------------------
 
 /// Reads and validates the config file at `path`; `${VAR}` comes from the process
-/// environment and relative paths are resolved against the file's directory.
+/// environment and relative paths are resolved against the file's directory. The
+/// config file and the secret files it names must not be writable by other users
+/// (see [`crate::trust`]): the agent runs with what they say.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, true)
+}
+
+/// As [`load`], for the commands that only talk to a running agent (`status`,
+/// `dead-letter`): they use the file for its address and token, so who else may
+/// write it is the agent's concern, not theirs.
+pub fn load_as_client(path: &Path) -> Result<Config, ConfigError> {
+    load_with(path, false)
+}
+
+fn load_with(path: &Path, check_owners: bool) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_path_buf(),
         source,
     })?;
+    let trust_warnings = if check_owners {
+        crate::trust::check(path, crate::trust::euid())
+            .map_err(|why| invalid(format!("config file {path:?}"), why))?
+    } else {
+        Vec::new()
+    };
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
     // Absolute, so a later change of working directory cannot move the data.
     let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let mut config = parse(&text, &dir, &|name| std::env::var(name).ok())?;
+    let env = |name: &str| std::env::var(name).ok();
+    let mut config = parse_with(&text, &dir, &env, check_owners)?;
     if let Some(w) = inline_secret_warning(path, &text, &config) {
         config.warnings.push(w);
     }
+    for w in trust_warnings {
+        config.warnings.push(format!("config file {path:?}: {w}"));
+    }
     Ok(config)
+}
+
+/// Checks that no other local user can write to `dir` (the queue's
+/// directory), its `queue` folder and file, or the directories above them
+/// (see [`crate::trust`]); a `dir` that does not exist yet is judged by the
+/// directory it would be made in. `Ok` holds warnings.
+pub fn check_data_dir(dir: &Path) -> Result<Vec<String>, ConfigError> {
+    let uid = crate::trust::euid();
+    let key = format!("data_dir {dir:?}");
+    let mut paths: Vec<PathBuf> = Vec::new();
+    if std::fs::symlink_metadata(dir).is_ok() {
+        paths.push(dir.to_path_buf());
+        let queue = dir.join("queue");
+        for p in [queue.clone(), queue.join("data.mdb")] {
+            if std::fs::symlink_metadata(&p).is_ok() {
+                paths.push(p);
+            }
+        }
+    } else if let Some(parent) = crate::trust::nearest_existing(dir) {
+        paths.push(parent);
+    }
+    let mut warnings = Vec::new();
+    for p in paths {
+        let label = if p == dir {
+            key.clone()
+        } else {
+            format!("{key}: {p:?}")
+        };
+        match crate::trust::check(&p, uid) {
+            Ok(w) => warnings.extend(w.into_iter().map(|w| format!("{label}: {w}"))),
+            Err(why) => return Err(invalid(label, why)),
+        }
+    }
+    Ok(warnings)
 }
 
 /// A config file that holds a secret as written (not through `${VAR}` or a
@@ -621,6 +686,16 @@ pub fn parse(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
+    parse_with(text, base_dir, env, true)
+}
+
+/// [`parse`], checking the owners and modes of secret files or not.
+fn parse_with(
+    text: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+    check_owners: bool,
+) -> Result<Config, ConfigError> {
     // Structure first, from the text itself, so unknown keys, missing keys and type
     // errors come with their line even when a `${VAR}` elsewhere is unset.
     toml::from_str::<RawConfig>(text).map_err(|e| toml_error(text, &e))?;
@@ -633,6 +708,7 @@ pub fn parse(
     Validator {
         base_dir,
         warnings: Vec::new(),
+        check_owners,
     }
     .config(raw)
 }
@@ -1044,6 +1120,9 @@ fn positive(key: &str, d: Duration) -> Result<Duration, ConfigError> {
 struct Validator<'a> {
     base_dir: &'a Path,
     warnings: Vec<String>,
+    /// Refuse secret files other users can write (everything but the
+    /// client commands).
+    check_owners: bool,
 }
 
 impl Validator<'_> {
@@ -1425,11 +1504,12 @@ impl Validator<'_> {
                     return Err(invalid(key, "must not be empty"));
                 }
                 let path = self.resolve(&f);
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::File {
-                    key: key.clone(),
-                    path: path.clone(),
-                    source,
-                })?;
+                let text = read_secret_file(&key, &path)?;
+                // Who may write it; who may read it is a warning below.
+                if self.check_owners {
+                    crate::trust::check(&path, crate::trust::euid())
+                        .map_err(|why| invalid(format!("{key} {path:?}"), why))?;
+                }
                 self.check_permissions(&key, &path);
                 let value = text.trim_end();
                 if value.is_empty() {
@@ -1709,6 +1789,7 @@ impl Validator<'_> {
                 precision,
                 poll_interval: poll(key("poll_interval"), t.poll_interval, default_poll)?,
                 from_beginning: t.from_beginning.unwrap_or(true),
+                follow_symlinks: t.follow_symlinks.unwrap_or(false),
             });
         }
         let mut out_wals: Vec<InfluxdbWal> = Vec::with_capacity(wals.len());
@@ -1744,13 +1825,86 @@ impl Validator<'_> {
     }
 }
 
+/// Largest `token_file`/`password_file`: a secret is one line, and a file
+/// that is more than a few lines is not the file the operator meant.
+pub const MAX_SECRET_FILE: u64 = 64 * KIB;
+
+/// Reads a secret file. Only a regular file of at most [`MAX_SECRET_FILE`]
+/// bytes is read: `/dev/zero` or `/dev/urandom` would otherwise be read
+/// until memory runs out, and a FIFO would block `check-config` forever
+/// (the open does not wait for a writer, and a FIFO is then refused).
+fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    let file_error = |source| ConfigError::File {
+        key: key.to_string(),
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NONBLOCK);
+    let file = options.open(path).map_err(file_error)?;
+    let meta = file.metadata().map_err(file_error)?;
+    if !meta.is_file() {
+        let why = format!("not a regular file ({})", file_kind(&meta.file_type()));
+        return Err(invalid(format!("{key} {path:?}"), why));
+    }
+    let too_large = || {
+        invalid(
+            format!("{key} {path:?}"),
+            format!(
+                "larger than {} KiB; a token or password file holds one line",
+                MAX_SECRET_FILE / KIB
+            ),
+        )
+    };
+    if meta.len() > MAX_SECRET_FILE {
+        return Err(too_large());
+    }
+    // The file may grow between the stat and the read.
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(file_error)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(too_large());
+    }
+    String::from_utf8(bytes).map_err(|_| invalid(format!("{key} {path:?}"), "not valid UTF-8"))
+}
+
+/// What a file that is not a regular one is, for an error message.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_char_device() {
+            return "a character device";
+        }
+        if t.is_block_device() {
+            return "a block device";
+        }
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+    }
+    if t.is_dir() {
+        "a directory"
+    } else {
+        "not a plain file"
+    }
+}
+
 /// The remote bucket `r` writes a line of local `bucket` to.
 fn target<'a>(r: &'a Replication, bucket: &'a str) -> &'a str {
     r.remote_bucket.as_deref().unwrap_or(bucket)
 }
 
-/// True for 127.0.0.0/8, ::1 and ::ffff:127.0.0.0/104: addresses other hosts
-/// cannot reach.
+/// Whether `ip` reaches only this host (IPv4 loopback, `::1`, or IPv4 loopback
+/// mapped into IPv6).
 pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
@@ -2106,7 +2260,7 @@ mod tests {
     fn sources_get_defaults_and_resolve_paths() {
         let c = ok(&with_repl(
             "[[tail]]\npath = \"logs/*.lp\"\nbucket = \"sensors\"\n\
-             [[tail]]\npath = \"/var/log/m.lp\"\nbucket = \"sensors\"\nprecision = \"s\"\npoll_interval = \"1s\"\nfrom_beginning = false\n\
+             [[tail]]\npath = \"/var/log/m.lp\"\nbucket = \"sensors\"\nprecision = \"s\"\npoll_interval = \"1s\"\nfrom_beginning = false\nfollow_symlinks = true\n\
              [[influxdb_wal]]\nwal_dir = \"/var/lib/influxdb/wal\"\ndatabase = \"sensors\"\n\
              [[influxdb_wal]]\nwal_dir = \"engine/wal\"\ndatabase = \"0123456789abcdef\"\nbucket = \"sensors\"\npoll_interval = \"20ms\"",
         ));
@@ -2119,6 +2273,7 @@ mod tests {
                     precision: Precision::Nanoseconds,
                     poll_interval: Duration::from_millis(250),
                     from_beginning: true,
+                    follow_symlinks: false,
                 },
                 Tail {
                     path: PathBuf::from("/var/log/m.lp"),
@@ -2126,6 +2281,7 @@ mod tests {
                     precision: Precision::Seconds,
                     poll_interval: Duration::from_secs(1),
                     from_beginning: false,
+                    follow_symlinks: true,
                 },
             ]
         );
@@ -2537,6 +2693,77 @@ max_age = "0"
         assert!(e
             .to_string()
             .contains("token and token_file are mutually exclusive"));
+    }
+
+    /// Only a small regular file is read as a secret; anything else is an
+    /// error naming the key and the file, returned at once.
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_must_be_small_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo only reads the NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let max = MAX_SECRET_FILE as usize;
+        write(dir.path(), "max", &"t".repeat(max), 0o600);
+        write(dir.path(), "big", &"t".repeat(max + 1), 0o600);
+        write(dir.path(), "huge", &"t".repeat(1 << 20), 0o600);
+        std::fs::write(dir.path().join("latin1"), b"caf\xe9").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("max"), dir.path().join("link")).unwrap();
+        let sub = dir.path().join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            (
+                "token_file",
+                "/dev/zero",
+                Some("not a regular file (a character device)"),
+            ),
+            (
+                "token_file",
+                "/dev/urandom",
+                Some("not a regular file (a character device)"),
+            ),
+            ("token_file", "fifo", Some("not a regular file (a FIFO)")),
+            (
+                "token_file",
+                "sub",
+                Some("not a regular file (a directory)"),
+            ),
+            ("token_file", "big", Some("larger than 64 KiB")),
+            ("token_file", "huge", Some("larger than 64 KiB")),
+            ("token_file", "latin1", Some("not valid UTF-8")),
+            ("token_file", "max", None),
+            // A link to a regular file is fine (systemd credentials may be links).
+            ("token_file", "link", None),
+            (
+                "password_file",
+                "/dev/zero",
+                Some("not a regular file (a character device)"),
+            ),
+            ("password_file", "big", Some("larger than 64 KiB")),
+        ];
+        for (key, file, want) in cases {
+            let lines = if *key == "password_file" {
+                format!("api = \"v1\"\nusername = \"u\"\npassword_file = {file:?}")
+            } else {
+                format!("token_file = {file:?}")
+            };
+            let text = remote(&lines);
+            match (parse(&text, dir.path(), &no_env), want) {
+                (Ok(c), None) => {
+                    let r = &c.remotes[0];
+                    assert_eq!(r.token.as_ref().unwrap().expose().len(), max, "{file}");
+                }
+                (Err(e), Some(want)) => {
+                    let path = dir.path().join(file);
+                    let named = format!("remote \"cloud\": {key} {path:?}: ");
+                    let e = e.to_string();
+                    assert!(e.starts_with(&format!("{named}{want}")), "{file}: {e}");
+                }
+                (got, want) => panic!("{key} = {file:?}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[cfg(unix)]

@@ -22,3 +22,4 @@ pub mod source;
 pub mod status;
 pub mod systemd;
 pub mod transform;
+pub mod trust;

@@ -358,7 +358,9 @@ pub fn table(v: &Value) -> String {
                 .map(|(_, key)| match &r[*key] {
                     Value::Null => "-".to_string(),
                     Value::String(s) if s.is_empty() => "-".to_string(),
-                    Value::String(s) => s.clone(),
+                    // A remote's message may hold control characters; a
+                    // table on a terminal must not run them.
+                    Value::String(s) => crate::logging::escape(s).into_owned(),
                     other => other.to_string(),
                 })
                 .collect()
@@ -607,7 +609,7 @@ pub fn sources_table(v: &Value) -> String {
                 .map(|(_, key)| match &s[*key] {
                     Value::Null => "-".to_string(),
                     Value::String(t) if t.is_empty() => "-".to_string(),
-                    Value::String(t) => t.clone(),
+                    Value::String(t) => crate::logging::escape(t).into_owned(),
                     other => other.to_string(),
                 })
                 .collect()

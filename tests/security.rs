@@ -468,3 +468,537 @@ fn trace_logging_does_not_dump_credentials() {
         }
     }
 }
+
+/// Panics if `log` holds any 8-byte piece of `secrets` (a hex dump splits a
+/// header over rows, so a whole-token search is not enough).
+fn assert_no_piece(what: &str, log: &str, secrets: &[&str]) {
+    for s in secrets {
+        for piece in s.as_bytes().windows(8) {
+            let piece = std::str::from_utf8(piece).unwrap();
+            assert!(
+                !log.contains(piece),
+                "{what}: the log holds {piece:?}, a piece of a secret:\n{log}"
+            );
+        }
+    }
+}
+
+/// `RUST_LOG` is read by env_logger, which takes levels in any case, module
+/// filters with or without a level (a module alone means trace), and longer
+/// module paths that outrank shorter ones. None of them may print the
+/// remote's token or a writer's, however the spec is spelt.
+#[test]
+fn no_rust_log_spelling_prints_a_credential() {
+    let remote_sink = echoing_401();
+    // (spec, a level marker the spec must have produced; the agent itself
+    // logs nothing at trace level, and the libraries stay at warn unless
+    // named)
+    let specs = [
+        ("Trace", Some(" DEBUG ")),
+        ("TRACE", Some(" DEBUG ")),
+        ("ureq_proto=Trace", Some(" DEBUG ")),
+        ("ureq_proto=TRACE,ureq=Trace", Some(" TRACE ")),
+        ("ureq_proto", Some(" DEBUG ")),
+        ("info,ureq_proto::util=trace,ureq_proto::client=trace", None),
+        (
+            "debug,hyper=trace,hyper_util=Trace,h2=TRACE",
+            Some(" DEBUG "),
+        ),
+        // env_logger takes a bare number as a module name, not a level;
+        // whatever a later version makes of it, nothing may leak.
+        ("5", None),
+        ("ureq_proto=5", None),
+    ];
+    for (spec, marker) in specs {
+        let mut remote = RemoteConfig::v2("echo", &remote_sink.url());
+        remote.token = Some(REMOTE.into());
+        let mut config = AgentConfig::single(remote, "b", None);
+        config.tokens = vec![LISTEN.into()];
+        let mut agent = Agent::start_with(config, &Launch::new().env("RUST_LOG", spec));
+        let body = lines("rl", 1, 5, ts_ago(Duration::from_secs(60)));
+        let r = agent.write_v2_reply("b", body.as_bytes(), &Opts::new().token(LISTEN));
+        assert_eq!(r.status, 204, "{spec}");
+        let r = agent.write_v2_reply("b", body.as_bytes(), &Opts::new().token("wrong"));
+        assert_eq!(r.status, 401, "{spec}");
+        wait_until(DEADLINE, "remote refused", || {
+            str_field(&agent.replication("r1"), "state") == "paused"
+        });
+        assert_eq!(agent.sigterm_and_wait().code(), Some(0), "{spec}");
+        let log = agent.log();
+        if let Some(m) = marker {
+            assert!(log.contains(m), "RUST_LOG={spec}: no {m:?} line:\n{log}");
+        }
+        assert_no_piece(&format!("RUST_LOG={spec}"), &log, &[LISTEN, REMOTE]);
+    }
+}
+
+/// A remote's answer is text from outside: a newline in it must not start a
+/// log line of the remote's choosing (under journald, `<3>` at a line's
+/// start makes an entry of error priority), and an ANSI sequence must not
+/// reach the operator's terminal, in the log or in `status`.
+#[test]
+fn a_remote_answer_cannot_forge_a_log_line() {
+    let remote_sink = Sink::start(|_| (500, "boom\n<3>forged\x1b[31m red\r\u{85}end".into()));
+    let config = AgentConfig::single(RemoteConfig::v2("cloud", &remote_sink.url()), "b", None);
+    let launch = Launch::new().env("JOURNAL_STREAM", "8:12345");
+    let mut agent = Agent::start_with(config, &launch);
+    let body = lines("fg", 1, 3, ts_ago(Duration::from_secs(60)));
+    assert_eq!(agent.write_v2("b", body, &Opts::new()).0, 204);
+    wait_until(DEADLINE, "the remote's 500 logged", || {
+        agent.log().contains("forged")
+    });
+    let status = agent.cli(&["status"]);
+    assert!(status.status.success(), "{}", output_text(&status));
+    assert_eq!(agent.sigterm_and_wait().code(), Some(0));
+
+    // A file name is text from outside too: whoever names a file in a
+    // tailed directory chooses it.
+    let files = tempfile::tempdir().unwrap();
+    fs::write(files.path().join("x\n<3>named\x1b[31m.lp"), "not a line\n").unwrap();
+    let tail = launch.clone().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"b\"\npoll_interval = \"20ms\"\n",
+        toml_str(&files.path().join("*.lp").display().to_string())
+    ));
+    agent.write_config_with(&tail);
+    agent.spawn_with(&tail);
+    wait_until(DEADLINE, "the invalid line logged", || {
+        agent.log().contains("invalid field format; skipped")
+    });
+    assert_eq!(agent.sigterm_and_wait().code(), Some(0));
+    let log = agent.log();
+    let named: Vec<&str> = log.lines().filter(|l| l.contains("named")).collect();
+    assert!(!named.is_empty(), "{log}");
+    for line in &named {
+        assert!(
+            line.starts_with("<4>") || line.starts_with("<6>"),
+            "{line:?}"
+        );
+        assert!(line.contains("x\\n<3>named\\x1b[31m.lp"), "{line:?}");
+    }
+    assert!(!log.lines().any(|l| l.starts_with("<3>named")), "{log}");
+    assert!(!log.contains('\x1b') && !log.contains('\r'), "{log:?}");
+    assert!(!log.contains('\u{85}'), "{log:?}");
+    let forged: Vec<&str> = log.lines().filter(|l| l.contains("forged")).collect();
+    assert!(!forged.is_empty(), "{log}");
+    for line in &forged {
+        assert!(
+            line.starts_with("<4>") || line.starts_with("<3>"),
+            "{line:?}"
+        );
+        assert!(!line.starts_with("<3>forged"), "forged line: {line:?}");
+        assert!(
+            line.contains("boom\\n<3>forged\\x1b[31m red\\r\\u{85}end"),
+            "escaped in place: {line:?}"
+        );
+    }
+    assert!(
+        !log.lines().any(|l| l.starts_with("<3>forged")),
+        "a forged entry:\n{log}"
+    );
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(table.contains("boom\\n<3>forged\\x1b[31m"), "{table}");
+    assert!(
+        !table.contains('\x1b') && !table.contains('\r'),
+        "{table:?}"
+    );
+}
+
+/// Issue 12, item 1: the address in the file may change to loopback with
+/// no tokens (valid on its own), but the socket stays where it was bound
+/// until a restart; dropping the tokens then would open the API to the
+/// network. Such a reload is refused whole and the running config kept.
+#[test]
+fn a_reload_cannot_switch_auth_off_on_a_public_socket() {
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("cloud", &sink.url()), "b", None);
+    config.tokens = vec![LISTEN.into()];
+    let mut agent = Agent::stopped_at(config, "0.0.0.0");
+    let port = agent.port;
+    let public = Launch::new()
+        .remove_line(&format!("address = \"127.0.0.1:{port}\""))
+        .insert_after("[listen]", &format!("address = \"0.0.0.0:{port}\"\n"));
+    agent.write_config_with(&public);
+    assert!(fs::read_to_string(agent.config_path())
+        .unwrap()
+        .contains("0.0.0.0"));
+    agent.spawn_with(&public);
+    let body = lines("rl", 1, 3, ts_ago(Duration::from_secs(60)));
+    let token = Opts::new().token(LISTEN);
+    assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 401);
+    assert_eq!(agent.write_v2("b", &body, &token).0, 204);
+
+    // The file now says: loopback, no tokens, and a new replication.
+    agent.config.tokens.clear();
+    agent
+        .config
+        .replications
+        .push(ReplicationConfig::new("r2", "cloud", "other"));
+    agent.write_config();
+    agent.sighup();
+    wait_until(DEADLINE, "the reload refused", || {
+        agent.log_since_last("start").contains("reload refused")
+    });
+    let log = agent.log_since_last("start");
+    let refusals: Vec<&str> = log.lines().filter(|l| l.contains("reload")).collect();
+    assert_eq!(refusals.len(), 1, "one line: {refusals:?}");
+    let line = refusals[0];
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains("listen.tokens"), "{line}");
+    assert!(line.contains(&format!("0.0.0.0:{port}")), "{line}");
+    assert!(line.contains("keeping the running config"), "{line}");
+
+    // Nothing of the new file applies: not the empty token list, not the
+    // new replication.
+    assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 401);
+    assert_eq!(agent.write_v2("other", &body, &token).0, 404);
+    assert_eq!(agent.get("/api/v2/replications").status, 401);
+    assert_eq!(agent.write_v2("b", &body, &token).0, 204);
+    assert_no_secret("log", &agent.log());
+}
+
+/// A `token_file` that is a device, a FIFO or a huge file is refused at
+/// once by `check-config` and `run`, in one line naming the key and file:
+/// `/dev/zero` used to be read until memory ran out.
+#[test]
+fn a_token_file_that_is_not_a_small_regular_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("big-token");
+    fs::write(&big, "t".repeat(1 << 20)).unwrap();
+    fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).unwrap();
+    let big = big.display().to_string();
+    for (file, why) in [
+        ("/dev/zero", "not a regular file (a character device)"),
+        (big.as_str(), "larger than 64 KiB"),
+    ] {
+        let mut remote = RemoteConfig::v2("cloud", "http://127.0.0.1:9");
+        remote.token = None;
+        let config = AgentConfig::single(remote, "b", None);
+        let text = insert_after(
+            &config.render(&dir.path().join("data"), "127.0.0.1:1"),
+            "name = \"cloud\"",
+            &format!("token_file = {}\n", toml_str(file)),
+        );
+        let path = dir.path().join("config.toml");
+        fs::write(&path, text).unwrap();
+        for cmd in ["check-config", "run"] {
+            let out = run_cli(&[cmd, "--config", path.to_str().unwrap()]);
+            let text = output_text(&out);
+            assert_eq!(out.status.code(), Some(78), "{file} {cmd}: {text}");
+            assert_eq!(text.trim().lines().count(), 1, "{file} {cmd}: {text}");
+            assert!(
+                text.contains(&format!("token_file {file:?}: {why}")),
+                "{file} {cmd}: {text}"
+            );
+        }
+    }
+}
+
+/// Whoever can write in a tailed directory can plant a link to a file the
+/// agent can read (its own token file, say). The link is not followed: the
+/// file's valid lines are not shipped and its text, valid or not, never
+/// reaches the log; the skip is logged once and shown in status. Invalid
+/// lines of a regular tailed file are logged by position, not by text.
+#[test]
+fn a_tailed_symlink_is_not_followed_and_file_text_is_never_logged() {
+    let sink = Sink::accept_all();
+    let files = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("token");
+    let ts = ts_ago(Duration::from_secs(60));
+    fs::write(&secret, format!("{REMOTE_FILE}\nleaked,k=v value=1 {ts}\n")).unwrap();
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::symlink(&secret, files.path().join("x.lp")).unwrap();
+    fs::write(
+        files.path().join("ok.lp"),
+        format!("fine value=1 {ts}\nbad {REMOTE_FILE2}\nfine value=2 {ts}\n"),
+    )
+    .unwrap();
+    let config = AgentConfig::single(RemoteConfig::v2("cloud", &sink.url()), "files", None);
+    let tail = |follow: bool| {
+        Launch::new().append(&format!(
+            "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"20ms\"\nfollow_symlinks = {follow}\n",
+            toml_str(&files.path().join("*.lp").display().to_string())
+        ))
+    };
+    let mut agent = Agent::start_with(config, &tail(false));
+    wait_until(DEADLINE, "both fine lines delivered", || {
+        sink.lines_accepted().len() == 2
+    });
+    wait_until(DEADLINE, "the link reported", || {
+        agent.source("tail")["errors"] == 1
+    });
+    // Many polls later: still reported once, still not read.
+    std::thread::sleep(Duration::from_millis(300));
+    let source = agent.source("tail");
+    assert_eq!(source["errors"], 1, "{source:#}");
+    assert_eq!(source["invalidLines"], 1, "{source:#}");
+    let latest = source["latestErrorMessage"].as_str().unwrap();
+    assert!(
+        latest.contains("x.lp") && latest.contains("symbolic link"),
+        "{latest}"
+    );
+    let shipped: Vec<String> = sink
+        .lines_accepted()
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).into_owned())
+        .collect();
+    assert!(
+        shipped.iter().all(|l| l.starts_with("fine ")),
+        "{shipped:?}"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.lines().filter(|l| l.contains("symbolic link")).count(),
+        1,
+        "logged once:\n{log}"
+    );
+    let ok = files.path().join("ok.lp").display().to_string();
+    assert!(
+        log.contains(&format!("{ok}:2:")),
+        "names file and line:\n{log}"
+    );
+    assert!(!log.contains("leaked") && !log.contains("bad "), "{log}");
+    assert_no_secret("log", &log);
+    assert_eq!(agent.sigterm_and_wait().code(), Some(0));
+
+    // Links are followed when the operator says so.
+    agent.write_config_with(&tail(true));
+    agent.spawn_with(&tail(true));
+    wait_until(DEADLINE, "the linked file's line delivered", || {
+        sink.lines_accepted()
+            .iter()
+            .any(|l| l.starts_with(b"leaked,"))
+    });
+    let log = agent.log();
+    assert_no_secret("log with follow_symlinks", &log);
+}
+
+/// Another local user who can write the queue's directory can rename the
+/// queue away (acknowledged lines gone after a restart, without a word);
+/// one who can write the config or a token file can send the data
+/// anywhere. Such paths stop `check-config` and `run` with exit 78 and one
+/// line naming the path; group-writable ones are warned about.
+#[test]
+fn paths_other_users_can_write_are_refused() {
+    // The "foreign" owner is uid 12345, a user nobody has here.
+    type Setup = fn(&Path);
+    /// Words of the refusal, or of the warning if one is expected.
+    type Want = Result<Option<&'static [&'static str]>, &'static [&'static str]>;
+    let chmod =
+        |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode)).unwrap();
+    // (case, what to do in the case's directory, what to expect)
+    let cases: Vec<(&str, Setup, Want)> = vec![
+        ("all fine", |_| {}, Ok(None)),
+        (
+            "no data_dir yet",
+            |t| fs::remove_dir(t.join("d/data")).unwrap(),
+            Ok(None),
+        ),
+        (
+            "data_dir o+w",
+            |t| fs::set_permissions(t.join("d/data"), fs::Permissions::from_mode(0o777)).unwrap(),
+            Err(&["data_dir", "data\"", "writable by other users (mode 0777)"]),
+        ),
+        (
+            "data_dir foreign",
+            |t| std::os::unix::fs::chown(t.join("d/data"), Some(12345), None).unwrap(),
+            Err(&["data_dir", "owned by uid 12345"]),
+        ),
+        (
+            "queue o+w",
+            |t| {
+                fs::create_dir(t.join("d/data/queue")).unwrap();
+                fs::set_permissions(t.join("d/data/queue"), fs::Permissions::from_mode(0o757))
+                    .unwrap();
+            },
+            Err(&["data_dir", "queue\"", "writable by other users (mode 0757)"]),
+        ),
+        (
+            "data_dir's directory o+w",
+            |t| fs::set_permissions(t.join("d"), fs::Permissions::from_mode(0o777)).unwrap(),
+            Err(&["data_dir", "without the sticky bit (mode 0777)"]),
+        ),
+        (
+            "config o+w",
+            |t| {
+                fs::set_permissions(t.join("config.toml"), fs::Permissions::from_mode(0o646))
+                    .unwrap()
+            },
+            Err(&[
+                "config file",
+                "config.toml",
+                "writable by other users (mode 0646)",
+            ]),
+        ),
+        (
+            "config foreign",
+            |t| std::os::unix::fs::chown(t.join("config.toml"), Some(12345), None).unwrap(),
+            Err(&["config file", "owned by uid 12345"]),
+        ),
+        (
+            "token_file o+w",
+            |t| fs::set_permissions(t.join("token"), fs::Permissions::from_mode(0o602)).unwrap(),
+            Err(&[
+                "token_file",
+                "token\"",
+                "writable by other users (mode 0602)",
+            ]),
+        ),
+        (
+            "token_file foreign",
+            |t| std::os::unix::fs::chown(t.join("token"), Some(12345), None).unwrap(),
+            Err(&["token_file", "owned by uid 12345"]),
+        ),
+        (
+            "data_dir g+w",
+            |t| fs::set_permissions(t.join("d/data"), fs::Permissions::from_mode(0o770)).unwrap(),
+            Ok(Some(&["data_dir", "writable by its group (mode 0770)"])),
+        ),
+        (
+            "config g+w",
+            |t| {
+                fs::set_permissions(t.join("config.toml"), fs::Permissions::from_mode(0o664))
+                    .unwrap()
+            },
+            Ok(Some(&["config file", "writable by its group (mode 0664)"])),
+        ),
+    ];
+    for (case, setup, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("t");
+        fs::create_dir(&t).unwrap();
+        chmod(&t, 0o755);
+        let data = t.join("d/data");
+        fs::create_dir_all(&data).unwrap();
+        chmod(&t.join("d"), 0o755);
+        chmod(&data, 0o700);
+        let token = t.join("token");
+        fs::write(&token, format!("{REMOTE_FILE}\n")).unwrap();
+        chmod(&token, 0o600);
+        let mut remote = RemoteConfig::v2("cloud", "http://127.0.0.1:9");
+        remote.token = None;
+        let port = free_port();
+        let text = insert_after(
+            &AgentConfig::single(remote, "b", None).render(&data, &format!("127.0.0.1:{port}")),
+            "name = \"cloud\"",
+            &format!("token_file = {}\n", toml_str(&token.display().to_string())),
+        );
+        let config = t.join("config.toml");
+        fs::write(&config, text).unwrap();
+        chmod(&config, 0o644);
+        setup(&t);
+        let config = config.to_str().unwrap();
+        match want {
+            Err(words) => {
+                for cmd in ["check-config", "run"] {
+                    let out = run_cli(&[cmd, "--config", config]);
+                    let text = output_text(&out);
+                    assert_eq!(out.status.code(), Some(78), "{case} {cmd}: {text}");
+                    assert_eq!(text.trim().lines().count(), 1, "{case} {cmd}: {text}");
+                    for w in words {
+                        assert!(text.contains(w), "{case} {cmd}: no {w:?} in {text}");
+                    }
+                    assert!(
+                        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+                        "{case} {cmd}: something listens on {port}"
+                    );
+                    assert_no_secret(case, &text);
+                }
+            }
+            Ok(warning) => {
+                let out = run_cli(&["check-config", "--config", config]);
+                let text = output_text(&out);
+                assert!(out.status.success(), "{case}: {text}");
+                let warnings: Vec<&str> =
+                    text.lines().filter(|l| l.starts_with("warning:")).collect();
+                match warning {
+                    None => assert!(warnings.is_empty(), "{case}: {text}"),
+                    Some(words) => {
+                        assert_eq!(warnings.len(), 1, "{case}: {text}");
+                        for w in words {
+                            assert!(warnings[0].contains(w), "{case}: no {w:?} in {text}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A group-writable data_dir is worth a warning in the log at start, and
+/// the agent runs.
+#[test]
+fn a_group_writable_data_dir_is_warned_about_at_start() {
+    let sink = Sink::accept_all();
+    let mut agent = Agent::stopped(AgentConfig::single(
+        RemoteConfig::v2("cloud", &sink.url()),
+        "b",
+        None,
+    ));
+    fs::create_dir(agent.data_dir()).unwrap();
+    fs::set_permissions(agent.data_dir(), fs::Permissions::from_mode(0o770)).unwrap();
+    agent.write_config();
+    agent.spawn_with(&Launch::new());
+    let log = agent.log();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("data_dir"))
+        .unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(
+        warning.contains("writable by its group (mode 0770)"),
+        "{warning}"
+    );
+    let body = lines("gw", 1, 3, ts_ago(Duration::from_secs(60)));
+    assert_eq!(agent.write_v2("b", body, &Opts::new()).0, 204);
+}
+
+/// A reload reads the config again, and refuses it the same way when
+/// another user could have written it: the running config stays.
+#[test]
+fn a_reload_from_a_file_others_can_write_is_refused() {
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("cloud", &sink.url()), "b", None);
+    config.tokens = vec![LISTEN.into()];
+    let mut agent = Agent::start(config);
+    let body = lines("rw", 1, 3, ts_ago(Duration::from_secs(60)));
+    agent.config.tokens = vec![LISTEN2.into()];
+    agent.write_config();
+    let path = agent.config_path();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o646)).unwrap();
+    agent.sighup();
+    wait_until(DEADLINE, "the reload refused", || {
+        agent.log().contains("writable by other users (mode 0646)")
+    });
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("writable by other users"))
+        .unwrap();
+    assert!(
+        line.contains("ERROR") && line.contains("keeping the running config"),
+        "{line}"
+    );
+    assert!(!log.contains("configuration reloaded"), "{log}");
+    assert_eq!(
+        agent.write_v2("b", &body, &Opts::new().token(LISTEN)).0,
+        204
+    );
+    assert_eq!(
+        agent.write_v2("b", &body, &Opts::new().token(LISTEN2)).0,
+        401
+    );
+
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    agent.sighup();
+    wait_until(DEADLINE, "the reload applied", || {
+        agent.log().contains("configuration reloaded")
+    });
+    assert_eq!(
+        agent.write_v2("b", &body, &Opts::new().token(LISTEN2)).0,
+        204
+    );
+    assert_eq!(
+        agent.write_v2("b", &body, &Opts::new().token(LISTEN)).0,
+        401
+    );
+}

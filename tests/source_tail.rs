@@ -157,7 +157,8 @@ fn tailed_files_arrive_exactly_once_through_rotation_and_restarts() {
         accepted(&agent)
     });
 
-    // Invalid lines: skipped, counted, logged with file and line number.
+    // Invalid lines: skipped, counted, logged with file, line and column,
+    // never with their text.
     let e = dir.join("e.lp");
     let good = take(100);
     let mut text = String::new();
@@ -176,12 +177,15 @@ fn tailed_files_arrive_exactly_once_through_rotation_and_restarts() {
     let status = agent.source("tail");
     assert_eq!(status["invalidLines"], 3, "{status:#}");
     let bad_line = text.lines().position(|l| l.contains("bad=1")).unwrap() + 1;
+    let log = agent.log();
     assert!(
-        agent
-            .log()
-            .contains(&format!("{}:{bad_line}: ", e.display())),
-        "the log names file and line"
+        log.contains(&format!(
+            "{}:{bad_line}:16: missing field value",
+            e.display()
+        )),
+        "the log names file, line, column and reason"
     );
+    assert!(!log.contains("bad=1"), "the log quotes an invalid line");
 
     assert_eq!(source.next(), None, "every generated line was written");
     let rep = agent.replication("r1");

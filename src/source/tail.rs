@@ -22,7 +22,17 @@
 //!
 //! A last line without its newline is left until the newline arrives; only
 //! when a rotated file is finished is it taken as a line. Invalid lines are
-//! skipped, counted and logged with file and line number.
+//! skipped, counted and logged with file, line, column and reason, never
+//! with their text: whatever a tailed file holds may be a secret that
+//! should not reach a log.
+//!
+//! Symbolic links are not followed unless `follow_symlinks = true`: a path
+//! the pattern matches is skipped (logged once, counted as an error) when it
+//! or a directory it passes through below the pattern's fixed part is a
+//! link, and files are opened with `O_NOFOLLOW` so a link swapped in
+//! between the check and the open is refused too. Whoever can write in a
+//! tailed directory can still write lines, but cannot make the agent read,
+//! log or ship another file it can read.
 //!
 //! The checkpoint (JSON, one record per followed file: path, device, inode,
 //! offset, line number, fingerprint) is committed with the lines read up to
@@ -131,6 +141,11 @@ pub struct Tailer {
     grace: Duration,
     /// Paths whose open failed, logged once.
     failed: HashSet<PathBuf>,
+    /// Symbolic links skipped, logged once.
+    links: HashSet<PathBuf>,
+    /// Leading components of the pattern an operator wrote out (no glob
+    /// characters); links there are the operator's own and are followed.
+    fixed: usize,
 }
 
 fn crc_prefix(file: &File, len: u64) -> io::Result<Option<u32>> {
@@ -161,6 +176,37 @@ fn end_of_last_line(file: &File, size: u64) -> io::Result<(u64, u64)> {
     Ok((end.unwrap_or(0), lines))
 }
 
+/// How many leading components of `pattern` hold no glob character: the
+/// directories an operator named. A literal path's last component counts as
+/// matched, not fixed, so a link put in its place is noticed.
+fn fixed_components(pattern: &Path) -> usize {
+    let all = pattern.components().count();
+    let fixed = pattern
+        .components()
+        .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
+        .count();
+    fixed.min(all.saturating_sub(1))
+}
+
+/// The first component of `path` after its `fixed` leading ones that is a
+/// symbolic link, if any.
+pub(crate) fn link_below(path: &Path, fixed: usize) -> Option<PathBuf> {
+    let mut prefix = PathBuf::new();
+    for (i, c) in path.components().enumerate() {
+        prefix.push(c);
+        if i < fixed {
+            continue;
+        }
+        match fs::symlink_metadata(&prefix) {
+            Ok(m) if m.file_type().is_symlink() => return Some(prefix),
+            Ok(_) => {}
+            // Gone meanwhile: the stat after this finds nothing either.
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// Looks in `dir` for the file with inode `ino` on device `dev`.
 fn find_inode(dir: &Path, dev: u64, ino: u64) -> Option<PathBuf> {
     fs::read_dir(dir).ok()?.flatten().find_map(|e| {
@@ -186,7 +232,10 @@ impl Tailer {
             }
         };
         let grace = ROTATED_GRACE.max(cfg.poll_interval * 10);
+        let fixed = fixed_components(&cfg.path);
         Tailer {
+            links: HashSet::new(),
+            fixed,
             pattern,
             literal,
             status,
@@ -245,6 +294,19 @@ impl Tailer {
             f.matched = false;
         }
         for path in self.scan() {
+            if !self.cfg.follow_symlinks {
+                if let Some(link) = link_below(&path, self.fixed) {
+                    if self.links.insert(path.clone()) {
+                        self.status.error(format!(
+                            "{} is a symbolic link (or passes through {}); not followed \
+                             (follow_symlinks = false)",
+                            path.display(),
+                            link.display()
+                        ));
+                    }
+                    continue;
+                }
+            }
             let meta = match fs::metadata(&path) {
                 Ok(m) if m.is_file() => m,
                 _ => continue,
@@ -285,7 +347,12 @@ impl Tailer {
     /// Opens a file newly matched, at the position its checkpoint record
     /// (if any, and still valid) gives.
     fn open(&mut self, path: &Path) -> io::Result<Followed> {
-        let file = File::open(path)?;
+        let mut options = fs::OpenOptions::new();
+        options.read(true);
+        if !self.cfg.follow_symlinks {
+            std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, libc::O_NOFOLLOW);
+        }
+        let file = options.open(path)?;
         let meta = file.metadata()?;
         let (dev, ino, size) = (meta.dev(), meta.ino(), meta.len());
         let name = &self.status.name;
@@ -594,14 +661,15 @@ impl Tailer {
             self.status
                 .invalid_lines
                 .fetch_add(summary.error_count, Ordering::Relaxed);
+            // File, line, column and reason; the text stays out of the log.
             for e in &summary.errors {
                 warn!(
-                    "{}: {}:{}: {}: \"{}\"; skipped",
+                    "{}: {}:{}:{}: {}; skipped",
                     self.status.name,
                     path.display(),
                     first_line + e.line as u64,
-                    e.error,
-                    e.excerpt
+                    e.error.column,
+                    e.error.kind
                 );
             }
             let more = summary.error_count - summary.errors.len() as u64;

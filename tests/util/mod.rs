@@ -1696,7 +1696,14 @@ impl Agent {
 
     /// An agent with its temp dir and port, config not written, not running.
     pub fn stopped(config: AgentConfig) -> Agent {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind the agent's socket");
+        Agent::stopped_at(config, "127.0.0.1")
+    }
+
+    /// As `stopped`, with the agent's socket bound to `ip` (e.g. "0.0.0.0"
+    /// for a test about a socket other hosts could reach); tests still talk
+    /// to it over loopback.
+    pub fn stopped_at(config: AgentConfig, ip: &str) -> Agent {
+        let listener = TcpListener::bind((ip, 0)).expect("bind the agent's socket");
         Agent {
             child: None,
             port: listener.local_addr().unwrap().port(),

@@ -14,6 +14,7 @@ fn cfg(path: PathBuf) -> Tail {
         precision: Precision::Nanoseconds,
         poll_interval: Duration::from_millis(10),
         from_beginning: true,
+        follow_symlinks: false,
     }
 }
 
@@ -443,4 +444,84 @@ proptest! {
         written.sort();
         prop_assert_eq!(w.sorted(), written);
     }
+}
+
+/// A link planted in a tailed directory (to a secret, say) is not read
+/// unless links are followed; it is reported once, not at every poll.
+#[test]
+fn symbolic_links_are_not_followed_by_default() {
+    let mut w = World::new();
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret");
+    fs::write(&secret, format!("TOPSECRET\n{}", line(99))).unwrap();
+    std::os::unix::fs::symlink(&secret, w.path("x.lp")).unwrap();
+    w.append("a.lp", &line(1));
+    for _ in 0..3 {
+        w.poll();
+    }
+    assert_eq!(w.got(), line(1), "only the regular file is read");
+    assert_eq!(w.status.errors.load(Ordering::Relaxed), 1, "reported once");
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
+    let latest = w.status.detail.lock().unwrap().latest_error.clone();
+    assert!(
+        latest.contains("x.lp") && latest.contains("symbolic link"),
+        "{latest}"
+    );
+    assert!(!latest.contains("TOPSECRET"), "{latest}");
+
+    // With follow_symlinks, the same link is read like a file.
+    let mut c = cfg(w.dir.path().join("*.lp"));
+    c.follow_symlinks = true;
+    let status = status();
+    let mut tailer = Tailer::new(c, status.clone(), None);
+    let mut sink = crate::source::testing::MemorySink::default();
+    tailer.poll(&mut sink).unwrap();
+    assert_eq!(sink.lines.len(), 2, "{:?}", sink.lines);
+    assert_eq!(status.invalid_lines.load(Ordering::Relaxed), 1);
+}
+
+/// A link anywhere below the pattern's fixed directories counts: a
+/// directory link matched by `*/` leads elsewhere just as well. Links among
+/// the directories the operator wrote out are the operator's and are fine.
+#[test]
+fn links_are_looked_for_below_the_patterns_fixed_part() {
+    let root = tempfile::tempdir().unwrap();
+    let real = root.path().join("real");
+    fs::create_dir_all(real.join("d")).unwrap();
+    fs::write(real.join("d/a.lp"), line(1)).unwrap();
+    let outside = root.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("b.lp"), line(2)).unwrap();
+    std::os::unix::fs::symlink(&outside, real.join("e")).unwrap();
+    // The operator's own link to the tailed tree.
+    let named = root.path().join("named");
+    std::os::unix::fs::symlink(&real, &named).unwrap();
+
+    let pattern = named.join("*/*.lp");
+    let fixed = fixed_components(&pattern);
+    assert_eq!(link_below(&named.join("d/a.lp"), fixed), None);
+    assert_eq!(
+        link_below(&named.join("e/b.lp"), fixed),
+        Some(named.join("e"))
+    );
+    // A literal path: only its last component is checked.
+    let literal = named.join("d/a.lp");
+    assert_eq!(link_below(&literal, fixed_components(&literal)), None);
+    std::os::unix::fs::symlink(outside.join("b.lp"), real.join("d/c.lp")).unwrap();
+    let literal = named.join("d/c.lp");
+    assert_eq!(
+        link_below(&literal, fixed_components(&literal)),
+        Some(literal.clone())
+    );
+
+    let status = status();
+    let mut tailer = Tailer::new(cfg(pattern), status.clone(), None);
+    let mut sink = crate::source::testing::MemorySink::default();
+    tailer.poll(&mut sink).unwrap();
+    assert_eq!(sink.lines, vec![line(1).trim_end().to_string()]);
+    assert_eq!(
+        status.errors.load(Ordering::Relaxed),
+        2,
+        "e/b.lp and d/c.lp"
+    );
 }
