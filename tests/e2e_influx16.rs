@@ -228,3 +228,104 @@ fn v1_missing_database_pauses_then_resumes_on_reload() {
     let rep = wait_drained(&agent);
     assert_eq!(field(&rep, "deliveredLines"), 500, "{rep:#}");
 }
+
+/// Points of `measurement` in `db`.`rp` (0 when there are none).
+fn count_in(influx: &Influx16, db: &str, rp: &str, measurement: &str) -> u64 {
+    let q = format!("SELECT count(value) FROM \"{db}\".\"{rp}\".\"{measurement}\"");
+    let json = influx.query(Some(db), &q);
+    json["results"][0]["series"][0]["values"][0][1]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// A replication of every bucket (`*`) keeps the retention policy of each
+/// v1 write: at a v1 remote, points written with `rp=short` land in
+/// `misc.short`, points written without one in the database's default, and
+/// none in the other.
+#[test]
+fn retention_policies_travel_through_a_star_replication() {
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    influx.create_db("misc");
+    influx.query(
+        None,
+        "CREATE RETENTION POLICY \"short\" ON \"misc\" DURATION 30d REPLICATION 1",
+    );
+    let config = AgentConfig::single(RemoteConfig::v1("influx", &influx.url()), "*", None);
+    let agent = Agent::start(config);
+    let base = ts_ago(Duration::from_secs(3600));
+    let cases = [
+        ("rp_short", Some("short"), 300),
+        ("rp_default", None, 200),
+        ("rp_autogen", Some("autogen"), 100),
+    ];
+    for (i, (m, rp, n)) in cases.iter().enumerate() {
+        let body = lines(m, 3, *n, base);
+        let (status, text) = agent.write_v1("misc", *rp, &body, &Opts::shape(i));
+        assert_eq!(status, 204, "{m}: {text}");
+    }
+    wait_eq(DEADLINE, "rp_short in misc.short", 300, || {
+        count_in(&influx, "misc", "short", "rp_short")
+    });
+    wait_eq(DEADLINE, "rp_default in misc.autogen", 200, || {
+        count_in(&influx, "misc", "autogen", "rp_default")
+    });
+    wait_eq(DEADLINE, "rp_autogen in misc.autogen", 100, || {
+        count_in(&influx, "misc", "autogen", "rp_autogen")
+    });
+    assert_eq!(count_in(&influx, "misc", "autogen", "rp_short"), 0);
+    assert_eq!(count_in(&influx, "misc", "short", "rp_default"), 0);
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "deliveredLines"), 600, "{rep:#}");
+}
+
+/// The same at a v2 remote: a v1 write with a retention policy goes to
+/// bucket `db/rp` (the name InfluxDB 2.x and Cloud give a database and
+/// retention policy), one without to bucket `db`; and a replication of the
+/// database alone still takes writes that name a retention policy.
+#[test]
+fn a_v1_write_with_a_retention_policy_goes_to_bucket_db_slash_rp_at_a_v2_remote() {
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("cloud", &sink.url()), "*", None);
+    config
+        .replications
+        .push(ReplicationConfig::new("r2", "cloud", "plain").remote_bucket("plain-at-remote"));
+    let agent = Agent::start(config);
+    let base = ts_ago(Duration::from_secs(600));
+    let (status, text) =
+        agent.write_v1("misc", Some("short"), lines("a", 1, 5, base), &Opts::new());
+    assert_eq!(status, 204, "{text}");
+    let (status, text) = agent.write_v1("misc", None, lines("b", 1, 7, base), &Opts::new());
+    assert_eq!(status, 204, "{text}");
+    let (status, text) = agent.write_v1(
+        "plain",
+        Some("weekly"),
+        lines("c", 1, 3, base),
+        &Opts::new(),
+    );
+    assert_eq!(status, 204, "{text}");
+    wait_eq(DEADLINE, "lines at the remote", 5 + 7 + 3 * 2, || {
+        sink.lines_accepted().len()
+    });
+    let mut by_bucket: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in sink.requests() {
+        let bucket = r
+            .target
+            .split(['?', '&'])
+            .find_map(|kv| kv.strip_prefix("bucket="))
+            .unwrap_or("")
+            .to_string();
+        *by_bucket.entry(bucket).or_default() += r.lines().len();
+    }
+    let expected: std::collections::BTreeMap<String, usize> = [
+        ("misc%2Fshort", 5),
+        ("misc", 7),
+        ("plain%2Fweekly", 3),
+        ("plain-at-remote", 3),
+    ]
+    .into_iter()
+    .map(|(b, n)| (b.to_string(), n))
+    .collect();
+    assert_eq!(by_bucket, expected);
+}

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::body::{self, BodyError, Encoding};
-use super::{auth, Ingest, WriteError};
+use super::{auth, Destination, Ingest, WriteError};
 use crate::lineproto::Precision;
 use crate::queue::QueueError;
 use crate::status;
@@ -316,7 +316,7 @@ async fn write_unclosed(
     ) {
         return unauthorized(ingest, api);
     }
-    let (bucket, precision) = match api {
+    let (dest, precision) = match api {
         Api::V2 => {
             let Some(bucket) = get(&query, "bucket").filter(|b| !b.is_empty()) else {
                 return error(
@@ -330,7 +330,7 @@ async fn write_unclosed(
                 "" => Some(Precision::Nanoseconds),
                 p => Precision::from_v2(p),
             };
-            (bucket.to_string(), precision)
+            (Destination::bucket(bucket), precision)
         }
         Api::V1 => {
             let Some(db) = get(&query, "db").filter(|b| !b.is_empty()) else {
@@ -346,7 +346,7 @@ async fn write_unclosed(
                 p => Precision::from_v1(p),
             };
             (
-                routing.v1_bucket(db, get(&query, "rp").unwrap_or("")),
+                Destination::v1(db, get(&query, "rp").unwrap_or("")),
                 precision,
             )
         }
@@ -360,12 +360,12 @@ async fn write_unclosed(
             &format!("invalid precision \"{}\"", shown(p)),
         );
     };
-    if routing.targets(&bucket).is_empty() {
+    if routing.targets(&dest).is_empty() {
         return error(
             api,
             StatusCode::NOT_FOUND,
             "not found",
-            &format!("bucket \"{}\" not found", shown(&bucket)),
+            &format!("bucket \"{}\" not found", shown(&dest.bucket)),
         );
     }
     let encoding = req
@@ -419,10 +419,7 @@ async fn write_unclosed(
             return error(api, status, code, &e.to_string());
         }
     };
-    match ingest
-        .write(&bucket, precision, body, Some(preparing))
-        .await
-    {
+    match ingest.write(&dest, precision, body, Some(preparing)).await {
         Ok(_) => no_content(),
         Err(WriteError::NoRoute(b)) => error(
             api,

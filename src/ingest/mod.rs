@@ -81,21 +81,69 @@ pub fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-impl Routing {
-    /// Replications that take `bucket`.
-    pub fn targets(&self, bucket: &str) -> Vec<Arc<ReplHandle>> {
-        self.routes
-            .iter()
-            .filter(|r| r.config.takes_bucket(bucket))
-            .map(|r| r.handle.clone())
-            .collect()
+/// Where a write goes: the local bucket its lines are queued as, and for a
+/// v1 write with a retention policy, the database whose replications take
+/// it when none takes `db/rp` itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub bucket: String,
+    fallback: Option<String>,
+}
+
+impl Destination {
+    /// A write to local bucket `bucket` (v2 API, sources).
+    pub fn bucket(bucket: &str) -> Destination {
+        Destination {
+            bucket: bucket.to_string(),
+            fallback: None,
+        }
     }
 
-    /// How writes to `bucket` are compressed when queued: the gzip level
+    /// A v1 write to database `db` and retention policy `rp` (may be empty).
+    /// Its lines are queued as `db/rp` when a retention policy is named, so
+    /// that the database and the retention policy travel with them: a
+    /// replication of every bucket (`*`) sends them to `db` and `rp` at a v1
+    /// remote and to bucket `db/rp` at a v2 one. A replication of `db/rp`
+    /// takes them if there is one, else a replication of `db`, which sends
+    /// them where it sends everything.
+    pub fn v1(db: &str, rp: &str) -> Destination {
+        if rp.is_empty() {
+            return Destination::bucket(db);
+        }
+        Destination {
+            bucket: format!("{db}/{rp}"),
+            fallback: Some(db.to_string()),
+        }
+    }
+}
+
+impl Routing {
+    /// Replications that take a write to `dest`.
+    fn taking<'a>(&'a self, dest: &'a Destination) -> impl Iterator<Item = &'a Route> + Clone {
+        let named = |b: &str| {
+            self.routes
+                .iter()
+                .any(|r| r.config.local_bucket != "*" && r.config.local_bucket == b)
+        };
+        let bucket = match &dest.fallback {
+            Some(db) if !named(&dest.bucket) => db.as_str(),
+            _ => dest.bucket.as_str(),
+        };
+        self.routes
+            .iter()
+            .filter(move |r| r.config.takes_bucket(bucket))
+    }
+
+    /// Replications that take a write to `dest`.
+    pub fn targets(&self, dest: &Destination) -> Vec<Arc<ReplHandle>> {
+        self.taking(dest).map(|r| r.handle.clone()).collect()
+    }
+
+    /// How writes to `dest` are compressed when queued: the gzip level
     /// and segment size of the first replication taking them unchanged
     /// (without filters, tags or downsampling), if any.
-    pub fn deflate(&self, bucket: &str) -> Option<Deflate> {
-        let mut taking = self.routes.iter().filter(|r| r.config.takes_bucket(bucket));
+    pub fn deflate(&self, dest: &Destination) -> Option<Deflate> {
+        let mut taking = self.taking(dest);
         let plain = taking.clone().find(|r| !r.config.transforms())?;
         let batch = plain.config.batch_size as usize;
         Some(Deflate {
@@ -104,18 +152,6 @@ impl Routing {
             chunk: (batch / 4).max(DEFLATE_MIN).min(batch.max(1)),
             lines_needed: taking.any(|r| r.config.transforms()),
         })
-    }
-
-    /// The local bucket of a v1 write: `db/rp` when a replication takes it,
-    /// else `db`.
-    pub fn v1_bucket(&self, db: &str, rp: &str) -> String {
-        if !rp.is_empty() {
-            let full = format!("{db}/{rp}");
-            if self.routes.iter().any(|r| r.config.local_bucket == full) {
-                return full;
-            }
-        }
-        db.to_string()
     }
 
     /// The status of replication `name`.
@@ -160,17 +196,18 @@ impl Ingest {
     /// lines are handed to the queue writer, before the commit is awaited.
     pub async fn write(
         &self,
-        bucket: &str,
+        dest: &Destination,
         precision: Precision,
         body: bytes::Bytes,
         preparing: Option<Preparing<'_>>,
     ) -> Result<u64, WriteError> {
+        let bucket = dest.bucket.as_str();
         let routing = self.routing();
-        let targets = routing.targets(bucket);
+        let targets = routing.targets(dest);
         if targets.is_empty() {
             return Err(WriteError::NoRoute(bucket.to_string()));
         }
-        let deflate = routing.deflate(bucket);
+        let deflate = routing.deflate(dest);
         drop(routing);
         let now = now_ns();
         let (payload, summary, segments) =

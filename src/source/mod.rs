@@ -121,7 +121,9 @@ impl Sink for QueueSink {
                 return Err(SinkError::Stopped);
             }
             let targets = if lines > 0 {
-                self.ingest.routing().targets(&self.bucket)
+                self.ingest
+                    .routing()
+                    .targets(&crate::ingest::Destination::bucket(&self.bucket))
             } else {
                 Vec::new()
             };

@@ -1846,6 +1846,8 @@ pub struct SinkRequest {
     pub body: Vec<u8>,
     /// The status the sink answered.
     pub status: OnceLock<u16>,
+    /// When the request had been read whole.
+    pub at: Instant,
 }
 
 impl SinkRequest {
@@ -2085,6 +2087,7 @@ fn sink_connection(
             wire,
             body,
             status: OnceLock::new(),
+            at: Instant::now(),
         });
         let handler = handler.lock().unwrap().clone();
         let (status, text) = handler(&req);
