@@ -303,7 +303,7 @@ impl Worker {
                     self.record_answer(&answer, State::Running, None);
                     self.inflated(shipment, lines, &mut have_lines)?;
                     let slice = &lines[part.clone()];
-                    let n = memchr::memchr_iter(b'\n', slice).count();
+                    let n = crate::lineproto::count_points(slice);
                     if n > 1 {
                         let mid = split_point(slice);
                         debug!(
@@ -475,13 +475,14 @@ fn message(answer: &Answer) -> String {
     }
 }
 
-/// Where to cut whole lines (each ending in '\n') into two non-empty halves.
+/// Where to cut whole points (each ending in '\n') into two non-empty halves:
+/// the point boundary nearest before the middle, else the first after it.
+/// Never inside a string value, even one that holds newlines.
 fn split_point(lines: &[u8]) -> usize {
     let mid = lines.len() / 2;
-    match memchr::memrchr(b'\n', &lines[..mid]) {
-        Some(i) => i + 1,
-        None => memchr::memchr(b'\n', &lines[mid..]).map_or(lines.len(), |i| mid + i + 1),
-    }
+    crate::lineproto::last_point_end(&lines[..mid])
+        .or_else(|| crate::lineproto::point_end(lines).map(|i| i + 1))
+        .unwrap_or(lines.len())
 }
 
 /// Compresses a batch into one gzip member.
@@ -537,6 +538,10 @@ mod tests {
         assert_eq!(split_point(b"a\nb\nc\nd\n"), 4);
         assert_eq!(split_point(b"aaaaaaaaaa\nb\n"), 11);
         assert_eq!(split_point(b"a\nbbbbbbbbbbbb\n"), 2);
+        // A string value holding newlines is one point: never cut inside it.
+        assert_eq!(split_point(b"a s=\"1\n2\n3\n4\n5\" 1\nb f=1 2\n"), 18);
+        assert_eq!(split_point(b"a f=1 1\nb s=\"1\n2\n3\n4\n5\" 2\n"), 8);
+        assert_eq!(split_point(b"a s=\"\n\n\n\n\" 1\nb s=\"\n\n\n\n\" 2\n"), 13);
         for text in ["x\ny\n", "long line here\nz\n", "q\nlong line here\n"] {
             let p = split_point(text.as_bytes());
             assert!(
