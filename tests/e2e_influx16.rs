@@ -228,3 +228,118 @@ fn v1_missing_database_pauses_then_resumes_on_reload() {
     let rep = wait_drained(&agent);
     assert_eq!(field(&rep, "deliveredLines"), 500, "{rep:#}");
 }
+
+/// The body from the report of a point injected through a string value:
+/// InfluxDB reads it as one `applog` point with a three-line string.
+const MULTI_LINE: &str = "applog,app=web msg=\"request failed:\n\
+                          injected,host=x value=42 1764000000000000000\n\
+                          end\" 1764000000000000000\n";
+const MULTI_LINE_MSG: &str = "request failed:\ninjected,host=x value=42 1764000000000000000\nend";
+
+/// `(measurement names, rows of SELECT * FROM applog)` in `db`.
+fn applog_rows(influx: &Influx16, db: &str) -> (Vec<String>, Vec<Value>) {
+    let m = influx.query(Some(db), "SHOW MEASUREMENTS");
+    let names = m["results"][0]["series"][0]["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v[0].as_str().unwrap().to_string())
+        .collect();
+    let rows = influx.query(Some(db), "SELECT app, msg FROM applog");
+    let rows = rows["results"][0]["series"][0]["values"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    (names, rows)
+}
+
+/// Sends `body` as a chunked request whose chunks are cut at `cuts`, with
+/// `headers` (each ending in `\r\n`); returns the raw answer.
+fn write_chunked_raw(port: u16, path: &str, headers: &str, body: &[u8], cuts: &[usize]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\
+         Content-Type: text/plain\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut from = 0;
+    for &to in cuts.iter().chain([&body.len()]) {
+        write!(s, "{:x}\r\n", to - from).unwrap();
+        s.write_all(&body[from..to]).unwrap();
+        s.write_all(b"\r\n").unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        from = to;
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+/// A newline inside a string value is part of the value through every body
+/// shape (plain, gzip, chunked, chunks and gzip members cut inside the
+/// string): one `applog` point with the three-line string arrives, and no
+/// `injected` point.
+#[test]
+fn v1_a_string_holding_newlines_arrives_as_one_point() {
+    let Some((influx, agent)) = setup("edge") else {
+        return;
+    };
+    for i in 0..4 {
+        let opts = Opts::shape(i);
+        let (status, text) = agent.write_v2("sensors", MULTI_LINE, &opts);
+        assert_eq!(status, 204, "{opts:?}: {text}");
+    }
+    let body = MULTI_LINE.as_bytes();
+    let inside = MULTI_LINE.find("injected").unwrap();
+    let answer = write_chunked_raw(
+        agent.port,
+        "/write?db=sensors",
+        "",
+        body,
+        &[inside - 3, inside + 1, inside + 50],
+    );
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    // Two gzip members, the first ending inside the string, sent in chunks
+    // cut inside each member.
+    let first = gzip(&body[..inside + 4]);
+    let members = [first.clone(), gzip(&body[inside + 4..])].concat();
+    let answer = write_chunked_raw(
+        agent.port,
+        "/write?db=sensors",
+        "Content-Encoding: gzip\r\n",
+        &members,
+        &[first.len() / 2, first.len() + 5],
+    );
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "acceptedLines"), 6, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 6, "{rep:#}");
+    let (names, rows) = applog_rows(&influx, "edge");
+    assert_eq!(names, ["applog"]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0][1], "web");
+    assert_eq!(rows[0][2], MULTI_LINE_MSG);
+
+    // A stray quote takes in the rest of the body: one invalid point, named
+    // by the line it starts on; the point before it is queued.
+    let (status, text) = agent.write_v2(
+        "sensors",
+        "ok,app=web v=1 1764000000000000000\nbad s=\"open 1\nlater v=2 1764000000000000000\n",
+        &Opts::new(),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("1 of 2 lines invalid: line 2: unterminated string (column 7)"),
+        "{text}"
+    );
+    wait_eq(DEADLINE, "count(v) of ok", 1, || {
+        influx.count("edge", "ok", "v")
+    });
+    assert_eq!(influx.count("edge", "later", "v"), 0);
+}
