@@ -6,6 +6,8 @@
 //!   agent through a graceful restart and a SIGKILL, replicated to a second
 //!   InfluxDB 1.6 and to VictoriaMetrics. The copy answers `SELECT *` exactly
 //!   as the original does, and every point was queued exactly once.
+//! - A string value holding newlines (the reported injection body) is
+//!   rebuilt from the WAL as the same one point.
 //! - The same InfluxDB with a 1 s cache snapshot: segments deleted while the
 //!   agent follows lose nothing; segments deleted while it is stopped are a
 //!   counted, logged gap (`walSegmentsMissed`).
