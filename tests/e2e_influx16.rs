@@ -2,7 +2,9 @@
 //! (`api = "v1"`, `remote_bucket = "db/rp"` or `"db"`), counted back with
 //! `SELECT count(*)`. InfluxDB 1.6 answers with real status codes (400
 //! partial write, 404 database not found), so the agent's classification of
-//! answers is exercised too.
+//! answers is exercised too. String values holding newlines (the reported
+//! injection body, and random strings cut at random bytes into chunks and
+//! file appends) arrive as the points written, compared value by value.
 
 mod util;
 
@@ -342,4 +344,111 @@ fn v1_a_string_holding_newlines_arrives_as_one_point() {
         influx.count("edge", "ok", "v")
     });
     assert_eq!(influx.count("edge", "later", "v"), 0);
+}
+
+/// Random points whose strings hold quotes, backslashes, newlines and
+/// multi-byte UTF-8, as `(n, string)` and as line protocol.
+fn random_points(
+    rng: &mut impl rand::Rng,
+    measurement: &str,
+    count: usize,
+) -> (Vec<(i64, String)>, String) {
+    const CHARS: &[char] = &[
+        'a', 'z', ' ', ',', '=', '"', '\\', '\n', '#', 'é', '東', '😀',
+    ];
+    let base = ts_ago(Duration::from_secs(600));
+    let mut want = Vec::new();
+    let mut text = String::new();
+    for n in 0..count as i64 {
+        let len = rng.random_range(0..24);
+        let s: String = (0..len)
+            .map(|_| CHARS[rng.random_range(0..CHARS.len())])
+            .collect();
+        let escaped = s.replace('\\', "\\\\").replace('"', "\\\"");
+        text += &format!("{measurement},i={n} s=\"{escaped}\",n={n}i {}\n", base + n);
+        want.push((n, s));
+    }
+    (want, text)
+}
+
+/// `(n, s)` of every point of `measurement` in `edge`, by `n`.
+fn strings_at(influx: &Influx16, measurement: &str) -> Vec<(i64, String)> {
+    let rows = influx.query(Some("edge"), &format!("SELECT n, s FROM {measurement}"));
+    let mut got: Vec<(i64, String)> = rows["results"][0]["series"][0]["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| (r[1].as_i64().unwrap(), r[2].as_str().unwrap().to_string()))
+        .collect();
+    got.sort();
+    got
+}
+
+/// Random points with random strings, sent as chunked bodies cut at random
+/// bytes and as file appends cut at random bytes, arrive at InfluxDB 1.6
+/// with exactly the strings written (seed from `MULTILINE_SEED` to replay).
+#[test]
+fn v1_random_strings_survive_random_cuts() {
+    use rand::{Rng, SeedableRng};
+    let seed = std::env::var("MULTILINE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_ns() as u64);
+    eprintln!("random strings: MULTILINE_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    influx.create_db("edge");
+    let files = tempfile::tempdir().unwrap();
+    let file = files.path().join("random.lp");
+    let config = AgentConfig::single(
+        RemoteConfig::v1("influx", &influx.url()),
+        "sensors",
+        Some("edge"),
+    );
+    let launch = Launch::new().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"sensors\"\npoll_interval = \"10ms\"\n",
+        toml_str(&file.display().to_string())
+    ));
+    let agent = Agent::start_with(config, &launch);
+
+    let (want_http, body) = random_points(&mut rng, "rh", 60);
+    let mut cuts: Vec<usize> = (0..8)
+        .map(|_| rng.random_range(1..body.len()))
+        .filter(|&k| body.is_char_boundary(k))
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let answer = write_chunked_raw(agent.port, "/write?db=sensors", "", body.as_bytes(), &cuts);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+
+    let (want_tail, text) = random_points(&mut rng, "rt", 60);
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while from < bytes.len() {
+        let to = (from + rng.random_range(1..200)).min(bytes.len());
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &bytes[from..to]).unwrap();
+        drop(f);
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..15)));
+        from = to;
+    }
+
+    wait_eq(DEADLINE, "points of rh and rt", 120, || {
+        influx.count("edge", "rh", "n") + influx.count("edge", "rt", "n")
+    });
+    wait_drained(&agent);
+    assert_eq!(strings_at(&influx, "rh"), want_http);
+    assert_eq!(strings_at(&influx, "rt"), want_tail);
+    let names = influx.query(Some("edge"), "SHOW MEASUREMENTS");
+    assert_eq!(
+        names["results"][0]["series"][0]["values"],
+        serde_json::json!([["rh"], ["rt"]])
+    );
+    assert_eq!(agent.source("tail")["invalidLines"], 0);
 }
