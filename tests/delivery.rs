@@ -1392,6 +1392,12 @@ fn splitting_and_bisection_never_cut_inside_a_string() {
         str_field(&list[0], "reason").contains("poison point refused"),
         "{v:#}"
     );
+    // The log names the point on one record, its newlines written as `\n`.
+    assert!(
+        agent.log().contains(r#"msg="failed POISON:\nfake,host=x"#),
+        "{}",
+        agent.log()
+    );
     // The table shows a string's newlines as the continuation of its point.
     let table = cli_ok(
         &agent,

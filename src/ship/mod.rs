@@ -369,7 +369,8 @@ impl Worker {
     ) {
         let why = message(answer);
         let excerpt = String::from_utf8_lossy(&line[..line.len().min(200)]);
-        let excerpt = excerpt.trim_end();
+        // A string value's newlines would split the log record.
+        let excerpt = excerpt.trim_end().replace('\n', "\\n");
         if verdict == Verdict::Refused && config.drop_non_retryable_data {
             s.dropped_lines += 1;
             warn!(
