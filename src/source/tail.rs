@@ -28,7 +28,9 @@
 //! it is. The wait is bounded: a point that does not end within [`MAX_LINE`]
 //! bytes (a stray quote, or a string longer than that) is cut after the
 //! first newline, its first line is counted invalid, and reading goes on
-//! with the next line. Invalid points are skipped, counted and logged with
+//! with the next line (the rest of a string that long is then read as
+//! lines; InfluxDB documents 64 KB as the limit of a string value). A
+//! stray quote holds the lines after it back until then. Invalid points are skipped, counted and logged with
 //! file and the line they start on.
 //!
 //! The checkpoint (JSON, one record per followed file: path, device, inode,
