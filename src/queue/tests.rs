@@ -461,9 +461,14 @@ proptest! {
             let h = q.handles()[0].clone();
             match op {
                 Op::Push(lens) => {
+                    // Every other point's string holds newlines: the queue must cut
+                    // between points, as the model does, never at those newlines.
                     let entry: VecDeque<Vec<u8>> = lens.iter().map(|&n| {
                         counter += 1;
-                        format!("m{} f=\"{}\" {counter}\n", counter, "x".repeat(n as usize)).into_bytes()
+                        let s: String = (0..n)
+                            .map(|i| if counter.is_multiple_of(2) && i % 9 == 4 { '\n' } else { 'x' })
+                            .collect();
+                        format!("m{} f=\"{s}\" {counter}\n", counter).into_bytes()
                     }).collect();
                     let payload: Vec<u8> = entry.iter().flatten().copied().collect();
                     let n = entry.len() as u64;
