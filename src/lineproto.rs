@@ -217,8 +217,8 @@ impl fmt::Display for ParseErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParseError {
     pub kind: ParseErrorKind,
-    /// 1-based byte offset within the line where it went wrong (one past the end when the
-    /// line ended too early).
+    /// 1-based byte offset within the point (from the start of the line it starts on)
+    /// where it went wrong (one past the end when the point ended too early).
     pub column: usize,
 }
 
