@@ -30,8 +30,8 @@
 //! first newline, its first line is counted invalid, and reading goes on
 //! with the next line (the rest of a string that long is then read as
 //! lines; InfluxDB documents 64 KB as the limit of a string value). A
-//! stray quote holds the lines after it back until then. Invalid points are skipped, counted and logged with
-//! file and the line they start on.
+//! stray quote holds the lines after it back until then. Invalid points are
+//! skipped, counted and logged with file and the line they start on.
 //!
 //! The checkpoint (JSON, one record per followed file: path, device, inode,
 //! offset, line number, fingerprint) is committed with the lines read up to
@@ -159,8 +159,12 @@ fn crc_prefix(file: &File, len: u64) -> io::Result<Option<u32>> {
 fn end_of_last_point(file: &File, size: u64) -> io::Result<(u64, u64)> {
     let mut end = 0u64;
     let mut lines = 0u64;
-    // The bytes from `end` on that were read but hold no point end yet.
+    // Bytes read from offset `pending_at` on that hold no point end yet.
     let mut pending = Vec::new();
+    let mut pending_at = 0u64;
+    // Inside a line longer than the limit without a newline: the reader
+    // skips it to its newline, and so does this.
+    let mut skipping = false;
     let mut buf = vec![0u8; 64 << 10];
     let mut at = 0u64;
     while at < size {
@@ -168,23 +172,35 @@ fn end_of_last_point(file: &File, size: u64) -> io::Result<(u64, u64)> {
         file.read_exact_at(&mut buf[..n], at)?;
         at += n as u64;
         pending.extend_from_slice(&buf[..n]);
-        let cut = match lineproto::last_point_end(&pending) {
-            Some(k) => k,
-            None if pending.len() >= MAX_LINE => match over_long_cut(&pending) {
-                Some(k) => k,
-                None => {
-                    // A line longer than the limit without any newline: the
-                    // reader skips it to its newline; so does this.
-                    end += pending.len() as u64;
-                    pending.clear();
-                    continue;
+        // Cut as often as the bytes allow: the end of a skipped line may be
+        // followed by whole points.
+        loop {
+            let cut = if skipping {
+                memchr::memchr(b'\n', &pending).map(|k| k + 1)
+            } else {
+                lineproto::last_point_end(&pending).or_else(|| {
+                    (pending.len() >= MAX_LINE)
+                        .then(|| over_long_cut(&pending))
+                        .flatten()
+                })
+            };
+            match cut {
+                Some(k) => {
+                    lines += memchr::memchr_iter(b'\n', &pending[..k]).count() as u64;
+                    end = pending_at + k as u64;
+                    pending.drain(..k);
+                    pending_at = end;
+                    skipping = false;
                 }
-            },
-            None => continue,
-        };
-        lines += memchr::memchr_iter(b'\n', &pending[..cut]).count() as u64;
-        end += cut as u64;
-        pending.drain(..cut);
+                None if skipping || pending.len() >= MAX_LINE => {
+                    pending_at += pending.len() as u64;
+                    pending.clear();
+                    skipping = true;
+                    break;
+                }
+                None => break,
+            }
+        }
     }
     Ok((end, lines))
 }

@@ -378,6 +378,27 @@ fn from_beginning_false_never_starts_inside_a_string() {
     w.poll();
     assert_eq!(w.got(), p);
     assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
+
+    // Past an over-long line, whole points and an open string, the start is
+    // just before the open string.
+    let mut w = World::with(false);
+    let open = "m,src=t s=\"open\nm,src=t v=1i 1\n";
+    w.append(
+        "a.lp",
+        &format!(
+            "{}{}\n{}{}{open}",
+            lines(0..2),
+            "x".repeat(MAX_LINE + 10),
+            multi_line(5),
+            lines(6..8)
+        ),
+    );
+    w.poll();
+    assert!(w.sink.lines.is_empty());
+    w.append("a.lp", "end\",v=9i 9\n");
+    w.poll();
+    assert_eq!(w.got(), format!("{open}end\",v=9i 9\n"));
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
 }
 
 #[test]
