@@ -287,8 +287,14 @@ fn dead_letter(action: DeadLetterAction) -> ExitCode {
                     Escaped(d["reason"].as_str().unwrap_or(""))
                 );
                 if let Some(data) = d["data"].as_str() {
-                    for line in data.lines() {
-                        println!("    {}", Escaped(line));
+                    // A string value's newlines continue its point: they are
+                    // indented further, so each point reads as one.
+                    for point in crate::lineproto::points(data.as_bytes()) {
+                        let point = String::from_utf8_lossy(point);
+                        for (i, line) in point.trim_end_matches('\n').split('\n').enumerate() {
+                            let indent = if i == 0 { "    " } else { "      " };
+                            println!("{indent}{}", Escaped(line));
+                        }
                     }
                 }
             }

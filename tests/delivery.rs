@@ -1619,6 +1619,123 @@ fn dead_letter_list_replay_purge() {
     assert_eq!(field(&status(&agent, "r1"), "remainingLines"), 0);
 }
 
+/// A point whose string value holds newlines; `tag` makes it unique, and a
+/// continuation line looks like a point of its own.
+fn multi_line_point(tag: &str, ts: i64) -> String {
+    format!("applog,k={tag} msg=\"failed {tag}:\nfake,host=x value=42 {ts}\nend\",n=1i {ts}\n")
+}
+
+/// A remote that refuses any body holding `POISON` (400) or larger than
+/// 1 KiB (413), and records a body cut inside a string (an odd number of
+/// quotes: these points have no escaped ones) as refused with its own reason.
+fn refuse_poison_and_large(req: &Request) -> Action {
+    if req.body.matches('"').count() % 2 == 1 {
+        Action::influx_error(400, "body cut inside a string (fault remote)")
+    } else if req.body.len() > 1024 {
+        Action::influx_error(413, "too large (fault remote)")
+    } else if req.body.contains("POISON") {
+        Action::influx_error(400, "poison point refused by the fault remote")
+    } else {
+        Action::ok()
+    }
+}
+
+/// 413 splitting and 400 bisection cut between points, never inside a
+/// string holding newlines: the refused multi-line point is dead-lettered
+/// whole, as one line, listed with its newlines and replayed whole.
+#[test]
+fn splitting_and_bisection_never_cut_inside_a_string() {
+    let server = FaultServer::with_rule(refuse_poison_and_large);
+    let agent = Agent::start(single(remote("cloud", &server), |_| {}));
+    let base = ts_ago(Duration::from_secs(3600));
+    let mut body = String::new();
+    let mut good = Vec::new();
+    for i in 0..40i64 {
+        let p = multi_line_point(&format!("p{i}"), base + i);
+        body.push_str(&p);
+        good.push(p);
+    }
+    let bad = multi_line_point("POISON", base + 100);
+    let cut = good[..17].concat().len();
+    body.insert_str(cut, &bad);
+    let (code, text) = agent.write_v2("b", &body, &Opts::new());
+    assert_eq!(code, 204, "{text}");
+
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "acceptedLines"), 41, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 40, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
+    let expected: HashSet<String> = good
+        .iter()
+        .flat_map(|p| p.lines().map(String::from))
+        .collect();
+    assert_accepted_exactly(&server, &expected);
+    // Both kinds of split happened, and no body was cut inside a string.
+    let requests = server.requests();
+    assert!(requests.iter().any(|r| r.body_len() > 1024), "no 413");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.body_len() <= 1024 && r.body.contains("POISON") && r.body.len() > bad.len()),
+        "no bisection"
+    );
+    assert!(requests
+        .iter()
+        .all(|r| r.body.matches('"').count() % 2 == 0));
+    let text = cli_ok(
+        &agent,
+        &[
+            "dead-letter",
+            "list",
+            "--replication",
+            "r1",
+            "--json",
+            "--lines",
+        ],
+    );
+    let v: Value = serde_json::from_str(text.trim()).unwrap();
+    let list = v["deadLetters"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "{v:#}");
+    assert_eq!(list[0]["data"], bad.as_str(), "{v:#}");
+    assert!(
+        str_field(&list[0], "reason").contains("poison point refused"),
+        "{v:#}"
+    );
+    // The log names the point on one record, its newlines written as `\n`.
+    assert!(
+        agent.log().contains(r#"msg="failed POISON:\nfake,host=x"#),
+        "{}",
+        agent.log()
+    );
+    // The table shows a string's newlines as the continuation of its point.
+    let table = cli_ok(
+        &agent,
+        &["dead-letter", "list", "--replication", "r1", "--lines"],
+    );
+    let shown: Vec<&str> = bad.lines().collect();
+    let want = format!(
+        "\n    {}\n      {}\n      {}\n",
+        shown[0], shown[1], shown[2]
+    );
+    assert!(table.contains(&want), "{table}");
+
+    // Fixed remote: the replayed point arrives whole.
+    server.set_rule(|req| {
+        if req.body.matches('"').count() % 2 == 1 {
+            Action::influx_error(400, "body cut inside a string (fault remote)")
+        } else {
+            Action::ok()
+        }
+    });
+    cli_ok(&agent, &["dead-letter", "replay", "--replication", "r1"]);
+    wait_until(DEADLINE, "the replayed point at the remote", || {
+        bad.lines().all(|l| server.has_accepted(l))
+    });
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 41, "{rep:#}");
+    assert_eq!(dead_letters(&agent).0, 0);
+}
+
 // ---------------------------------------------------------------------------
 // Randomized fault schedule
 // ---------------------------------------------------------------------------

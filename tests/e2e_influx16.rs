@@ -2,7 +2,9 @@
 //! (`api = "v1"`, `remote_bucket = "db/rp"` or `"db"`), counted back with
 //! `SELECT count(*)`. InfluxDB 1.6 answers with real status codes (400
 //! partial write, 404 database not found), so the agent's classification of
-//! answers is exercised too.
+//! answers is exercised too. String values holding newlines (the reported
+//! injection body, and random strings cut at random bytes into chunks and
+//! file appends) arrive as the points written, compared value by value.
 
 mod util;
 
@@ -328,4 +330,226 @@ fn a_v1_write_with_a_retention_policy_goes_to_bucket_db_slash_rp_at_a_v2_remote(
     .map(|(b, n)| (b.to_string(), n))
     .collect();
     assert_eq!(by_bucket, expected);
+}
+
+/// The body from the report of a point injected through a string value:
+/// InfluxDB reads it as one `applog` point with a three-line string.
+const MULTI_LINE: &str = "applog,app=web msg=\"request failed:\n\
+                          injected,host=x value=42 1764000000000000000\n\
+                          end\" 1764000000000000000\n";
+const MULTI_LINE_MSG: &str = "request failed:\ninjected,host=x value=42 1764000000000000000\nend";
+
+/// `(measurement names, rows of SELECT * FROM applog)` in `db`.
+fn applog_rows(influx: &Influx16, db: &str) -> (Vec<String>, Vec<Value>) {
+    let m = influx.query(Some(db), "SHOW MEASUREMENTS");
+    let names = m["results"][0]["series"][0]["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v[0].as_str().unwrap().to_string())
+        .collect();
+    let rows = influx.query(Some(db), "SELECT app, msg FROM applog");
+    let rows = rows["results"][0]["series"][0]["values"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    (names, rows)
+}
+
+/// Sends `body` as a chunked request whose chunks are cut at `cuts`, with
+/// `headers` (each ending in `\r\n`); returns the raw answer.
+fn write_chunked_raw(port: u16, path: &str, headers: &str, body: &[u8], cuts: &[usize]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\
+         Content-Type: text/plain\r\n{headers}Connection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut from = 0;
+    for &to in cuts.iter().chain([&body.len()]) {
+        write!(s, "{:x}\r\n", to - from).unwrap();
+        s.write_all(&body[from..to]).unwrap();
+        s.write_all(b"\r\n").unwrap();
+        s.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        from = to;
+    }
+    s.write_all(b"0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    answer
+}
+
+/// A newline inside a string value is part of the value through every body
+/// shape (plain, gzip, chunked, chunks and gzip members cut inside the
+/// string): one `applog` point with the three-line string arrives, and no
+/// `injected` point.
+#[test]
+fn v1_a_string_holding_newlines_arrives_as_one_point() {
+    let Some((influx, agent)) = setup("edge") else {
+        return;
+    };
+    for i in 0..4 {
+        let opts = Opts::shape(i);
+        let (status, text) = agent.write_v2("sensors", MULTI_LINE, &opts);
+        assert_eq!(status, 204, "{opts:?}: {text}");
+    }
+    let body = MULTI_LINE.as_bytes();
+    let inside = MULTI_LINE.find("injected").unwrap();
+    let answer = write_chunked_raw(
+        agent.port,
+        "/write?db=sensors",
+        "",
+        body,
+        &[inside - 3, inside + 1, inside + 50],
+    );
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+    // Two gzip members, the first ending inside the string, sent in chunks
+    // cut inside each member.
+    let first = gzip(&body[..inside + 4]);
+    let members = [first.clone(), gzip(&body[inside + 4..])].concat();
+    let answer = write_chunked_raw(
+        agent.port,
+        "/write?db=sensors",
+        "Content-Encoding: gzip\r\n",
+        &members,
+        &[first.len() / 2, first.len() + 5],
+    );
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "acceptedLines"), 6, "{rep:#}");
+    assert_eq!(field(&rep, "deliveredLines"), 6, "{rep:#}");
+    let (names, rows) = applog_rows(&influx, "edge");
+    assert_eq!(names, ["applog"]);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0][1], "web");
+    assert_eq!(rows[0][2], MULTI_LINE_MSG);
+
+    // A stray quote takes in the rest of the body: one invalid point, named
+    // by the line it starts on; the point before it is queued.
+    let (status, text) = agent.write_v2(
+        "sensors",
+        "ok,app=web v=1 1764000000000000000\nbad s=\"open 1\nlater v=2 1764000000000000000\n",
+        &Opts::new(),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("1 of 2 lines invalid: line 2: unterminated string (column 7)"),
+        "{text}"
+    );
+    wait_eq(DEADLINE, "count(v) of ok", 1, || {
+        influx.count("edge", "ok", "v")
+    });
+    assert_eq!(influx.count("edge", "later", "v"), 0);
+}
+
+/// Random points whose strings hold quotes, backslashes, newlines and
+/// multi-byte UTF-8, as `(n, string)` and as line protocol.
+fn random_points(
+    rng: &mut impl rand::Rng,
+    measurement: &str,
+    count: usize,
+) -> (Vec<(i64, String)>, String) {
+    const CHARS: &[char] = &[
+        'a', 'z', ' ', ',', '=', '"', '\\', '\n', '#', 'é', '東', '😀',
+    ];
+    let base = ts_ago(Duration::from_secs(600));
+    let mut want = Vec::new();
+    let mut text = String::new();
+    for n in 0..count as i64 {
+        let len = rng.random_range(0..24);
+        let s: String = (0..len)
+            .map(|_| CHARS[rng.random_range(0..CHARS.len())])
+            .collect();
+        let escaped = s.replace('\\', "\\\\").replace('"', "\\\"");
+        text += &format!("{measurement},i={n} s=\"{escaped}\",n={n}i {}\n", base + n);
+        want.push((n, s));
+    }
+    (want, text)
+}
+
+/// `(n, s)` of every point of `measurement` in `edge`, by `n`.
+fn strings_at(influx: &Influx16, measurement: &str) -> Vec<(i64, String)> {
+    let rows = influx.query(Some("edge"), &format!("SELECT n, s FROM {measurement}"));
+    let mut got: Vec<(i64, String)> = rows["results"][0]["series"][0]["values"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| (r[1].as_i64().unwrap(), r[2].as_str().unwrap().to_string()))
+        .collect();
+    got.sort();
+    got
+}
+
+/// Random points with random strings, sent as chunked bodies cut at random
+/// bytes and as file appends cut at random bytes, arrive at InfluxDB 1.6
+/// with exactly the strings written (seed from `MULTILINE_SEED` to replay).
+#[test]
+fn v1_random_strings_survive_random_cuts() {
+    use rand::{Rng, SeedableRng};
+    let seed = std::env::var("MULTILINE_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| now_ns() as u64);
+    eprintln!("random strings: MULTILINE_SEED={seed}");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    influx.create_db("edge");
+    let files = tempfile::tempdir().unwrap();
+    let file = files.path().join("random.lp");
+    let config = AgentConfig::single(
+        RemoteConfig::v1("influx", &influx.url()),
+        "sensors",
+        Some("edge"),
+    );
+    let launch = Launch::new().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"sensors\"\npoll_interval = \"10ms\"\n",
+        toml_str(&file.display().to_string())
+    ));
+    let agent = Agent::start_with(config, &launch);
+
+    let (want_http, body) = random_points(&mut rng, "rh", 60);
+    let mut cuts: Vec<usize> = (0..8)
+        .map(|_| rng.random_range(1..body.len()))
+        .filter(|&k| body.is_char_boundary(k))
+        .collect();
+    cuts.sort_unstable();
+    cuts.dedup();
+    let answer = write_chunked_raw(agent.port, "/write?db=sensors", "", body.as_bytes(), &cuts);
+    assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
+
+    let (want_tail, text) = random_points(&mut rng, "rt", 60);
+    let bytes = text.as_bytes();
+    let mut from = 0;
+    while from < bytes.len() {
+        let to = (from + rng.random_range(1..200)).min(bytes.len());
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&file)
+            .unwrap();
+        std::io::Write::write_all(&mut f, &bytes[from..to]).unwrap();
+        drop(f);
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..15)));
+        from = to;
+    }
+
+    wait_eq(DEADLINE, "points of rh and rt", 120, || {
+        influx.count("edge", "rh", "n") + influx.count("edge", "rt", "n")
+    });
+    wait_drained(&agent);
+    assert_eq!(strings_at(&influx, "rh"), want_http);
+    assert_eq!(strings_at(&influx, "rt"), want_tail);
+    let names = influx.query(Some("edge"), "SHOW MEASUREMENTS");
+    assert_eq!(
+        names["results"][0]["series"][0]["values"],
+        serde_json::json!([["rh"], ["rt"]])
+    );
+    assert_eq!(agent.source("tail")["invalidLines"], 0);
 }

@@ -4,7 +4,9 @@
 //! invalid lines, a graceful restart and a SIGKILL, all while a writer keeps
 //! appending. Counts are exact: the replication's `acceptedLines` (kept
 //! across restarts) equals the lines written (nothing queued twice), and
-//! VictoriaMetrics holds every one of them (nothing lost).
+//! VictoriaMetrics holds every one of them (nothing lost). A string value
+//! holding newlines, appended in pieces cut inside it, arrives at a real
+//! InfluxDB 1.6 as one point.
 
 mod util;
 
@@ -367,4 +369,64 @@ fn a_full_reject_queue_makes_the_source_wait_not_skip() {
         agent.source("tail")["state"] == "following"
     });
     assert_eq!(agent.source("tail")["lagBytes"], 0);
+}
+
+/// The body from the report of a point injected through a string value.
+const MULTI_LINE: &str = "applog,app=web msg=\"request failed:\n\
+                          injected,host=x value=42 1764000000000000000\n\
+                          end\" 1764000000000000000\n";
+
+/// A tailed file holding a string value with newlines, appended in pieces
+/// cut inside the string (so the point straddles polls), arrives at a real
+/// InfluxDB 1.6 as the one `applog` point, with no `injected` point.
+#[test]
+fn a_string_holding_newlines_arrives_whole_at_influx16() {
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    influx.create_db("edge");
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path().join("app.lp");
+    let config = AgentConfig::single(
+        RemoteConfig::v1("influx", &influx.url()),
+        "files",
+        Some("edge"),
+    );
+    let launch = Launch::new().append(&format!(
+        "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"20ms\"\n",
+        toml_str(&f.display().to_string())
+    ));
+    let agent = Agent::start_with(config, &launch);
+    let inside = MULTI_LINE.find("value=42").unwrap();
+    append(&f, &MULTI_LINE[..inside]);
+    // The agent has measured the first two lines and left them: the point
+    // has not ended yet.
+    wait_until(DEADLINE, "app.lp followed with its bytes lagging", || {
+        followed(&agent, &f).is_some_and(|s| s["lagBytes"] == inside as u64)
+    });
+    assert_eq!(followed(&agent, &f).unwrap()["offset"], 0);
+    append(&f, &MULTI_LINE[inside..]);
+    let t = ts_ago(Duration::from_secs(60));
+    append(&f, &format!("marker v=1 {t}\n"));
+    wait_consumed(&agent, &f);
+    wait_eq(DEADLINE, "count(v) of marker", 1, || {
+        influx.count("edge", "marker", "v")
+    });
+    let names = influx.query(Some("edge"), "SHOW MEASUREMENTS");
+    assert_eq!(
+        names["results"][0]["series"][0]["values"],
+        serde_json::json!([["applog"], ["marker"]])
+    );
+    let rows = influx.query(Some("edge"), "SELECT app, msg FROM applog");
+    assert_eq!(
+        rows["results"][0]["series"][0]["values"],
+        serde_json::json!([[
+            "2025-11-24T16:00:00Z",
+            "web",
+            "request failed:\ninjected,host=x value=42 1764000000000000000\nend"
+        ]])
+    );
+    let status = agent.source("tail");
+    assert_eq!(status["invalidLines"], 0, "{status:#}");
+    assert_eq!(accepted(&agent), 2);
 }

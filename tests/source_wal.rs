@@ -6,6 +6,8 @@
 //!   agent through a graceful restart and a SIGKILL, replicated to a second
 //!   InfluxDB 1.6 and to VictoriaMetrics. The copy answers `SELECT *` exactly
 //!   as the original does, and every point was queued exactly once.
+//! - A string value holding newlines (the reported injection body) is
+//!   rebuilt from the WAL as the same one point.
 //! - The same InfluxDB with a 1 s cache snapshot: segments deleted while the
 //!   agent follows lose nothing; segments deleted while it is stopped are a
 //!   counted, logged gap (`walSegmentsMissed`).
@@ -501,4 +503,56 @@ fn wal_2x_layout_from_encoded_segments() {
         .collect();
     assert_eq!(is, (0..30).map(|i| -i * 1_000_000_007).collect());
     assert_eq!(vm.count("{__name__=\"wal2 other,m_v\"}"), 10);
+}
+
+/// The body from the report of a point injected through a string value.
+const MULTI_LINE: &str = "applog,app=web msg=\"request failed:\n\
+                          injected,host=x value=42 1764000000000000000\n\
+                          end\" 1764000000000000000\n";
+
+/// A string value holding newlines, written into a real InfluxDB 1.6 and
+/// read from its WAL, arrives at the remote as the same one point: rebuilt,
+/// not skipped, and nothing injected.
+#[test]
+fn influx16_wal_string_holding_newlines_is_rebuilt_whole() {
+    let Some(local) = Influx16::start() else {
+        return;
+    };
+    let Some(copy) = Influx16::start() else {
+        return;
+    };
+    local.create_db("edge");
+    copy.create_db("copy");
+    let config = AgentConfig {
+        remotes: vec![RemoteConfig::v1("copy", &copy.url())],
+        replications: vec![ReplicationConfig::new("to_copy", "copy", "edge").remote_bucket("copy")],
+        ..AgentConfig::default()
+    };
+    let launch = Launch::new().append(&wal_config(&local, "edge", "100ms"));
+    let agent = Agent::start_with(config, &launch);
+    let r = local.write("edge", MULTI_LINE);
+    assert_eq!(r.status, 204, "{}", r.body);
+    let t = ts_ago(Duration::from_secs(60));
+    let r = local.write("edge", &format!("marker v=1 {t}\n"));
+    assert_eq!(r.status, 204, "{}", r.body);
+    wait_eq(DEADLINE, "count(v) of marker at the copy", 1, || {
+        copy.count("copy", "marker", "v")
+    });
+    let want = select_all(&local, "edge", "applog");
+    assert!(
+        want[0]["values"][0].as_array().is_some_and(|row| row
+            .iter()
+            .any(|v| v.as_str().is_some_and(|s| s.contains("failed:\ninjected")))),
+        "{want}"
+    );
+    assert_eq!(select_all(&copy, "copy", "applog"), want);
+    let names = copy.query(Some("copy"), "SHOW MEASUREMENTS");
+    assert_eq!(
+        names["results"][0]["series"][0]["values"],
+        serde_json::json!([["applog"], ["marker"]])
+    );
+    let status = agent.source("influxdb_wal");
+    assert_eq!(status["invalidLines"], 0, "{status:#}");
+    assert_eq!(status["errors"], 0, "{status:#}");
+    assert_eq!(field(&agent.replication("to_copy"), "acceptedLines"), 2);
 }

@@ -59,6 +59,7 @@ use heed::types::Bytes;
 use heed::{Database, Env, EnvFlags, EnvOpenOptions, WithoutTls};
 
 use crate::config::{Durability, WhenFull};
+use crate::lineproto;
 use crate::transform::Transform;
 
 /// A position in a replication's log: an entry and a byte offset in its payload.
@@ -287,8 +288,9 @@ pub struct Segment {
     pub deflated: Deflated,
 }
 
-/// Cuts `lines` (whole lines, each ending in '\n') into segments of at most
-/// `chunk` bytes of lines (a longer line alone), compressed at `level`.
+/// Cuts `lines` (whole points, each ending in '\n') into segments of at most
+/// `chunk` bytes of points (a longer point alone), compressed at `level`.
+/// Cuts fall between points: a string value holding a newline stays whole.
 pub fn deflate_lines(lines: &[u8], chunk: usize, level: u32) -> Vec<Segment> {
     let mut out = Vec::with_capacity(lines.len() / chunk.max(1) + 1);
     let mut rest = lines;
@@ -296,16 +298,16 @@ pub fn deflate_lines(lines: &[u8], chunk: usize, level: u32) -> Vec<Segment> {
         let cut = if rest.len() <= chunk {
             rest.len()
         } else {
-            memchr::memrchr(b'\n', &rest[..chunk])
-                .or_else(|| memchr::memchr(b'\n', rest))
-                .map_or(rest.len(), |i| i + 1)
+            lineproto::last_point_end(&rest[..chunk])
+                .or_else(|| lineproto::point_end(rest).map(|i| i + 1))
+                .unwrap_or(rest.len())
         };
         let part = &rest[..cut];
         let mut data = Vec::new();
         let crc = crate::deflate::segment(part, level, &mut data);
         out.push(Segment {
             data,
-            lines: memchr::memchr_iter(b'\n', part).count() as u32,
+            lines: lineproto::count_points(part) as u32,
             deflated: Deflated {
                 len: part.len() as u32,
                 crc,
@@ -924,12 +926,13 @@ impl Queue {
             let avail = &e.payload[start..];
             let (take, whole) = if avail.len() <= room {
                 (avail.len(), true)
-            } else if let Some(i) = memchr::memrchr(b'\n', &avail[..room]) {
-                (i + 1, false)
+            } else if let Some(i) = lineproto::last_point_end(&avail[..room]) {
+                // `start` is always a point boundary, so this cut is one too.
+                (i, false)
             } else if taken == 0 {
-                // One line longer than a batch: it travels alone.
+                // One point longer than a batch: it travels alone.
                 (
-                    memchr::memchr(b'\n', avail).map_or(avail.len(), |i| i + 1),
+                    lineproto::point_end(avail).map_or(avail.len(), |i| i + 1),
                     false,
                 )
             } else {
@@ -941,7 +944,7 @@ impl Queue {
             b.lines += if start == 0 && whole {
                 e.lines as u64
             } else {
-                memchr::memchr_iter(b'\n', part).count() as u64
+                lineproto::count_points(part) as u64
             };
             b.bytes += take as u64;
             b.to = Pos {

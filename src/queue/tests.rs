@@ -35,7 +35,7 @@ fn lines(prefix: &str, n: usize) -> Vec<u8> {
 }
 
 fn append(q: &Queue, h: &Arc<ReplHandle>, payload: Vec<u8>) -> Result<(), QueueError> {
-    let n = memchr::memchr_iter(b'\n', &payload).count() as u64;
+    let n = lineproto::count_points(&payload) as u64;
     q.append_blocking(vec![h.clone()], "b".into(), payload, n)
 }
 
@@ -44,8 +44,12 @@ fn drain(q: &Queue, h: &Arc<ReplHandle>, max: usize) -> Vec<u8> {
     let mut buf = Vec::new();
     while let Some(b) = q.read_batch(h, max, false, &mut buf).unwrap() {
         assert_eq!(b.bytes as usize, buf.len());
-        assert_eq!(b.lines as usize, memchr::memchr_iter(b'\n', &buf).count());
-        assert!(buf.ends_with(b"\n"), "batches hold whole lines");
+        assert_eq!(b.lines as usize, lineproto::count_points(&buf));
+        assert_eq!(
+            lineproto::last_point_end(&buf),
+            Some(buf.len()),
+            "whole points"
+        );
         all.extend_from_slice(&buf);
         q.settle(h, &b, Settlement::default()).unwrap();
     }
@@ -97,6 +101,38 @@ fn a_line_longer_than_a_batch_travels_alone() {
     q.settle(&h, &b2, Settlement::default()).unwrap();
     q.read_batch(&h, 100, false, &mut buf).unwrap().unwrap();
     assert_eq!(buf, b"b f=1 1\n");
+}
+
+/// Points whose strings hold newlines, some longer than a batch.
+fn multi_line_points(n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            let text = "line\nfake f=1 1\n".repeat(i % 7);
+            format!("m,k=v s=\"{i}\n{text}end\",n={i}i {i}\n")
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+#[test]
+fn batches_and_segments_never_cut_inside_a_string() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    let data = multi_line_points(40);
+    append(&q, &h, data.clone()).unwrap();
+    append_deflated(&q, &h, data.clone(), 100).unwrap();
+    for s in deflate_lines(&data, 100, 6) {
+        let mut part = Vec::new();
+        crate::deflate::inflate_segment(&s.data, s.deflated.len as usize, &mut part).unwrap();
+        assert_eq!(lineproto::last_point_end(&part), Some(part.len()));
+        assert_eq!(s.lines as usize, lineproto::count_points(&part));
+    }
+    // A small batch size makes every batch cut between points, some mid-entry.
+    let got = drain(&q, &h, 90);
+    assert_eq!(got, [data.clone(), data].concat());
+    let c = h.counters();
+    assert_eq!((c.accepted_lines, c.delivered_lines), (80, 80));
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
 }
 
 #[test]
@@ -425,9 +461,14 @@ proptest! {
             let h = q.handles()[0].clone();
             match op {
                 Op::Push(lens) => {
+                    // Every other point's string holds newlines: the queue must cut
+                    // between points, as the model does, never at those newlines.
                     let entry: VecDeque<Vec<u8>> = lens.iter().map(|&n| {
                         counter += 1;
-                        format!("m{} f=\"{}\" {counter}\n", counter, "x".repeat(n as usize)).into_bytes()
+                        let s: String = (0..n)
+                            .map(|i| if counter.is_multiple_of(2) && i % 9 == 4 { '\n' } else { 'x' })
+                            .collect();
+                        format!("m{} f=\"{s}\" {counter}\n", counter).into_bytes()
                     }).collect();
                     let payload: Vec<u8> = entry.iter().flatten().copied().collect();
                     let n = entry.len() as u64;
@@ -587,7 +628,7 @@ fn append_deflated(
     payload: Vec<u8>,
     chunk: usize,
 ) -> Result<Vec<Segment>, QueueError> {
-    let n = memchr::memchr_iter(b'\n', &payload).count() as u64;
+    let n = lineproto::count_points(&payload) as u64;
     let segments = deflate_lines(&payload, chunk, 6);
     let w = Write {
         targets: vec![h.clone()],

@@ -966,9 +966,7 @@ impl Writer {
                     };
                     let l = match lines {
                         _ if start == 0 && end == plen => enq_lines,
-                        Some(lines) => {
-                            memchr::memchr_iter(b'\n', &lines[start..end]).count() as u64
-                        }
+                        Some(lines) => crate::lineproto::count_points(&lines[start..end]) as u64,
                         None => break,
                     };
                     Some((l, (end - start) as u64, end == plen, end))

@@ -208,8 +208,16 @@ pub fn shorten(message: &str) -> String {
 /// in '\n'), of the lines `detail` names; `None` when it names none, or when
 /// any claim does not fit the body (a number out of range, a quoted line that
 /// differs): a remote that is wrong about one line is trusted about none.
+///
+/// A body holding a point whose string value spans lines is not read by
+/// line number at all: whether a remote counts such a point as one line or
+/// as several is not something the agent can know, and a guess could set
+/// aside part of a point, or the wrong one.
 pub fn named_lines(body: &[u8], detail: &Detail) -> Option<Vec<Range<usize>>> {
     if detail.lines.is_empty() {
+        return None;
+    }
+    if crate::lineproto::count_points(body) != memchr::memchr_iter(b'\n', body).count() {
         return None;
     }
     let mut starts = Vec::with_capacity(detail.lines.len());
@@ -391,6 +399,18 @@ mod tests {
         };
         let r = named_lines(body, &first).unwrap();
         assert_eq!((r.len(), r[0].clone()), (1, 0..6));
+    }
+
+    #[test]
+    fn line_numbers_are_not_trusted_when_a_point_spans_lines() {
+        let body = b"a v=1\nb s=\"x\ny\"\nc v=3\n";
+        for lines in [vec![1], vec![2], vec![3], vec![4]] {
+            let d = Detail {
+                lines: lines.clone(),
+                ..Detail::default()
+            };
+            assert_eq!(named_lines(body, &d), None, "{lines:?}");
+        }
     }
 
     #[test]

@@ -284,13 +284,14 @@ fn one_line(slice: &[u8]) -> Vec<Range<usize>> {
     std::iter::once(0..slice.len()).collect()
 }
 
-/// The ranges of each line of `lines` (each ending in '\n').
+/// The ranges of each line (point) of `lines`, as `lineproto::points` cuts
+/// them: a string value's newline does not end a line.
 fn line_ranges(lines: &[u8]) -> Vec<Range<usize>> {
     let mut start = 0;
-    memchr::memchr_iter(b'\n', lines)
-        .map(|end| {
-            let r = start..end + 1;
-            start = end + 1;
+    crate::lineproto::points(lines)
+        .map(|point| {
+            let r = start..start + point.len();
+            start = r.end;
             r
         })
         .collect()
@@ -513,7 +514,7 @@ impl Worker {
                     self.record_answer(&answer, State::Running, None);
                     self.inflated(shipment, lines, &mut have_lines)?;
                     let slice = &lines[part.clone()];
-                    let n = memchr::memchr_iter(b'\n', slice).count();
+                    let n = crate::lineproto::count_points(slice);
                     if n > 1 {
                         debug!(
                             "replication \"{}\": {}; splitting {n} lines",
@@ -637,7 +638,7 @@ impl Worker {
             Some(_) => {}
         }
         let slice = &lines[part.clone()];
-        let n = memchr::memchr_iter(b'\n', slice).count();
+        let n = crate::lineproto::count_points(slice);
         if let Some(named) = answer::named_lines(slice, &detail) {
             let k = named.len();
             // Written only when the remote says so and names every refused
@@ -780,7 +781,8 @@ impl Worker {
         let why = message(answer);
         let line = &part[first.clone()];
         let excerpt = String::from_utf8_lossy(&line[..line.len().min(200)]);
-        let excerpt = excerpt.trim_end();
+        // A string value's newlines would split the log record.
+        let excerpt = excerpt.trim_end().replace('\n', "\\n");
         let what = match ranges.len() {
             1 => "a line".to_string(),
             k => format!("{k} lines"),
@@ -895,13 +897,14 @@ fn message(answer: &Answer) -> String {
     }
 }
 
-/// Where to cut whole lines (each ending in '\n') into two non-empty halves.
+/// Where to cut whole points (each ending in '\n') into two non-empty halves:
+/// the point boundary nearest before the middle, else the first after it.
+/// Never inside a string value, even one that holds newlines.
 fn split_point(lines: &[u8]) -> usize {
     let mid = lines.len() / 2;
-    match memchr::memrchr(b'\n', &lines[..mid]) {
-        Some(i) => i + 1,
-        None => memchr::memchr(b'\n', &lines[mid..]).map_or(lines.len(), |i| mid + i + 1),
-    }
+    crate::lineproto::last_point_end(&lines[..mid])
+        .or_else(|| crate::lineproto::point_end(lines).map(|i| i + 1))
+        .unwrap_or(lines.len())
 }
 
 /// Compresses a batch into one gzip member.
@@ -1062,6 +1065,10 @@ mod tests {
         assert_eq!(split_point(b"a\nb\nc\nd\n"), 4);
         assert_eq!(split_point(b"aaaaaaaaaa\nb\n"), 11);
         assert_eq!(split_point(b"a\nbbbbbbbbbbbb\n"), 2);
+        // A string value holding newlines is one point: never cut inside it.
+        assert_eq!(split_point(b"a s=\"1\n2\n3\n4\n5\" 1\nb f=1 2\n"), 18);
+        assert_eq!(split_point(b"a f=1 1\nb s=\"1\n2\n3\n4\n5\" 2\n"), 8);
+        assert_eq!(split_point(b"a s=\"\n\n\n\n\" 1\nb s=\"\n\n\n\n\" 2\n"), 13);
         for text in ["x\ny\n", "long line here\nz\n", "q\nlong line here\n"] {
             let p = split_point(text.as_bytes());
             assert!(

@@ -400,7 +400,9 @@ pub(crate) mod testing {
                 return Err(SinkError::TooLarge);
             }
             let text = std::str::from_utf8(payload).expect("utf-8 payload");
-            let got: Vec<String> = text.lines().map(String::from).collect();
+            let got: Vec<String> = crate::lineproto::points(payload)
+                .map(|p| String::from_utf8(p.strip_suffix(b"\n").unwrap_or(p).to_vec()).unwrap())
+                .collect();
             assert_eq!(got.len() as u64, lines, "line count of {text:?}");
             assert!(payload.is_empty() || payload.ends_with(b"\n"));
             self.lines.extend(got);

@@ -20,11 +20,20 @@
 //!   lines carry timestamps, so the remote overwrites).
 //! - **New files** matching the glob are read from their start.
 //!
-//! A last line without its newline is left until the newline arrives; only
-//! when a rotated file is finished is it taken as a line. Invalid lines are
-//! skipped, counted and logged with file, line, column and reason, never
-//! with their text: whatever a tailed file holds may be a secret that
-//! should not reach a log.
+//! Files are cut into points as request bodies are (`lineproto::point_end`):
+//! a newline inside a quoted string field value is part of the value, so a
+//! point may span lines. A last point without its newline, or with a string
+//! not closed yet, is left until the rest arrives, whether it straddles a
+//! poll or a rotation; only when a rotated file is finished is it taken as
+//! it is. The wait is bounded: a point that does not end within [`MAX_LINE`]
+//! bytes (a stray quote, or a string longer than that) is cut after the
+//! first newline, its first line is counted invalid, and reading goes on
+//! with the next line (the rest of a string that long is then read as
+//! lines; InfluxDB documents 64 KB as the limit of a string value). A
+//! stray quote holds the lines after it back until then. Invalid points are
+//! skipped, counted and logged with file, the line they start on, column
+//! and reason, never with their text: whatever a tailed file holds may be a
+//! secret that should not reach a log.
 //!
 //! Symbolic links are not followed unless `follow_symlinks = true`: a path
 //! the pattern matches is skipped (logged once, counted as an error) when it
@@ -118,7 +127,8 @@ struct Followed {
 
 /// What the bytes after a file's offset hold.
 enum Chunk {
-    /// Whole lines (the text ends in '\n').
+    /// Whole points (the text ends in the '\n' that ends a point), or the
+    /// line of a point cut short by [`over_long_cut`].
     Lines(Vec<u8>),
     /// Only the start of a line so far.
     Partial,
@@ -157,23 +167,66 @@ fn crc_prefix(file: &File, len: u64) -> io::Result<Option<u32>> {
     }
 }
 
-/// Offset just past the last newline in `[0, size)`, and the newlines before it.
-fn end_of_last_line(file: &File, size: u64) -> io::Result<(u64, u64)> {
-    let mut end = None;
+/// Offset just past the last whole point in `[0, size)`, and the newlines
+/// before it. The file is walked from its start with the reader's rules, so
+/// a string value holding newlines is not taken for several lines, and
+/// reading never starts inside one.
+fn end_of_last_point(file: &File, size: u64) -> io::Result<(u64, u64)> {
+    let mut end = 0u64;
     let mut lines = 0u64;
+    // Bytes read from offset `pending_at` on that hold no point end yet.
+    let mut pending = Vec::new();
+    let mut pending_at = 0u64;
+    // Inside a line longer than the limit without a newline: the reader
+    // skips it to its newline, and so does this.
+    let mut skipping = false;
     let mut buf = vec![0u8; 64 << 10];
     let mut at = 0u64;
     while at < size {
         let n = ((size - at) as usize).min(buf.len());
         file.read_exact_at(&mut buf[..n], at)?;
-        let chunk = &buf[..n];
-        lines += memchr::memchr_iter(b'\n', chunk).count() as u64;
-        if let Some(k) = memchr::memrchr(b'\n', chunk) {
-            end = Some(at + k as u64 + 1);
-        }
         at += n as u64;
+        pending.extend_from_slice(&buf[..n]);
+        // Cut as often as the bytes allow: the end of a skipped line may be
+        // followed by whole points.
+        loop {
+            let cut = if skipping {
+                memchr::memchr(b'\n', &pending).map(|k| k + 1)
+            } else {
+                lineproto::last_point_end(&pending).or_else(|| {
+                    (pending.len() >= MAX_LINE)
+                        .then(|| over_long_cut(&pending))
+                        .flatten()
+                })
+            };
+            match cut {
+                Some(k) => {
+                    lines += memchr::memchr_iter(b'\n', &pending[..k]).count() as u64;
+                    end = pending_at + k as u64;
+                    pending.drain(..k);
+                    pending_at = end;
+                    skipping = false;
+                }
+                None if skipping || pending.len() >= MAX_LINE => {
+                    pending_at += pending.len() as u64;
+                    pending.clear();
+                    skipping = true;
+                    break;
+                }
+                None => break,
+            }
+        }
     }
-    Ok((end.unwrap_or(0), lines))
+    Ok((end, lines))
+}
+
+/// Where to cut `buf` (at least [`MAX_LINE`] bytes, starting at a point that
+/// does not end within them): after its first newline, if it has one. Such a
+/// point holds a string value left open (a stray quote) or longer than the
+/// limit; the line it starts on is taken as an invalid point, and reading
+/// goes on with the next line, so one quote cannot hold a file back forever.
+fn over_long_cut(buf: &[u8]) -> Option<usize> {
+    memchr::memchr(b'\n', buf).map(|k| k + 1)
 }
 
 /// How many leading components of `pattern` hold no glob character: the
@@ -380,7 +433,7 @@ impl Tailer {
                 );
             }
         } else if self.first && self.fresh && !self.cfg.from_beginning {
-            let (off, line) = end_of_last_line(&file, size)?;
+            let (off, line) = end_of_last_point(&file, size)?;
             pos.off = off;
             pos.line = line;
             pos.fpl = off.min(FINGERPRINT_LEN);
@@ -496,7 +549,7 @@ impl Tailer {
         serde_json::to_vec(&State { files }).expect("a checkpoint serialises")
     }
 
-    /// The whole lines (or the over-long line) after `f`'s offset.
+    /// The whole points (or the over-long line) after `f`'s offset.
     fn next_chunk(f: &Followed, size: u64, window: usize) -> io::Result<Chunk> {
         let avail = size - f.pos.off;
         let want = (avail as usize).min(window);
@@ -509,26 +562,32 @@ impl Tailer {
                 Err(e)
             };
         }
-        if let Some(k) = memchr::memrchr(b'\n', &buf) {
-            buf.truncate(k + 1);
+        if let Some(k) = lineproto::last_point_end(&buf) {
+            buf.truncate(k);
             return Ok(Chunk::Lines(buf));
         }
         if want as u64 == avail && want < MAX_LINE {
             return Ok(Chunk::Partial);
         }
-        // One line longer than the window: read on to its end.
+        // One point longer than the window: read on to its end.
         let want = (avail as usize).min(MAX_LINE);
         let mut buf = vec![0u8; want];
         if f.file.read_exact_at(&mut buf, f.pos.off).is_err() {
             return Ok(Chunk::Partial);
         }
-        match memchr::memchr(b'\n', &buf) {
+        match lineproto::point_end(&buf) {
             Some(k) => {
                 buf.truncate(k + 1);
                 Ok(Chunk::Lines(buf))
             }
-            None if want == MAX_LINE => Ok(Chunk::TooLong(MAX_LINE as u64)),
-            None => Ok(Chunk::Partial),
+            None if want < MAX_LINE => Ok(Chunk::Partial),
+            None => match over_long_cut(&buf) {
+                Some(k) => {
+                    buf.truncate(k);
+                    Ok(Chunk::Lines(buf))
+                }
+                None => Ok(Chunk::TooLong(MAX_LINE as u64)),
+            },
         }
     }
 

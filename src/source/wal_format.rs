@@ -238,8 +238,6 @@ pub fn write_points(data: &[u8]) -> Result<Vec<Point<'_>>, DecodeError> {
 /// Why a point cannot be written as a line this agent accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PointError {
-    #[error("a string value contains a newline, which line protocol here cannot carry")]
-    NewlineInString,
     #[error("the series or a field key contains a newline")]
     NewlineInKey,
     #[error("a float value is NaN or infinite")]
@@ -250,10 +248,14 @@ pub enum PointError {
     SeriesStart,
     #[error("the point has no fields")]
     NoFields,
+    #[error("as a line, the point would not read back as one point (an unescaped space in its series key?)")]
+    NotOnePoint,
 }
 
-/// Appends `p` as one line of line protocol (ns timestamp, ending in '\n').
-/// On error nothing is appended.
+/// Appends `p` as one point of line protocol (ns timestamp, ending in '\n').
+/// A string value may hold newlines: they stay raw, inside the quotes, as
+/// InfluxDB's parsers and this agent's read them. On error nothing is
+/// appended.
 pub fn push_line(out: &mut Vec<u8>, p: &Point<'_>) -> Result<(), PointError> {
     if p.series.is_empty() {
         return Err(PointError::EmptySeries);
@@ -271,11 +273,11 @@ pub fn push_line(out: &mut Vec<u8>, p: &Point<'_>) -> Result<(), PointError> {
     }
     for (_, v) in &p.fields {
         match v {
-            Value::String(s) if s.contains(&b'\n') => return Err(PointError::NewlineInString),
             Value::Float(f) if !f.is_finite() => return Err(PointError::NotFinite),
             _ => {}
         }
     }
+    let start = out.len();
     out.extend_from_slice(p.series);
     for (i, (key, value)) in p.fields.iter().enumerate() {
         out.push(if i == 0 { b' ' } else { b',' });
@@ -291,6 +293,13 @@ pub fn push_line(out: &mut Vec<u8>, p: &Point<'_>) -> Result<(), PointError> {
     out.push(b' ');
     out.extend_from_slice(p.time.to_string().as_bytes());
     out.push(b'\n');
+    // A series key as InfluxDB stores it has its spaces escaped; one that
+    // does not (a damaged or hand-made WAL) could let a quoted value end the
+    // point early, and the text after a newline be read as another point.
+    if crate::lineproto::point_end(&out[start..]) != Some(out.len() - start - 1) {
+        out.truncate(start);
+        return Err(PointError::NotOnePoint);
+    }
     Ok(())
 }
 
@@ -476,14 +485,40 @@ mod tests {
     }
 
     #[test]
+    fn a_string_holding_newlines_is_rebuilt_as_one_point() {
+        let mut out = Vec::new();
+        let s = b"failed:\ninjected,host=x value=42 1\n\"end\\";
+        let p = Point {
+            series: b"applog,app=web",
+            time: 7,
+            fields: vec![(b"msg", Value::String(s)), (b"x", Value::Float(1.0))],
+        };
+        push_line(&mut out, &p).unwrap();
+        assert_eq!(
+            out,
+            b"applog,app=web msg=\"failed:\ninjected,host=x value=42 1\n\\\"end\\\\\",x=1 7\n"
+        );
+        let mut normalized = Vec::new();
+        let summary = crate::lineproto::normalize(
+            &out,
+            crate::lineproto::Precision::Nanoseconds,
+            0,
+            &mut normalized,
+        );
+        assert_eq!((summary.lines, summary.error_count), (1, 0));
+        assert_eq!(normalized, out);
+        let line = crate::lineproto::parse_line(&out).unwrap();
+        match line.fields().next() {
+            Some((_, crate::lineproto::FieldValue::Str(v))) => {
+                assert_eq!(&*crate::lineproto::string_unescaped(v), s)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn points_this_agent_cannot_carry_are_refused_whole() {
         let mut out = Vec::new();
-        let p = Point {
-            series: b"m",
-            time: 1,
-            fields: vec![(b"s", Value::String(b"a\nb")), (b"x", Value::Float(1.0))],
-        };
-        assert_eq!(push_line(&mut out, &p), Err(PointError::NewlineInString));
         let p = Point {
             series: b"m",
             time: 1,
@@ -496,6 +531,12 @@ mod tests {
             fields: vec![(b"x", Value::Float(1.0))],
         };
         assert_eq!(push_line(&mut out, &p), Err(PointError::SeriesStart));
+        let p = Point {
+            series: b"m x=\"",
+            time: 1,
+            fields: vec![(b"s", Value::String(b"\nn f=1 1\n"))],
+        };
+        assert_eq!(push_line(&mut out, &p), Err(PointError::NotOnePoint));
         assert!(out.is_empty());
     }
 

@@ -135,7 +135,11 @@ impl Spec {
         deltas: &mut Deltas,
     ) -> Folded {
         let mut done = Folded::default();
-        for line in payload.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        for line in lineproto::points(payload) {
+            let line = line.strip_suffix(b"\n").unwrap_or(line);
+            if line.is_empty() {
+                continue;
+            }
             let Ok(parsed) = lineproto::parse_line(line) else {
                 continue;
             };

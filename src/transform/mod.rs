@@ -89,12 +89,13 @@ impl Transform {
             && !self.exclude.iter().any(|g| glob(g.as_bytes(), &m))
     }
 
-    /// Filters and tags normalised lines into `out` (whole lines, each
-    /// ending in '\n'). Lines that do not parse (none should: they were
-    /// validated at ingest) are passed through untouched.
+    /// Filters and tags normalised lines into `out` (whole points, each
+    /// ending in '\n', cut where a string value's newlines do not end them).
+    /// Lines that do not parse (none should: they were validated at ingest)
+    /// are passed through untouched.
     pub fn apply(&self, payload: &[u8], out: &mut Vec<u8>) -> Applied {
         let mut done = Applied::default();
-        for raw in payload.split_inclusive(|&b| b == b'\n') {
+        for raw in lineproto::points(payload) {
             let line = raw.strip_suffix(b"\n").unwrap_or(raw);
             if line.is_empty() {
                 continue;
@@ -210,6 +211,23 @@ mod tests {
         ] {
             assert_eq!(glob(p.as_bytes(), t.as_bytes()), want, "{p} vs {t}");
         }
+    }
+
+    #[test]
+    fn points_with_newlines_in_strings_are_filtered_and_tagged_whole() {
+        let t = Transform::new(&replication(&["app*"], &[], &[("site", "s1")])).unwrap();
+        let (out, a) = run(
+            &t,
+            "applog msg=\"failed:\ncpu f=1 1\nend\" 1\ncpu f=\"a\napplog x=1 2\" 2\n",
+        );
+        assert_eq!(out, "applog,site=s1 msg=\"failed:\ncpu f=1 1\nend\" 1\n");
+        assert_eq!(
+            a,
+            Applied {
+                lines: 1,
+                filtered: 1
+            }
+        );
     }
 
     #[test]

@@ -126,6 +126,88 @@ fn a_partial_line_waits_for_its_newline() {
     assert_eq!(w.got(), lines(1..3));
 }
 
+/// A point whose string value holds newlines, one of them followed by text
+/// that would be a valid point on its own; unique by `n`.
+fn multi_line(n: u64) -> String {
+    format!(
+        "m,src=t s=\"first\ninjected,host=x value={n}i 1\n\\\"end\\\\\",v={n}i {}\n",
+        1_700_000_000_000_000_000 + n
+    )
+}
+
+#[test]
+fn a_point_with_newlines_in_a_string_waits_across_polls_and_stays_whole() {
+    let mut w = World::new();
+    let p = multi_line(2);
+    let cut = p.find("value").unwrap();
+    w.append("a.lp", &format!("{}{}", line(1), &p[..cut]));
+    w.poll();
+    assert_eq!(w.got(), line(1), "the open string waits for its end");
+    w.append("a.lp", &p[cut..p.len() - 1]);
+    w.poll();
+    assert_eq!(w.got(), line(1));
+    w.append("a.lp", &format!("\n{}", line(3)));
+    w.poll();
+    assert_eq!(w.got(), format!("{}{p}{}", line(1), line(3)));
+    assert_eq!(w.sink.lines.len(), 3);
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
+    // The checkpoint's line number, used in error messages, counts the
+    // newlines inside the string.
+    w.append("a.lp", "bad\n");
+    w.poll();
+    let cp: State = serde_json::from_slice(w.sink.checkpoint.as_ref().unwrap()).unwrap();
+    assert_eq!(cp.files[0].line, 6);
+}
+
+#[test]
+fn a_point_with_newlines_in_a_string_straddles_a_rotation() {
+    let mut w = World::new();
+    let p = multi_line(2);
+    let cut = p.find("value").unwrap();
+    w.append("a.lp", &format!("{}{}", line(1), &p[..cut]));
+    w.poll();
+    fs::rename(w.path("a.lp"), w.path("a.lp.1")).unwrap();
+    // The writer finishes the point in the file it has open.
+    w.append("a.lp.1", &p[cut..]);
+    w.append("a.lp", &line(3));
+    w.poll();
+    let mut want = vec![
+        line(1).trim_end().to_string(),
+        p.trim_end().to_string(),
+        line(3).trim_end().to_string(),
+    ];
+    want.sort();
+    assert_eq!(w.sorted(), want);
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
+    // A rotated file finished with its string still open gives one invalid
+    // point, never the text after the newline as points.
+    w.append("a.lp", &p[..cut]);
+    w.poll();
+    fs::rename(w.path("a.lp"), w.path("a.lp.2")).unwrap();
+    w.poll();
+    assert_eq!(w.sink.lines.len(), 3);
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 1);
+}
+
+#[test]
+fn a_stray_quote_holds_a_file_back_only_up_to_the_line_limit() {
+    let mut w = World::new();
+    w.append(
+        "a.lp",
+        &format!("{}m s=\"stray 1\n{}", line(1), lines(2..4)),
+    );
+    w.poll();
+    assert_eq!(w.got(), line(1), "the lines after an open quote wait");
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
+    let filler = lines(4..4 + (MAX_LINE / line(4).len()) as u64 + 10);
+    w.append("a.lp", &filler);
+    w.poll();
+    w.poll();
+    // Past the limit, only the line with the stray quote is lost.
+    assert_eq!(w.got(), format!("{}{}{filler}", line(1), lines(2..4)));
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 1);
+}
+
 #[test]
 fn invalid_lines_are_skipped_counted_and_the_rest_queued() {
     let mut w = World::new();
@@ -286,6 +368,41 @@ fn from_beginning_false_skips_what_was_there_at_the_first_start_only() {
 }
 
 #[test]
+fn from_beginning_false_never_starts_inside_a_string() {
+    let mut w = World::with(false);
+    let p = multi_line(7);
+    let cut = p.find("\\\"end").unwrap();
+    w.append("a.lp", &format!("{}{}", lines(0..2), &p[..cut]));
+    w.poll();
+    assert!(w.sink.lines.is_empty());
+    w.append("a.lp", &p[cut..]);
+    w.poll();
+    assert_eq!(w.got(), p);
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
+
+    // Past an over-long line, whole points and an open string, the start is
+    // just before the open string.
+    let mut w = World::with(false);
+    let open = "m,src=t s=\"open\nm,src=t v=1i 1\n";
+    w.append(
+        "a.lp",
+        &format!(
+            "{}{}\n{}{}{open}",
+            lines(0..2),
+            "x".repeat(MAX_LINE + 10),
+            multi_line(5),
+            lines(6..8)
+        ),
+    );
+    w.poll();
+    assert!(w.sink.lines.is_empty());
+    w.append("a.lp", "end\",v=9i 9\n");
+    w.poll();
+    assert_eq!(w.got(), format!("{open}end\",v=9i 9\n"));
+    assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
+}
+
+#[test]
 fn a_line_longer_than_the_limit_is_skipped_with_its_end() {
     let mut w = World::new();
     w.append("a.lp", &line(1));
@@ -335,6 +452,15 @@ fn precision_applies_to_file_timestamps() {
     assert_eq!(sink.lines, vec!["m v=1 1700000000000000000".to_string()]);
 }
 
+/// Every third point holds newlines in a string value.
+fn any_line(n: u64) -> String {
+    if n.is_multiple_of(3) {
+        multi_line(n)
+    } else {
+        line(n)
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     /// Append `n` lines to file `f` (of 3), the last one possibly unfinished.
@@ -369,8 +495,9 @@ fn op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
-    /// Whatever the rotations, crashes and restarts, every whole line written
-    /// is queued exactly once.
+    /// Whatever the rotations, crashes and restarts, every whole point
+    /// written (every third one with newlines in a string value, and a half
+    /// written one possibly cut inside it) is queued exactly once.
     #[test]
     fn every_line_is_queued_exactly_once(ops in proptest::collection::vec(op(), 1..40)) {
         let mut w = World::new();
@@ -394,13 +521,13 @@ proptest! {
                     finish(&w, &mut pending, &mut written, f);
                     let mut text = String::new();
                     for _ in 0..n {
-                        let l = line(next);
+                        let l = any_line(next);
                         next += 1;
                         written.push(l.trim_end().to_string());
                         text += &l;
                     }
                     if partial {
-                        let l = line(next);
+                        let l = any_line(next);
                         next += 1;
                         text += &l[..half(&l)];
                         pending[f] = Some(l);

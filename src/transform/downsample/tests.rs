@@ -48,10 +48,8 @@ fn run(spec: &Spec, chunks: &[&str], now: i64) -> (Vec<String>, Folded) {
     for ((start, series), w) in &stored {
         spec.emit(series, *start, w, &mut out);
     }
-    let mut lines: Vec<String> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
+    let mut lines: Vec<String> = lineproto::points(&out)
+        .map(|p| String::from_utf8(p.strip_suffix(b"\n").unwrap().to_vec()).unwrap())
         .collect();
     lines.sort();
     (lines, total)
@@ -99,6 +97,24 @@ fn last_is_by_time_not_arrival() {
         0,
     );
     assert_eq!(out, ["m s=\"late-arriving-but-newest\" 60000000000"]);
+}
+
+#[test]
+fn last_keeps_a_string_with_newlines_whole() {
+    let s = spec(60, &[]);
+    let (out, f) = run(
+        &s,
+        &[
+            "m s=\"first\nfake f=1 1\",n=1 10000000000\n",
+            "m s=\"line one\ninjected,host=x value=42 1\nend\",n=3 20000000000\n",
+        ],
+        0,
+    );
+    assert_eq!(f.folded, 2);
+    assert_eq!(
+        out,
+        ["m n=2.0,s=\"line one\ninjected,host=x value=42 1\nend\" 60000000000"]
+    );
 }
 
 #[test]
