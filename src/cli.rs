@@ -1,6 +1,7 @@
 //! Command line: `run`, `check-config`, `status`. Errors are printed once,
 //! as one line, with the exit codes of the design: 0 clean, 78 (EX_CONFIG)
-//! bad config, 1 anything else.
+//! bad config, 69 (EX_UNAVAILABLE) a remote that `check-config --probe`
+//! could not use, 1 anything else.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -11,9 +12,13 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_PATH};
 use crate::logging::Escaped;
-use crate::{agent, logging, status};
+use crate::{agent, logging, probe, status};
 
 const EX_CONFIG: u8 = 78;
+/// sysexits' "a service is unavailable": the config is valid, a remote is
+/// not usable. Distinct from 78 so that `ExecStartPre=` and provisioning
+/// scripts can tell a file to fix from a network or remote to fix.
+const EX_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,6 +45,10 @@ enum Command {
     CheckConfig {
         #[arg(long, short, default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Also reach each remote: resolve, connect, TLS, auth, and an empty
+        /// write to each destination (exit 69 if any failed).
+        #[arg(long)]
+        probe: bool,
     },
     /// Show the replications of the running agent.
     Status {
@@ -117,7 +126,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, data_dir } => run(&config, data_dir),
-        Command::CheckConfig { config } => match load(&config).and_then(with_data_dir) {
+        Command::CheckConfig { config, probe } => match load(&config).and_then(with_data_dir) {
             Ok(c) => {
                 for w in &c.warnings {
                     eprintln!("warning: {}", Escaped(w));
@@ -136,7 +145,11 @@ pub fn main() -> ExitCode {
                     c.replications.len(),
                     c.data_dir.display()
                 );
-                ExitCode::SUCCESS
+                if probe {
+                    probe_remotes(&c)
+                } else {
+                    ExitCode::SUCCESS
+                }
             }
             Err(code) => code,
         },
@@ -145,6 +158,27 @@ pub fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::DeadLetter { action } => dead_letter(action),
+    }
+}
+
+/// `check-config --probe`: one line per remote (and per failed
+/// destination); 69 when anything failed.
+fn probe_remotes(config: &Config) -> ExitCode {
+    let results = probe::probe_all(config);
+    for r in &results {
+        for line in r.lines() {
+            println!("{}", Escaped(&line));
+        }
+    }
+    let failed = results.iter().filter(|r| !r.ok()).count();
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "edge-replicator: {failed} of {} remotes failed the probe",
+            results.len()
+        );
+        ExitCode::from(EX_UNAVAILABLE)
     }
 }
 

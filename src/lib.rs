@@ -16,6 +16,7 @@ pub mod fault;
 pub mod ingest;
 pub mod lineproto;
 pub mod logging;
+pub mod probe;
 pub mod queue;
 pub mod ship;
 pub mod source;
