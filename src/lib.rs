@@ -24,3 +24,4 @@ pub mod status;
 pub mod systemd;
 pub mod transform;
 pub mod trust;
+pub mod watch;
