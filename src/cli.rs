@@ -148,6 +148,14 @@ pub fn main() -> ExitCode {
                 if !c.influxdb_wals.is_empty() {
                     sources += &format!(", {} influxdb_wal sources", c.influxdb_wals.len());
                 }
+                if let Some(t) = &c.telemetry {
+                    sources += &format!(
+                        ", telemetry to bucket \"{}\" every {} as instance \"{}\"",
+                        t.bucket,
+                        humantime::format_duration(t.interval),
+                        t.instance_id
+                    );
+                }
                 println!(
                     "{}: ok ({} remotes, {} replications{sources}, data_dir {})",
                     config.display(),

@@ -22,6 +22,7 @@ pub mod ship;
 pub mod source;
 pub mod status;
 pub mod systemd;
+pub mod telemetry;
 pub mod transform;
 pub mod trust;
 pub mod watch;
