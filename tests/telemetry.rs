@@ -29,12 +29,14 @@ fn the_remote_receives_the_queue_depth_history_of_an_outage() {
     // The outage: the remote goes away, sensors keep writing, readings go on.
     vm.stop();
     let down_ms = now_ns() / 1_000_000;
+    let accepted_at_down = field(&agent.replication("r1"), "acceptedLines");
     let body = lines("m", 10, 500, ts_ago(Duration::from_secs(60)));
     assert_eq!(agent.write_v2("sensors", &body, &Opts::new()).0, 204);
-    let backlog = |rep: &serde_json::Value| field(rep, "remainingLines");
-    // Three readings taken while the backlog waits: each adds two lines.
-    wait_until(DEADLINE, "three readings queued during the outage", || {
-        backlog(&agent.replication("r1")) >= 500 + 3 * 2
+    // Four readings queued since the remote went away (two lines each); a
+    // reading taken just before `down_ms` may be among them, so three are
+    // asked of the remote below.
+    wait_until(DEADLINE, "four readings queued during the outage", || {
+        field(&agent.replication("r1"), "acceptedLines") >= accepted_at_down + 500 + 4 * 2
     });
     let up_ms = now_ns() / 1_000_000;
     // Everything queued so far was taken before the remote came back.
