@@ -352,10 +352,12 @@ enum Verdict {
 }
 
 /// Whether a 400 is InfluxDB 2.x refusing a body without points, which it
-/// does only after finding the bucket and checking the token.
+/// does only after finding the bucket and checking the token. Only that
+/// wording counts: any other 400 may be about the remote, not the body.
 fn is_no_data(message: &str) -> bool {
-    let m = message.to_ascii_lowercase();
-    m.contains("writing requires points") || m.contains("no data")
+    message
+        .to_ascii_lowercase()
+        .contains("writing requires points")
 }
 
 /// Reads the answer to the empty write to `bucket`.
