@@ -203,8 +203,9 @@ impl Streams {
         if old.listen.address != new.listen.address
             || old.data_dir != new.data_dir
             || old.queue != new.queue
+            || old.telemetry != new.telemetry
         {
-            warn!("reload: listen.address, data_dir and [queue] changes take effect at the next restart");
+            warn!("reload: listen.address, data_dir, [queue] and [telemetry] changes take effect at the next restart");
         }
         for w in &new.warnings {
             warn!("{w}");
@@ -408,6 +409,20 @@ pub fn run(
     }
     streams.publish_routing();
     streams.sources.apply(&streams.config, &queue, &ingest);
+    let telemetry = match &streams.config.telemetry {
+        Some(t) => Some(
+            crate::telemetry::start(
+                t.clone(),
+                ingest.clone(),
+                queue.clone(),
+                streams.config.data_dir.clone(),
+                streams.config.queue.map_size,
+                started,
+            )
+            .map_err(|e| AgentError::Setup(format!("cannot start the telemetry thread: {e}")))?,
+        ),
+        None => None,
+    };
     let streams = Arc::new(Mutex::new(Some(streams)));
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -484,6 +499,8 @@ pub fn run(
         Ok::<(), AgentError>(())
     });
     drop(watchdog);
+    // No reading is queued once the streams stop.
+    drop(telemetry);
     let shutdown_started = Instant::now();
     if let Some(s) = streams.lock().unwrap().take() {
         s.stop(deadline.saturating_sub(shutdown_started.elapsed()));

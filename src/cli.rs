@@ -1,6 +1,7 @@
 //! Command line: `run`, `check-config`, `status`. Errors are printed once,
 //! as one line, with the exit codes of the design: 0 clean, 78 (EX_CONFIG)
-//! bad config, 1 anything else.
+//! bad config, 69 (EX_UNAVAILABLE) a remote that `check-config --probe`
+//! could not use, 1 anything else.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -11,9 +12,13 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_PATH};
 use crate::logging::Escaped;
-use crate::{agent, logging, status};
+use crate::{agent, logging, probe, status, watch};
 
 const EX_CONFIG: u8 = 78;
+/// sysexits' "a service is unavailable": the config is valid, a remote is
+/// not usable. Distinct from 78 so that `ExecStartPre=` and provisioning
+/// scripts can tell a file to fix from a network or remote to fix.
+const EX_UNAVAILABLE: u8 = 69;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -40,14 +45,28 @@ enum Command {
     CheckConfig {
         #[arg(long, short, default_value = DEFAULT_PATH)]
         config: PathBuf,
+        /// Also reach each remote: resolve, connect, TLS, auth, and an empty
+        /// write to each destination (exit 69 if any failed).
+        #[arg(long)]
+        probe: bool,
     },
     /// Show the replications of the running agent.
     Status {
         #[arg(long, short, default_value = DEFAULT_PATH)]
         config: PathBuf,
         /// Print the JSON of GET /api/v2/replications.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "watch")]
         json: bool,
+        /// Refresh until interrupted: rates in and out, bytes sent, queue
+        /// fill and the time left to drain, per replication.
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: time between refreshes.
+        #[arg(long, requires = "watch", default_value = "1s", value_parser = parse_interval)]
+        interval: Duration,
+        /// With --watch: stop after this many refreshes.
+        #[arg(long, requires = "watch", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
     },
     /// Inspect, replay or purge the lines a remote refused for good.
     DeadLetter {
@@ -117,7 +136,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, data_dir } => run(&config, data_dir),
-        Command::CheckConfig { config } => match load(&config).and_then(with_data_dir) {
+        Command::CheckConfig { config, probe } => match load(&config).and_then(with_data_dir) {
             Ok(c) => {
                 for w in &c.warnings {
                     eprintln!("warning: {}", Escaped(w));
@@ -129,6 +148,14 @@ pub fn main() -> ExitCode {
                 if !c.influxdb_wals.is_empty() {
                     sources += &format!(", {} influxdb_wal sources", c.influxdb_wals.len());
                 }
+                if let Some(t) = &c.telemetry {
+                    sources += &format!(
+                        ", telemetry to bucket \"{}\" every {} as instance \"{}\"",
+                        t.bucket,
+                        humantime::format_duration(t.interval),
+                        t.instance_id
+                    );
+                }
                 println!(
                     "{}: ok ({} remotes, {} replications{sources}, data_dir {})",
                     config.display(),
@@ -136,15 +163,47 @@ pub fn main() -> ExitCode {
                     c.replications.len(),
                     c.data_dir.display()
                 );
-                ExitCode::SUCCESS
+                if probe {
+                    probe_remotes(&c)
+                } else {
+                    ExitCode::SUCCESS
+                }
             }
             Err(code) => code,
         },
-        Command::Status { config, json } => match load_as_client(&config) {
+        Command::Status {
+            config,
+            json,
+            watch,
+            interval,
+            count,
+        } => match load_as_client(&config) {
+            Ok(c) if watch => watch_status(&c, interval, count),
             Ok(c) => show_status(&c, json),
             Err(code) => code,
         },
         Command::DeadLetter { action } => dead_letter(action),
+    }
+}
+
+/// `check-config --probe`: one line per remote (and per failed
+/// destination); 69 when anything failed.
+fn probe_remotes(config: &Config) -> ExitCode {
+    let results = probe::probe_all(config);
+    for r in &results {
+        for line in r.lines() {
+            println!("{}", Escaped(&line));
+        }
+    }
+    let failed = results.iter().filter(|r| !r.ok()).count();
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "edge-replicator: {failed} of {} remotes failed the probe",
+            results.len()
+        );
+        ExitCode::from(EX_UNAVAILABLE)
     }
 }
 
@@ -203,6 +262,14 @@ fn local_url(addr: SocketAddr) -> String {
 
 /// Sends one request to the running agent; prints why on failure.
 fn call_agent(config: &Config, method: &str, path: &str) -> Result<serde_json::Value, ExitCode> {
+    ask_agent(config, method, path).map_err(|e| {
+        eprintln!("edge-replicator: {}", Escaped(&e));
+        ExitCode::FAILURE
+    })
+}
+
+/// Sends one request to the running agent; the error says why, in one line.
+fn ask_agent(config: &Config, method: &str, path: &str) -> Result<serde_json::Value, String> {
     let url = format!("{}{path}", local_url(config.listen.address));
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(30)))
@@ -213,24 +280,77 @@ fn call_agent(config: &Config, method: &str, path: &str) -> Result<serde_json::V
     if let Some(t) = config.listen.tokens.first() {
         req = req.header("Authorization", format!("Token {}", t.expose()));
     }
-    let req = req.body(()).map_err(|e| {
-        eprintln!("edge-replicator: {url}: {e}");
-        ExitCode::FAILURE
-    })?;
-    let mut resp = agent.run(req).map_err(|e| {
-        eprintln!("edge-replicator: cannot reach the agent at {url}: {e} (is it running?)");
-        ExitCode::FAILURE
-    })?;
+    let req = req.body(()).map_err(|e| format!("{url}: {e}"))?;
+    let mut resp = agent
+        .run(req)
+        .map_err(|e| format!("cannot reach the agent at {url}: {e} (is it running?)"))?;
     let code = resp.status().as_u16();
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     if code != 200 {
-        eprintln!("edge-replicator: {url} answered {code}: {}", Escaped(&body));
-        return Err(ExitCode::FAILURE);
+        return Err(format!("{url} answered {code}: {body}"));
     }
-    serde_json::from_str(&body).map_err(|e| {
-        eprintln!("edge-replicator: {url} answered JSON that does not parse: {e}");
-        ExitCode::FAILURE
-    })
+    serde_json::from_str(&body).map_err(|e| format!("{url} answered JSON that does not parse: {e}"))
+}
+
+/// `--interval`: a duration of at least 100 ms (the agent's status is not
+/// worth asking for more often, and a typo like `1ms` would load it).
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e}"))?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s:?}: must be at least 100ms"));
+    }
+    Ok(d)
+}
+
+/// `status --watch`: one block per refresh (see [`watch`]); the agent being
+/// unreachable for a while (a restart) is shown and waited out. Exits 0
+/// after `count` refreshes if the last one reached the agent, else 1.
+fn watch_status(config: &Config, interval: Duration, count: Option<u64>) -> ExitCode {
+    use std::io::{IsTerminal as _, Write as _};
+    let terminal = std::io::stdout().is_terminal();
+    let started = std::time::Instant::now();
+    let mut history = watch::History::default();
+    let mut refreshes = 0u64;
+    loop {
+        let tick = std::time::Instant::now();
+        let elapsed = tick.duration_since(started);
+        let width = watch::width(
+            std::env::var("COLUMNS").ok().as_deref(),
+            watch::terminal_width(),
+        );
+        let (block, ok) = match ask_agent(config, "GET", "/api/v2/replications") {
+            Ok(v) => {
+                history.add(&v, elapsed.as_secs_f64());
+                (watch::render(&v, &history, width, elapsed, interval), true)
+            }
+            Err(e) => {
+                let text: String = format!("edge-replicator: {}", Escaped(&e))
+                    .chars()
+                    .take(width)
+                    .collect();
+                (format!("{text}\n"), false)
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        // A closed pipe (`| head`) ends the watch quietly.
+        if out
+            .write_all(watch::frame(&block, terminal).as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return ExitCode::SUCCESS;
+        }
+        drop(out);
+        refreshes += 1;
+        if count.is_some_and(|n| refreshes >= n) {
+            return if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        std::thread::sleep(interval.saturating_sub(tick.elapsed()));
+    }
 }
 
 fn show_status(config: &Config, json: bool) -> ExitCode {

@@ -58,6 +58,8 @@ pub struct Config {
     pub tails: Vec<Tail>,
     /// `[[influxdb_wal]]`: local InfluxDB WALs followed into a local bucket.
     pub influxdb_wals: Vec<InfluxdbWal>,
+    /// `[telemetry]`: the agent's own health, written into its queue.
+    pub telemetry: Option<Telemetry>,
     /// Non-fatal findings, one line each, for the caller to log.
     pub warnings: Vec<String>,
 }
@@ -68,6 +70,22 @@ impl Config {
         self.remotes.iter().find(|r| r.name == name)
     }
 }
+
+/// `[telemetry]`: every `interval`, the agent writes its own health as line
+/// protocol into local bucket `bucket`, tagged `instance`; queued like any
+/// write, it reaches the remote with the history of an outage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Telemetry {
+    /// A local bucket some replication takes.
+    pub bucket: String,
+    pub interval: Duration,
+    /// The `instance` tag: `instance_id`, else the host name.
+    pub instance_id: String,
+}
+
+/// Telemetry more often than this would crowd the queue with the agent's
+/// own lines.
+pub const MIN_TELEMETRY_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The local write API: `[listen]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -402,6 +420,15 @@ struct RawConfig {
     tail: Vec<RawTail>,
     #[serde(default)]
     influxdb_wal: Vec<RawInfluxdbWal>,
+    telemetry: Option<RawTelemetry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTelemetry {
+    bucket: Option<String>,
+    interval: Option<Scalar>,
+    instance_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -992,6 +1019,77 @@ fn duration_value(
     }
 }
 
+/// Validates `[telemetry]`: a bucket some replication takes (else the
+/// lines would have nowhere to go), an interval of at least
+/// [`MIN_TELEMETRY_INTERVAL`], and an instance id fit for a tag value.
+fn telemetry(raw: RawTelemetry, replications: &[Replication]) -> Result<Telemetry, ConfigError> {
+    let bucket = match raw.bucket {
+        None => return Err(invalid("telemetry.bucket", "required")),
+        Some(b) if b.is_empty() => return Err(invalid("telemetry.bucket", "must not be empty")),
+        Some(b) if b.contains('*') => {
+            return Err(invalid(
+                "telemetry.bucket",
+                format!("{b:?}: one bucket, not a pattern"),
+            ))
+        }
+        Some(b) => b,
+    };
+    if !replications.iter().any(|r| r.takes_bucket(&bucket)) {
+        return Err(invalid(
+            "telemetry.bucket",
+            format!(
+                "{bucket:?} is not taken by any replication (add one with local_bucket = {bucket:?} or \"*\")"
+            ),
+        ));
+    }
+    let interval = duration_value("telemetry.interval", raw.interval, Duration::from_secs(60))?;
+    if interval < MIN_TELEMETRY_INTERVAL {
+        return Err(invalid("telemetry.interval", "must be at least 1s"));
+    }
+    let instance_id = match raw.instance_id {
+        Some(id) => id,
+        None => hostname().ok_or_else(|| {
+            invalid(
+                "telemetry.instance_id",
+                "required: this system's host name cannot be read",
+            )
+        })?,
+    };
+    if instance_id.is_empty() || instance_id.chars().any(char::is_control) {
+        return Err(invalid(
+            "telemetry.instance_id",
+            "must be non-empty, without control characters",
+        ));
+    }
+    if instance_id.len() > 256 {
+        return Err(invalid(
+            "telemetry.instance_id",
+            "must be at most 256 bytes",
+        ));
+    }
+    Ok(Telemetry {
+        bucket,
+        interval,
+        instance_id,
+    })
+}
+
+/// This system's host name, when it has a usable one.
+fn hostname() -> Option<String> {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into `buf`,
+    // which lives across the call.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return None;
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    std::str::from_utf8(&buf[..end])
+        .ok()
+        .map(str::to_string)
+        .filter(|h| !h.is_empty())
+}
+
 fn round_up_mib(bytes: u64) -> Option<u64> {
     bytes.div_ceil(MIB).checked_mul(MIB)
 }
@@ -1214,6 +1312,10 @@ impl Validator<'_> {
 
         let (tails, influxdb_wals) = self.sources(raw.tail, raw.influxdb_wal, &replications)?;
         let queue = self.queue(raw.queue, &replications)?;
+        let telemetry = raw
+            .telemetry
+            .map(|t| telemetry(t, &replications))
+            .transpose()?;
         Ok(Config {
             data_dir,
             shutdown_timeout,
@@ -1224,6 +1326,7 @@ impl Validator<'_> {
             replications,
             tails,
             influxdb_wals,
+            telemetry,
             warnings: self.warnings,
         })
     }
@@ -1963,6 +2066,25 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_takes_its_defaults_and_its_instance() {
+        assert_eq!(ok(&repl("")).telemetry, None);
+        let t = ok(&repl("[telemetry]\nbucket = \"sensors\""))
+            .telemetry
+            .unwrap();
+        assert_eq!(t.interval, Duration::from_secs(60));
+        assert_eq!(Some(t.instance_id), hostname(), "the host name by default");
+        let t = ok(&repl(
+            "[telemetry]\nbucket = \"sensors\"\ninterval = \"5s\"\ninstance_id = \"gw 17\"",
+        ))
+        .telemetry
+        .unwrap();
+        assert_eq!(
+            (t.bucket.as_str(), t.interval, t.instance_id.as_str()),
+            ("sensors", Duration::from_secs(5), "gw 17")
+        );
+    }
+
+    #[test]
     fn error_cases_name_the_key() {
         let long_name = "n".repeat(65);
         let cases: Vec<(String, &str)> = vec![
@@ -1970,6 +2092,22 @@ mod tests {
             ("foo = 1".into(), "unknown field `foo`"),
             ("[listen]\nbar = 1".into(), "line 2, column 1: unknown field `bar`"),
             ("[queue]\nsize = 1".into(), "unknown field `size`"),
+            // [telemetry]: where its lines go, how often, under which name.
+            (repl("[telemetry]\nbuckets = \"t\""), "unknown field `buckets`"),
+            (repl("[telemetry]\ninterval = \"1m\""), "telemetry.bucket: required"),
+            (
+                repl("[telemetry]\nbucket = \"edge\""),
+                "telemetry.bucket: \"edge\" is not taken by any replication",
+            ),
+            (repl("[telemetry]\nbucket = \"s*\""), "telemetry.bucket: \"s*\": one bucket"),
+            (
+                repl("[telemetry]\nbucket = \"sensors\"\ninterval = \"500ms\""),
+                "telemetry.interval: must be at least 1s",
+            ),
+            (
+                repl("[telemetry]\nbucket = \"sensors\"\ninstance_id = \"a\\nb\""),
+                "telemetry.instance_id: must be non-empty",
+            ),
             (remote("include_measurements = []"), "unknown field `include_measurements`"),
             (repl("include_measurements = [\"\"]"), "include_measurements"),
             (repl("exclude_measurements = [\"\"]"), "exclude_measurements"),

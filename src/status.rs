@@ -106,6 +106,7 @@ pub fn replications_json(list: &[Arc<ReplStatus>]) -> Value {
                 "nextRetryAt": s.next_retry.map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 "acceptedLines": c.accepted_lines,
                 "deliveredLines": c.delivered_lines,
+                "sentBytes": s.bytes_sent,
                 "droppedFullLines": c.dropped_full_lines,
                 "expiredLines": c.expired_lines,
                 "droppedNonRetryableLines": c.dropped_non_retryable_lines,

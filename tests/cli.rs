@@ -1,11 +1,15 @@
 //! The command line: `check-config` exit codes and messages (0, or 78 with
 //! one line naming the bad key), `run` refusing a bad config, and `status`
-//! (table and `--json`) asking a running agent.
+//! (table, `--json`, and `--watch` following a backlog as it drains) asking a
+//! running agent.
 
 mod util;
 
 use std::fs;
-use std::process::Output;
+use std::io::Read as _;
+use std::process::{Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use util::*;
@@ -283,4 +287,137 @@ fn status_without_a_running_agent_fails_clearly() {
         !String::from_utf8_lossy(&out.stderr).trim().is_empty(),
         "no message on stderr"
     );
+}
+
+/// `status --watch` while a backlog drains: a remote refuses (503) until
+/// it comes up, then the watch shows the replication draining (a rate out,
+/// a filled bar, an ETA), ends with the queue empty, fits `COLUMNS`, and,
+/// piped, prints successive blocks without terminal codes. `--count N`
+/// stops after N refreshes.
+#[test]
+fn status_watch_follows_a_backlog_as_it_drains() {
+    // The remote takes each batch after a short pause once up, so the
+    // drain spans several refreshes however fast the machine is.
+    let up = Arc::new(AtomicBool::new(false));
+    let sink = {
+        let up = up.clone();
+        Sink::start(move |_| {
+            if up.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+                (204, String::new())
+            } else {
+                (503, "{\"message\":\"down for maintenance\"}".to_string())
+            }
+        })
+    };
+    let mut config = AgentConfig::single(RemoteConfig::v2("cloud", &sink.url()), "sensors", None);
+    config.replications[0].batch_size = "2kB".into();
+    config.replications[0].max_queue_size = "1MiB".into();
+    let agent = Agent::start(config);
+    let body = lines("m", 10, 3000, ts_ago(Duration::from_secs(600)));
+    assert_eq!(agent.write_v2("sensors", &body, &Opts::new()).0, 204);
+    wait_until(DEADLINE, "the remote's refusal in the status", || {
+        agent.replication("r1")["latestResponseCode"] == 503
+    });
+
+    let mut child = agent_command()
+        .args(["status", "--watch", "--interval", "100ms", "--config"])
+        .arg(agent.config_path())
+        .env("COLUMNS", "40")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn status --watch");
+    let output = Arc::new(Mutex::new(String::new()));
+    let reader = {
+        let output = output.clone();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                output
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let seen = |what: &str| output.lock().unwrap().contains(what);
+    wait_until(DEADLINE, "a block with the whole backlog", || {
+        seen("  left     3000 lines, eta -")
+    });
+    up.store(true, Ordering::SeqCst);
+    wait_until(DEADLINE, "a block with the queue empty", || {
+        seen("  left     0 lines, eta -")
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    reader.join().unwrap();
+    let text = output.lock().unwrap().clone();
+
+    assert!(
+        !text.contains('\u{1b}'),
+        "terminal codes in a pipe: {text:?}"
+    );
+    for l in text.lines() {
+        assert!(l.chars().count() <= 40, "wider than COLUMNS=40: {l:?}");
+    }
+    let blocks: Vec<&str> = text
+        .split("edge-replicator status +")
+        .filter(|b| !b.is_empty())
+        .collect();
+    assert!(blocks.len() >= 3, "{text}");
+    // While the remote refused: the state, the error, a bar with the backlog.
+    let first = blocks[0];
+    assert!(
+        first.lines().next().unwrap().ends_with("s every 100ms"),
+        "the header fits 40 columns whole: {first}"
+    );
+    assert!(first.contains("r1 -> cloud  backoff"), "{first}");
+    assert!(first.contains("  error    HTTP 503"), "{first}");
+    assert!(first.contains("  [#"), "{first}");
+    // While draining: lines going out, compressed bytes sent, a bar still
+    // filled and a time left.
+    let draining = blocks.iter().find(|b| {
+        let out_rate = b
+            .lines()
+            .find_map(|l| l.strip_prefix("  lines/s  in "))
+            .and_then(|l| l.split("  out ").nth(1))
+            .unwrap_or("-");
+        let eta = b
+            .lines()
+            .find_map(|l| l.split(", eta ").nth(1))
+            .unwrap_or("-");
+        !["-", "0"].contains(&out_rate) && eta.starts_with(|c: char| c.is_ascii_digit())
+    });
+    let draining = draining.unwrap_or_else(|| panic!("no block shows the drain:\n{text}"));
+    eprintln!("edge-replicator status +{draining}");
+    assert!(draining.contains("r1 -> cloud  running"), "{draining}");
+    assert!(draining.contains("  sent     "), "{draining}");
+    assert!(draining.contains("/s gzip"), "{draining}");
+    assert!(draining.contains("  [#"), "{draining}");
+    assert_eq!(sink.lines_accepted().len(), 3000);
+
+    // --count: that many refreshes, then exit 0.
+    let out = agent.cli(&["status", "--watch", "--interval", "100ms", "--count", "2"]);
+    assert!(out.status.success(), "{}", self::text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.matches("edge-replicator status +").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("  left     0 lines, eta -"), "{stdout}");
+}
+
+#[test]
+fn status_watch_refuses_a_too_short_interval() {
+    let agent = agent_with_backlog(&[]);
+    let out = agent.cli(&["status", "--watch", "--interval", "1ms", "--count", "1"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(text(&out).contains("at least 100ms"), "{}", text(&out));
 }

@@ -253,3 +253,64 @@ fn a_ca_file_that_holds_no_certificate_is_a_config_error() {
     );
     assert!(!log.contains("panicked"), "{log}");
 }
+
+/// `check-config --probe` against the HTTPS remote with `ca_file` naming a
+/// CA that did not sign its certificate: one line naming the certificate
+/// problem and `ca_file`, exit 69, nothing sent, no token printed. With the
+/// right CA the same probe passes.
+#[test]
+fn probe_names_an_untrusted_certificate() {
+    let ca = Ca::new("edge-replicator test CA");
+    let other = Ca::new("some other CA");
+    let (cert, key) = ca.issue(&["127.0.0.1"], false);
+    let sink = https_remote(&cert, &key);
+    let dir = tempfile::tempdir().unwrap();
+    let wrong_dir = dir.path().join("wrong");
+    fs::create_dir(&wrong_dir).unwrap();
+    let wrong = other.write_pem(&wrong_dir);
+    let right = ca.write_pem(dir.path());
+    let probe = |pem: &std::path::Path| {
+        let config = AgentConfig::single(RemoteConfig::v2("tls", &https_url(&sink)), "b", None);
+        let text = insert_after(
+            &config.render(
+                &dir.path().join("data"),
+                &format!("127.0.0.1:{}", free_port()),
+            ),
+            "name = \"tls\"",
+            &format!("ca_file = {}\n", toml_str(&pem.display().to_string())),
+        );
+        let path = dir.path().join("config.toml");
+        fs::write(&path, text).unwrap();
+        let out = run_cli(&[
+            "check-config",
+            "--probe",
+            "--config",
+            path.to_str().unwrap(),
+        ]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        eprintln!("{text}");
+        assert!(!text.contains("test-token"), "the token leaked: {text}");
+        (out.status.code(), text)
+    };
+    let (code, text) = probe(&wrong);
+    assert_eq!(code, Some(69), "{text}");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("remote \"tls\""))
+        .collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(lines[0].contains("TLS failed"), "{text}");
+    assert!(lines[0].contains("UnknownIssuer"), "{text}");
+    assert!(lines[0].contains("set ca_file"), "{text}");
+    assert!(sink.requests().is_empty(), "nothing was sent in clear");
+
+    let (code, text) = probe(&right);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("TLS verified"), "{text}");
+    assert_eq!(sink.requests().len(), 1, "one empty write");
+    assert!(sink.lines_accepted().is_empty());
+}

@@ -510,6 +510,15 @@ fn get(http: &ureq::Agent, url: &str, auth: Option<&str>) -> Result<Reply, ureq:
     req.call().map(Reply::from)
 }
 
+/// An HTTP Basic `Authorization` value.
+pub fn basic_auth(user: &str, password: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = GzEncoder::new(Vec::new(), Compression::default());
     enc.write_all(data).unwrap();
@@ -935,11 +944,32 @@ pub struct Influx16 {
     dir: TempDir,
     bin: PathBuf,
     http: ureq::Agent,
+    /// `[http] auth-enabled`: the admin's `Authorization` header, which
+    /// every query of the helpers then sends.
+    admin: Option<String>,
 }
 
 impl Influx16 {
     /// Starts a server; `None` (after a SKIP line) when `influxd` is missing.
     pub fn start() -> Option<Influx16> {
+        Influx16::start_inner(None)
+    }
+
+    /// As [`Influx16::start`], with `[http] auth-enabled = true` and an
+    /// admin user `user` (created through `/query`, as InfluxDB allows for
+    /// the first user): writes then need a user's credentials.
+    pub fn start_with_auth(user: &str, password: &str) -> Option<Influx16> {
+        let mut influx = Influx16::start_inner(Some(String::new()))?;
+        influx.admin = None;
+        influx.query(
+            None,
+            &format!("CREATE USER \"{user}\" WITH PASSWORD '{password}' WITH ALL PRIVILEGES"),
+        );
+        influx.admin = Some(basic_auth(user, password));
+        Some(influx)
+    }
+
+    fn start_inner(admin: Option<String>) -> Option<Influx16> {
         let bin = require("influxd")?;
         let dir = tempfile::Builder::new()
             .prefix("influx16-")
@@ -951,6 +981,7 @@ impl Influx16 {
             dir,
             bin,
             http: http(),
+            admin,
         };
         // Someone else may take a port between the pick and the bind.
         for _ in 0..10 {
@@ -985,11 +1016,13 @@ bind-address = "127.0.0.1:{rpc_port}"
   enabled = true
   bind-address = "127.0.0.1:{port}"
   log-enabled = false
+  auth-enabled = {auth}
 
 [logging]
   level = "warn"
 "#,
             port = self.port,
+            auth = self.admin.is_some(),
             meta = d.join("meta").display(),
             data = d.join("data").display(),
             wal = d.join("wal").display(),
@@ -1067,6 +1100,9 @@ bind-address = "127.0.0.1:{rpc_port}"
     /// Runs an InfluxQL statement; panics unless it succeeded.
     pub fn query(&self, db: Option<&str>, q: &str) -> Value {
         let mut req = self.http.post(format!("{}/query", self.url()));
+        if let Some(a) = &self.admin {
+            req = req.header("Authorization", a);
+        }
         if let Some(db) = db {
             req = req.query("db", db);
         }
