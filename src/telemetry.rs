@@ -233,7 +233,7 @@ pub fn start(
                     .iter()
                     .map(|r| ReplReading::of(r, now.max(0) as u64))
                     .collect();
-                let targets = routing.targets(&config.bucket);
+                let targets = routing.targets(&crate::ingest::Destination::bucket(&config.bucket));
                 drop(routing);
                 let agent = AgentReading {
                     uptime_seconds: started.elapsed().as_secs(),
