@@ -178,6 +178,10 @@ impl Streams {
                 .map(|s| Route {
                     config: s.config.clone(),
                     handle: s.status.queue.clone(),
+                    v1: self
+                        .config
+                        .remote(&s.config.remote)
+                        .is_some_and(|r| r.api == config::Api::V1),
                 })
                 .collect(),
             statuses: self.streams.values().map(|s| s.status.clone()).collect(),

@@ -174,6 +174,10 @@ pub enum ParseErrorKind {
     InvalidUtf8,
     /// A newline outside a string field value within a point (only from [`normalize`]).
     NewlineOutsideString,
+    /// An unsigned integer (`123u`) in a write that only InfluxDB 1.x remotes take:
+    /// InfluxDB 1.x has no unsigned type and would refuse the point later, unseen by the
+    /// writer.
+    UnsignedForV1,
 }
 
 impl ParseErrorKind {
@@ -203,6 +207,10 @@ impl ParseErrorKind {
             TrailingData => "unexpected data after timestamp",
             InvalidUtf8 => "invalid UTF-8",
             NewlineOutsideString => "newline outside a string field value",
+            UnsignedForV1 => {
+                "unsigned integer: this bucket is replicated only to InfluxDB 1.x, which has no \
+                 unsigned type (write the value with i)"
+            }
         }
     }
 }
@@ -938,6 +946,19 @@ fn excerpt(raw: &[u8]) -> String {
 /// a single space before it and no surrounding whitespace is copied with one extend.
 /// Invalid lines are left out of `out` and reported in the [`Summary`].
 pub fn normalize(body: &[u8], precision: Precision, now_ns: i64, out: &mut Vec<u8>) -> Summary {
+    normalize_with(body, precision, now_ns, false, out)
+}
+
+/// As [`normalize`]; with `refuse_unsigned`, a point holding an unsigned integer field is
+/// invalid ([`ParseErrorKind::UnsignedForV1`]), for writes that only InfluxDB 1.x remotes
+/// take.
+pub fn normalize_with(
+    body: &[u8],
+    precision: Precision,
+    now_ns: i64,
+    refuse_unsigned: bool,
+    out: &mut Vec<u8>,
+) -> Summary {
     let mut summary = Summary::default();
     out.reserve(body.len() + 1);
     let mut pos = 0;
@@ -981,6 +1002,13 @@ pub fn normalize(body: &[u8], precision: Precision, now_ns: i64, out: &mut Vec<u
         } else {
             0
         };
+        let scanned = match scanned {
+            Ok(Scanned::Point(p)) if refuse_unsigned => match unsigned_field(raw, &p.line) {
+                Some(at) => Err(error(ParseErrorKind::UnsignedForV1, at, raw.len())),
+                None => Ok(Scanned::Point(p)),
+            },
+            other => other,
+        };
         match scanned {
             Ok(Scanned::Point(p)) => {
                 let ns = match p.line.timestamp {
@@ -1021,6 +1049,16 @@ pub fn normalize(body: &[u8], precision: Precision, now_ns: i64, out: &mut Vec<u
         pos = next;
     }
     summary
+}
+
+/// Offset in `raw` of the value of the first unsigned integer field of `line` (parsed
+/// from `raw`), if any.
+fn unsigned_field(raw: &[u8], line: &Line<'_>) -> Option<usize> {
+    // Most lines have no `u` after a digit: one memchr decides.
+    memchr(b'u', line.fields)?;
+    line.fields()
+        .find(|(_, v)| matches!(v, FieldValue::UInt(_)))
+        .map(|(key, _)| key.as_ptr() as usize - raw.as_ptr() as usize + key.len() + 1)
 }
 
 // ---- point boundaries ----
@@ -1539,6 +1577,25 @@ mod tests {
         );
         assert_eq!(summary.error_count, 0);
         assert_eq!(out, "m,t=caf\u{e9} s=\"\u{1f600} ok\",\u{b5}=1 1\n");
+    }
+
+    #[test]
+    fn unsigned_fields_are_refused_only_when_asked() {
+        let body = b"a,u=1u v=1u,w=2i 1\nb s=\"9u\",x=3i 2\nc v=1i,n=18446744073709551615u 3\n";
+        let mut out = Vec::new();
+        let s = normalize_with(body, Precision::Nanoseconds, NOW, false, &mut out);
+        assert_eq!((s.lines, s.error_count), (3, 0));
+        let mut out = Vec::new();
+        let s = normalize_with(body, Precision::Nanoseconds, NOW, true, &mut out);
+        // A `u` in a tag or inside a string is not an unsigned field.
+        assert_eq!(out, b"b s=\"9u\",x=3i 2\n");
+        assert_eq!((s.lines, s.error_count), (1, 2));
+        let at: Vec<(usize, ParseErrorKind, usize)> = s
+            .errors
+            .iter()
+            .map(|e| (e.line, e.error.kind, e.error.column))
+            .collect();
+        assert_eq!(at, vec![(1, UnsignedForV1, 10), (3, UnsignedForV1, 10)]);
     }
 
     #[test]

@@ -553,3 +553,61 @@ fn v1_random_strings_survive_random_cuts() {
     );
     assert_eq!(agent.source("tail")["invalidLines"], 0);
 }
+
+/// InfluxDB 1.x has no unsigned integers. When every replication of a
+/// bucket writes to a v1 remote, a point with a `u` field is refused at
+/// once (400 naming it), as InfluxDB 1.x itself would refuse it, and its
+/// neighbours are queued; when a v2 remote takes the bucket too, the point
+/// is accepted, delivered there, and set aside, counted, by the v1 one.
+#[test]
+fn unsigned_integers_toward_a_v1_remote() {
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    influx.create_db("edge");
+    let ts = ts_ago(Duration::from_secs(600));
+    let body = format!(
+        "u_ok,k=a value=1i {ts}\nu_bad,k=b value=7u {}\nu_ok,k=c value=3i {}\n",
+        ts + 1,
+        ts + 2
+    );
+
+    let config = AgentConfig::single(
+        RemoteConfig::v1("influx", &influx.url()),
+        "sensors",
+        Some("edge"),
+    );
+    let agent = Agent::start(config);
+    let (status, text) = agent.write_v2("sensors", &body, &Opts::new());
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("line 2"), "{text}");
+    assert!(text.contains("unsigned integer"), "{text}");
+    assert!(text.contains("InfluxDB 1.x"), "{text}");
+    wait_eq(DEADLINE, "the two good points at the remote", 2, || {
+        influx.count("edge", "u_ok", "value")
+    });
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "acceptedLines"), 2, "{rep:#}");
+    drop(agent);
+
+    // A v2 remote takes the bucket as well: the write is accepted whole.
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(
+        RemoteConfig::v1("influx", &influx.url()),
+        "mixed",
+        Some("edge"),
+    );
+    config.remotes.push(RemoteConfig::v2("cloud", &sink.url()));
+    config
+        .replications
+        .push(ReplicationConfig::new("r2", "cloud", "mixed"));
+    let agent = Agent::start(config);
+    let (status, text) = agent.write_v2("mixed", &body, &Opts::new());
+    assert_eq!(status, 204, "{text}");
+    let rep = wait_drained(&agent);
+    assert_eq!(field(&rep, "deliveredLines"), 2, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
+    wait_eq(DEADLINE, "three points at the v2 remote", 3, || {
+        sink.lines_accepted().len()
+    });
+}

@@ -39,6 +39,9 @@ pub const DEFLATE_MIN: usize = 32 << 10;
 pub struct Route {
     pub config: Replication,
     pub handle: Arc<ReplHandle>,
+    /// Its remote speaks the v1 API (InfluxDB 1.x), which has no unsigned
+    /// integers.
+    pub v1: bool,
 }
 
 /// The part of the config a write is checked and routed against; replaced
@@ -208,15 +211,21 @@ impl Ingest {
             return Err(WriteError::NoRoute(bucket.to_string()));
         }
         let deflate = routing.deflate(dest);
+        // Only InfluxDB 1.x remotes take these lines, and they have no
+        // unsigned type: the writer hears of such a value now, as it would
+        // from InfluxDB 1.x itself, instead of the remote refusing it later.
+        let refuse_unsigned = routing.taking(dest).all(|r| r.v1);
         drop(routing);
         let now = now_ns();
         let (payload, summary, segments) =
             if body.len() > INLINE_VALIDATION_LIMIT || body.len() >= DEFLATE_MIN {
-                tokio::task::spawn_blocking(move || prepare(body, precision, now, deflate))
-                    .await
-                    .map_err(|e| QueueError::Storage(format!("validation task failed: {e}")))?
+                tokio::task::spawn_blocking(move || {
+                    prepare(body, precision, now, refuse_unsigned, deflate)
+                })
+                .await
+                .map_err(|e| QueueError::Storage(format!("validation task failed: {e}")))?
             } else {
-                prepare(body, precision, now, None)
+                prepare(body, precision, now, refuse_unsigned, None)
             };
         let received = segments.as_ref().map_or(payload.len() as u64, |s| {
             s.iter().map(|s| s.deflated.len as u64).sum()
@@ -259,11 +268,12 @@ fn prepare(
     body: bytes::Bytes,
     precision: Precision,
     now: i64,
+    refuse_unsigned: bool,
     deflate: Option<Deflate>,
 ) -> (Vec<u8>, Summary, Option<Vec<Segment>>) {
     // Normalised lines grow by at most a timestamp each; most already have one.
     let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
-    let summary = lineproto::normalize(&body, precision, now, &mut out);
+    let summary = lineproto::normalize_with(&body, precision, now, refuse_unsigned, &mut out);
     // The body is not needed past here: free it before compressing.
     drop(body);
     let Some(d) = deflate.filter(|_| out.len() >= DEFLATE_MIN) else {
