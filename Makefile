@@ -73,9 +73,9 @@ FUZZ_TIME ?= 60
 .PHONY: fuzz soak
 fuzz: ## fuzz the line-protocol parser, the gzip body reader and the WAL decoder, FUZZ_TIME seconds each (default 60)
 	./scripts/install-fuzz-deps.sh
-	./scripts/fuzz.sh $(FUZZ_TIME)
+	FUZZ_RUNS=$(FUZZ_RUNS) ./scripts/fuzz.sh $(FUZZ_TIME)
 
-soak: test-deps ## long runs: CRASH_KILLS (default 1000) SIGKILLs under load, every crash point, 5 min of fuzzing per target
+soak: test-deps ## long runs: CRASH_KILLS (default 1000) SIGKILLs under load, every crash point, SOAK_FUZZ_RUNS (default 10 M) fuzz executions per target
 	CRASH_KILLS=$(or $(CRASH_KILLS),1000) CRASH_SEED=$${CRASH_SEED:-$$(date +%s)} \
 		$(CARGO) test --test crash -- --nocapture --test-threads=1
-	$(MAKE) fuzz FUZZ_TIME=$(or $(SOAK_FUZZ_TIME),300)
+	$(MAKE) fuzz FUZZ_RUNS=$(or $(SOAK_FUZZ_RUNS),10000000)
