@@ -163,6 +163,61 @@ fn gzip_bombs_are_refused_in_bounded_memory() {
     assert_eq!(agent.write_v2("b", &normal, &Opts::new().gzip(true)).0, 204);
 }
 
+/// Address space for the agent in the announcement test: its own mappings
+/// (a queue map of 96 MiB, thread stacks, two malloc arenas) fit, a hundred
+/// announced 32 MiB bodies (3.2 GB) do not.
+const ANNOUNCED_AS_LIMIT: u64 = 1 << 30;
+
+#[test]
+fn announced_lengths_reserve_nothing() {
+    // Regression: the body buffer was sized from Content-Length, so a
+    // hundred clients announcing 32 MiB and sending 5 bytes made the agent
+    // reserve 3.2 GB and abort where address space is short (32-bit ARM).
+    let launch = Launch::new()
+        .address_space_limit(ANNOUNCED_AS_LIMIT)
+        .insert_after("[queue]", "map_size = \"96MiB\"");
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.replications[0].max_queue_size = "16MiB".into();
+    let mut agent = Agent::start_with(config, &launch);
+    let port = agent.port;
+    let liars: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(
+                b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\n\
+                  Content-Length: 33554432\r\n\r\nlie f",
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    // Every one of them is being read before the honest write is sent.
+    wait_until(DEADLINE, "the hundred announcements are being read", || {
+        !agent.is_running()
+            || metric_value(
+                &agent.get("/metrics").body,
+                "edge_replicator_write_requests_total",
+                "",
+            )
+            .is_some_and(|n| n >= 100.0)
+    });
+    assert!(agent.is_running(), "agent died:\n{}", agent.log());
+    let ts = ts_ago(Duration::from_secs(60));
+    let (status, body) = agent.write_v2("b", lines("honest", 2, 50, ts), &Opts::new());
+    assert_eq!(status, 204, "{body}");
+    drop(liars);
+    wait_eq(DEADLINE, "the honest lines delivered", 50, || {
+        sink.lines_accepted().len()
+    });
+    assert!(agent.is_running(), "agent died:\n{}", agent.log());
+    assert!(
+        !agent.log().contains("memory allocation"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[test]
 fn huge_lines_are_taken_whole_or_refused_clearly() {
     let sink = Sink::accept_all();

@@ -4,6 +4,10 @@
 //! runs off the async runtime, a few bodies at a time, so bombs arriving
 //! together neither stall other connections nor add up in memory.
 //!
+//! Memory follows the bytes actually received: an announced Content-Length
+//! decides only whether the body is refused at once, never how much is
+//! reserved for it.
+//!
 //! A body refused as too large is still read to its end (and thrown away)
 //! when that end is near, so a client that is still sending sees the 413
 //! rather than a connection reset.
@@ -89,7 +93,10 @@ async fn collect(mut body: Incoming, max: u64) -> Result<Bytes, BodyError> {
     if announced.is_some_and(|n| n > max.saturating_add(DRAIN_LIMIT)) {
         return Err(BodyError::TooLarge(max));
     }
-    let mut buf = Vec::with_capacity(announced.unwrap_or(0).min(max) as usize);
+    // Grown as bytes arrive, never sized from the announcement: a
+    // Content-Length costs the client nothing to send, and a hundred
+    // connections announcing 32 MiB each must not reserve 3.2 GB.
+    let mut buf = Vec::new();
     let mut seen: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Read(e.to_string()))?;

@@ -1456,6 +1456,8 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Applied in order to the rendered config.
     pub edits: Vec<std::sync::Arc<dyn Fn(String) -> String + Send + Sync>>,
+    /// `RLIMIT_AS` for the agent's process, in bytes (`ulimit -v`).
+    pub address_space: Option<u64>,
 }
 
 impl Launch {
@@ -1465,6 +1467,13 @@ impl Launch {
 
     pub fn env(mut self, key: &str, value: &str) -> Launch {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs the agent with at most `bytes` of address space, as on a
+    /// 32-bit board or under `ulimit -v`.
+    pub fn address_space_limit(mut self, bytes: u64) -> Launch {
+        self.address_space = Some(bytes);
         self
     }
 
@@ -1565,6 +1574,23 @@ impl Agent {
             .stderr(log);
         for (k, v) in &launch.env {
             cmd.env(k, v);
+        }
+        if let Some(bytes) = launch.address_space {
+            use std::os::unix::process::CommandExt as _;
+            let limit = libc::rlimit {
+                rlim_cur: bytes as libc::rlim_t,
+                rlim_max: bytes as libc::rlim_t,
+            };
+            // SAFETY: setrlimit is async-signal-safe and touches only the
+            // child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
         }
         self.child = Some(cmd.spawn().expect("spawn edge-replicator run"));
     }
