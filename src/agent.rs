@@ -124,7 +124,9 @@ impl Streams {
             r.name,
             r.local_bucket,
             r.remote,
-            target.client.write_url(status.remote_bucket.as_str()),
+            target
+                .client
+                .destination(target.config.remote_bucket.as_deref()),
             c.queued_lines,
             c.queued_bytes
         );
@@ -158,9 +160,15 @@ impl Streams {
             routes: self
                 .streams
                 .values()
-                .map(|s| Route {
-                    config: s.config.clone(),
-                    handle: s.status.queue.clone(),
+                .map(|s| {
+                    let target = s.target.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    Route {
+                        config: s.config.clone(),
+                        handle: s.status.queue.clone(),
+                        destination: target
+                            .client
+                            .destination(target.config.remote_bucket.as_deref()),
+                    }
                 })
                 .collect(),
             statuses: self.streams.values().map(|s| s.status.clone()).collect(),

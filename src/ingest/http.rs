@@ -1,7 +1,10 @@
 //! The InfluxDB-compatible HTTP API on hyper: writes (v2 and v1), ping,
-//! health, status and metrics. Answers use InfluxDB's shapes so Telegraf,
-//! client libraries and InfluxDB's own replication treat the agent as an
-//! InfluxDB.
+//! health, ready, status and metrics. Answers use InfluxDB's shapes so
+//! Telegraf, client libraries and InfluxDB's own replication treat the agent
+//! as an InfluxDB: header names go out in InfluxDB's spelling
+//! (`X-Influxdb-Version`, which some clients look up case-sensitively), and
+//! the query and management paths clients call answer in the API's error
+//! shape that this agent only takes writes, and where it sends them.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -50,6 +53,9 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new());
+    // hyper writes header names in lower case unless told otherwise; title
+    // case is InfluxDB's own spelling of every header the agent sends.
+    builder.title_case_headers(true);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -74,7 +80,11 @@ pub async fn serve(
             debug!("refusing connection from {peer}: {MAX_CONNECTIONS} connections open");
             let conn = builder.serve_connection(
                 io,
-                service_fn(|_req| async { Ok::<_, Infallible>(too_many_connections()) }),
+                service_fn(|_req| async {
+                    let mut r = too_many_connections();
+                    version_headers(&mut r);
+                    Ok::<_, Infallible>(r)
+                }),
             );
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -84,7 +94,11 @@ pub async fn serve(
         let ingest = ingest.clone();
         let service = service_fn(move |req| {
             let ingest = ingest.clone();
-            async move { Ok::<_, Infallible>(handle(&ingest, req).await) }
+            async move {
+                let mut r = handle(&ingest, req).await;
+                version_headers(&mut r);
+                Ok::<_, Infallible>(r)
+            }
         });
         let conn = graceful.watch(builder.serve_connection(io, service));
         tokio::spawn(async move {
@@ -120,6 +134,7 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
         (Method::POST, "/api/v2/write") => write(ingest, req, Api::V2).await,
         (Method::POST, "/write") => write(ingest, req, Api::V1).await,
         (Method::GET | Method::HEAD, "/ping") => ping(),
+        (Method::GET | Method::HEAD, "/ready") => ready(ingest),
         (Method::GET | Method::HEAD, "/health") => json_response(
             StatusCode::OK,
             &json!({
@@ -160,13 +175,26 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
         }
         (
             _,
-            "/api/v2/write" | "/write" | "/ping" | "/health" | "/api/v2/replications" | "/metrics",
+            "/api/v2/write"
+            | "/write"
+            | "/ping"
+            | "/health"
+            | "/ready"
+            | "/api/v2/replications"
+            | "/metrics",
         ) => error(
             Api::V2,
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed",
             &format!("{method} is not allowed on {}", shown(&path)),
         ),
+        (_, "/query") => write_only(ingest, &req, Api::V1),
+        (_, p)
+            if (p == "/api/v2" || p.starts_with("/api/v2/"))
+                && !p.starts_with("/api/v2/replications") =>
+        {
+            write_only(ingest, &req, Api::V2)
+        }
         _ => error(
             Api::V2,
             StatusCode::NOT_FOUND,
@@ -269,13 +297,107 @@ async fn dead_letter(ingest: &Ingest, method: &Method, path: &str, with_lines: b
 fn ping() -> Resp {
     let mut r = Response::new(Full::new(Bytes::new()));
     *r.status_mut() = StatusCode::NO_CONTENT;
+    r
+}
+
+/// InfluxDB sends its version and build on every answer; clients read them
+/// from `/ping` mostly, but not only.
+fn version_headers(r: &mut Resp) {
     let h = r.headers_mut();
     h.insert(
         "X-Influxdb-Version",
         HeaderValue::from_static(concat!("edge-replicator-", env!("CARGO_PKG_VERSION"))),
     );
     h.insert("X-Influxdb-Build", HeaderValue::from_static("OSS"));
-    r
+}
+
+/// `GET /ready` as InfluxDB 2.x answers it: the official clients' `ready()`
+/// reads `status`, `started` and `up`.
+fn ready(ingest: &Ingest) -> Resp {
+    let (started, at) = ingest.started;
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "status": "ready",
+            "started": humantime::format_rfc3339_micros(started).to_string(),
+            "up": go_duration(at.elapsed()),
+        }),
+    )
+}
+
+/// A duration as Go's `time.Duration` prints it (`1h2m3.5s`, `250ms`), the
+/// form InfluxDB's `up` has.
+fn go_duration(d: Duration) -> String {
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".into();
+    }
+    let fraction = |value: u128, digits: u32| {
+        let unit = 10u128.pow(digits);
+        let frac = format!("{:0width$}", value % unit, width = digits as usize);
+        let frac = frac.trim_end_matches('0');
+        if frac.is_empty() {
+            format!("{}", value / unit)
+        } else {
+            format!("{}.{frac}", value / unit)
+        }
+    };
+    if ns < 1_000 {
+        return format!("{ns}ns");
+    }
+    if ns < 1_000_000 {
+        return format!("{}µs", fraction(ns, 3));
+    }
+    if ns < 1_000_000_000 {
+        return format!("{}ms", fraction(ns, 6));
+    }
+    let secs = d.as_secs();
+    let (h, m) = (secs / 3600, secs / 60 % 60);
+    let s = fraction(ns % 60_000_000_000, 9);
+    match (h, m) {
+        (0, 0) => format!("{s}s"),
+        (0, m) => format!("{m}m{s}s"),
+        (h, m) => format!("{h}h{m}m{s}s"),
+    }
+}
+
+/// A query or management call (`/query`, `/api/v2/query`, `/api/v2/buckets`,
+/// ...): 501 in the API's error shape, saying that this agent only takes
+/// writes and, to a client allowed to write, where they go.
+fn write_only(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> Resp {
+    let mut message = format!(
+        "edge-replicator is a write-only agent: {} {} is not served here. It takes writes \
+         (POST /api/v2/write, POST /write) and forwards them",
+        req.method(),
+        shown(req.uri().path())
+    );
+    let routing = ingest.routing();
+    if routing.routes.is_empty() {
+        message.push_str(" (no replication is configured)");
+    } else if authorized(ingest, req) {
+        let to: Vec<String> = routing
+            .routes
+            .iter()
+            .map(|r| {
+                format!(
+                    "bucket \"{}\" to {}",
+                    shown(&r.config.local_bucket),
+                    r.destination
+                )
+            })
+            .collect();
+        message.push_str(": ");
+        message.push_str(&to.join("; "));
+        message.push_str("; query the data there");
+    } else {
+        message.push_str("; query the data at the remote it forwards to");
+    }
+    error(
+        api,
+        StatusCode::NOT_IMPLEMENTED,
+        "not implemented",
+        &message,
+    )
 }
 
 fn query_pairs(req: &Request<Incoming>) -> Vec<(String, String)> {
@@ -553,4 +675,25 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Resp {
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uptime_is_spelled_as_go_spells_durations() {
+        for (d, want) in [
+            (Duration::ZERO, "0s"),
+            (Duration::from_nanos(12), "12ns"),
+            (Duration::from_micros(800), "800µs"),
+            (Duration::from_micros(1500), "1.5ms"),
+            (Duration::from_millis(45_001), "45.001s"),
+            (Duration::from_secs(123), "2m3s"),
+            (Duration::from_millis(3_723_500), "1h2m3.5s"),
+            (Duration::from_secs(90_000), "25h0m0s"),
+        ] {
+            assert_eq!(go_duration(d), want, "{d:?}");
+        }
+    }
 }

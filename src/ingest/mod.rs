@@ -9,7 +9,7 @@ pub mod http;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::config::{Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
@@ -39,6 +39,9 @@ pub const DEFLATE_MIN: usize = 32 << 10;
 pub struct Route {
     pub config: Replication,
     pub handle: Arc<ReplHandle>,
+    /// Where its lines go (a write URL), told to clients that ask this
+    /// write-only agent a query.
+    pub destination: String,
 }
 
 /// The part of the config a write is checked and routed against; replaced
@@ -60,6 +63,9 @@ pub struct Ingest {
     pub stats: IngestStats,
     /// Statuses of the running `[[tail]]` and `[[influxdb_wal]]` sources.
     sources: RwLock<Vec<Arc<SourceStatus>>>,
+    /// When the agent started, for `GET /ready`: the wall-clock time it
+    /// reports and the monotonic instant its uptime is counted from.
+    pub started: (SystemTime, Instant),
 }
 
 /// Why a write was not (fully) taken.
@@ -131,6 +137,7 @@ impl Ingest {
             routing: RwLock::new(Arc::new(routing)),
             stats: IngestStats::default(),
             sources: RwLock::new(Vec::new()),
+            started: (SystemTime::now(), Instant::now()),
         }
     }
 

@@ -350,6 +350,41 @@ fn get(http: &ureq::Agent, url: &str, auth: Option<&str>) -> Result<Reply, ureq:
     req.call().map(Reply::from)
 }
 
+/// Sends `request` (the request line and headers, each ending in CRLF,
+/// without the blank line; `Connection: close` is added) on a fresh
+/// connection to 127.0.0.1:`port` and returns the answer as it came off the
+/// wire: status line, headers in their own spelling, body.
+pub fn raw_http(port: u16, request: &str, body: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60) * slowdown()))
+        .unwrap();
+    let head = format!(
+        "{request}Connection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw answer from [`raw_http`].
+pub fn raw_status(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
+}
+
+/// The body of a raw answer from [`raw_http`], parsed as JSON.
+pub fn raw_json(answer: &str) -> Value {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("answer body is not JSON ({e}): {answer:?}"))
+}
+
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = GzEncoder::new(Vec::new(), Compression::default());
     enc.write_all(data).unwrap();
