@@ -74,6 +74,9 @@ pub struct IngestStats {
     pub refused_too_large: AtomicU64,
     pub refused_full: AtomicU64,
     pub refused_auth: AtomicU64,
+    /// Requests refused with 403: a foreign `Origin`, or a `Host` that is
+    /// neither loopback nor listed on a listener without tokens.
+    pub refused_browser: AtomicU64,
 }
 
 fn now_ns() -> u64 {
@@ -325,6 +328,12 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         "counter",
         "Writes refused with 401.",
         g(&ingest.refused_auth),
+    );
+    family(
+        "edge_replicator_requests_refused_browser_total",
+        "counter",
+        "Requests refused with 403: an Origin not in listen.allowed_origins, or (without tokens) a Host neither loopback nor in listen.allowed_hosts.",
+        g(&ingest.refused_browser),
     );
     out
 }

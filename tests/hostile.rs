@@ -379,7 +379,7 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
     let trickler = {
         let mut t = trickle.try_clone().unwrap();
         std::thread::spawn(move || {
-            for b in b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            for b in b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
                 .iter()
                 .chain(std::iter::repeat(&b'a'))
                 .take(200)
@@ -395,7 +395,7 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
     let mut slow_body = TcpStream::connect(("127.0.0.1", port)).unwrap();
     slow_body
         .write_all(
-            b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+            b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n",
         )
         .unwrap();
     let dribbler = {
@@ -447,7 +447,7 @@ fn connections_past_the_cap_get_503_until_others_leave() {
     // Past the cap: a clear 503.
     let (status, body) = raw_request(
         port,
-        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 0",
+        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0",
         b"",
     )
     .expect("an answer past the cap");
@@ -581,7 +581,7 @@ fn absurd_requests_get_short_clear_answers() {
     ];
     for (head, what, expected) in &cases {
         let head = format!(
-            "{head}\r\nHost: x\r\nContent-Length: {}\r\nConnection: close",
+            "{head}\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close",
             line.len()
         );
         let answer = raw_exchange(port, &head, line.as_bytes());
@@ -612,7 +612,7 @@ fn absurd_requests_get_short_clear_answers() {
     // (no body follows: an agent that waited for it would not answer 413).
     let answer = raw_request(
         port,
-        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000",
+        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000000",
         b"",
     );
     assert_eq!(answer.map(|a| a.0), Some(413));
@@ -620,7 +620,9 @@ fn absurd_requests_get_short_clear_answers() {
     for cl in ["-1", "abc", "99999999999999999999999"] {
         let answer = raw_request(
             port,
-            &format!("POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: {cl}"),
+            &format!(
+                "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: {cl}"
+            ),
             b"",
         );
         assert!(

@@ -127,7 +127,97 @@ fn too_many_connections() -> Resp {
     r
 }
 
+/// Keeps web pages out (see [`auth`]), answers the CORS preflight of an
+/// allowed origin, then routes; an allowed origin may read the answer.
 async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
+    let api = match req.uri().path() {
+        "/write" | "/query" => Api::V1,
+        _ => Api::V2,
+    };
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    if let Some(mut refused) = browser_gate(ingest, &req, api) {
+        // The body, if any, was not read: the connection cannot carry
+        // another request.
+        refused
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return refused;
+    }
+    let mut r = if origin.is_some() && req.method() == Method::OPTIONS {
+        preflight()
+    } else {
+        route(ingest, req).await
+    };
+    if let Some(origin) = origin {
+        let h = r.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    r
+}
+
+/// A 403 for a request from a web page the operator did not allow: an
+/// `Origin` not listed, or, on a listener without tokens, a `Host` that is
+/// neither loopback nor listed (DNS rebinding).
+fn browser_gate(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> Option<Resp> {
+    let routing = ingest.routing();
+    let guard = &routing.browsers;
+    let headers = req.headers();
+    let message = if let Some(origin) = headers
+        .get(header::ORIGIN)
+        .filter(|o| !auth::origin_allowed(o.as_bytes(), &guard.allowed_origins))
+    {
+        format!(
+            "requests from web pages are refused: origin {:?} is not in listen.allowed_origins",
+            shown(&String::from_utf8_lossy(origin.as_bytes()))
+        )
+    } else if routing.tokens.is_empty()
+        && !auth::host_allowed(
+            headers.get(header::HOST).map(HeaderValue::as_bytes),
+            &guard.allowed_hosts,
+        )
+    {
+        let host = headers
+            .get(header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            .unwrap_or_default();
+        format!(
+            "host {:?} is not allowed: without listen.tokens, only loopback names (localhost, 127.0.0.1, [::1]) and listen.allowed_hosts are served",
+            shown(&host)
+        )
+    } else {
+        return None;
+    };
+    ingest.stats.refused_browser.fetch_add(1, Ordering::Relaxed);
+    debug!(
+        "refused {} {}: {message}",
+        req.method(),
+        shown(req.uri().path())
+    );
+    Some(error(api, StatusCode::FORBIDDEN, "forbidden", &message))
+}
+
+/// The CORS preflight of an allowed origin: the methods and headers a page
+/// may use (writes with a token, gzip bodies, status, dead letters).
+fn preflight() -> Resp {
+    let mut r = no_content();
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, HEAD, POST, DELETE"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Authorization, Content-Type, Content-Encoding"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("600"),
+    );
+    r
+}
+
+async fn route(ingest: &Ingest, req: Request<Incoming>) -> Resp {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     match (method.clone(), path.as_str()) {
@@ -146,7 +236,7 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             }),
         ),
         (Method::GET, "/api/v2/replications") => {
-            if !authorized(ingest, &req) {
+            if !authorized(ingest, &req, Api::V2) {
                 return unauthorized(ingest, Api::V2);
             }
             let mut answer = status::replications_json(&ingest.routing().statuses);
@@ -157,13 +247,16 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             if p.starts_with("/api/v2/replications/")
                 && (p.ends_with("/dead-letter") || p.ends_with("/dead-letter/replay")) =>
         {
-            if !authorized(ingest, &req) {
+            if !authorized(ingest, &req, Api::V2) {
                 return unauthorized(ingest, Api::V2);
             }
             let with_lines = get(&query_pairs(&req), "lines") == Some("true");
             dead_letter(ingest, &method, p, with_lines).await
         }
         (Method::GET, "/metrics") => {
+            if !ingest.routing().browsers.metrics_open && !authorized(ingest, &req, Api::V2) {
+                return unauthorized(ingest, Api::V2);
+            }
             let mut text = status::metrics_text(&ingest.routing().statuses, &ingest.stats);
             text.push_str(&status::sources_metrics_text(&ingest.sources()));
             let mut r = Response::new(Full::new(Bytes::from(text)));
@@ -204,11 +297,18 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
     }
 }
 
-fn authorized(ingest: &Ingest, req: &Request<Incoming>) -> bool {
+/// Whether `req` offers a configured token (or none are configured). The
+/// `p=` query credential counts only on the v1 endpoints, whose clients
+/// need it: a token in a URL ends up in proxy and browser histories.
+fn authorized(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> bool {
     let query = query_pairs(req);
+    let password = match api {
+        Api::V1 => get(&query, "p"),
+        Api::V2 => None,
+    };
     auth::allowed(
         &ingest.routing().tokens,
-        auth::offered(req.headers(), get(&query, "p")).as_deref(),
+        auth::offered(req.headers(), password).as_deref(),
     )
 }
 
@@ -374,7 +474,7 @@ fn write_only(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> Resp {
     let routing = ingest.routing();
     if routing.routes.is_empty() {
         message.push_str(" (no replication is configured)");
-    } else if authorized(ingest, req) {
+    } else if authorized(ingest, req, api) {
         let to: Vec<String> = routing
             .routes
             .iter()
@@ -432,10 +532,7 @@ async fn write_unclosed(
     ingest.stats.requests.fetch_add(1, Ordering::Relaxed);
     let routing = ingest.routing();
     let query = query_pairs(&req);
-    if !auth::allowed(
-        &routing.tokens,
-        auth::offered(req.headers(), get(&query, "p")).as_deref(),
-    ) {
+    if !authorized(ingest, &req, api) {
         return unauthorized(ingest, api);
     }
     let (bucket, precision) = match api {

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Replication, Secret};
+use crate::config::{BrowserGuard, Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
 use crate::queue::{self, Preparing, Queue, QueueError, ReplHandle, Segment, Write};
 use crate::status::{IngestStats, ReplStatus, SourceStatus};
@@ -50,6 +50,8 @@ pub struct Routing {
     pub routes: Vec<Route>,
     pub statuses: Vec<Arc<ReplStatus>>,
     pub tokens: Vec<Secret>,
+    /// `listen.allowed_hosts`, `listen.allowed_origins`, `listen.metrics_open`.
+    pub browsers: BrowserGuard,
     pub max_body_size: u64,
     /// `listen.header_timeout` and `listen.body_timeout`.
     pub header_timeout: Duration,
