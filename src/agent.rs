@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config, Remote, Replication};
@@ -277,6 +277,7 @@ pub fn run(
 ) -> Result<(), AgentError> {
     let started = Instant::now();
     tune_allocator();
+    raise_open_files_limit();
     let specs: Vec<ReplSpec> = config.replications.iter().map(spec).collect();
     let queue = Arc::new(Queue::open(
         &config.data_dir,
@@ -411,6 +412,37 @@ fn tune_allocator() {
     // with allocations in other threads.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: the soft default (often
+/// 1024) is what a flood of clients would exhaust, and what the connection
+/// cap is derived from (`ingest::http::connection_cap`). Under the systemd
+/// unit, `LimitNOFILE=` sets both and setrlimit is filtered out; a refusal
+/// is harmless and only logged at debug level.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            debug!(
+                "cannot raise the open-file limit from {} to {}: {}",
+                limit.rlim_cur,
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

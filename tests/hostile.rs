@@ -436,43 +436,97 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
     assert_eq!(agent.get("/health").status, 200);
 }
 
+/// Open descriptors of process `pid`.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 #[test]
-fn connections_past_the_cap_get_503_until_others_leave() {
-    // Idle connections stay for the header timeout: long, so they pile up.
-    let (_sink, agent) = sink_agent(&timeouts("60s", "60s"));
+fn idle_floods_cannot_keep_an_authorised_writer_out() {
+    // Regression: 600 idle connections took every slot, so each write got
+    // 503 for as long as they reconnected, and the agent accepted (and held
+    // a descriptor for) every connection past the cap until, at 3,000, it
+    // ran out of descriptors and shipping failed too.
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.tokens = vec!["w-token".into()];
+    // Idle connections would stay for the header timeout: long, so they
+    // pile up; 1024 descriptors, a distribution's usual soft limit.
+    let launch = timeouts("60s", "60s").open_files_limit(1024);
+    let agent = Agent::start_with(config, &launch);
     let port = agent.port;
-    let idle: Vec<TcpStream> = (0..512)
-        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
-        .collect();
-    // Past the cap: a clear 503.
-    let (status, body) = raw_request(
-        port,
-        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0",
-        b"",
-    )
-    .expect("an answer past the cap");
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("too many connections"), "{body}");
-    // A flood beyond that costs little and is refused too.
-    let flood: Vec<TcpStream> = (0..2000)
-        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
-        .collect();
-    let rss = agent.rss_kib();
-    eprintln!(
-        "{} idle connections plus a flood of {}: agent RSS {} MiB",
-        idle.len(),
-        flood.len(),
-        rss >> 10
-    );
-    drop(flood);
-    drop(idle);
-    // The slots come back as the idle clients leave.
-    let ts = ts_ago(Duration::from_secs(60));
-    wait_until(DEADLINE, "a write is taken again", || {
-        agent
-            .try_write_v2("b", lines("back", 1, 1, ts).as_bytes(), &Opts::new())
-            .is_ok_and(|r| r.status == 204)
+
+    // A flood that keeps 1,500 idle connections open (more than the cap
+    // and the listen backlog together hold), closing the oldest to open a
+    // new one, for as long as the test runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flood = {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        std::thread::spawn(move || {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut open = std::collections::VecDeque::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                    open.push_back(s);
+                    opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if open.len() > 1500 {
+                    open.pop_front();
+                }
+            }
+        })
+    };
+    wait_until(DEADLINE, "the flood holds 1,500 connections", || {
+        opened.load(std::sync::atomic::Ordering::Relaxed) >= 1500
     });
+
+    let ts = ts_ago(Duration::from_secs(60));
+    let mut slowest = Duration::ZERO;
+    let mut most_descriptors = 0;
+    const WRITES: usize = 20;
+    for i in 0..WRITES {
+        let started = Instant::now();
+        let answer = raw_http(
+            port,
+            "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nAuthorization: Token w-token\r\n",
+            lines(&format!("w{i}"), 1, 10, ts).as_bytes(),
+        );
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(
+            raw_status(&answer),
+            204,
+            "write {i} during the flood: {answer}"
+        );
+        most_descriptors = most_descriptors.max(open_descriptors(agent.pid()));
+    }
+    // Shipping keeps its descriptors: everything arrives while the flood
+    // goes on.
+    wait_eq(
+        DEADLINE,
+        "lines delivered during the flood",
+        WRITES * 10,
+        || sink.lines_accepted().len(),
+    );
+    let flooded = opened.load(std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    eprintln!(
+        "flood of {flooded} idle connections: {WRITES} authorised writes all 204, slowest {slowest:?}; \
+         agent descriptors at most {most_descriptors}, RSS {} MiB",
+        agent.rss_kib() >> 10
+    );
+    // Past the cap the agent stops accepting: its descriptors stay near
+    // the cap (512) plus what the queue and shipping use.
+    assert!(
+        most_descriptors <= 512 + 64,
+        "{most_descriptors} descriptors open"
+    );
+    let log = agent.log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(!log.contains("accept failed"), "{log}");
 }
 
 // ---------------------------------------------------------------------------

@@ -21,16 +21,43 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use log::{debug, warn};
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use super::body::{self, BodyError, Encoding};
-use super::{auth, Ingest, WriteError};
+use super::conns::Slots;
+use super::{auth, Ingest, Routing, WriteError};
 use crate::lineproto::Precision;
 use crate::queue::QueueError;
 use crate::status;
 
-/// Connections served at once; past it new ones get 503 and are closed.
+/// Connections served at once; past it the server stops accepting (see
+/// `ingest::conns`).
 pub const MAX_CONNECTIONS: usize = 512;
+
+/// Descriptors kept for everything but API connections: the queue's files,
+/// one or two sockets per replication's remote, DNS, tailed files and WAL
+/// segments, logs. Connections get what the descriptor limit leaves beyond
+/// this, up to [`MAX_CONNECTIONS`], so a flood of clients never makes
+/// shipping or a source fail with "Too many open files".
+pub const DESCRIPTOR_RESERVE: u64 = 128;
+
+/// The connection cap under the process's descriptor limit (soft
+/// `RLIMIT_NOFILE`): [`MAX_CONNECTIONS`], less when the limit leaves less
+/// than that beyond [`DESCRIPTOR_RESERVE`].
+pub fn connection_cap() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes only the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return MAX_CONNECTIONS;
+    }
+    // rlim_t is 32 bits wide on 32-bit ARM.
+    #[allow(clippy::unnecessary_cast)]
+    let soft = limit.rlim_cur as u64;
+    let left = soft.saturating_sub(DESCRIPTOR_RESERVE).max(8);
+    usize::try_from(left).map_or(MAX_CONNECTIONS, |l| l.min(MAX_CONNECTIONS))
+}
 
 type Resp = Response<Full<Bytes>>;
 
@@ -50,7 +77,13 @@ pub async fn serve(
     drain: Duration,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Slots::new(connection_cap());
+    if slots.cap() < MAX_CONNECTIONS {
+        warn!(
+            "serving at most {} connections: the open-file limit leaves no more beside the {DESCRIPTOR_RESERVE} descriptors kept for the queue, shipping and sources (raise LimitNOFILE / ulimit -n)",
+            slots.cap()
+        );
+    }
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new());
     // hyper writes header names in lower case unless told otherwise; title
@@ -71,41 +104,54 @@ pub async fn serve(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
+        let held = match slots.try_take() {
+            Some(h) => h,
+            None => {
+                // Full, and someone is waiting: close an idle connection to
+                // make room, then wait for a slot without accepting more.
+                if !slots.evict_one() {
+                    debug!(
+                        "{} connections busy: {peer} waits for one to finish",
+                        slots.cap()
+                    );
+                }
+                tokio::select! {
+                    h = slots.take() => h,
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let io = TokioIo::new(stream);
         // A client has `header_timeout` to send each request's headers (a
         // keep-alive connection idle that long is closed) and `body_timeout`
         // for its body (see `write`); both follow config reloads.
         builder.header_read_timeout(ingest.routing().header_timeout);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            debug!("refusing connection from {peer}: {MAX_CONNECTIONS} connections open");
-            let conn = builder.serve_connection(
-                io,
-                service_fn(|_req| async {
-                    let mut r = too_many_connections();
-                    version_headers(&mut r);
-                    Ok::<_, Infallible>(r)
-                }),
-            );
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            continue;
-        };
         let ingest = ingest.clone();
+        let conn = held.conn.clone();
+        let conn_slots = slots.clone();
         let service = service_fn(move |req| {
             let ingest = ingest.clone();
+            let conn = conn.clone();
+            let slots = conn_slots.clone();
             async move {
+                let authorised = request_authorised(&ingest, &req);
+                let _busy = conn.request(&slots, authorised);
                 let mut r = handle(&ingest, req).await;
                 version_headers(&mut r);
                 Ok::<_, Infallible>(r)
             }
         });
-        let conn = graceful.watch(builder.serve_connection(io, service));
+        let served = graceful.watch(builder.serve_connection(io, service));
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!("connection from {peer}: {e}");
+            tokio::select! {
+                r = served => if let Err(e) = r {
+                    debug!("connection from {peer}: {e}");
+                },
+                () = held.conn.evicted() => {
+                    debug!("closed the idle connection from {peer} to make room for another");
+                }
             }
-            drop(permit);
+            drop(held);
         });
     }
     drop(listener);
@@ -115,16 +161,15 @@ pub async fn serve(
     }
 }
 
-fn too_many_connections() -> Resp {
-    let mut r = json_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &json!({"code": "unavailable", "message": format!("too many connections (limit {MAX_CONNECTIONS})")}),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    r.headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    r
+/// Whether a request counts as an authorised writer's for eviction (see
+/// `ingest::conns`): it passes the browser checks and offers a configured token
+/// (any request does when no token is configured).
+fn request_authorised(ingest: &Ingest, req: &Request<Incoming>) -> bool {
+    let api = match req.uri().path() {
+        "/write" | "/query" => Api::V1,
+        _ => Api::V2,
+    };
+    browser_refusal(&ingest.routing(), req.headers()).is_none() && authorized(ingest, req, api)
 }
 
 /// Keeps web pages out (see [`auth`]), answers the CORS preflight of an
@@ -160,9 +205,19 @@ async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
 /// `Origin` not listed, or, on a listener without tokens, a `Host` that is
 /// neither loopback nor listed (DNS rebinding).
 fn browser_gate(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> Option<Resp> {
-    let routing = ingest.routing();
+    let message = browser_refusal(&ingest.routing(), req.headers())?;
+    ingest.stats.refused_browser.fetch_add(1, Ordering::Relaxed);
+    debug!(
+        "refused {} {}: {message}",
+        req.method(),
+        shown(req.uri().path())
+    );
+    Some(error(api, StatusCode::FORBIDDEN, "forbidden", &message))
+}
+
+/// Why a request with these headers is refused as a web page's, if it is.
+fn browser_refusal(routing: &Routing, headers: &http::HeaderMap) -> Option<String> {
     let guard = &routing.browsers;
-    let headers = req.headers();
     let message = if let Some(origin) = headers
         .get(header::ORIGIN)
         .filter(|o| !auth::origin_allowed(o.as_bytes(), &guard.allowed_origins))
@@ -188,13 +243,7 @@ fn browser_gate(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> Option<Re
     } else {
         return None;
     };
-    ingest.stats.refused_browser.fetch_add(1, Ordering::Relaxed);
-    debug!(
-        "refused {} {}: {message}",
-        req.method(),
-        shown(req.uri().path())
-    );
-    Some(error(api, StatusCode::FORBIDDEN, "forbidden", &message))
+    Some(message)
 }
 
 /// The CORS preflight of an allowed origin: the methods and headers a page

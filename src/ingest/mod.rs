@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod conns;
 pub mod http;
 
 use std::sync::atomic::Ordering;

@@ -1493,6 +1493,8 @@ pub struct Launch {
     pub edits: Vec<std::sync::Arc<dyn Fn(String) -> String + Send + Sync>>,
     /// `RLIMIT_AS` for the agent's process, in bytes (`ulimit -v`).
     pub address_space: Option<u64>,
+    /// `RLIMIT_NOFILE` (soft and hard) for the agent's process (`ulimit -n`).
+    pub open_files: Option<u64>,
 }
 
 impl Launch {
@@ -1509,6 +1511,13 @@ impl Launch {
     /// 32-bit board or under `ulimit -v`.
     pub fn address_space_limit(mut self, bytes: u64) -> Launch {
         self.address_space = Some(bytes);
+        self
+    }
+
+    /// Runs the agent with at most `n` open descriptors, soft and hard (a
+    /// distribution's default soft limit is 1024).
+    pub fn open_files_limit(mut self, n: u64) -> Launch {
+        self.open_files = Some(n);
         self
     }
 
@@ -1610,18 +1619,26 @@ impl Agent {
         for (k, v) in &launch.env {
             cmd.env(k, v);
         }
-        if let Some(bytes) = launch.address_space {
+        let limits = [
+            (libc::RLIMIT_AS, launch.address_space),
+            (libc::RLIMIT_NOFILE, launch.open_files),
+        ];
+        if limits.iter().any(|(_, v)| v.is_some()) {
             use std::os::unix::process::CommandExt as _;
-            let limit = libc::rlimit {
-                rlim_cur: bytes as libc::rlim_t,
-                rlim_max: bytes as libc::rlim_t,
-            };
             // SAFETY: setrlimit is async-signal-safe and touches only the
             // child between fork and exec.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
-                        return Err(std::io::Error::last_os_error());
+                    for (resource, value) in limits {
+                        let Some(v) = value else { continue };
+                        let v = libc::rlim_t::try_from(v).unwrap_or(libc::RLIM_INFINITY);
+                        let limit = libc::rlimit {
+                            rlim_cur: v,
+                            rlim_max: v,
+                        };
+                        if libc::setrlimit(resource, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
                     Ok(())
                 });
