@@ -175,6 +175,7 @@ impl Streams {
             tokens: self.config.listen.tokens.clone(),
             browsers: self.config.listen.browsers.clone(),
             max_body_size: self.config.listen.max_body_size,
+            max_request_memory: self.config.listen.max_request_memory,
             header_timeout: self.config.listen.header_timeout,
             body_timeout: self.config.listen.body_timeout,
         };
@@ -296,6 +297,7 @@ pub fn run(
             tokens: config.listen.tokens.clone(),
             browsers: config.listen.browsers.clone(),
             max_body_size: config.listen.max_body_size,
+            max_request_memory: config.listen.max_request_memory,
             header_timeout: config.listen.header_timeout,
             body_timeout: config.listen.body_timeout,
         },

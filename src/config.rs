@@ -75,6 +75,9 @@ pub struct Listen {
     pub tokens: Vec<Secret>,
     /// Largest request body accepted, after decompression.
     pub max_body_size: u64,
+    /// Memory all requests in progress may hold together (raw, inflated and
+    /// normalised bytes).
+    pub max_request_memory: u64,
     /// How long a client may take to send a request's headers (and how long
     /// an idle keep-alive connection is kept).
     pub header_timeout: Duration,
@@ -424,6 +427,7 @@ struct RawListen {
     allowed_hosts: Option<Vec<String>>,
     allowed_origins: Option<Vec<String>>,
     metrics_open: Option<bool>,
+    max_request_memory: Option<Scalar>,
 }
 
 #[derive(Deserialize)]
@@ -1182,6 +1186,7 @@ impl Validator<'_> {
             allowed_hosts: None,
             allowed_origins: None,
             metrics_open: None,
+            max_request_memory: None,
         });
         let address = match raw.address {
             None => SocketAddr::from(([127, 0, 0, 1], 8086)),
@@ -1229,10 +1234,24 @@ impl Validator<'_> {
             )?,
         )?;
         let browsers = browser_guard(raw.allowed_hosts, raw.allowed_origins, raw.metrics_open)?;
+        // 128 MiB: about two largest (32 MiB) bodies with their normalised
+        // lines at once, and a peak well under 256 MiB on a 1 GB board.
+        let max_request_memory = size_value(
+            "listen.max_request_memory",
+            raw.max_request_memory,
+            128 * MIB,
+        )?;
+        if max_request_memory == 0 {
+            return Err(invalid(
+                "listen.max_request_memory",
+                "must be greater than 0",
+            ));
+        }
         Ok(Listen {
             address,
             tokens,
             max_body_size,
+            max_request_memory,
             header_timeout,
             body_timeout,
             browsers,
@@ -1943,6 +1962,8 @@ mod tests {
             ("[listen]\nallowed_origins = [\"http://a/\"]".into(), "listen.allowed_origins[0]: \"http://a/\" is not an origin"),
             ("[listen]\nallowed_origins = [\"https://\"]".into(), "listen.allowed_origins[0]:"),
             ("[listen]\nmetrics_open = \"yes\"".into(), "metrics_open: invalid type: string"),
+            ("[listen]\nmax_request_memory = 0".into(), "listen.max_request_memory: must be greater than 0"),
+            ("[listen]\nmax_request_memory = \"lots\"".into(), "listen.max_request_memory: invalid size \"lots\""),
             // [queue]
             ("[queue]\ncommit_interval = \"soon\"".into(), "queue.commit_interval: invalid duration \"soon\""),
             ("[queue]\ndurability = \"sometimes\"".into(), "queue.durability: invalid value \"sometimes\""),
@@ -2245,6 +2266,7 @@ mod tests {
         assert_eq!(c.listen.address, "127.0.0.1:8086".parse().unwrap());
         assert!(c.listen.tokens.is_empty());
         assert_eq!(c.listen.max_body_size, 32 * MIB);
+        assert_eq!(c.listen.max_request_memory, 128 * MIB);
         assert_eq!(c.listen.header_timeout, Duration::from_secs(10));
         assert_eq!(c.listen.body_timeout, Duration::from_secs(60));
         assert_eq!(c.queue.commit_interval, Duration::from_millis(10));

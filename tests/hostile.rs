@@ -219,6 +219,92 @@ fn announced_lengths_reserve_nothing() {
 }
 
 #[test]
+fn concurrent_large_writes_share_one_memory_budget() {
+    // Regression: each body was bounded alone, so sixteen concurrent 30 MB
+    // writes held 2.3 GB. With one budget for all of them, writes beyond it
+    // wait and then get 503 + Retry-After; every 204 is queued.
+    const BUDGET: u64 = 24 << 20;
+    const WRITERS: usize = 24;
+    const LINES: usize = 40_000; // about 6 MB of lines per body
+                                 // Nothing listens at the remote: every acknowledged line stays queued,
+                                 // where it is counted.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let config = AgentConfig::single(RemoteConfig::v2("dead", &dead), "b", None);
+    let launch = Launch::new().insert_after("[listen]", "max_request_memory = \"24MiB\"\n");
+    let agent = Agent::start_with(config, &launch);
+    let ts = ts_ago(Duration::from_secs(60));
+    let warm = lines("warm", 8, 1000, ts);
+    assert_eq!(agent.write_v2("b", &warm, &Opts::new()).0, 204);
+    let base = agent.peak_rss_kib();
+
+    let body = std::sync::Arc::new(lines("big", 8, LINES, ts));
+    eprintln!("{WRITERS} writers of {} MiB each at once", body.len() >> 20);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            let (body, url) = (body.clone(), agent.url());
+            std::thread::spawn(move || {
+                let r = http()
+                    .post(format!("{url}/api/v2/write"))
+                    .query("bucket", "b")
+                    .send(body.as_bytes())
+                    .map(|mut r| {
+                        let retry = r.headers().get("retry-after").is_some();
+                        let text = r.body_mut().read_to_string().unwrap_or_default();
+                        (r.status().as_u16(), retry, text)
+                    });
+                (i, r)
+            })
+        })
+        .collect();
+    let (mut taken, mut refused) = (0u64, 0u64);
+    for w in writers {
+        let (i, r) = w.join().unwrap();
+        let (status, retry, text) = r.unwrap_or_else(|e| panic!("writer {i}: {e}"));
+        match status {
+            204 => taken += 1,
+            503 => {
+                assert!(retry, "writer {i}: 503 without Retry-After: {text}");
+                assert!(text.contains("max_request_memory"), "writer {i}: {text}");
+                refused += 1;
+            }
+            _ => panic!("writer {i}: {status} {text}"),
+        }
+    }
+    let peak = agent.peak_rss_kib();
+    eprintln!(
+        "memory budget 24 MiB: {taken} writes taken, {refused} refused with 503; \
+         agent peak RSS {} MiB before, {} MiB after",
+        base >> 10,
+        peak >> 10
+    );
+    assert!(refused > 0, "the budget never filled");
+    assert!(taken > 0, "nothing was taken");
+    // Every 204 is queued, whole; nothing of a 503 is.
+    let rep = agent.replication("r1");
+    assert_eq!(
+        field(&rep, "acceptedLines"),
+        1000 + taken * LINES as u64,
+        "{rep:#}"
+    );
+    assert_conserved(&rep);
+    assert_eq!(
+        metric_value(
+            &agent.metrics(),
+            "edge_replicator_write_refused_memory_total",
+            ""
+        ),
+        Some(refused as f64)
+    );
+    // Without the budget these bodies and their normalised lines alone
+    // came to 24 x 9 MiB; with it, the limit plus one request's share.
+    assert!(
+        (peak - base) << 10 < 2 * BUDGET + (32 << 20),
+        "peak RSS grew by {} MiB",
+        (peak - base) >> 10
+    );
+}
+
+#[test]
 fn huge_lines_are_taken_whole_or_refused_clearly() {
     let sink = Sink::accept_all();
     let mut remote = RemoteConfig::v2("sink", &sink.url());

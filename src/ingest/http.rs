@@ -654,11 +654,17 @@ async fn write_unclosed(
     // Counted as being prepared until its lines reach the queue writer, so
     // the commit it joins can wait for it (see `queue::Queue::preparing`).
     let preparing = ingest.queue.preparing();
+    let limit = routing.max_request_memory;
+    let mut charge = ingest.memory.charge();
     let body = match body::read(
         req.into_body(),
         encoding,
         routing.max_body_size,
         routing.body_timeout,
+        body::Charged {
+            charge: &mut charge,
+            limit,
+        },
     )
     .await
     {
@@ -676,6 +682,7 @@ async fn write_unclosed(
                     StatusCode::PAYLOAD_TOO_LARGE
                 }
                 BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+                BodyError::Busy(_) => return memory_busy(ingest, api, &e),
                 BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
             };
@@ -687,6 +694,12 @@ async fn write_unclosed(
             return error(api, status, code, &e.to_string());
         }
     };
+    // The normalised lines: at most a timestamp more per line, as
+    // `prepare` allocates them.
+    let normalised = body.len() as u64 + body.len() as u64 / 8 + 32;
+    if charge.grow(normalised, limit).await.is_err() {
+        return memory_busy(ingest, api, &BodyError::Busy(limit));
+    }
     match ingest
         .write(&bucket, precision, body, Some(preparing))
         .await
@@ -703,6 +716,20 @@ async fn write_unclosed(
         }
         Err(WriteError::Queue(e)) => queue_error(ingest, api, e),
     }
+}
+
+/// 503 for a write that did not get its memory within `budget::WAIT`.
+fn memory_busy(ingest: &Ingest, api: Api, e: &BodyError) -> Resp {
+    ingest.stats.refused_memory.fetch_add(1, Ordering::Relaxed);
+    let mut r = error(
+        api,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "unavailable",
+        &e.to_string(),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
+    r
 }
 
 fn queue_error(ingest: &Ingest, api: Api, e: QueueError) -> Resp {

@@ -5,6 +5,7 @@
 
 pub mod auth;
 pub mod body;
+pub mod budget;
 pub mod conns;
 pub mod http;
 
@@ -54,6 +55,8 @@ pub struct Routing {
     /// `listen.allowed_hosts`, `listen.allowed_origins`, `listen.metrics_open`.
     pub browsers: BrowserGuard,
     pub max_body_size: u64,
+    /// `listen.max_request_memory`: the limit of [`Ingest::memory`].
+    pub max_request_memory: u64,
     /// `listen.header_timeout` and `listen.body_timeout`.
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -69,6 +72,8 @@ pub struct Ingest {
     /// When the agent started, for `GET /ready`: the wall-clock time it
     /// reports and the monotonic instant its uptime is counted from.
     pub started: (SystemTime, Instant),
+    /// Memory held by API requests in progress (see [`budget`]).
+    pub memory: Arc<budget::Budget>,
 }
 
 /// Why a write was not (fully) taken.
@@ -141,6 +146,7 @@ impl Ingest {
             stats: IngestStats::default(),
             sources: RwLock::new(Vec::new()),
             started: (SystemTime::now(), Instant::now()),
+            memory: budget::Budget::new(),
         }
     }
 
