@@ -195,12 +195,13 @@ fn inflate(
     max: u64,
     charge: &mut dyn FnMut(u64) -> Result<(), BodyError>,
 ) -> Result<Vec<u8>, BodyError> {
+    // The smallest first buffer for the inflated body.
     const STEP: usize = 256 << 10;
     let mut decoder = MultiGzDecoder::new(wire).take(max + 1);
     let first = (wire.len() * 4).max(STEP).min(max as usize + 1);
     charge(first as u64)?;
     let mut out = Vec::with_capacity(first);
-    loop {
+    while out.len() as u64 <= max {
         if out.len() == out.capacity() {
             let grown = (out.capacity() * 2)
                 .min(max as usize + 1)
@@ -208,16 +209,15 @@ fn inflate(
             charge((grown - out.capacity()) as u64)?;
             out.reserve_exact(grown - out.len());
         }
-        let len = out.len();
-        let spare = out.capacity() - len;
-        out.resize(len + spare.min(STEP), 0);
-        match decoder.read(&mut out[len..]) {
-            Ok(0) => {
-                out.truncate(len);
-                break;
-            }
-            Ok(n) => out.truncate(len + n),
-            Err(e) => return Err(BodyError::BadGzip(e.to_string())),
+        // Fills the room there is (read_to_end writes into spare capacity
+        // without zeroing it first), never more.
+        let room = (out.capacity() - out.len()) as u64;
+        let n = (&mut decoder)
+            .take(room)
+            .read_to_end(&mut out)
+            .map_err(|e| BodyError::BadGzip(e.to_string()))?;
+        if n == 0 {
+            break;
         }
     }
     if out.len() as u64 > max {
