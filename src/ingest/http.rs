@@ -67,6 +67,15 @@ enum Api {
     V2,
 }
 
+/// The API a path belongs to, for the shape of its errors and whether `p=`
+/// counts: v1 for `/write` and `/query`, v2 for everything else.
+fn api_of(path: &str) -> Api {
+    match path {
+        "/write" | "/query" => Api::V1,
+        _ => Api::V2,
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, lets requests in
 /// progress finish (their lines are committed before they are answered) for
 /// up to `drain`, and returns.
@@ -165,20 +174,14 @@ pub async fn serve(
 /// `ingest::conns`): it passes the browser checks and offers a configured token
 /// (any request does when no token is configured).
 fn request_authorised(ingest: &Ingest, req: &Request<Incoming>) -> bool {
-    let api = match req.uri().path() {
-        "/write" | "/query" => Api::V1,
-        _ => Api::V2,
-    };
+    let api = api_of(req.uri().path());
     browser_refusal(&ingest.routing(), req.headers()).is_none() && authorized(ingest, req, api)
 }
 
 /// Keeps web pages out (see [`auth`]), answers the CORS preflight of an
 /// allowed origin, then routes; an allowed origin may read the answer.
 async fn handle(ingest: &Ingest, req: Request<Incoming>) -> Resp {
-    let api = match req.uri().path() {
-        "/write" | "/query" => Api::V1,
-        _ => Api::V2,
-    };
+    let api = api_of(req.uri().path());
     let origin = req.headers().get(header::ORIGIN).cloned();
     if let Some(mut refused) = browser_gate(ingest, &req, api) {
         // The body, if any, was not read: the connection cannot carry
