@@ -154,6 +154,17 @@ impl Conn {
     pub fn is_evicted(&self) -> bool {
         self.evicted.load(Ordering::Relaxed)
     }
+
+    /// Whether an eviction can go ahead: true when no request is in
+    /// progress. A request may have started between the choice and now;
+    /// then the connection is spared (and may be chosen again later).
+    pub fn still_idle(&self) -> bool {
+        if self.busy.load(Ordering::Acquire) == 0 {
+            return true;
+        }
+        self.evicted.store(false, Ordering::Relaxed);
+        false
+    }
 }
 
 impl Drop for Busy<'_> {
@@ -219,6 +230,19 @@ mod tests {
         drop(a.conn.request(&slots, true));
         assert!(slots.evict_one());
         assert!(b.conn.is_evicted() && !a.conn.is_evicted());
+    }
+
+    #[test]
+    fn a_request_started_after_the_choice_spares_the_connection() {
+        let slots = Slots::new(1);
+        let held = slots.try_take().unwrap();
+        assert!(slots.evict_one());
+        let busy = held.conn.request(&slots, false);
+        assert!(!held.conn.still_idle());
+        assert!(!held.conn.is_evicted());
+        drop(busy);
+        assert!(slots.evict_one(), "chosen again once idle");
+        assert!(held.conn.still_idle());
     }
 
     #[tokio::test]

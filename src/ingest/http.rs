@@ -33,6 +33,10 @@ use crate::status;
 /// `ingest::conns`).
 pub const MAX_CONNECTIONS: usize = 512;
 
+/// While a new connection waits for a slot, how often an idle one is chosen
+/// again to be closed (see `ingest::conns`).
+const EVICT_AGAIN: Duration = Duration::from_millis(100);
+
 /// Descriptors kept for everything but API connections: the queue's files,
 /// one or two sockets per replication's remote, DNS, tailed files and WAL
 /// segments, logs. Connections get what the descriptor limit leaves beyond
@@ -118,16 +122,26 @@ pub async fn serve(
             None => {
                 // Full, and someone is waiting: close an idle connection to
                 // make room, then wait for a slot without accepting more.
+                // The choice is made again while waiting: a connection
+                // chosen just as a request arrived on it is spared, and
+                // connections busy now may be idle soon.
                 if !slots.evict_one() {
                     debug!(
                         "{} connections busy: {peer} waits for one to finish",
                         slots.cap()
                     );
                 }
-                tokio::select! {
-                    h = slots.take() => h,
-                    () = &mut shutdown => break,
-                }
+                let taken = loop {
+                    tokio::select! {
+                        h = slots.take() => break Some(h),
+                        () = tokio::time::sleep(EVICT_AGAIN) => {
+                            slots.evict_one();
+                        }
+                        () = &mut shutdown => break None,
+                    }
+                };
+                let Some(h) = taken else { break };
+                h
             }
         };
         let io = TokioIo::new(stream);
@@ -152,12 +166,19 @@ pub async fn serve(
         });
         let served = graceful.watch(builder.serve_connection(io, service));
         tokio::spawn(async move {
-            tokio::select! {
-                r = served => if let Err(e) = r {
-                    debug!("connection from {peer}: {e}");
-                },
-                () = held.conn.evicted() => {
-                    debug!("closed the idle connection from {peer} to make room for another");
+            tokio::pin!(served);
+            loop {
+                tokio::select! {
+                    r = &mut served => {
+                        if let Err(e) = r {
+                            debug!("connection from {peer}: {e}");
+                        }
+                        break;
+                    }
+                    () = held.conn.evicted() => if held.conn.still_idle() {
+                        debug!("closed the idle connection from {peer} to make room for another");
+                        break;
+                    },
                 }
             }
             drop(held);
