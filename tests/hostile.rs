@@ -225,7 +225,7 @@ fn concurrent_large_writes_share_one_memory_budget() {
     // wait and then get 503 + Retry-After; every 204 is queued.
     const BUDGET: u64 = 24 << 20;
     const WRITERS: usize = 24;
-    const LINES: usize = 40_000; // about 6 MB of lines per body
+    const LINES: usize = 40_000; // about 5 MB of lines per body
                                  // Nothing listens at the remote: every acknowledged line stays queued,
                                  // where it is counted.
     let dead = format!("http://127.0.0.1:{}", free_port());
@@ -296,7 +296,7 @@ fn concurrent_large_writes_share_one_memory_budget() {
         Some(refused as f64)
     );
     // Without the budget these bodies and their normalised lines alone
-    // came to 24 x 9 MiB; with it, the limit plus one request's share.
+    // came to 24 x 10 MB; with it, the limit plus one request's share.
     assert!(
         (peak - base) << 10 < 2 * BUDGET + (32 << 20),
         "peak RSS grew by {} MiB",
