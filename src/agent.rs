@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use tokio::net::TcpListener;
 
 use crate::config::{self, Config, Remote, Replication};
@@ -141,7 +141,9 @@ impl Streams {
             r.name,
             r.local_bucket,
             r.remote,
-            target.client.write_url(status.remote_bucket.as_str()),
+            target
+                .client
+                .destination(target.config.remote_bucket.as_deref()),
             c.queued_lines,
             c.queued_bytes
         );
@@ -175,18 +177,26 @@ impl Streams {
             routes: self
                 .streams
                 .values()
-                .map(|s| Route {
-                    config: s.config.clone(),
-                    handle: s.status.queue.clone(),
-                    v1: self
-                        .config
-                        .remote(&s.config.remote)
-                        .is_some_and(|r| r.api == config::Api::V1),
+                .map(|s| {
+                    let target = s.target.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    Route {
+                        config: s.config.clone(),
+                        handle: s.status.queue.clone(),
+                        destination: target
+                            .client
+                            .destination(target.config.remote_bucket.as_deref()),
+                        v1: self
+                            .config
+                            .remote(&s.config.remote)
+                            .is_some_and(|r| r.api == config::Api::V1),
+                    }
                 })
                 .collect(),
             statuses: self.streams.values().map(|s| s.status.clone()).collect(),
             tokens: self.config.listen.tokens.clone(),
+            browsers: self.config.listen.browsers.clone(),
             max_body_size: self.config.listen.max_body_size,
+            max_request_memory: self.config.listen.max_request_memory,
             header_timeout: self.config.listen.header_timeout,
             body_timeout: self.config.listen.body_timeout,
         };
@@ -373,6 +383,7 @@ pub fn run(
 ) -> Result<(), AgentError> {
     let started = Instant::now();
     tune_allocator();
+    raise_open_files_limit();
     let specs: Vec<ReplSpec> = config.replications.iter().map(spec).collect();
     let queue = Arc::new(Queue::open(
         &config.data_dir,
@@ -389,7 +400,9 @@ pub fn run(
             routes: Vec::new(),
             statuses: Vec::new(),
             tokens: config.listen.tokens.clone(),
+            browsers: config.listen.browsers.clone(),
             max_body_size: config.listen.max_body_size,
+            max_request_memory: config.listen.max_request_memory,
             header_timeout: config.listen.header_timeout,
             body_timeout: config.listen.body_timeout,
         },
@@ -542,6 +555,37 @@ fn tune_allocator() {
     // with allocations in other threads.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Raises the soft open-file limit to the hard one: the soft default (often
+/// 1024) is what a flood of clients would exhaust, and what the connection
+/// cap is derived from (`ingest::http::connection_cap`). Under the systemd
+/// unit, `LimitNOFILE=` sets both and setrlimit is filtered out; a refusal
+/// is harmless and only logged at debug level.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit read and write only the struct given.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 || limit.rlim_cur >= limit.rlim_max
+        {
+            return;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+            debug!(
+                "cannot raise the open-file limit from {} to {}: {}",
+                limit.rlim_cur,
+                limit.rlim_max,
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

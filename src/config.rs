@@ -95,11 +95,30 @@ pub struct Listen {
     pub tokens: Vec<Secret>,
     /// Largest request body accepted, after decompression.
     pub max_body_size: u64,
+    /// Memory all requests in progress may hold together (raw, inflated and
+    /// normalised bytes).
+    pub max_request_memory: u64,
     /// How long a client may take to send a request's headers (and how long
     /// an idle keep-alive connection is kept).
     pub header_timeout: Duration,
     /// How long a client may take to send a request's whole body.
     pub body_timeout: Duration,
+    /// Browsers: see [`BrowserGuard`].
+    pub browsers: BrowserGuard,
+}
+
+/// What keeps a web page in a browser on the gateway from using the API:
+/// `listen.allowed_hosts`, `listen.allowed_origins`, `listen.metrics_open`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrowserGuard {
+    /// Host names (lower case, no port) accepted besides loopback ones when
+    /// no token is configured (against DNS rebinding).
+    pub allowed_hosts: Vec<String>,
+    /// `Origin`s (lower case `scheme://host[:port]`) whose requests are
+    /// served; a request from any other origin is refused.
+    pub allowed_origins: Vec<String>,
+    /// `/metrics` without a token even when tokens are set.
+    pub metrics_open: bool,
 }
 
 /// The queue: `[queue]`.
@@ -439,6 +458,10 @@ struct RawListen {
     max_body_size: Option<Scalar>,
     header_timeout: Option<Scalar>,
     body_timeout: Option<Scalar>,
+    allowed_hosts: Option<Vec<String>>,
+    allowed_origins: Option<Vec<String>>,
+    metrics_open: Option<bool>,
+    max_request_memory: Option<Scalar>,
 }
 
 #[derive(Deserialize)]
@@ -1342,6 +1365,10 @@ impl Validator<'_> {
             max_body_size: None,
             header_timeout: None,
             body_timeout: None,
+            allowed_hosts: None,
+            allowed_origins: None,
+            metrics_open: None,
+            max_request_memory: None,
         });
         let address = match raw.address {
             None => SocketAddr::from(([127, 0, 0, 1], 8086)),
@@ -1388,12 +1415,28 @@ impl Validator<'_> {
                 Duration::from_secs(60),
             )?,
         )?;
+        let browsers = browser_guard(raw.allowed_hosts, raw.allowed_origins, raw.metrics_open)?;
+        // 128 MiB: about two largest (32 MiB) bodies with their normalised
+        // lines at once, and a peak well under 256 MiB on a 1 GB board.
+        let max_request_memory = size_value(
+            "listen.max_request_memory",
+            raw.max_request_memory,
+            128 * MIB,
+        )?;
+        if max_request_memory == 0 {
+            return Err(invalid(
+                "listen.max_request_memory",
+                "must be greater than 0",
+            ));
+        }
         Ok(Listen {
             address,
             tokens,
             max_body_size,
+            max_request_memory,
             header_timeout,
             body_timeout,
+            browsers,
         })
     }
 
@@ -2006,6 +2049,57 @@ fn target<'a>(r: &'a Replication, bucket: &'a str) -> &'a str {
     r.remote_bucket.as_deref().unwrap_or(bucket)
 }
 
+/// `listen.allowed_hosts`, `listen.allowed_origins` and `listen.metrics_open`,
+/// checked and lower-cased (host names and origins compare case-insensitively).
+fn browser_guard(
+    hosts: Option<Vec<String>>,
+    origins: Option<Vec<String>>,
+    metrics_open: Option<bool>,
+) -> Result<BrowserGuard, ConfigError> {
+    let mut allowed_hosts = Vec::new();
+    for (i, h) in hosts.unwrap_or_default().into_iter().enumerate() {
+        let key = format!("listen.allowed_hosts[{i}]");
+        let bracketed = h.starts_with('[') && h.ends_with(']');
+        if h.is_empty()
+            || h.chars()
+                .any(|c| c.is_control() || c.is_whitespace() || "/@?#".contains(c))
+            || (h.contains(':') && !bracketed)
+        {
+            return Err(invalid(
+                &key,
+                format!("{h:?} is not a host name or address (give it without a port or scheme, e.g. \"gw-17.local\", \"192.168.1.20\", \"[fd00::1]\")"),
+            ));
+        }
+        allowed_hosts.push(h.trim_end_matches('.').to_ascii_lowercase());
+    }
+    let mut allowed_origins = Vec::new();
+    for (i, o) in origins.unwrap_or_default().into_iter().enumerate() {
+        let key = format!("listen.allowed_origins[{i}]");
+        let lower = o.to_ascii_lowercase();
+        let rest = lower
+            .strip_prefix("http://")
+            .or_else(|| lower.strip_prefix("https://"));
+        let ok = rest.is_some_and(|r| {
+            !r.is_empty()
+                && !r
+                    .chars()
+                    .any(|c| c.is_control() || c.is_whitespace() || "/@?#".contains(c))
+        });
+        if !ok {
+            return Err(invalid(
+                &key,
+                format!("{o:?} is not an origin (use scheme://host[:port] as the browser sends it, e.g. \"http://grafana.local:3000\", without a path)"),
+            ));
+        }
+        allowed_origins.push(lower);
+    }
+    Ok(BrowserGuard {
+        allowed_hosts,
+        allowed_origins,
+        metrics_open: metrics_open.unwrap_or(false),
+    })
+}
+
 /// Whether `ip` reaches only this host (IPv4 loopback, `::1`, or IPv4 loopback
 /// mapped into IPv6).
 pub fn is_loopback(ip: IpAddr) -> bool {
@@ -2154,6 +2248,16 @@ mod tests {
             ("[listen]\nmax_body_size = 0".into(), "listen.max_body_size: must be greater than 0"),
             ("[listen]\nmax_body_size = -5".into(), "listen.max_body_size: invalid size -5 (negative)"),
             ("[listen]\nmax_body_size = true".into(), "max_body_size: invalid type: boolean"),
+            ("[listen]\nallowed_hosts = [\"gw.local:8086\"]".into(), "listen.allowed_hosts[0]: \"gw.local:8086\" is not a host name or address (give it without a port"),
+            ("[listen]\nallowed_hosts = [\"ok\", \"\"]".into(), "listen.allowed_hosts[1]: \"\" is not a host name"),
+            ("[listen]\nallowed_hosts = [\"http://gw\"]".into(), "listen.allowed_hosts[0]:"),
+            ("[listen]\nallowed_hosts = \"gw\"".into(), "allowed_hosts: invalid type: string"),
+            ("[listen]\nallowed_origins = [\"grafana.local\"]".into(), "listen.allowed_origins[0]: \"grafana.local\" is not an origin (use scheme://host[:port]"),
+            ("[listen]\nallowed_origins = [\"http://a/\"]".into(), "listen.allowed_origins[0]: \"http://a/\" is not an origin"),
+            ("[listen]\nallowed_origins = [\"https://\"]".into(), "listen.allowed_origins[0]:"),
+            ("[listen]\nmetrics_open = \"yes\"".into(), "metrics_open: invalid type: string"),
+            ("[listen]\nmax_request_memory = 0".into(), "listen.max_request_memory: must be greater than 0"),
+            ("[listen]\nmax_request_memory = \"lots\"".into(), "listen.max_request_memory: invalid size \"lots\""),
             // [queue]
             ("[queue]\ncommit_interval = \"soon\"".into(), "queue.commit_interval: invalid duration \"soon\""),
             ("[queue]\ndurability = \"sometimes\"".into(), "queue.durability: invalid value \"sometimes\""),
@@ -2458,6 +2562,7 @@ mod tests {
         assert_eq!(c.listen.address, "127.0.0.1:8086".parse().unwrap());
         assert!(c.listen.tokens.is_empty());
         assert_eq!(c.listen.max_body_size, 32 * MIB);
+        assert_eq!(c.listen.max_request_memory, 128 * MIB);
         assert_eq!(c.listen.header_timeout, Duration::from_secs(10));
         assert_eq!(c.listen.body_timeout, Duration::from_secs(60));
         assert_eq!(c.queue.commit_interval, Duration::from_millis(10));
@@ -3007,6 +3112,27 @@ max_age = "0"
         write(dir.path(), "ca.pem", "-----BEGIN CERTIFICATE-----\n", 0o644);
         let c = parse(&remote("ca_file = \"ca.pem\""), dir.path(), &no_env).unwrap();
         assert_eq!(c.remotes[0].ca_file, Some(dir.path().join("ca.pem")));
+    }
+
+    #[test]
+    fn browser_guard_keys() {
+        let c = ok("");
+        assert_eq!(c.listen.browsers, BrowserGuard::default());
+        let c = ok(r#"
+[listen]
+allowed_hosts = ["GW-17.Local.", "192.168.1.20", "[fd00::1]"]
+allowed_origins = ["HTTP://Grafana.local:3000", "https://ops.example"]
+metrics_open = true
+"#);
+        assert_eq!(
+            c.listen.browsers.allowed_hosts,
+            ["gw-17.local", "192.168.1.20", "[fd00::1]"]
+        );
+        assert_eq!(
+            c.listen.browsers.allowed_origins,
+            ["http://grafana.local:3000", "https://ops.example"]
+        );
+        assert!(c.listen.browsers.metrics_open);
     }
 
     #[test]

@@ -74,6 +74,11 @@ pub struct IngestStats {
     pub refused_too_large: AtomicU64,
     pub refused_full: AtomicU64,
     pub refused_auth: AtomicU64,
+    /// Requests refused with 403: a foreign `Origin`, or a `Host` that is
+    /// neither loopback nor listed on a listener without tokens.
+    pub refused_browser: AtomicU64,
+    /// Writes refused with 503 because the request memory budget stayed full.
+    pub refused_memory: AtomicU64,
 }
 
 fn now_ns() -> u64 {
@@ -326,6 +331,18 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         "counter",
         "Writes refused with 401.",
         g(&ingest.refused_auth),
+    );
+    family(
+        "edge_replicator_requests_refused_browser_total",
+        "counter",
+        "Requests refused with 403: an Origin not in listen.allowed_origins, or (without tokens) a Host neither loopback nor in listen.allowed_hosts.",
+        g(&ingest.refused_browser),
+    );
+    family(
+        "edge_replicator_write_refused_memory_total",
+        "counter",
+        "Writes refused with 503 because requests in progress held listen.max_request_memory.",
+        g(&ingest.refused_memory),
     );
     out
 }

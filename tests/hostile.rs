@@ -163,6 +163,147 @@ fn gzip_bombs_are_refused_in_bounded_memory() {
     assert_eq!(agent.write_v2("b", &normal, &Opts::new().gzip(true)).0, 204);
 }
 
+/// Address space for the agent in the announcement test: its own mappings
+/// (a queue map of 96 MiB, thread stacks, two malloc arenas) fit, a hundred
+/// announced 32 MiB bodies (3.2 GB) do not.
+const ANNOUNCED_AS_LIMIT: u64 = 1 << 30;
+
+#[test]
+fn announced_lengths_reserve_nothing() {
+    // Regression: the body buffer was sized from Content-Length, so a
+    // hundred clients announcing 32 MiB and sending 5 bytes made the agent
+    // reserve 3.2 GB and abort where address space is short (32-bit ARM).
+    let launch = Launch::new()
+        .address_space_limit(ANNOUNCED_AS_LIMIT)
+        .insert_after("[queue]", "map_size = \"96MiB\"");
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.replications[0].max_queue_size = "16MiB".into();
+    let mut agent = Agent::start_with(config, &launch);
+    let port = agent.port;
+    let liars: Vec<TcpStream> = (0..100)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            s.write_all(
+                b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\n\
+                  Content-Length: 33554432\r\n\r\nlie f",
+            )
+            .unwrap();
+            s
+        })
+        .collect();
+    // Every one of them is being read before the honest write is sent.
+    wait_until(DEADLINE, "the hundred announcements are being read", || {
+        !agent.is_running()
+            || metric_value(
+                &agent.get("/metrics").body,
+                "edge_replicator_write_requests_total",
+                "",
+            )
+            .is_some_and(|n| n >= 100.0)
+    });
+    assert!(agent.is_running(), "agent died:\n{}", agent.log());
+    let ts = ts_ago(Duration::from_secs(60));
+    let (status, body) = agent.write_v2("b", lines("honest", 2, 50, ts), &Opts::new());
+    assert_eq!(status, 204, "{body}");
+    drop(liars);
+    wait_eq(DEADLINE, "the honest lines delivered", 50, || {
+        sink.lines_accepted().len()
+    });
+    assert!(agent.is_running(), "agent died:\n{}", agent.log());
+    assert!(
+        !agent.log().contains("memory allocation"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn concurrent_large_writes_share_one_memory_budget() {
+    // Regression: each body was bounded alone, so sixteen concurrent 30 MB
+    // writes held 2.3 GB. With one budget for all of them, writes beyond it
+    // wait and then get 503 + Retry-After; every 204 is queued.
+    const BUDGET: u64 = 24 << 20;
+    const WRITERS: usize = 24;
+    const LINES: usize = 40_000; // about 5 MB of lines per body
+                                 // Nothing listens at the remote: every acknowledged line stays queued,
+                                 // where it is counted.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let config = AgentConfig::single(RemoteConfig::v2("dead", &dead), "b", None);
+    let launch = Launch::new().insert_after("[listen]", "max_request_memory = \"24MiB\"\n");
+    let agent = Agent::start_with(config, &launch);
+    let ts = ts_ago(Duration::from_secs(60));
+    let warm = lines("warm", 8, 1000, ts);
+    assert_eq!(agent.write_v2("b", &warm, &Opts::new()).0, 204);
+    let base = agent.peak_rss_kib();
+
+    let body = std::sync::Arc::new(lines("big", 8, LINES, ts));
+    eprintln!("{WRITERS} writers of {} MiB each at once", body.len() >> 20);
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|i| {
+            let (body, url) = (body.clone(), agent.url());
+            std::thread::spawn(move || {
+                let r = http()
+                    .post(format!("{url}/api/v2/write"))
+                    .query("bucket", "b")
+                    .send(body.as_bytes())
+                    .map(|mut r| {
+                        let retry = r.headers().get("retry-after").is_some();
+                        let text = r.body_mut().read_to_string().unwrap_or_default();
+                        (r.status().as_u16(), retry, text)
+                    });
+                (i, r)
+            })
+        })
+        .collect();
+    let (mut taken, mut refused) = (0u64, 0u64);
+    for w in writers {
+        let (i, r) = w.join().unwrap();
+        let (status, retry, text) = r.unwrap_or_else(|e| panic!("writer {i}: {e}"));
+        match status {
+            204 => taken += 1,
+            503 => {
+                assert!(retry, "writer {i}: 503 without Retry-After: {text}");
+                assert!(text.contains("max_request_memory"), "writer {i}: {text}");
+                refused += 1;
+            }
+            _ => panic!("writer {i}: {status} {text}"),
+        }
+    }
+    let peak = agent.peak_rss_kib();
+    eprintln!(
+        "memory budget 24 MiB: {taken} writes taken, {refused} refused with 503; \
+         agent peak RSS {} MiB before, {} MiB after",
+        base >> 10,
+        peak >> 10
+    );
+    assert!(refused > 0, "the budget never filled");
+    assert!(taken > 0, "nothing was taken");
+    // Every 204 is queued, whole; nothing of a 503 is.
+    let rep = agent.replication("r1");
+    assert_eq!(
+        field(&rep, "acceptedLines"),
+        1000 + taken * LINES as u64,
+        "{rep:#}"
+    );
+    assert_conserved(&rep);
+    assert_eq!(
+        metric_value(
+            &agent.metrics(),
+            "edge_replicator_write_refused_memory_total",
+            ""
+        ),
+        Some(refused as f64)
+    );
+    // Without the budget these bodies and their normalised lines alone
+    // came to 24 x 10 MB; with it, the limit plus one request's share.
+    assert!(
+        (peak - base) << 10 < 2 * BUDGET + (32 << 20),
+        "peak RSS grew by {} MiB",
+        (peak - base) >> 10
+    );
+}
+
 #[test]
 fn huge_lines_are_taken_whole_or_refused_clearly() {
     let sink = Sink::accept_all();
@@ -324,7 +465,7 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
     let trickler = {
         let mut t = trickle.try_clone().unwrap();
         std::thread::spawn(move || {
-            for b in b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nX-Slow: "
+            for b in b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
                 .iter()
                 .chain(std::iter::repeat(&b'a'))
                 .take(200)
@@ -340,7 +481,7 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
     let mut slow_body = TcpStream::connect(("127.0.0.1", port)).unwrap();
     slow_body
         .write_all(
-            b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n",
+            b"POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n",
         )
         .unwrap();
     let dribbler = {
@@ -381,43 +522,97 @@ fn slow_and_silent_clients_are_cut_off_while_others_are_served() {
     assert_eq!(agent.get("/health").status, 200);
 }
 
+/// Open descriptors of process `pid`.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
 #[test]
-fn connections_past_the_cap_get_503_until_others_leave() {
-    // Idle connections stay for the header timeout: long, so they pile up.
-    let (_sink, agent) = sink_agent(&timeouts("60s", "60s"));
+fn idle_floods_cannot_keep_an_authorised_writer_out() {
+    // Regression: 600 idle connections took every slot, so each write got
+    // 503 for as long as they reconnected, and the agent accepted (and held
+    // a descriptor for) every connection past the cap until, at 3,000, it
+    // ran out of descriptors and shipping failed too.
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.tokens = vec!["w-token".into()];
+    // Idle connections would stay for the header timeout: long, so they
+    // pile up; 1024 descriptors, a distribution's usual soft limit.
+    let launch = timeouts("60s", "60s").open_files_limit(1024);
+    let agent = Agent::start_with(config, &launch);
     let port = agent.port;
-    let idle: Vec<TcpStream> = (0..512)
-        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
-        .collect();
-    // Past the cap: a clear 503.
-    let (status, body) = raw_request(
-        port,
-        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 0",
-        b"",
-    )
-    .expect("an answer past the cap");
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("too many connections"), "{body}");
-    // A flood beyond that costs little and is refused too.
-    let flood: Vec<TcpStream> = (0..2000)
-        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
-        .collect();
-    let rss = agent.rss_kib();
-    eprintln!(
-        "{} idle connections plus a flood of {}: agent RSS {} MiB",
-        idle.len(),
-        flood.len(),
-        rss >> 10
-    );
-    drop(flood);
-    drop(idle);
-    // The slots come back as the idle clients leave.
-    let ts = ts_ago(Duration::from_secs(60));
-    wait_until(DEADLINE, "a write is taken again", || {
-        agent
-            .try_write_v2("b", lines("back", 1, 1, ts).as_bytes(), &Opts::new())
-            .is_ok_and(|r| r.status == 204)
+
+    // A flood that keeps 1,500 idle connections open (more than the cap
+    // and the listen backlog together hold), closing the oldest to open a
+    // new one, for as long as the test runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let opened = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let flood = {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        std::thread::spawn(move || {
+            let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+            let mut open = std::collections::VecDeque::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+                    open.push_back(s);
+                    opened.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                if open.len() > 1500 {
+                    open.pop_front();
+                }
+            }
+        })
+    };
+    wait_until(DEADLINE, "the flood holds 1,500 connections", || {
+        opened.load(std::sync::atomic::Ordering::Relaxed) >= 1500
     });
+
+    let ts = ts_ago(Duration::from_secs(60));
+    let mut slowest = Duration::ZERO;
+    let mut most_descriptors = 0;
+    const WRITES: usize = 20;
+    for i in 0..WRITES {
+        let started = Instant::now();
+        let answer = raw_http(
+            port,
+            "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nAuthorization: Token w-token\r\n",
+            lines(&format!("w{i}"), 1, 10, ts).as_bytes(),
+        );
+        slowest = slowest.max(started.elapsed());
+        assert_eq!(
+            raw_status(&answer),
+            204,
+            "write {i} during the flood: {answer}"
+        );
+        most_descriptors = most_descriptors.max(open_descriptors(agent.pid()));
+    }
+    // Shipping keeps its descriptors: everything arrives while the flood
+    // goes on.
+    wait_eq(
+        DEADLINE,
+        "lines delivered during the flood",
+        WRITES * 10,
+        || sink.lines_accepted().len(),
+    );
+    let flooded = opened.load(std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    eprintln!(
+        "flood of {flooded} idle connections: {WRITES} authorised writes all 204, slowest {slowest:?}; \
+         agent descriptors at most {most_descriptors}, RSS {} MiB",
+        agent.rss_kib() >> 10
+    );
+    // Past the cap the agent stops accepting: its descriptors stay near
+    // the cap (512) plus what the queue and shipping use.
+    assert!(
+        most_descriptors <= 512 + 64,
+        "{most_descriptors} descriptors open"
+    );
+    let log = agent.log();
+    assert!(!log.contains("Too many open files"), "{log}");
+    assert!(!log.contains("accept failed"), "{log}");
 }
 
 // ---------------------------------------------------------------------------
@@ -526,7 +721,7 @@ fn absurd_requests_get_short_clear_answers() {
     ];
     for (head, what, expected) in &cases {
         let head = format!(
-            "{head}\r\nHost: x\r\nContent-Length: {}\r\nConnection: close",
+            "{head}\r\nHost: localhost\r\nContent-Length: {}\r\nConnection: close",
             line.len()
         );
         let answer = raw_exchange(port, &head, line.as_bytes());
@@ -557,7 +752,7 @@ fn absurd_requests_get_short_clear_answers() {
     // (no body follows: an agent that waited for it would not answer 413).
     let answer = raw_request(
         port,
-        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000000",
+        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000000000000",
         b"",
     );
     assert_eq!(answer.map(|a| a.0), Some(413));
@@ -565,7 +760,9 @@ fn absurd_requests_get_short_clear_answers() {
     for cl in ["-1", "abc", "99999999999999999999999"] {
         let answer = raw_request(
             port,
-            &format!("POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: x\r\nContent-Length: {cl}"),
+            &format!(
+                "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: {cl}"
+            ),
             b"",
         );
         assert!(

@@ -61,3 +61,40 @@ fn python_influxdb_client_batches_with_gzip_arrive() {
     assert_eq!(field(&rep, "acceptedLines"), N, "{rep:#}");
     assert_conserved(&rep);
 }
+
+#[test]
+fn python_influxdb_client_sees_a_ready_write_only_agent() {
+    let Some(python) = require_python_client() else {
+        return;
+    };
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "sensors", None);
+    config.tokens = vec!["py-token".into()];
+    let agent = Agent::start(config);
+    let script = repo_root().join("tests/python/ready_and_query.py");
+    let out = Command::new(python)
+        .arg(script)
+        .args(["--url", &agent.url()])
+        .args(["--token", "py-token"])
+        .output()
+        .expect("run tests/python/ready_and_query.py");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python client failed ({}):\nstdout: {stdout}\nstderr: {stderr}",
+        out.status
+    );
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("client summary is not JSON ({e}): {stdout}"));
+    assert_eq!(v["ready"]["status"], "ready", "{v}");
+    assert!(v["ready"]["started"].is_string(), "{v}");
+    assert!(v["ready"]["up"].is_string(), "{v}");
+    assert_eq!(v["ping"], true, "{v}");
+    for call in ["query", "buckets"] {
+        assert_eq!(v[call]["status"], 501, "{call}: {v}");
+        let body = v[call]["body"].as_str().unwrap_or_default();
+        assert!(body.contains("write-only"), "{call}: {v}");
+        assert!(body.contains(&sink.url()), "{call}: {v}");
+    }
+}

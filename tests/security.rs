@@ -1002,3 +1002,236 @@ fn a_reload_from_a_file_others_can_write_is_refused() {
         401
     );
 }
+
+// ---------------------------------------------------------------------------
+// Web pages in a browser on the gateway
+// ---------------------------------------------------------------------------
+
+/// A POST of `body` to `target` with `headers` (each ending in CRLF); the
+/// status and the whole raw answer.
+fn raw_post(agent: &Agent, target: &str, headers: &str, body: &str) -> (u16, String) {
+    let answer = raw_http(
+        agent.port,
+        &format!("POST {target} HTTP/1.1\r\n{headers}"),
+        body.as_bytes(),
+    );
+    (raw_status(&answer), answer)
+}
+
+fn browser_agent(tokens: &[&str], listen_extra: &str) -> (Sink, Agent) {
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.tokens = tokens.iter().map(|t| t.to_string()).collect();
+    let mut launch = Launch::new();
+    if !listen_extra.is_empty() {
+        launch = launch.insert_after("[listen]", listen_extra);
+    }
+    (sink, Agent::start_with(config, &launch))
+}
+
+#[test]
+fn a_web_page_cannot_write_or_read_through_a_tokenless_listener() {
+    let (sink, agent) = browser_agent(&[], "allowed_hosts = [\"gw-17.local\"]\n");
+    let port = agent.port;
+    let line = "web f=1 1764000000000000000";
+    // DNS rebinding: the page's own name, resolved to 127.0.0.1.
+    for (target, shape) in [
+        ("/api/v2/write?bucket=b", "message"),
+        ("/write?db=b", "error"),
+    ] {
+        let host = format!("Host: rebind.evil.example:{port}\r\nContent-Type: text/plain\r\n");
+        let (status, answer) = raw_post(&agent, target, &host, line);
+        assert_eq!(status, 403, "{target}: {answer}");
+        let v = raw_json(&answer);
+        let message = v[shape].as_str().unwrap_or_else(|| panic!("{target}: {v}"));
+        assert!(message.contains("rebind.evil.example"), "{message}");
+        assert!(message.contains("listen.allowed_hosts"), "{message}");
+        if shape == "message" {
+            assert_eq!(v["code"], "forbidden", "{v}");
+        }
+    }
+    let answer = raw_http(
+        port,
+        &format!("GET /api/v2/replications HTTP/1.1\r\nHost: rebind.evil.example:{port}\r\n"),
+        b"",
+    );
+    assert_eq!(
+        raw_status(&answer),
+        403,
+        "status read by a rebinding page: {answer}"
+    );
+    let (status, answer) = raw_post(
+        &agent,
+        "/api/v2/replications/r1/dead-letter/replay",
+        &format!("Host: rebind.evil.example:{port}\r\n"),
+        "",
+    );
+    assert_eq!(status, 403, "{answer}");
+    // A cross-origin text/plain POST from any page (no preflight needed).
+    for origin in ["http://evil.example", "null", "http://localhost:3000"] {
+        let (status, answer) = raw_post(
+            &agent,
+            "/api/v2/write?bucket=b",
+            &format!("Host: 127.0.0.1:{port}\r\nOrigin: {origin}\r\nContent-Type: text/plain\r\n"),
+            line,
+        );
+        assert_eq!(status, 403, "{origin}: {answer}");
+        assert!(answer.contains("listen.allowed_origins"), "{answer}");
+        let answer = raw_http(
+            port,
+            &format!("OPTIONS /api/v2/write HTTP/1.1\r\nHost: localhost:{port}\r\nOrigin: {origin}\r\nAccess-Control-Request-Method: POST\r\n"),
+            b"",
+        );
+        assert_eq!(
+            raw_status(&answer),
+            403,
+            "preflight from {origin}: {answer}"
+        );
+        assert!(!answer.contains("Access-Control-Allow-Origin"), "{answer}");
+    }
+    // Loopback names and the listed one work; nothing refused was queued.
+    let mut taken = 0;
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "gw-17.local".to_string(),
+        "[::1]".to_string(),
+    ] {
+        let (status, answer) = raw_post(
+            &agent,
+            "/api/v2/write?bucket=b",
+            &format!("Host: {host}\r\n"),
+            &format!("ok,host=h{taken} f=1 1764000000000000000"),
+        );
+        assert_eq!(status, 204, "{host}: {answer}");
+        taken += 1;
+    }
+    wait_eq(DEADLINE, "lines delivered", taken, || {
+        sink.lines_accepted().len()
+    });
+    let rep = agent.replication("r1");
+    assert_eq!(field(&rep, "acceptedLines"), taken as u64, "{rep:#}");
+    assert!(
+        metric_value(
+            &agent.metrics(),
+            "edge_replicator_requests_refused_browser_total",
+            ""
+        )
+        .is_some_and(|n| n >= 10.0),
+        "refusals are counted"
+    );
+}
+
+#[test]
+fn only_listed_origins_may_call_and_read_the_answer() {
+    let (_sink, agent) = browser_agent(
+        &[LISTEN],
+        "allowed_origins = [\"http://grafana.local:3000\"]\n",
+    );
+    let port = agent.port;
+    let auth = format!("Authorization: Token {LISTEN}\r\n");
+    // A page at the listed origin, with a token: preflight, then the write.
+    let answer = raw_http(
+        port,
+        &format!("OPTIONS /api/v2/write HTTP/1.1\r\nHost: gw:{port}\r\nOrigin: http://grafana.local:3000\r\nAccess-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization\r\n"),
+        b"",
+    );
+    assert_eq!(raw_status(&answer), 204, "{answer}");
+    assert!(
+        answer.contains("\r\nAccess-Control-Allow-Origin: http://grafana.local:3000\r\n"),
+        "{answer}"
+    );
+    assert!(answer.contains("Authorization"), "{answer}");
+    let (status, answer) = raw_post(
+        &agent,
+        "/api/v2/write?bucket=b",
+        &format!("Host: gw:{port}\r\nOrigin: http://grafana.local:3000\r\n{auth}"),
+        "ok f=1 1764000000000000000",
+    );
+    assert_eq!(status, 204, "{answer}");
+    assert!(answer.contains("Access-Control-Allow-Origin"), "{answer}");
+    // Any other origin is refused even with a valid token: the token may be
+    // stored in a page the operator did not mean to give it to.
+    let (status, answer) = raw_post(
+        &agent,
+        "/api/v2/write?bucket=b",
+        &format!("Host: gw:{port}\r\nOrigin: http://evil.example\r\n{auth}"),
+        "evil f=1 1764000000000000000",
+    );
+    assert_eq!(status, 403, "{answer}");
+    // With tokens set, the Host check is off: operators reach the agent by
+    // whatever name they use, and a page cannot present a token.
+    let (status, answer) = raw_post(
+        &agent,
+        "/api/v2/write?bucket=b",
+        &format!("Host: gateway-17.plant.example:{port}\r\n{auth}"),
+        "ok f=2 1764000000000000000",
+    );
+    assert_eq!(status, 204, "{answer}");
+    let (status, answer) = raw_post(
+        &agent,
+        "/api/v2/write?bucket=b",
+        &format!("Host: gateway-17.plant.example:{port}\r\n"),
+        "anon f=1 1764000000000000000",
+    );
+    assert_eq!(status, 401, "{answer}");
+    assert_eq!(field(&agent.replication("r1"), "acceptedLines"), 2);
+}
+
+#[test]
+fn metrics_need_a_token_when_tokens_are_set_unless_opened() {
+    let (_sink, agent) = browser_agent(&[LISTEN], "");
+    let url = format!("{}/metrics", agent.url());
+    let r = http().get(&url).call().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(agent.get("/metrics").status, 200, "with the token");
+
+    let (_sink, open) = browser_agent(&[LISTEN], "metrics_open = true\n");
+    let url = format!("{}/metrics", open.url());
+    let mut r = http().get(&url).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.body_mut().read_to_string().unwrap();
+    assert!(
+        text.contains("edge_replicator_write_requests_total"),
+        "{text}"
+    );
+    // Status stays closed.
+    let url = format!("{}/api/v2/replications", open.url());
+    assert_eq!(http().get(&url).call().unwrap().status().as_u16(), 401);
+}
+
+#[test]
+fn the_p_query_credential_counts_on_v1_endpoints_only() {
+    let (_sink, agent) = browser_agent(&[LISTEN], "");
+    let line = "pq f=1 1764000000000000000";
+    let (status, text) = agent.write_v1(
+        "b",
+        None,
+        line,
+        &Opts::new().query("u", "x").query("p", LISTEN),
+    );
+    assert_eq!(status, 204, "v1 /write with p=: {text}");
+    let (status, text) = agent.write_v2("b", line, &Opts::new().query("p", LISTEN));
+    assert_eq!(status, 401, "v2 write with p=: {text}");
+    for path in [
+        "/api/v2/replications",
+        "/metrics",
+        "/api/v2/replications/r1/dead-letter",
+    ] {
+        let url = format!("{}{path}?p={LISTEN}", agent.url());
+        let status = http().get(&url).call().unwrap().status().as_u16();
+        assert_eq!(status, 401, "{path} with p=");
+    }
+    // v1 /query takes it, as the v1 clients send it there too.
+    let answer = raw_http(
+        agent.port,
+        &format!("GET /query?q=SHOW+DATABASES&u=x&p={LISTEN} HTTP/1.1\r\nHost: localhost\r\n"),
+        b"",
+    );
+    assert_eq!(raw_status(&answer), 501, "{answer}");
+    assert!(
+        answer.contains("/api/v2/write?org=test-org&bucket=b"),
+        "{answer}"
+    );
+    assert_eq!(field(&agent.replication("r1"), "acceptedLines"), 1);
+}

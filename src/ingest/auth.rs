@@ -1,6 +1,16 @@
-//! Token checks for the local API. Every configured token is compared in
+//! Who may call the local API. Every configured token is compared in
 //! constant time (no early exit on the first byte that differs, nor on the
 //! first token that matches), so timing tells nothing about a token.
+//!
+//! Browsers are the other caller to keep out: any web page open on the
+//! gateway can send requests to a loopback port. A page's cross-origin POST
+//! carries an `Origin` header, so a request whose `Origin` is not explicitly
+//! allowed is refused. A page that has its own name resolve to 127.0.0.1
+//! (DNS rebinding) makes same-origin requests with its own name in `Host`;
+//! where no token is configured (the listener is then loopback only) only
+//! loopback names and the operator's `allowed_hosts` pass. Where tokens are
+//! set, a page cannot present one, and the names operators reach the agent
+//! by keep working without being listed.
 
 use base64::Engine as _;
 use http::HeaderMap;
@@ -42,6 +52,50 @@ fn trim(b: &[u8]) -> &[u8] {
         .rposition(|c| !c.is_ascii_whitespace())
         .map_or(start, |i| i + 1);
     &b[start..end]
+}
+
+/// True when a request naming `host` (the `Host` header, with or without a
+/// port) may be served by a listener without tokens: a loopback name or
+/// address, or one of `allowed` (lower case, no port). Requests without a
+/// `Host` (HTTP/1.0 tools) come from no browser and pass.
+pub fn host_allowed(host: Option<&[u8]>, allowed: &[String]) -> bool {
+    let Some(host) = host else {
+        return true;
+    };
+    let Ok(host) = std::str::from_utf8(host) else {
+        return false;
+    };
+    let host = host.trim().to_ascii_lowercase();
+    // Strip the port: after `]` for IPv6, after the only `:` otherwise.
+    let name = if host.starts_with('[') {
+        match host.find(']') {
+            Some(i) => &host[..=i],
+            None => return false,
+        }
+    } else {
+        host.split(':').next().unwrap_or_default()
+    };
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name == "localhost" || name.ends_with(".localhost") || name == "[::1]" {
+        return true;
+    }
+    if name
+        .parse::<std::net::Ipv4Addr>()
+        .is_ok_and(|ip| ip.is_loopback())
+    {
+        return true;
+    }
+    allowed.iter().any(|a| a == name)
+}
+
+/// True when `origin` (the `Origin` header) is one of `allowed` (lower case
+/// `scheme://host[:port]`).
+pub fn origin_allowed(origin: &[u8], allowed: &[String]) -> bool {
+    let Ok(origin) = std::str::from_utf8(origin) else {
+        return false;
+    };
+    let origin = origin.trim();
+    allowed.iter().any(|a| a.eq_ignore_ascii_case(origin))
 }
 
 /// True when `tokens` is empty (open, loopback only) or `offered` matches one.
@@ -93,6 +147,58 @@ mod tests {
         );
         assert_eq!(offered(&headers("Digest x"), Some("s3cret")), None);
         assert_eq!(offered(&HeaderMap::new(), None), None);
+    }
+
+    #[test]
+    fn loopback_and_listed_hosts_pass() {
+        let listed = vec!["gw-17.local".to_string(), "[fd00::1]".to_string()];
+        for ok in [
+            "localhost",
+            "LOCALHOST:8086",
+            "localhost.:8086",
+            "app.localhost",
+            "127.0.0.1:8086",
+            "127.1.2.3",
+            "[::1]:8086",
+            "[::1]",
+            "gw-17.local:8086",
+            "GW-17.local",
+            "[fd00::1]:8086",
+        ] {
+            assert!(host_allowed(Some(ok.as_bytes()), &listed), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "evil.example:8086",
+            "localhost.evil.example",
+            "127.0.0.1.evil.example",
+            "0.0.0.0:8086",
+            "192.168.1.20",
+            "[::2]:8086",
+            "[::1",
+            "",
+        ] {
+            assert!(!host_allowed(Some(bad.as_bytes()), &listed), "{bad}");
+        }
+        assert!(!host_allowed(Some(b"\xff"), &listed));
+        assert!(host_allowed(None, &[]), "no Host: no browser");
+    }
+
+    #[test]
+    fn only_listed_origins_pass() {
+        let listed = vec!["http://grafana.local:3000".to_string()];
+        assert!(origin_allowed(b"http://grafana.local:3000", &listed));
+        assert!(origin_allowed(b"HTTP://Grafana.Local:3000", &listed));
+        for bad in [
+            &b"http://grafana.local"[..],
+            b"https://grafana.local:3000",
+            b"null",
+            b"http://evil.example",
+            b"\xff",
+        ] {
+            assert!(!origin_allowed(bad, &listed));
+        }
+        assert!(!origin_allowed(b"http://localhost:3000", &[]));
     }
 
     #[test]

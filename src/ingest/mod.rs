@@ -5,13 +5,15 @@
 
 pub mod auth;
 pub mod body;
+pub mod budget;
+pub mod conns;
 pub mod http;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Replication, Secret};
+use crate::config::{BrowserGuard, Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
 use crate::queue::{self, Preparing, Queue, QueueError, ReplHandle, Segment, Write};
 use crate::status::{IngestStats, ReplStatus, SourceStatus};
@@ -42,6 +44,9 @@ pub struct Route {
     /// Its remote speaks the v1 API (InfluxDB 1.x), which has no unsigned
     /// integers.
     pub v1: bool,
+    /// Where its lines go (a write URL), told to clients that ask this
+    /// write-only agent a query.
+    pub destination: String,
 }
 
 /// The part of the config a write is checked and routed against; replaced
@@ -50,7 +55,11 @@ pub struct Routing {
     pub routes: Vec<Route>,
     pub statuses: Vec<Arc<ReplStatus>>,
     pub tokens: Vec<Secret>,
+    /// `listen.allowed_hosts`, `listen.allowed_origins`, `listen.metrics_open`.
+    pub browsers: BrowserGuard,
     pub max_body_size: u64,
+    /// `listen.max_request_memory`: the limit of [`Ingest::memory`].
+    pub max_request_memory: u64,
     /// `listen.header_timeout` and `listen.body_timeout`.
     pub header_timeout: Duration,
     pub body_timeout: Duration,
@@ -63,6 +72,11 @@ pub struct Ingest {
     pub stats: IngestStats,
     /// Statuses of the running `[[tail]]` and `[[influxdb_wal]]` sources.
     sources: RwLock<Vec<Arc<SourceStatus>>>,
+    /// When the agent started, for `GET /ready`: the wall-clock time it
+    /// reports and the monotonic instant its uptime is counted from.
+    pub started: (SystemTime, Instant),
+    /// Memory held by API requests in progress (see [`budget`]).
+    pub memory: Arc<budget::Budget>,
 }
 
 /// Why a write was not (fully) taken.
@@ -170,6 +184,8 @@ impl Ingest {
             routing: RwLock::new(Arc::new(routing)),
             stats: IngestStats::default(),
             sources: RwLock::new(Vec::new()),
+            started: (SystemTime::now(), Instant::now()),
+            memory: budget::Budget::new(),
         }
     }
 

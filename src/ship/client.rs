@@ -154,6 +154,29 @@ impl Client {
         }
     }
 
+    /// Where lines sent to `bucket` go, for the start-up log and the
+    /// agent's write-only answers: the write URL, or with `None` (a `*`
+    /// replication without `remote_bucket`) the URL with placeholders for
+    /// each write's own bucket (v2) or database and retention policy (v1).
+    pub fn destination(&self, bucket: Option<&str>) -> String {
+        if let Some(b) = bucket {
+            return self.write_url(b);
+        }
+        let (pattern, shown) = match self.api {
+            Api::V2 => ("{bucket}", "each write's own bucket"),
+            Api::V1 => (
+                "{db}/{rp}",
+                "each write's own database and retention policy",
+            ),
+        };
+        let url = self
+            .write_url(pattern)
+            .replace("%7Bbucket%7D", "{bucket}")
+            .replace("%7Bdb%7D", "{db}")
+            .replace("%7Brp%7D", "{rp}");
+        format!("{url} ({shown})")
+    }
+
     /// POSTs a gzip body. Never fails: every outcome is an [`Answer`].
     pub fn post(&self, url: &str, gzip_body: &[u8]) -> Answer {
         let mut req = self

@@ -519,6 +519,41 @@ pub fn basic_auth(user: &str, password: &str) -> String {
     )
 }
 
+/// Sends `request` (the request line and headers, each ending in CRLF,
+/// without the blank line; `Connection: close` is added) on a fresh
+/// connection to 127.0.0.1:`port` and returns the answer as it came off the
+/// wire: status line, headers in their own spelling, body.
+pub fn raw_http(port: u16, request: &str, body: &[u8]) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60) * slowdown()))
+        .unwrap();
+    let head = format!(
+        "{request}Connection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status code of a raw answer from [`raw_http`].
+pub fn raw_status(answer: &str) -> u16 {
+    answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"))
+}
+
+/// The body of a raw answer from [`raw_http`], parsed as JSON.
+pub fn raw_json(answer: &str) -> Value {
+    let body = answer.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("answer body is not JSON ({e}): {answer:?}"))
+}
+
 pub fn gzip(data: &[u8]) -> Vec<u8> {
     let mut enc = GzEncoder::new(Vec::new(), Compression::default());
     enc.write_all(data).unwrap();
@@ -1659,6 +1694,10 @@ pub struct Launch {
     pub env: Vec<(String, String)>,
     /// Applied in order to the rendered config.
     pub edits: Vec<std::sync::Arc<dyn Fn(String) -> String + Send + Sync>>,
+    /// `RLIMIT_AS` for the agent's process, in bytes (`ulimit -v`).
+    pub address_space: Option<u64>,
+    /// `RLIMIT_NOFILE` (soft and hard) for the agent's process (`ulimit -n`).
+    pub open_files: Option<u64>,
 }
 
 impl Launch {
@@ -1668,6 +1707,20 @@ impl Launch {
 
     pub fn env(mut self, key: &str, value: &str) -> Launch {
         self.env.push((key.into(), value.into()));
+        self
+    }
+
+    /// Runs the agent with at most `bytes` of address space, as on a
+    /// 32-bit board or under `ulimit -v`.
+    pub fn address_space_limit(mut self, bytes: u64) -> Launch {
+        self.address_space = Some(bytes);
+        self
+    }
+
+    /// Runs the agent with at most `n` open descriptors, soft and hard (a
+    /// distribution's default soft limit is 1024).
+    pub fn open_files_limit(mut self, n: u64) -> Launch {
+        self.open_files = Some(n);
         self
     }
 
@@ -1781,6 +1834,31 @@ impl Agent {
             .stderr(log);
         for (k, v) in &launch.env {
             cmd.env(k, v);
+        }
+        let limits = [
+            (libc::RLIMIT_AS, launch.address_space),
+            (libc::RLIMIT_NOFILE, launch.open_files),
+        ];
+        if limits.iter().any(|(_, v)| v.is_some()) {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe and touches only the
+            // child between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for (resource, value) in limits {
+                        let Some(v) = value else { continue };
+                        let v = libc::rlim_t::try_from(v).unwrap_or(libc::RLIM_INFINITY);
+                        let limit = libc::rlimit {
+                            rlim_cur: v,
+                            rlim_max: v,
+                        };
+                        if libc::setrlimit(resource, &limit) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
         }
         self.child = Some(cmd.spawn().expect("spawn edge-replicator run"));
     }

@@ -1,0 +1,136 @@
+//! The endpoints InfluxDB clients call besides writes: `/ready` in
+//! InfluxDB 2.x's shape, query and management paths answered in the API's
+//! own error shape (this is a write-only agent, and the data is over there),
+//! header names spelled on the wire as InfluxDB spells them, and the
+//! start-up log naming a `*` replication's real destination.
+
+mod util;
+
+use util::*;
+
+fn agent_with(tokens: &[&str], local_bucket: &str) -> (Sink, Agent) {
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), local_bucket, None);
+    config.tokens = tokens.iter().map(|t| t.to_string()).collect();
+    let agent = Agent::start(config);
+    (sink, agent)
+}
+
+#[test]
+fn ready_answers_in_influxdb_2_shape() {
+    let (_sink, agent) = agent_with(&[], "b");
+    let r = agent.get("/ready");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["status"], "ready", "{v}");
+    let started = v["started"].as_str().expect("started is a string");
+    let started = humantime::parse_rfc3339(started)
+        .unwrap_or_else(|e| panic!("started {started:?} is not RFC 3339: {e}"));
+    assert!(started <= std::time::SystemTime::now(), "{v}");
+    let up = v["up"].as_str().expect("up is a string");
+    assert!(
+        up.ends_with('s') && up.starts_with(|c: char| c.is_ascii_digit()),
+        "up {up:?} is not a Go duration"
+    );
+}
+
+#[test]
+fn header_names_go_out_in_influxdb_spelling() {
+    let (_sink, agent) = agent_with(&[], "b");
+    for path in ["/ping", "/health", "/ready", "/query?q=SHOW+DATABASES"] {
+        let answer = raw_http(
+            agent.port,
+            &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n"),
+            b"",
+        );
+        let head = answer.split("\r\n\r\n").next().unwrap();
+        for name in ["X-Influxdb-Version: ", "X-Influxdb-Build: "] {
+            assert!(
+                head.lines().any(|l| l.starts_with(name)),
+                "GET {path}: no {name:?} spelled so in:\n{head}"
+            );
+        }
+    }
+    // v1 errors carry X-Influxdb-Error, which clients also read by name.
+    let answer = raw_http(
+        agent.port,
+        "POST /write?db=nope HTTP/1.1\r\nHost: localhost\r\n",
+        b"m f=1",
+    );
+    assert_eq!(raw_status(&answer), 404, "{answer}");
+    assert!(answer.contains("\r\nX-Influxdb-Error: "), "{answer}");
+}
+
+#[test]
+fn query_and_management_paths_say_the_agent_is_write_only() {
+    let (sink, agent) = agent_with(&["s3cret"], "b");
+    let destination = format!("{}/api/v2/write?org=test-org&bucket=b", sink.url());
+    // v1 /query: InfluxDB 1.x's {"error": ...}, as `influx -import` and the
+    // v1 clients expect.
+    for auth in ["Authorization: Token s3cret\r\n", ""] {
+        for request in [
+            "GET /query?q=SHOW+DATABASES",
+            "POST /query?q=CREATE+DATABASE+x",
+        ] {
+            let answer = raw_http(
+                agent.port,
+                &format!("{request} HTTP/1.1\r\nHost: localhost\r\n{auth}"),
+                b"",
+            );
+            assert_eq!(raw_status(&answer), 501, "{answer}");
+            let v = raw_json(&answer);
+            let message = v["error"].as_str().unwrap_or_else(|| panic!("{v}"));
+            assert!(message.contains("write-only"), "{message}");
+            assert!(message.contains("/query"), "{message}");
+            // Where the data goes is told to those allowed to write.
+            assert_eq!(
+                message.contains(&destination),
+                !auth.is_empty(),
+                "{auth:?}: {message}"
+            );
+        }
+    }
+    // v2 query and management paths: {"code": ..., "message": ...}.
+    for request in [
+        "POST /api/v2/query?org=o",
+        "GET /api/v2/buckets",
+        "GET /api/v2/orgs",
+        "POST /api/v2/delete?bucket=b",
+        "GET /api/v2/dbrps",
+    ] {
+        let answer = raw_http(
+            agent.port,
+            &format!("{request} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Token s3cret\r\n"),
+            b"",
+        );
+        assert_eq!(raw_status(&answer), 501, "{request}: {answer}");
+        let v = raw_json(&answer);
+        assert_eq!(v["code"], "not implemented", "{request}: {v}");
+        let message = v["message"].as_str().unwrap();
+        assert!(message.contains("write-only"), "{message}");
+        assert!(message.contains(&destination), "{message}");
+    }
+    // Paths that are neither stay a plain 404.
+    let answer = raw_http(
+        agent.port,
+        "GET /nothing HTTP/1.1\r\nHost: localhost\r\n",
+        b"",
+    );
+    assert_eq!(raw_status(&answer), 404, "{answer}");
+    assert_eq!(
+        agent.write_v2("b", "m f=1", &Opts::new().token("s3cret")).0,
+        204
+    );
+}
+
+#[test]
+fn a_star_replication_logs_where_each_write_goes() {
+    let (sink, agent) = agent_with(&[], "*");
+    let log = agent.log();
+    let want = format!(
+        "{}/api/v2/write?org=test-org&bucket={{bucket}}&precision=ns (each write's own bucket)",
+        sink.url()
+    );
+    assert!(log.contains(&want), "no {want:?} in:\n{log}");
+    assert!(!log.contains("same+as+local"), "{log}");
+}
