@@ -163,9 +163,12 @@ pub struct Remote {
     pub ca_file: Option<PathBuf>,
     /// `http://` or `https://` proxy URL; may carry credentials, so never log it whole.
     pub proxy: Option<String>,
-    /// Whole-request timeout.
+    /// How long the remote has to answer once a request's body is sent.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// A transfer that makes no progress (no byte written or read) for this
+    /// long is abandoned.
+    pub stall_timeout: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -186,6 +189,7 @@ impl fmt::Debug for Remote {
             .field("proxy", &self.proxy.as_deref().map(redact_userinfo))
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("stall_timeout", &self.stall_timeout)
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
             .finish()
@@ -439,6 +443,7 @@ struct RawRemote {
     proxy: Option<String>,
     timeout: Option<Scalar>,
     connect_timeout: Option<Scalar>,
+    stall_timeout: Option<Scalar>,
     min_backoff: Option<Scalar>,
     max_backoff: Option<Scalar>,
 }
@@ -1453,6 +1458,14 @@ impl Validator<'_> {
                 Duration::from_secs(10),
             )?,
         )?;
+        let stall_timeout = positive(
+            &key("stall_timeout"),
+            duration_value(
+                &key("stall_timeout"),
+                r.stall_timeout,
+                Duration::from_secs(10),
+            )?,
+        )?;
         let min_backoff = positive(
             &key("min_backoff"),
             duration_value(&key("min_backoff"), r.min_backoff, Duration::from_secs(1))?,
@@ -1478,6 +1491,7 @@ impl Validator<'_> {
             proxy,
             timeout,
             connect_timeout,
+            stall_timeout,
             min_backoff,
             max_backoff,
         })

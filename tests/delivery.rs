@@ -1879,3 +1879,117 @@ fn victoria_metrics_restarted_mid_stream_loses_nothing() {
         "the points at VictoriaMetrics are not the ones written"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The link: stalls, batches that fit, prompt shutdown
+// ---------------------------------------------------------------------------
+
+/// A remote that accepts connections and reads requests but never answers
+/// (a black hole past the TCP handshake).
+fn black_hole() -> Action {
+    Action::stall(Duration::from_secs(600), Action::ok())
+}
+
+/// A remote that stops answering: the transfer is abandoned after
+/// `stall_timeout` (not the 300 s `timeout`), status says the link is
+/// `stalled` since a given time, the attempts' bodies count as sent on the
+/// wire but not accepted, and once the remote answers again the batch is
+/// delivered and the link is `up`.
+#[test]
+fn a_stalled_link_shows_in_status_and_the_batch_goes_when_it_recovers() {
+    let server = FaultServer::with_rule(|_| black_hole());
+    let mut r = remote("hole", &server);
+    r.timeout = "300s".into();
+    r.stall_timeout = Some("1s".into());
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("st", 3, 120, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    // Two abandoned attempts prove the first was given up on, not waited out.
+    wait_requests(&server, 2, DEADLINE);
+    let rep = wait_until_status(&agent, "link stalled", |rep| {
+        str_field(rep, "link") == "stalled"
+    });
+    assert!(rep["linkSince"].is_string(), "{rep:#}");
+    assert!(
+        str_field(&rep, "latestErrorMessage").contains("stall"),
+        "{rep:#}"
+    );
+    assert_eq!(field(&rep, "deliveredLines"), 0, "{rep:#}");
+    assert_eq!(field(&rep, "wireBytesAccepted"), 0, "{rep:#}");
+    assert!(field(&rep, "wireBytesSent") > 0, "{rep:#}");
+    let metrics = agent.get("/metrics").body;
+    assert!(
+        metric_value(
+            &metrics,
+            "replications_queue_remote_write_wire_bytes_sent",
+            "r1"
+        )
+        .is_some_and(|v| v > 0.0),
+        "{metrics}"
+    );
+
+    server.set_rule(|_| Action::ok());
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 120, "{rep:#}");
+    assert_eq!(str_field(&rep, "link"), "up", "{rep:#}");
+    assert!(
+        field(&rep, "wireBytesSent") > field(&rep, "wireBytesAccepted"),
+        "the abandoned attempts went on the wire too: {rep:#}"
+    );
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}
+
+/// A link that carries only small requests: every body above `LIMIT`
+/// compressed bytes stalls. The agent halves its batches after each stall
+/// until they fit, and delivers every line.
+#[test]
+fn batches_shrink_until_the_link_carries_them() {
+    const LIMIT: usize = 3_000;
+    let server = FaultServer::with_rule(|req| {
+        if req.wire_len > LIMIT {
+            black_hole()
+        } else {
+            Action::ok()
+        }
+    });
+    let mut r = remote("narrow", &server);
+    r.stall_timeout = Some("1s".into());
+    let agent = Agent::start(single(r, |r| r.batch_size = "500kB".into()));
+    let all = split(&lines("fit", 50, 3_000, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    let rep = wait_drained(&agent, "r1", Duration::from_secs(180));
+    assert_eq!(field(&rep, "deliveredLines"), 3_000, "{rep:#}");
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+    let requests = server.requests();
+    let first = &requests[0];
+    assert!(
+        first.wire_len > LIMIT,
+        "the first batch already fit ({} bytes): the test proves nothing",
+        first.wire_len
+    );
+    let carried = requests.iter().filter(|r| r.wire_len <= LIMIT).count();
+    let stalled = requests.len() - carried;
+    eprintln!(
+        "{} requests: {stalled} too large for the link, {carried} carried; first {} bytes",
+        requests.len(),
+        first.wire_len
+    );
+    assert!(
+        field(&rep, "batchLimitBytes") < 500_000,
+        "the batch limit grew back to batch_size although larger batches stall: {rep:#}"
+    );
+}
+
+/// Polls the status of `r1` until `cond` holds (within [`DEADLINE`]).
+fn wait_until_status(agent: &Agent, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    wait_until(DEADLINE, what, || {
+        last = status(agent, "r1");
+        cond(&last)
+    });
+    last
+}

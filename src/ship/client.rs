@@ -1,6 +1,14 @@
 //! The HTTP client of one replication: builds write URLs for the remote's API
 //! (v2 or v1), keeps one keep-alive connection, and turns every answer into
 //! an [`Answer`] without ever putting a token into a message.
+//!
+//! Stalls are found by progress, not by a deadline for the whole request: a
+//! link that crawls still carries a batch, however long it takes, while one
+//! that black-holes packets is given up on after `stall_timeout` without a
+//! byte moving. Every socket write and read gets `stall_timeout` (ureq's
+//! per-write and per-read timeouts, i.e. `SO_SNDTIMEO`/`SO_RCVTIMEO`), and
+//! the body is handed to ureq through a reader that reports how much of it
+//! has gone, for status and for the count of bytes put on the wire.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -92,7 +100,12 @@ impl Client {
             // GET, and a captive portal's 200 would pass for a delivery.
             .max_redirects(0)
             .timeout_connect(Some(remote.connect_timeout))
-            .timeout_global(Some(remote.timeout))
+            .timeout_per_write(Some(remote.stall_timeout))
+            .timeout_per_read(Some(remote.stall_timeout))
+            // Once the body is sent, the remote has `timeout` to answer (a
+            // remote trickling its answer a byte at a time never stalls).
+            .timeout_recv_response(Some(remote.timeout))
+            .timeout_recv_body(Some(remote.timeout))
             .user_agent(concat!("edge-replicator/", env!("CARGO_PKG_VERSION")))
             .max_idle_connections_per_host(2)
             .max_idle_age(Duration::from_secs(50))
@@ -155,16 +168,26 @@ impl Client {
     }
 
     /// POSTs a gzip body. Never fails: every outcome is an [`Answer`].
-    pub fn post(&self, url: &str, gzip_body: &[u8]) -> Answer {
+    /// `progress` is called with the bytes of the body handed to the
+    /// connection so far, each time more have gone.
+    pub fn post(&self, url: &str, gzip_body: &[u8], progress: &mut dyn FnMut(u64)) -> Answer {
         let mut req = self
             .agent
             .post(url)
             .header("Content-Encoding", "gzip")
-            .header("Content-Type", "text/plain; charset=utf-8");
+            .header("Content-Type", "text/plain; charset=utf-8")
+            // Given, so that the body read from a reader goes with a length
+            // rather than chunked, as a byte slice would.
+            .header("Content-Length", gzip_body.len().to_string());
         if let Some(a) = &self.authorization {
             req = req.header("Authorization", a);
         }
-        match req.send(gzip_body) {
+        let mut reader = Progress {
+            body: gzip_body,
+            done: 0,
+            report: progress,
+        };
+        match req.send(ureq::SendBody::from_reader(&mut reader)) {
             Ok(mut resp) => {
                 let code = resp.status().as_u16();
                 let retry_after = resp
@@ -223,9 +246,50 @@ impl Client {
     }
 }
 
+/// A request body that reports how much of it ureq has taken. ureq takes
+/// the body a buffer at a time as the connection accepts it, so the count
+/// runs at most one buffer ahead of the socket.
+struct Progress<'a> {
+    body: &'a [u8],
+    done: usize,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl std::io::Read for Progress<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.body.len() - self.done);
+        buf[..n].copy_from_slice(&self.body[self.done..self.done + n]);
+        self.done += n;
+        if n > 0 {
+            (self.report)(self.done as u64);
+        }
+        Ok(n)
+    }
+}
+
+/// How the messages of an abandoned transfer begin: nothing moved within
+/// `stall_timeout`, or no answer within `timeout`.
+const STALLED: &str = "stalled: ";
+const NO_ANSWER: &str = "timeout (";
+
+/// Whether `answer` is a transfer abandoned for lack of progress or of an
+/// answer (the link, not the remote, is at fault; the batch may be too
+/// large for it).
+pub fn stalled(answer: &Answer) -> bool {
+    matches!(answer, Answer::Transport(m) if m.starts_with(STALLED) || m.starts_with(NO_ANSWER))
+}
+
 fn describe_transport(e: &ureq::Error) -> String {
     match e {
-        ureq::Error::Timeout(t) => format!("timeout ({t})"),
+        ureq::Error::Timeout(ureq::Timeout::PerWrite) => {
+            format!("{STALLED}nothing sent within stall_timeout")
+        }
+        ureq::Error::Timeout(ureq::Timeout::PerRead) => {
+            format!("{STALLED}nothing received within stall_timeout")
+        }
+        // Connect has its own timeout: the remote is unreachable, not slow.
+        ureq::Error::Timeout(ureq::Timeout::Connect) => "connect timeout".to_string(),
+        ureq::Error::Timeout(t) => format!("{NO_ANSWER}{t})"),
         // rustls reports every TLS failure (certificate, name, handshake)
         // as InvalidData; a plain socket never does.
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {

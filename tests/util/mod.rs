@@ -1149,6 +1149,8 @@ pub struct RemoteConfig {
     pub max_backoff: String,
     pub timeout: String,
     pub connect_timeout: String,
+    /// `stall_timeout`, when a test sets it (else the agent's default).
+    pub stall_timeout: Option<String>,
 }
 
 impl RemoteConfig {
@@ -1166,6 +1168,7 @@ impl RemoteConfig {
             max_backoff: "1s".into(),
             timeout: "5s".into(),
             connect_timeout: "1s".into(),
+            stall_timeout: None,
         }
     }
 
@@ -1312,6 +1315,9 @@ impl AgentConfig {
             t += &format!("max_backoff = {}\n", toml_str(&r.max_backoff));
             t += &format!("timeout = {}\n", toml_str(&r.timeout));
             t += &format!("connect_timeout = {}\n", toml_str(&r.connect_timeout));
+            if let Some(v) = &r.stall_timeout {
+                t += &format!("stall_timeout = {}\n", toml_str(v));
+            }
         }
         for r in &self.replications {
             t += "\n[[replication]]\n";
