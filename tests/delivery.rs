@@ -1890,6 +1890,55 @@ fn black_hole() -> Action {
     Action::stall(Duration::from_secs(600), Action::ok())
 }
 
+/// SIGTERM while the only POST hangs on a black hole: the agent exits 0
+/// without waiting for it (neither `stall_timeout` nor `shutdown_timeout`,
+/// both far above the bound asserted here), and after a restart every line
+/// it acknowledged is delivered.
+#[test]
+fn sigterm_during_a_black_hole_exits_at_once_and_keeps_the_batch() {
+    let server = FaultServer::with_rule(|_| black_hole());
+    let mut r = remote("hole", &server);
+    r.timeout = "300s".into();
+    r.stall_timeout = Some("300s".into());
+    let mut config = single(r, |_| {});
+    config.shutdown_timeout = "120s".into();
+    let mut agent = Agent::start(config);
+    let all = split(&lines("sd", 3, 90, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    wait_requests(&server, 1, DEADLINE);
+    // The POST is under way: status shows how much of its body went.
+    wait_until(DEADLINE, "status shows the batch being sent", || {
+        let rep = status(&agent, "r1");
+        rep["sending"]["bytes"].as_u64().is_some_and(|b| b > 0)
+            && rep["sending"]["bytesDone"] == rep["sending"]["bytes"]
+    });
+
+    let asked = Instant::now();
+    let exit = agent.sigterm_and_wait();
+    let took = asked.elapsed();
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    eprintln!("exited {took:?} after SIGTERM with a POST hanging");
+    // Waiting for the POST would take stall_timeout (300 s), and for the
+    // worker shutdown_timeout (120 s): both far beyond this bound.
+    assert!(
+        took < Duration::from_secs(60),
+        "SIGTERM took {took:?}: shutdown waited for the hanging POST"
+    );
+    assert!(
+        agent.log().contains("its batch stays queued"),
+        "{}",
+        agent.log()
+    );
+
+    server.set_rule(|_| Action::ok());
+    agent.restart();
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 90, "{rep:#}");
+    assert_eq!(field(&rep, "acceptedLines"), 90, "{rep:#}");
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}
+
 /// A remote that stops answering: the transfer is abandoned after
 /// `stall_timeout` (not the 300 s `timeout`), status says the link is
 /// `stalled` since a given time, the attempts' bodies count as sent on the
