@@ -79,6 +79,7 @@ fn ship_config(r: &Replication, remote: &Remote) -> ShipConfig {
         }),
         min_backoff: remote.min_backoff,
         max_backoff: remote.max_backoff,
+        probe_interval: remote.probe_interval,
         drop_non_retryable_data: r.drop_non_retryable_data,
     }
 }

@@ -169,6 +169,9 @@ pub struct Remote {
     /// A transfer that makes no progress (no byte written or read) for this
     /// long is abandoned.
     pub stall_timeout: Duration,
+    /// While backing off longer than this after the remote could not be
+    /// reached, a TCP connect probes it about this often.
+    pub probe_interval: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -190,6 +193,7 @@ impl fmt::Debug for Remote {
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("stall_timeout", &self.stall_timeout)
+            .field("probe_interval", &self.probe_interval)
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
             .finish()
@@ -444,6 +448,7 @@ struct RawRemote {
     timeout: Option<Scalar>,
     connect_timeout: Option<Scalar>,
     stall_timeout: Option<Scalar>,
+    probe_interval: Option<Scalar>,
     min_backoff: Option<Scalar>,
     max_backoff: Option<Scalar>,
 }
@@ -1466,6 +1471,14 @@ impl Validator<'_> {
                 Duration::from_secs(10),
             )?,
         )?;
+        let probe_interval = positive(
+            &key("probe_interval"),
+            duration_value(
+                &key("probe_interval"),
+                r.probe_interval,
+                Duration::from_secs(10),
+            )?,
+        )?;
         let min_backoff = positive(
             &key("min_backoff"),
             duration_value(&key("min_backoff"), r.min_backoff, Duration::from_secs(1))?,
@@ -1492,6 +1505,7 @@ impl Validator<'_> {
             timeout,
             connect_timeout,
             stall_timeout,
+            probe_interval,
             min_backoff,
             max_backoff,
         })
@@ -2117,6 +2131,8 @@ mod tests {
             (remote("timeout = \"x\""), "remote \"cloud\": timeout: invalid duration \"x\""),
             (remote("connect_timeout = 0"), "remote \"cloud\": connect_timeout: must be greater than 0"),
             (remote("connect_timeout = \"1y\""), "remote \"cloud\": connect_timeout: invalid duration \"1y\""),
+            (remote("stall_timeout = \"0s\""), "remote \"cloud\": stall_timeout: must be greater than 0"),
+            (remote("probe_interval = 0"), "remote \"cloud\": probe_interval: must be greater than 0"),
             (remote("min_backoff = \"0\""), "remote \"cloud\": min_backoff: must be greater than 0"),
             (remote("min_backoff = -1"), "remote \"cloud\": min_backoff: invalid duration -1"),
             (
@@ -2359,6 +2375,8 @@ mod tests {
         assert_eq!(r.proxy, None);
         assert_eq!(r.timeout, Duration::from_secs(30));
         assert_eq!(r.connect_timeout, Duration::from_secs(10));
+        assert_eq!(r.stall_timeout, Duration::from_secs(10));
+        assert_eq!(r.probe_interval, Duration::from_secs(10));
         assert_eq!(r.min_backoff, Duration::from_secs(1));
         assert_eq!(r.max_backoff, Duration::from_secs(300));
         let s = &c.replications[0];

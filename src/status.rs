@@ -82,6 +82,8 @@ pub struct ShipStatus {
     pub link_since: Option<SystemTime>,
     /// While a request is under way: body bytes gone so far, and of how many.
     pub sending: Option<(u64, u64)>,
+    /// TCP connects made to see whether an unreachable remote is back.
+    pub probes: u64,
     /// The byte limit of the next batch: `batch_size`, or less after
     /// stalls (see the ship module).
     pub batch_limit: u64,
@@ -152,6 +154,7 @@ pub fn replications_json(list: &[Arc<ReplStatus>]) -> Value {
                 "linkSince": s.link_since.map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 "sending": s.sending.map(|(done, total)| json!({"bytesDone": done, "bytes": total})),
                 "batchLimitBytes": s.batch_limit,
+                "probes": s.probes,
                 "wireBytesSent": s.wire_bytes_sent,
                 "wireBytesAccepted": s.bytes_accepted,
                 "nextRetryAt": s.next_retry.map(|t| humantime::format_rfc3339_millis(t).to_string()),
@@ -240,6 +243,12 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         "counter",
         "Compressed request bodies put on the wire, accepted or not.",
         per_repl(&|r| r.ship.lock().unwrap().wire_bytes_sent as f64),
+    );
+    family(
+        "replications_queue_remote_probes",
+        "counter",
+        "TCP connects made to see whether an unreachable remote is back.",
+        per_repl(&|r| r.ship.lock().unwrap().probes as f64),
     );
     family(
         "replications_queue_remote_link",

@@ -2042,3 +2042,65 @@ fn wait_until_status(agent: &Agent, what: &str, cond: impl Fn(&Value) -> bool) -
     });
     last
 }
+
+/// A remote that cannot be reached (connections refused) while the agent
+/// backs off for 2 minutes: probes every `probe_interval` find it back, and
+/// the batch goes long before the backoff would have ended.
+#[test]
+fn probes_find_the_remote_back_before_the_backoff_ends() {
+    let closed = closed_port();
+    let mut r = remote_at("away", &closed.url());
+    r.min_backoff = "120s".into();
+    r.max_backoff = "300s".into();
+    r.probe_interval = Some("1s".into());
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("pb", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let rep = wait_until_status(&agent, "link down, backing off", |rep| {
+        str_field(rep, "link") == "down" && str_field(rep, "state") == "backoff"
+    });
+    assert_eq!(field(&rep, "deliveredLines"), 0, "{rep:#}");
+    wait_until_status(&agent, "a failed probe", |rep| field(rep, "probes") >= 1);
+
+    let server = FaultServer::on(closed.listen(), |_| Action::ok());
+    let opened = Instant::now();
+    // Well within the 120 s the backoff would otherwise last.
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    eprintln!(
+        "delivered {:?} after the remote came back (probe_interval 1 s, backoff 120 s)",
+        opened.elapsed()
+    );
+    assert_eq!(field(&rep, "deliveredLines"), 30, "{rep:#}");
+    assert_eq!(str_field(&rep, "link"), "up", "{rep:#}");
+    assert!(
+        agent.log().contains("a probe reached the remote"),
+        "{}",
+        agent.log()
+    );
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}
+
+/// A remote that asked to wait (`Retry-After`) is not probed: it answered,
+/// and its pace wins.
+#[test]
+fn a_remote_that_asked_to_wait_is_not_probed() {
+    let server = FaultServer::start();
+    server.script([Action::RetryAfterSecs(503, 3)]);
+    let mut r = remote("busy", &server);
+    r.min_backoff = "100ms".into();
+    r.max_backoff = "300s".into();
+    r.probe_interval = Some("100ms".into());
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("ra", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "probes"), 0, "{rep:#}");
+    let waited = gap_after(&server, 0);
+    assert!(
+        waited >= Duration::from_secs(3),
+        "retried {waited:?} after a Retry-After of 3 s"
+    );
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}

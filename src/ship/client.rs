@@ -49,6 +49,10 @@ pub struct Client {
     /// out of whatever the remote says back, since some remotes (proxies,
     /// gateways) quote the request's credentials in their error pages.
     secrets: Vec<String>,
+    /// Where a probe connects (the remote's host and port); `None` through a
+    /// proxy, where a connect would test the proxy, not the remote.
+    probe_addr: Option<(String, u16)>,
+    connect_timeout: Duration,
 }
 
 impl Client {
@@ -87,6 +91,7 @@ impl Client {
             }
             tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
         }
+        let probe_addr = probe_addr(&remote.url);
         let proxy = match &remote.proxy {
             Some(p) => Some(
                 ureq::Proxy::new(p)
@@ -94,6 +99,7 @@ impl Client {
             ),
             None => ureq::Proxy::try_from_env(),
         };
+        let probe_addr = probe_addr.filter(|_| proxy.is_none());
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             // A redirect is never followed: ureq would repeat the write as a
@@ -140,6 +146,8 @@ impl Client {
             org: remote.org.clone(),
             authorization,
             secrets,
+            probe_addr,
+            connect_timeout: remote.connect_timeout,
         })
     }
 
@@ -236,6 +244,28 @@ impl Client {
         }
     }
 
+    /// Whether the remote can be probed (no proxy in between).
+    pub fn can_probe(&self) -> bool {
+        self.probe_addr.is_some()
+    }
+
+    /// Whether a TCP connection to the remote opens within
+    /// `connect_timeout`: the cheapest sign that the link is back (a
+    /// handshake and a close, no TLS, no request). Resolves the name anew,
+    /// so a remote that was unresolvable is probed too.
+    pub fn probe(&self) -> bool {
+        use std::net::{TcpStream, ToSocketAddrs};
+        let Some((host, port)) = &self.probe_addr else {
+            return false;
+        };
+        let Ok(addrs) = (host.as_str(), *port).to_socket_addrs() else {
+            return false;
+        };
+        addrs
+            .into_iter()
+            .any(|a| TcpStream::connect_timeout(&a, self.connect_timeout).is_ok())
+    }
+
     fn redact(&self, mut text: String) -> String {
         for s in &self.secrets {
             if text.contains(s.as_str()) {
@@ -244,6 +274,18 @@ impl Client {
         }
         text
     }
+}
+
+/// The host and port of an `http(s)://host[:port]` URL.
+fn probe_addr(url: &str) -> Option<(String, u16)> {
+    let uri: ureq::http::Uri = url.parse().ok()?;
+    let port = uri.port_u16().or(match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    })?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_string(), port))
 }
 
 /// A request body that reports how much of it ureq has taken. ureq takes
@@ -299,5 +341,25 @@ fn describe_transport(e: &ureq::Error) -> String {
         ureq::Error::HostNotFound => "host not found".to_string(),
         ureq::Error::ConnectionFailed => "connection failed".to_string(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_go_to_the_host_and_port_of_the_url() {
+        assert_eq!(
+            probe_addr("https://eu-central-1-1.aws.cloud2.influxdata.com"),
+            Some(("eu-central-1-1.aws.cloud2.influxdata.com".into(), 443))
+        );
+        assert_eq!(
+            probe_addr("http://10.0.0.5:8086"),
+            Some(("10.0.0.5".into(), 8086))
+        );
+        assert_eq!(probe_addr("http://[::1]:8181"), Some(("::1".into(), 8181)));
+        assert_eq!(probe_addr("http://gw"), Some(("gw".into(), 80)));
+        assert_eq!(probe_addr("not a url"), None);
     }
 }

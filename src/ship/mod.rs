@@ -119,6 +119,7 @@ pub struct ShipConfig {
     pub remote_bucket: Option<String>,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    pub probe_interval: Duration,
     pub drop_non_retryable_data: bool,
 }
 
@@ -589,7 +590,18 @@ impl Worker {
                         State::Backoff
                     };
                     self.record_answer(&answer, state, Some((wait, batch.lines)));
-                    self.sleep(wait);
+                    // Probing only helps while there is no connection:
+                    // a remote that takes connections and stalls would
+                    // answer every probe, and be retried at that pace.
+                    let unreachable =
+                        matches!(answer, Answer::Transport(_)) && !client::stalled(&answer);
+                    if verdict == Verdict::Retry && unreachable {
+                        self.wait_probing(wait, &t);
+                    } else {
+                        // A Retry-After, a 5xx, a refused token: the remote
+                        // answered, and its pace is kept.
+                        self.sleep(wait);
+                    }
                     // A part the link did not carry goes again in halves,
                     // and later batches are no larger than a half.
                     if client::stalled(&answer) {
@@ -931,6 +943,45 @@ impl Worker {
         }
     }
 
+    /// Waits `wait` after the remote could not be reached, probing it every
+    /// `probe_interval` (jittered between half and all of it, so that a
+    /// fleet behind one link does not probe in step) when the wait is
+    /// longer; ends early once a probe connects. A stop or a reload ends
+    /// it at once, as any wait.
+    fn wait_probing(&self, wait: Duration, t: &Target) {
+        let interval = t.config.probe_interval;
+        if wait <= interval || !t.client.can_probe() {
+            self.sleep(wait);
+            return;
+        }
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let step = interval.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            if left <= step {
+                self.sleep(left);
+                return;
+            }
+            let seen = self.control.wake.generation();
+            self.sleep(step);
+            if self.control.stopped() || self.control.wake.generation() != seen {
+                return;
+            }
+            let reached = t.client.probe();
+            let mut s = self.status.ship.lock().unwrap();
+            s.probes += 1;
+            if reached {
+                s.next_retry = None;
+                drop(s);
+                info!(
+                    "replication \"{}\": a probe reached the remote; retrying now",
+                    self.repl.name
+                );
+                return;
+            }
+        }
+    }
+
     /// Sleeps up to `d`; a stop or a reload wakes it early.
     fn sleep(&self, d: Duration) {
         self.control.beat();
@@ -1187,6 +1238,7 @@ mod tests {
             remote_bucket: None,
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            probe_interval: Duration::from_secs(10),
             drop_non_retryable_data: false,
         };
         let throttled = |v: &str| Answer::Status {

@@ -303,6 +303,15 @@ impl ClosedPort {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// Starts listening on the port: from now on connections are accepted.
+    pub fn listen(self) -> std::net::TcpListener {
+        use std::os::fd::AsRawFd;
+        // SAFETY: listen on a descriptor this value owns.
+        let rc = unsafe { libc::listen(self._socket.as_raw_fd(), 128) };
+        assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+        std::net::TcpListener::from(self._socket)
+    }
 }
 
 /// See [`ClosedPort`].
@@ -1151,6 +1160,8 @@ pub struct RemoteConfig {
     pub connect_timeout: String,
     /// `stall_timeout`, when a test sets it (else the agent's default).
     pub stall_timeout: Option<String>,
+    /// `probe_interval`, when a test sets it (else the agent's default).
+    pub probe_interval: Option<String>,
 }
 
 impl RemoteConfig {
@@ -1169,6 +1180,7 @@ impl RemoteConfig {
             timeout: "5s".into(),
             connect_timeout: "1s".into(),
             stall_timeout: None,
+            probe_interval: None,
         }
     }
 
@@ -1317,6 +1329,9 @@ impl AgentConfig {
             t += &format!("connect_timeout = {}\n", toml_str(&r.connect_timeout));
             if let Some(v) = &r.stall_timeout {
                 t += &format!("stall_timeout = {}\n", toml_str(v));
+            }
+            if let Some(v) = &r.probe_interval {
+                t += &format!("probe_interval = {}\n", toml_str(v));
             }
         }
         for r in &self.replications {
