@@ -2104,3 +2104,127 @@ fn a_remote_that_asked_to_wait_is_not_probed() {
     let expected: HashSet<String> = all.into_iter().collect();
     assert_accepted_exactly(&server, &expected);
 }
+
+/// A remote that reads the head of a request and a few kB of its body, then
+/// stops reading, its receive buffer kept tiny so that the agent's writes
+/// soon block: a link that dies mid-body. Every connection it takes is
+/// held open, unread, until it is dropped.
+struct MidBodyStall {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    taken: Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MidBodyStall {
+    fn start() -> MidBodyStall {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        let closed = closed_port();
+        let port = closed.port;
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt on a socket `closed` owns, before it listens,
+        // so that every accepted connection inherits the small buffer.
+        let rc = unsafe {
+            libc::setsockopt(
+                closed.fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let listener = closed.listen();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (st, tk) = (stop.clone(), taken.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_read_timeout(Some(Duration::from_millis(500)))
+                            .unwrap();
+                        let mut buf = vec![0u8; 8192];
+                        let _ = conn.read(&mut buf);
+                        tk.fetch_add(1, Ordering::SeqCst);
+                        held.push(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        MidBodyStall {
+            port,
+            stop,
+            taken,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for MidBodyStall {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A link that dies in the middle of a body: the agent's writes block, the
+/// request is abandoned after `stall_timeout` with only part of the body
+/// gone, status says `stalled`, and the lines are delivered once the
+/// replication points at a remote that answers.
+#[test]
+fn a_body_that_stops_moving_is_abandoned_and_delivered_later() {
+    let stalling = MidBodyStall::start();
+    let mut r = remote_at("cloud", &stalling.url());
+    r.timeout = "300s".into();
+    r.stall_timeout = Some("1s".into());
+    let mut agent = Agent::start(single(r, |r| r.batch_size = "16MB".into()));
+    // Lines that compress poorly, so that a batch's body (about 7 MB) is
+    // larger than what the sockets' buffers hold (Linux grows a send buffer
+    // up to 4 MiB).
+    let mut rng = StdRng::seed_from_u64(13);
+    let base = ts_ago(Duration::from_secs(600));
+    let all: Vec<String> = (0..150_000)
+        .map(|i| {
+            let noise: String = (0..64)
+                .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
+                .collect();
+            format!("mb,k=v s=\"{noise}\" {}", base + i)
+        })
+        .collect();
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    let rep = wait_until_status(&agent, "link stalled mid-body", |rep| {
+        str_field(rep, "link") == "stalled"
+    });
+    assert!(
+        str_field(&rep, "latestErrorMessage").contains("nothing sent"),
+        "{rep:#}"
+    );
+    assert!(stalling.taken.load(Ordering::SeqCst) >= 1);
+    assert_eq!(field(&rep, "wireBytesAccepted"), 0, "{rep:#}");
+    let sent = field(&rep, "wireBytesSent");
+    assert!(sent > 0, "{rep:#}");
+    eprintln!("abandoned after {sent} body bytes had gone");
+
+    let server = FaultServer::start();
+    agent.config.remotes[0].url = server.url();
+    agent.write_config();
+    agent.sighup();
+    // 150,000 lines go through a debug build and the fault remote's gunzip.
+    let rep = wait_drained(&agent, "r1", Duration::from_secs(300));
+    assert_eq!(field(&rep, "deliveredLines"), 150_000, "{rep:#}");
+    assert_eq!(str_field(&rep, "link"), "up", "{rep:#}");
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}

@@ -304,6 +304,12 @@ impl ClosedPort {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The socket, for options a test sets before it listens.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._socket.as_fd()
+    }
+
     /// Starts listening on the port: from now on connections are accepted.
     pub fn listen(self) -> std::net::TcpListener {
         use std::os::fd::AsRawFd;
