@@ -3,9 +3,10 @@
 //!
 //! Shutdown order keeps the promise "acknowledged means durable": first the
 //! API stops accepting and lets requests in progress commit and answer, then
-//! the workers stop (a POST in flight is finished or abandoned; either way
-//! its batch stays queued until settled), and last the queue writer commits
-//! what it holds and exits.
+//! the workers stop, and last the queue writer commits what it holds and
+//! exits. A POST in flight is not waited for beyond [`WORKER_GRACE`]: its
+//! lines are in the queue and are sent again after the restart, while every
+//! second spent waiting on a black-holed link is a second of refused writes.
 //!
 //! The agent serves a socket it is given ([`run`] takes a bound listener, as
 //! a server that tests drive should): [`listener`] takes the one a service
@@ -78,6 +79,7 @@ fn ship_config(r: &Replication, remote: &Remote) -> ShipConfig {
         }),
         min_backoff: remote.min_backoff,
         max_backoff: remote.max_backoff,
+        probe_interval: remote.probe_interval,
         drop_non_retryable_data: r.drop_non_retryable_data,
     }
 }
@@ -290,7 +292,7 @@ impl Streams {
         }
         join_until(
             self.streams.into_values().map(|s| s.worker).collect(),
-            budget,
+            budget.min(WORKER_GRACE),
         );
         self.queue.close();
     }
@@ -588,6 +590,11 @@ fn raise_open_files_limit() {
         }
     }
 }
+
+/// How long shutdown waits for the shipping workers. A worker that is not
+/// in a POST stops at once (every wait of its wakes on the stop); one in a
+/// POST is left behind after this, with its batch still queued.
+const WORKER_GRACE: Duration = Duration::from_secs(1);
 
 /// Joins the workers, giving up after `budget`: a worker stuck in a POST
 /// keeps its batch queued, so leaving it behind loses nothing.

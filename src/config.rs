@@ -200,9 +200,15 @@ pub struct Remote {
     pub ca_file: Option<PathBuf>,
     /// `http://` or `https://` proxy URL; may carry credentials, so never log it whole.
     pub proxy: Option<String>,
-    /// Whole-request timeout.
+    /// How long the remote has to answer once a request's body is sent.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// A transfer that makes no progress (no byte written or read) for this
+    /// long is abandoned.
+    pub stall_timeout: Duration,
+    /// While backing off longer than this after the remote could not be
+    /// reached, a TCP connect probes it about this often.
+    pub probe_interval: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
 }
@@ -223,6 +229,8 @@ impl fmt::Debug for Remote {
             .field("proxy", &self.proxy.as_deref().map(redact_userinfo))
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("probe_interval", &self.probe_interval)
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
             .finish()
@@ -489,6 +497,8 @@ struct RawRemote {
     proxy: Option<String>,
     timeout: Option<Scalar>,
     connect_timeout: Option<Scalar>,
+    stall_timeout: Option<Scalar>,
+    probe_interval: Option<Scalar>,
     min_backoff: Option<Scalar>,
     max_backoff: Option<Scalar>,
 }
@@ -1599,6 +1609,22 @@ impl Validator<'_> {
                 Duration::from_secs(10),
             )?,
         )?;
+        let stall_timeout = positive(
+            &key("stall_timeout"),
+            duration_value(
+                &key("stall_timeout"),
+                r.stall_timeout,
+                Duration::from_secs(10),
+            )?,
+        )?;
+        let probe_interval = positive(
+            &key("probe_interval"),
+            duration_value(
+                &key("probe_interval"),
+                r.probe_interval,
+                Duration::from_secs(10),
+            )?,
+        )?;
         let min_backoff = positive(
             &key("min_backoff"),
             duration_value(&key("min_backoff"), r.min_backoff, Duration::from_secs(1))?,
@@ -1624,6 +1650,8 @@ impl Validator<'_> {
             proxy,
             timeout,
             connect_timeout,
+            stall_timeout,
+            probe_interval,
             min_backoff,
             max_backoff,
         })
@@ -2345,6 +2373,8 @@ mod tests {
             (remote("timeout = \"x\""), "remote \"cloud\": timeout: invalid duration \"x\""),
             (remote("connect_timeout = 0"), "remote \"cloud\": connect_timeout: must be greater than 0"),
             (remote("connect_timeout = \"1y\""), "remote \"cloud\": connect_timeout: invalid duration \"1y\""),
+            (remote("stall_timeout = \"0s\""), "remote \"cloud\": stall_timeout: must be greater than 0"),
+            (remote("probe_interval = 0"), "remote \"cloud\": probe_interval: must be greater than 0"),
             (remote("min_backoff = \"0\""), "remote \"cloud\": min_backoff: must be greater than 0"),
             (remote("min_backoff = -1"), "remote \"cloud\": min_backoff: invalid duration -1"),
             (
@@ -2588,6 +2618,8 @@ mod tests {
         assert_eq!(r.proxy, None);
         assert_eq!(r.timeout, Duration::from_secs(30));
         assert_eq!(r.connect_timeout, Duration::from_secs(10));
+        assert_eq!(r.stall_timeout, Duration::from_secs(10));
+        assert_eq!(r.probe_interval, Duration::from_secs(10));
         assert_eq!(r.min_backoff, Duration::from_secs(1));
         assert_eq!(r.max_backoff, Duration::from_secs(300));
         let s = &c.replications[0];

@@ -310,7 +310,7 @@ pub fn probe_remote(remote: &Remote, dests: &[(Option<String>, Vec<String>)]) ->
         };
         let url = client.write_url(bucket);
         let started = Instant::now();
-        let answer = client.post(&url, &body);
+        let answer = client.post(&url, &body, &mut |_| {});
         match judge(remote, bucket, repls, answer) {
             Verdict::Accepted(how) => {
                 if remote.url.starts_with("https") && !tls_noted {
@@ -503,6 +503,8 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
+            stall_timeout: Duration::from_secs(10),
+            probe_interval: Duration::from_secs(10),
         }
     }
 

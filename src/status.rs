@@ -38,6 +38,30 @@ impl State {
     }
 }
 
+/// What the last attempt showed of the way to the remote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Link {
+    /// The remote answered (whatever it said), or nothing was tried yet.
+    #[default]
+    Up,
+    /// A transfer made no progress for `stall_timeout`, or the remote did
+    /// not answer within `timeout`: packets go nowhere (a black hole, a
+    /// link that died mid-request).
+    Stalled,
+    /// No connection: refused, reset, unresolvable, TLS failed.
+    Down,
+}
+
+impl Link {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Up => "up",
+            Link::Stalled => "stalled",
+            Link::Down => "down",
+        }
+    }
+}
+
 /// Shipping state of one replication, written by its worker.
 #[derive(Debug, Clone, Default)]
 pub struct ShipStatus {
@@ -48,8 +72,31 @@ pub struct ShipStatus {
     /// Failed attempts by status code, or "transport" for no answer.
     pub errors: BTreeMap<String, u64>,
     /// Compressed bytes of batches the remote accepted.
-    pub bytes_sent: u64,
+    pub bytes_accepted: u64,
+    /// Compressed request bodies put on the wire, accepted or not (a body
+    /// abandoned half-way counts the part that went).
+    pub wire_bytes_sent: u64,
     pub batches_sent: u64,
+    pub link: Link,
+    /// When `link` last changed (`None`: not since the start).
+    pub link_since: Option<SystemTime>,
+    /// While a request is under way: body bytes gone so far, and of how many.
+    pub sending: Option<(u64, u64)>,
+    /// TCP connects made to see whether an unreachable remote is back.
+    pub probes: u64,
+    /// The byte limit of the next batch: `batch_size`, or less after
+    /// stalls (see the ship module).
+    pub batch_limit: u64,
+}
+
+impl ShipStatus {
+    /// Records what an attempt showed of the link.
+    pub fn set_link(&mut self, link: Link) {
+        if self.link != link {
+            self.link = link;
+            self.link_since = Some(SystemTime::now());
+        }
+    }
 }
 
 /// One replication as operators see it.
@@ -108,10 +155,16 @@ pub fn replications_json(list: &[Arc<ReplStatus>]) -> Value {
                 "latestResponseCode": s.latest_code,
                 "latestErrorMessage": s.latest_error,
                 "state": s.state.as_str(),
+                "link": s.link.as_str(),
+                "linkSince": s.link_since.map(|t| humantime::format_rfc3339_millis(t).to_string()),
+                "sending": s.sending.map(|(done, total)| json!({"bytesDone": done, "bytes": total})),
+                "batchLimitBytes": s.batch_limit,
+                "probes": s.probes,
+                "wireBytesSent": s.wire_bytes_sent,
+                "wireBytesAccepted": s.bytes_accepted,
                 "nextRetryAt": s.next_retry.map(|t| humantime::format_rfc3339_millis(t).to_string()),
                 "acceptedLines": c.accepted_lines,
                 "deliveredLines": c.delivered_lines,
-                "sentBytes": s.bytes_sent,
                 "droppedFullLines": c.dropped_full_lines,
                 "expiredLines": c.expired_lines,
                 "droppedNonRetryableLines": c.dropped_non_retryable_lines,
@@ -187,8 +240,26 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
     family(
         "replications_queue_remote_write_bytes_sent",
         "counter",
-        "Compressed bytes the remote accepted.",
-        per_repl(&|r| r.ship.lock().unwrap().bytes_sent as f64),
+        "Compressed request bodies the remote accepted (InfluxDB's name).",
+        per_repl(&|r| r.ship.lock().unwrap().bytes_accepted as f64),
+    );
+    family(
+        "replications_queue_remote_write_wire_bytes_sent",
+        "counter",
+        "Compressed request bodies put on the wire, accepted or not.",
+        per_repl(&|r| r.ship.lock().unwrap().wire_bytes_sent as f64),
+    );
+    family(
+        "replications_queue_remote_probes",
+        "counter",
+        "TCP connects made to see whether an unreachable remote is back.",
+        per_repl(&|r| r.ship.lock().unwrap().probes as f64),
+    );
+    family(
+        "replications_queue_remote_link",
+        "gauge",
+        "The link to the remote as the last attempt showed it: 0 up, 1 stalled, 2 down.",
+        per_repl(&|r| r.ship.lock().unwrap().link as u8 as f64),
     );
     family(
         "replications_queue_delivered_lines",
@@ -355,6 +426,7 @@ pub fn table(v: &Value) -> String {
         ("LOCAL BUCKET", "localBucket"),
         ("REMOTE BUCKET", "remoteBucket"),
         ("STATE", "state"),
+        ("LINK", "link"),
         ("QUEUED BYTES", "currentQueueSizeBytes"),
         ("MAX BYTES", "maxQueueSizeBytes"),
         ("REMAINING LINES", "remainingLines"),

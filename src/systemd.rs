@@ -8,9 +8,12 @@
 //! stops the pings and systemd restarts the service. What counts as progress:
 //!
 //! - a worker beats ([`Control::beat`]) at least once per loop and before each
-//!   wait; a wait lasts at most its remote's `max_backoff`, a POST at most
-//!   `connect_timeout` + `timeout`. A worker whose beat has not changed for
-//!   longer than that plus [`MARGIN`] is stuck.
+//!   wait, and again each time a POST's body makes progress; a wait lasts
+//!   at most its remote's `max_backoff`, and a POST goes at most
+//!   `connect_timeout` + 2 × `stall_timeout` + `timeout` without progress
+//!   (a socket write's timer restarts with each write call, so a stall is
+//!   noticed within one to two `stall_timeout`s). A worker whose beat has
+//!   not changed for longer than that plus [`MARGIN`] is stuck.
 //! - the queue writer answers a probe (an append to no replication, which
 //!   writes nothing) within [`WRITER_LIMIT`]. Every write waits on the
 //!   writer, so a writer that stops answering stops the whole agent.
@@ -66,7 +69,7 @@ fn notify(states: &[NotifyState]) {
 
 /// The longest a worker shipping to `remote` may go without a beat.
 pub fn stuck_limit(remote: &Remote) -> Duration {
-    remote.max_backoff + remote.connect_timeout + remote.timeout + MARGIN
+    remote.max_backoff + remote.connect_timeout + 2 * remote.stall_timeout + remote.timeout + MARGIN
 }
 
 /// A shipping worker as the watchdog sees it.
@@ -261,6 +264,7 @@ name = "fast"
 url = "http://127.0.0.1:1"
 timeout = "5s"
 connect_timeout = "2s"
+stall_timeout = "3s"
 max_backoff = "30s"
 [[remote]]
 name = "slow"
@@ -352,9 +356,14 @@ local_bucket = "b"
     #[test]
     fn limit_covers_the_longest_wait_and_post() {
         let s = Setup::new();
-        assert_eq!(s.limit("fast"), Duration::from_secs(30 + 2 + 5) + MARGIN);
-        // Defaults: 5 min backoff and a 30 s request, plus the connect timeout.
-        assert!(s.limit("slow") >= Duration::from_secs(300 + 30) + MARGIN);
+        // A write may stall for up to two stall_timeouts before it fails.
+        assert_eq!(
+            s.limit("fast"),
+            Duration::from_secs(30 + 2 + 2 * 3 + 5) + MARGIN
+        );
+        // Defaults: 5 min backoff, a 30 s answer and 2 x 10 s of a stalling
+        // write, plus the connect timeout.
+        assert!(s.limit("slow") >= Duration::from_secs(300 + 30 + 20) + MARGIN);
         assert_eq!(Watch::new("x", &s.controls[0], None).limit, MARGIN);
     }
 

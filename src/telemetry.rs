@@ -56,7 +56,8 @@ pub struct ReplReading {
     pub dead_lettered_lines: u64,
     pub state: &'static str,
     pub latest_code: Option<u16>,
-    pub sent_bytes: u64,
+    /// Compressed request bodies put on the wire, accepted or not.
+    pub wire_bytes_sent: u64,
 }
 
 impl ReplReading {
@@ -78,7 +79,7 @@ impl ReplReading {
             dead_lettered_lines: c.dead_lettered_lines,
             state: s.state.as_str(),
             latest_code: s.latest_code,
-            sent_bytes: s.bytes_sent,
+            wire_bytes_sent: s.wire_bytes_sent,
         }
     }
 }
@@ -117,7 +118,7 @@ pub fn lines(instance: &str, ts_ns: i64, agent: &AgentReading, repls: &[ReplRead
              queued_bytes={}i,remaining_lines={}i,oldest_age_seconds={}i,\
              delivered_lines={}i,dropped_full_lines={}i,expired_lines={}i,\
              dropped_non_retryable_lines={}i,dead_lettered_lines={}i,\
-             state=\"{}\",sent_bytes={}i",
+             state=\"{}\",wire_bytes_sent={}i",
             tag(&r.name),
             tag(&r.remote),
             r.queued_bytes,
@@ -129,7 +130,7 @@ pub fn lines(instance: &str, ts_ns: i64, agent: &AgentReading, repls: &[ReplRead
             r.dropped_non_retryable_lines,
             r.dead_lettered_lines,
             r.state,
-            r.sent_bytes,
+            r.wire_bytes_sent,
         );
         if let Some(code) = r.latest_code {
             let _ = write!(out, ",latest_code={code}i");
@@ -313,7 +314,7 @@ mod tests {
             delivered_lines: 7,
             state: "backoff",
             latest_code: Some(503),
-            sent_bytes: 1000,
+            wire_bytes_sent: 1000,
             ..ReplReading::default()
         };
         let text = lines("gw=17, hall", 1_700_000_000_000_000_000, &agent, &[repl]);
@@ -334,7 +335,7 @@ mod tests {
             "oldest_age_seconds=30i",
             "state=\"backoff\"",
             "latest_code=503i",
-            "sent_bytes=1000i",
+            "wire_bytes_sent=1000i",
         ] {
             assert!(repl_line.contains(f), "{f} in {repl_line}");
         }

@@ -5,7 +5,7 @@
 //! The status JSON holds counters, not rates, so the view keeps the last few
 //! readings of each replication and derives from them the lines per second
 //! in (`acceptedLines`) and out (`deliveredLines`), the compressed bytes per
-//! second the remote took (`sentBytes`), and the net drain rate (the fall of
+//! second put on the wire (`wireBytesSent`, compressed, accepted or not), and the net drain rate (the fall of
 //! `remainingLines`, which also counts lines dropped or expired): the ETA is
 //! the remaining lines over that net rate, and "-" while the queue does not
 //! shrink. Rates are taken over a window of [`WINDOW`] readings, since a
@@ -47,7 +47,7 @@ pub struct Sample {
     pub delivered: u64,
     pub remaining: u64,
     pub queued_bytes: u64,
-    /// `sentBytes`, when the agent reports it.
+    /// `wireBytesSent`, when the agent reports it.
     pub sent_bytes: Option<u64>,
 }
 
@@ -61,7 +61,7 @@ impl Sample {
             delivered: n("deliveredLines"),
             remaining: n("remainingLines"),
             queued_bytes: n("currentQueueSizeBytes"),
-            sent_bytes: r["sentBytes"].as_u64(),
+            sent_bytes: r["wireBytesSent"].as_u64(),
         }
     }
 
@@ -215,7 +215,7 @@ impl History {
 pub struct Rates {
     pub lines_in: f64,
     pub lines_out: f64,
-    /// `sentBytes` per second, or `None` when the agent does not report it.
+    /// `wireBytesSent` per second, or `None` when the agent does not report it.
     pub sent_bytes: Option<f64>,
     /// Fall of the queued bytes per second (negative while it grows).
     pub queue_bytes_drain: f64,
@@ -286,12 +286,12 @@ pub fn render(
             Some(Rates {
                 sent_bytes: Some(b),
                 ..
-            }) => format!("  sent     {}/s gzip", bytes(b)),
+            }) => format!("  wire     {}/s gzip", bytes(b)),
             Some(r) if r.queue_bytes_drain >= 0.0 => {
                 format!("  queued   -{}/s", bytes(r.queue_bytes_drain))
             }
             Some(r) => format!("  queued   +{}/s", bytes(-r.queue_bytes_drain)),
-            None => "  sent     -".into(),
+            None => "  wire     -".into(),
         });
         let pct = percent(now.queued_bytes, max).map_or("?".to_string(), |p| format!("{p}%"));
         line(format!(
@@ -419,7 +419,7 @@ mod tests {
             "name": "r1", "remote": "cloud", "state": "running",
             "acceptedLines": accepted, "deliveredLines": delivered,
             "remainingLines": remaining, "currentQueueSizeBytes": remaining * 50,
-            "maxQueueSizeBytes": 100_000u64, "sentBytes": sent,
+            "maxQueueSizeBytes": 100_000u64, "wireBytesSent": sent,
             "latestErrorMessage": "",
         }]})
     }
@@ -443,7 +443,7 @@ mod tests {
             Duration::from_secs(1),
         );
         assert!(text.contains("  lines/s  in 50  out 200"), "{text}");
-        assert!(text.contains("  sent     9.8 KiB/s gzip"), "{text}");
+        assert!(text.contains("  wire     9.8 KiB/s gzip"), "{text}");
         // 300 lines fewer in 2 s: 150/s net, 700 left: 4 s.
         assert!(text.contains("  left     700 lines, eta 4s"), "{text}");
         assert!(text.contains("[#"), "{text}");
@@ -489,7 +489,7 @@ mod tests {
         s["replications"][0]
             .as_object_mut()
             .unwrap()
-            .remove("sentBytes");
+            .remove("wireBytesSent");
         h.add(&s, 0.0);
         s["replications"][0]["currentQueueSizeBytes"] = json!(7048);
         s["replications"][0]["acceptedLines"] = json!(50);

@@ -397,7 +397,7 @@ fn status_watch_follows_a_backlog_as_it_drains() {
     let draining = draining.unwrap_or_else(|| panic!("no block shows the drain:\n{text}"));
     eprintln!("edge-replicator status +{draining}");
     assert!(draining.contains("r1 -> cloud  running"), "{draining}");
-    assert!(draining.contains("  sent     "), "{draining}");
+    assert!(draining.contains("  wire     "), "{draining}");
     assert!(draining.contains("/s gzip"), "{draining}");
     assert!(draining.contains("  [#"), "{draining}");
     assert_eq!(sink.lines_accepted().len(), 3000);

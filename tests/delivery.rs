@@ -1996,3 +1996,352 @@ fn victoria_metrics_restarted_mid_stream_loses_nothing() {
         "the points at VictoriaMetrics are not the ones written"
     );
 }
+
+// ---------------------------------------------------------------------------
+// The link: stalls, batches that fit, prompt shutdown
+// ---------------------------------------------------------------------------
+
+/// A remote that accepts connections and reads requests but never answers
+/// (a black hole past the TCP handshake).
+fn black_hole() -> Action {
+    Action::stall(Duration::from_secs(600), Action::ok())
+}
+
+/// SIGTERM while the only POST hangs on a black hole: the agent exits 0
+/// without waiting for it (neither `stall_timeout` nor `shutdown_timeout`,
+/// both far above the bound asserted here), and after a restart every line
+/// it acknowledged is delivered.
+#[test]
+fn sigterm_during_a_black_hole_exits_at_once_and_keeps_the_batch() {
+    let server = FaultServer::with_rule(|_| black_hole());
+    let mut r = remote("hole", &server);
+    r.timeout = "300s".into();
+    r.stall_timeout = Some("300s".into());
+    let mut config = single(r, |_| {});
+    config.shutdown_timeout = "120s".into();
+    let mut agent = Agent::start(config);
+    let all = split(&lines("sd", 3, 90, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    wait_requests(&server, 1, DEADLINE);
+    // The POST is under way: status shows how much of its body went.
+    wait_until(DEADLINE, "status shows the batch being sent", || {
+        let rep = status(&agent, "r1");
+        rep["sending"]["bytes"].as_u64().is_some_and(|b| b > 0)
+            && rep["sending"]["bytesDone"] == rep["sending"]["bytes"]
+    });
+
+    let asked = Instant::now();
+    let exit = agent.sigterm_and_wait();
+    let took = asked.elapsed();
+    assert!(exit.success(), "exit status after SIGTERM: {exit}");
+    eprintln!("exited {took:?} after SIGTERM with a POST hanging");
+    // Waiting for the POST would take stall_timeout (300 s), and for the
+    // worker shutdown_timeout (120 s): both far beyond this bound.
+    assert!(
+        took < Duration::from_secs(60),
+        "SIGTERM took {took:?}: shutdown waited for the hanging POST"
+    );
+    assert!(
+        agent.log().contains("its batch stays queued"),
+        "{}",
+        agent.log()
+    );
+
+    server.set_rule(|_| Action::ok());
+    agent.restart();
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 90, "{rep:#}");
+    assert_eq!(field(&rep, "acceptedLines"), 90, "{rep:#}");
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}
+
+/// A remote that stops answering: the transfer is abandoned after
+/// `stall_timeout` (not the 300 s `timeout`), status says the link is
+/// `stalled` since a given time, the attempts' bodies count as sent on the
+/// wire but not accepted, and once the remote answers again the batch is
+/// delivered and the link is `up`.
+#[test]
+fn a_stalled_link_shows_in_status_and_the_batch_goes_when_it_recovers() {
+    let server = FaultServer::with_rule(|_| black_hole());
+    let mut r = remote("hole", &server);
+    r.timeout = "300s".into();
+    r.stall_timeout = Some("1s".into());
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("st", 3, 120, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    // Two abandoned attempts prove the first was given up on, not waited out.
+    wait_requests(&server, 2, DEADLINE);
+    let rep = wait_until_status(&agent, "link stalled", |rep| {
+        str_field(rep, "link") == "stalled"
+    });
+    assert!(rep["linkSince"].is_string(), "{rep:#}");
+    assert!(
+        str_field(&rep, "latestErrorMessage").contains("stall"),
+        "{rep:#}"
+    );
+    assert_eq!(field(&rep, "deliveredLines"), 0, "{rep:#}");
+    assert_eq!(field(&rep, "wireBytesAccepted"), 0, "{rep:#}");
+    assert!(field(&rep, "wireBytesSent") > 0, "{rep:#}");
+    let metrics = agent.get("/metrics").body;
+    assert!(
+        metric_value(
+            &metrics,
+            "replications_queue_remote_write_wire_bytes_sent",
+            "r1"
+        )
+        .is_some_and(|v| v > 0.0),
+        "{metrics}"
+    );
+
+    server.set_rule(|_| Action::ok());
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "deliveredLines"), 120, "{rep:#}");
+    assert_eq!(str_field(&rep, "link"), "up", "{rep:#}");
+    assert!(
+        field(&rep, "wireBytesSent") > field(&rep, "wireBytesAccepted"),
+        "the abandoned attempts went on the wire too: {rep:#}"
+    );
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}
+
+/// A link that carries only small requests: every body above `LIMIT`
+/// compressed bytes stalls. The agent halves its batches after each stall
+/// until they fit, and delivers every line.
+#[test]
+fn batches_shrink_until_the_link_carries_them() {
+    const LIMIT: usize = 3_000;
+    let server = FaultServer::with_rule(|req| {
+        if req.wire_len > LIMIT {
+            black_hole()
+        } else {
+            Action::ok()
+        }
+    });
+    let mut r = remote("narrow", &server);
+    r.stall_timeout = Some("1s".into());
+    let agent = Agent::start(single(r, |r| r.batch_size = "500kB".into()));
+    let all = split(&lines("fit", 50, 3_000, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    let rep = wait_drained(&agent, "r1", Duration::from_secs(180));
+    assert_eq!(field(&rep, "deliveredLines"), 3_000, "{rep:#}");
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+    let requests = server.requests();
+    let first = &requests[0];
+    assert!(
+        first.wire_len > LIMIT,
+        "the first batch already fit ({} bytes): the test proves nothing",
+        first.wire_len
+    );
+    let carried = requests.iter().filter(|r| r.wire_len <= LIMIT).count();
+    let stalled = requests.len() - carried;
+    eprintln!(
+        "{} requests: {stalled} too large for the link, {carried} carried; first {} bytes",
+        requests.len(),
+        first.wire_len
+    );
+    assert!(
+        field(&rep, "batchLimitBytes") < 500_000,
+        "the batch limit grew back to batch_size although larger batches stall: {rep:#}"
+    );
+}
+
+/// Polls the status of `r1` until `cond` holds (within [`DEADLINE`]).
+fn wait_until_status(agent: &Agent, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    wait_until(DEADLINE, what, || {
+        last = status(agent, "r1");
+        cond(&last)
+    });
+    last
+}
+
+/// A remote that cannot be reached (connections refused) while the agent
+/// backs off for 2 minutes: probes every `probe_interval` find it back, and
+/// the batch goes long before the backoff would have ended.
+#[test]
+fn probes_find_the_remote_back_before_the_backoff_ends() {
+    let closed = closed_port();
+    let mut r = remote_at("away", &closed.url());
+    r.min_backoff = "120s".into();
+    r.max_backoff = "300s".into();
+    r.probe_interval = Some("1s".into());
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("pb", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let rep = wait_until_status(&agent, "link down, backing off", |rep| {
+        str_field(rep, "link") == "down" && str_field(rep, "state") == "backoff"
+    });
+    assert_eq!(field(&rep, "deliveredLines"), 0, "{rep:#}");
+    wait_until_status(&agent, "a failed probe", |rep| field(rep, "probes") >= 1);
+
+    let server = FaultServer::on(closed.listen(), |_| Action::ok());
+    let opened = Instant::now();
+    // Well within the 120 s the backoff would otherwise last.
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    eprintln!(
+        "delivered {:?} after the remote came back (probe_interval 1 s, backoff 120 s)",
+        opened.elapsed()
+    );
+    assert_eq!(field(&rep, "deliveredLines"), 30, "{rep:#}");
+    assert_eq!(str_field(&rep, "link"), "up", "{rep:#}");
+    assert!(
+        agent.log().contains("a probe reached the remote"),
+        "{}",
+        agent.log()
+    );
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}
+
+/// A remote that asked to wait (`Retry-After`) is not probed: it answered,
+/// and its pace wins.
+#[test]
+fn a_remote_that_asked_to_wait_is_not_probed() {
+    let server = FaultServer::start();
+    server.script([Action::RetryAfterSecs(503, 3)]);
+    let mut r = remote("busy", &server);
+    r.min_backoff = "100ms".into();
+    r.max_backoff = "300s".into();
+    r.probe_interval = Some("100ms".into());
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("ra", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let rep = wait_drained(&agent, "r1", DEADLINE);
+    assert_eq!(field(&rep, "probes"), 0, "{rep:#}");
+    let waited = gap_after(&server, 0);
+    assert!(
+        waited >= Duration::from_secs(3),
+        "retried {waited:?} after a Retry-After of 3 s"
+    );
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}
+
+/// A remote that reads the head of a request and a few kB of its body, then
+/// stops reading, its receive buffer kept tiny so that the agent's writes
+/// soon block: a link that dies mid-body. Every connection it takes is
+/// held open, unread, until it is dropped.
+struct MidBodyStall {
+    port: u16,
+    stop: Arc<AtomicBool>,
+    taken: Arc<std::sync::atomic::AtomicUsize>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl MidBodyStall {
+    fn start() -> MidBodyStall {
+        use std::io::Read as _;
+        use std::os::fd::AsRawFd as _;
+        let closed = closed_port();
+        let port = closed.port;
+        let small: libc::c_int = 4096;
+        // SAFETY: setsockopt on a socket `closed` owns, before it listens,
+        // so that every accepted connection inherits the small buffer.
+        let rc = unsafe {
+            libc::setsockopt(
+                closed.fd().as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&small as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let listener = closed.listen();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (st, tk) = (stop.clone(), taken.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_read_timeout(Some(Duration::from_millis(500)))
+                            .unwrap();
+                        let mut buf = vec![0u8; 8192];
+                        let _ = conn.read(&mut buf);
+                        tk.fetch_add(1, Ordering::SeqCst);
+                        held.push(conn);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        MidBodyStall {
+            port,
+            stop,
+            taken,
+            thread: Some(thread),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for MidBodyStall {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A link that dies in the middle of a body: the agent's writes block, the
+/// request is abandoned after `stall_timeout` with only part of the body
+/// gone, status says `stalled`, and the lines are delivered once the
+/// replication points at a remote that answers.
+#[test]
+fn a_body_that_stops_moving_is_abandoned_and_delivered_later() {
+    let stalling = MidBodyStall::start();
+    let mut r = remote_at("cloud", &stalling.url());
+    r.timeout = "300s".into();
+    r.stall_timeout = Some("1s".into());
+    let mut agent = Agent::start(single(r, |r| r.batch_size = "16MB".into()));
+    // Lines that compress poorly, so that a batch's body (about 7 MB) is
+    // larger than what the sockets' buffers hold (Linux grows a send buffer
+    // up to 4 MiB).
+    let mut rng = StdRng::seed_from_u64(13);
+    let base = ts_ago(Duration::from_secs(600));
+    let all: Vec<String> = (0..150_000)
+        .map(|i| {
+            let noise: String = (0..64)
+                .map(|_| char::from(b"0123456789abcdef"[rng.random_range(0..16)]))
+                .collect();
+            format!("mb,k=v s=\"{noise}\" {}", base + i)
+        })
+        .collect();
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+
+    let rep = wait_until_status(&agent, "link stalled mid-body", |rep| {
+        str_field(rep, "link") == "stalled"
+    });
+    assert!(
+        str_field(&rep, "latestErrorMessage").contains("nothing sent"),
+        "{rep:#}"
+    );
+    assert!(stalling.taken.load(Ordering::SeqCst) >= 1);
+    assert_eq!(field(&rep, "wireBytesAccepted"), 0, "{rep:#}");
+    let sent = field(&rep, "wireBytesSent");
+    assert!(sent > 0, "{rep:#}");
+    eprintln!("abandoned after {sent} body bytes had gone");
+
+    let server = FaultServer::start();
+    agent.config.remotes[0].url = server.url();
+    agent.write_config();
+    agent.sighup();
+    // 150,000 lines go through a debug build and the fault remote's gunzip.
+    let rep = wait_drained(&agent, "r1", Duration::from_secs(300));
+    assert_eq!(field(&rep, "deliveredLines"), 150_000, "{rep:#}");
+    assert_eq!(str_field(&rep, "link"), "up", "{rep:#}");
+    let expected: HashSet<String> = all.into_iter().collect();
+    assert_accepted_exactly(&server, &expected);
+}

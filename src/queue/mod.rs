@@ -987,7 +987,10 @@ impl Queue {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let cmd = writer::Command::Settle(writer::Settle {
             repl: repl.clone(),
+            from: batch.from,
             to: batch.to,
+            lines: batch.lines,
+            bytes: batch.bytes,
             settlement: s,
             reply,
         });

@@ -199,12 +199,80 @@ fn eviction_while_a_batch_is_in_flight_keeps_counts_exact() {
     let batch = q.read_batch(&h, 10_000, false, &mut buf).unwrap().unwrap();
     append(&q, &h, lines("b", 30)).unwrap();
     append(&q, &h, lines("c", 30)).unwrap(); // evicts "a", the batch in flight
+    let k = h.counters();
+    assert_eq!((k.dropped_full_lines, k.delivered_lines), (30, 0));
+    // The remote accepted the batch: its lines arrived after all.
     q.settle(&h, &batch, Settlement::default()).unwrap();
     let k = h.counters();
     assert_eq!(
         (k.dropped_full_lines, k.delivered_lines, k.queued_lines),
-        (30, 0, 60)
+        (0, 30, 60)
     );
+    assert_eq!(k.inflow_lines(), k.accounted_lines());
+    // Lines evicted before a batch was read were never sent: still dropped.
+    append(&q, &h, lines("d", 30)).unwrap(); // evicts "b"
+    let batch = q.read_batch(&h, 10_000, false, &mut buf).unwrap().unwrap();
+    assert_eq!(buf, [lines("c", 30), lines("d", 30)].concat());
+    q.settle(&h, &batch, Settlement::default()).unwrap();
+    let k = h.counters();
+    assert_eq!(
+        (k.dropped_full_lines, k.delivered_lines, k.queued_lines),
+        (30, 90, 0)
+    );
+    assert_eq!(k.inflow_lines(), k.accounted_lines());
+}
+
+#[test]
+fn refused_lines_evicted_in_flight_stay_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 800, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    append(&q, &h, lines("a", 30)).unwrap();
+    let mut buf = Vec::new();
+    let batch = q.read_batch(&h, 10_000, false, &mut buf).unwrap().unwrap();
+    append(&q, &h, lines("b", 30)).unwrap();
+    append(&q, &h, lines("c", 30)).unwrap(); // evicts "a", the batch in flight
+                                             // The remote refused two of its lines; they cannot be set aside any more.
+    let refused = Settlement {
+        bucket: "b".into(),
+        reason: "HTTP 400".into(),
+        dead_letter: lines("a", 2),
+        dead_lines: 2,
+        dropped_lines: 0,
+    };
+    q.settle(&h, &batch, refused).unwrap();
+    let k = h.counters();
+    assert_eq!(
+        (
+            k.dropped_full_lines,
+            k.delivered_lines,
+            k.dead_lettered_lines,
+            k.queued_lines
+        ),
+        (2, 28, 0, 60)
+    );
+    assert_eq!(k.inflow_lines(), k.accounted_lines());
+}
+
+#[test]
+fn lines_expired_in_flight_and_delivered_count_as_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec("r", 1 << 20, WhenFull::DropOldest);
+    s.max_age = Some(Duration::from_millis(1));
+    let q = Queue::open(dir.path(), &opts(), &[s]).unwrap();
+    let h = q.handles()[0].clone();
+    append(&q, &h, lines("a", 10)).unwrap();
+    let mut buf = Vec::new();
+    let batch = q.read_batch(&h, 10_000, false, &mut buf).unwrap().unwrap();
+    // Expiry runs with the writer's housekeeping; wait for it to take "a".
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while h.counters().expired_lines < 10 {
+        assert!(std::time::Instant::now() < deadline, "nothing expired");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    q.settle(&h, &batch, Settlement::default()).unwrap();
+    let k = h.counters();
+    assert_eq!((k.expired_lines, k.delivered_lines), (0, 10));
     assert_eq!(k.inflow_lines(), k.accounted_lines());
 }
 
@@ -388,6 +456,9 @@ enum Op {
     Push(Vec<u16>),  // line lengths
     Read(u16),       // read without settling
     ReadSettle(u16), // read a batch and settle it
+    // Read a batch, push lines while it is in flight (they may evict it),
+    // then settle it: the remote accepted it.
+    ReadPushSettle(u16, Vec<u16>),
     Reopen,
 }
 
@@ -396,6 +467,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => prop::collection::vec(0u16..120, 1..12).prop_map(Op::Push),
         1 => (20u16..600).prop_map(Op::Read),
         3 => (20u16..600).prop_map(Op::ReadSettle),
+        2 => ((20u16..600), prop::collection::vec(0u16..120, 1..12))
+            .prop_map(|(max, lens)| Op::ReadPushSettle(max, lens)),
         1 => Just(Op::Reopen),
     ]
 }
@@ -434,6 +507,57 @@ impl Model {
         out
     }
 
+    /// Pushes an entry of lines of `lens` bytes of text to the queue and the
+    /// model, evicting whole entries in the model as the queue must; returns
+    /// how many of the first `in_flight` lines were evicted.
+    fn push(
+        &mut self,
+        q: &Queue,
+        h: &Arc<ReplHandle>,
+        lens: &[u16],
+        counter: &mut u64,
+        in_flight: usize,
+    ) -> Result<usize, TestCaseError> {
+        let entry: VecDeque<Vec<u8>> = lens
+            .iter()
+            .map(|&n| {
+                *counter += 1;
+                // Every other point's string holds newlines: the queue must
+                // cut between points, as the model does, never at those.
+                let s: String = (0..n)
+                    .map(|i| {
+                        if counter.is_multiple_of(2) && i % 9 == 4 {
+                            '\n'
+                        } else {
+                            'x'
+                        }
+                    })
+                    .collect();
+                format!("m{counter} f=\"{s}\" {counter}\n").into_bytes()
+            })
+            .collect();
+        let payload: Vec<u8> = entry.iter().flatten().copied().collect();
+        let n = entry.len() as u64;
+        let r = q.append_blocking(vec![h.clone()], "b".into(), payload.clone(), n);
+        let mut evicted = 0;
+        if payload.len() as u64 > MAX_BYTES {
+            prop_assert!(
+                matches!(r, Err(QueueError::TooLarge { .. })),
+                "expected TooLarge"
+            );
+        } else {
+            r.unwrap();
+            while self.queued_bytes() + payload.len() as u64 > MAX_BYTES {
+                let e = self.entries.pop_front().unwrap();
+                evicted += e.len().min(in_flight - evicted);
+                self.dropped += e.len() as u64;
+            }
+            self.accepted += n;
+            self.entries.push_back(entry);
+        }
+        Ok(evicted)
+    }
+
     fn pop(&mut self, n: usize) {
         for _ in 0..n {
             let front = self.entries.front_mut().unwrap();
@@ -461,29 +585,7 @@ proptest! {
             let h = q.handles()[0].clone();
             match op {
                 Op::Push(lens) => {
-                    // Every other point's string holds newlines: the queue must cut
-                    // between points, as the model does, never at those newlines.
-                    let entry: VecDeque<Vec<u8>> = lens.iter().map(|&n| {
-                        counter += 1;
-                        let s: String = (0..n)
-                            .map(|i| if counter.is_multiple_of(2) && i % 9 == 4 { '\n' } else { 'x' })
-                            .collect();
-                        format!("m{} f=\"{s}\" {counter}\n", counter).into_bytes()
-                    }).collect();
-                    let payload: Vec<u8> = entry.iter().flatten().copied().collect();
-                    let n = entry.len() as u64;
-                    let r = q.append_blocking(vec![h.clone()], "b".into(), payload.clone(), n);
-                    if payload.len() as u64 > MAX_BYTES {
-                        prop_assert!(matches!(r, Err(QueueError::TooLarge { .. })), "expected TooLarge");
-                    } else {
-                        r.unwrap();
-                        while model.queued_bytes() + payload.len() as u64 > MAX_BYTES {
-                            let e = model.entries.pop_front().unwrap();
-                            model.dropped += e.len() as u64;
-                        }
-                        model.accepted += n;
-                        model.entries.push_back(entry);
-                    }
+                    model.push(&q, &h, &lens, &mut counter, 0)?;
                 }
                 Op::Read(max) | Op::ReadSettle(max) => {
                     let expect = model.peek(max as usize);
@@ -493,6 +595,20 @@ proptest! {
                     if let (Some(b), Op::ReadSettle(_)) = (got, &op) {
                         q.settle(&h, &b, Settlement::default()).unwrap();
                         model.pop(expect.len());
+                        model.delivered += expect.len() as u64;
+                    }
+                }
+                Op::ReadPushSettle(max, lens) => {
+                    let expect = model.peek(max as usize);
+                    let got = q.read_batch(&h, max as usize, false, &mut buf).unwrap();
+                    prop_assert_eq!(got.is_none(), expect.is_empty());
+                    prop_assert_eq!(&buf, &expect.concat());
+                    let evicted = model.push(&q, &h, &lens, &mut counter, expect.len())?;
+                    if let Some(b) = got {
+                        q.settle(&h, &b, Settlement::default()).unwrap();
+                        // What eviction took of the batch arrived: delivered.
+                        model.pop(expect.len() - evicted);
+                        model.dropped -= evicted as u64;
                         model.delivered += expect.len() as u64;
                     }
                 }

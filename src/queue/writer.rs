@@ -8,7 +8,7 @@
 //! retried without them so that settlements and expiry still make room.
 
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use heed::RwTxn;
-use log::{error, warn};
+use log::{debug, error, warn};
 use tokio::sync::oneshot;
 
 use super::entry;
@@ -51,7 +51,13 @@ pub(super) struct Append {
 
 pub(super) struct Settle {
     pub repl: Arc<ReplHandle>,
+    /// Where the batch started and ended, and what it held when read: the
+    /// part of it that eviction or expiry removed while it was in flight is
+    /// what it held less what this settlement finds still queued.
+    pub from: Pos,
     pub to: Pos,
+    pub lines: u64,
+    pub bytes: u64,
     pub settlement: Settlement,
     pub reply: Reply,
 }
@@ -90,7 +96,32 @@ struct ReplState {
     spec: ReplSpec,
     meta: Meta,
     handle: Arc<ReplHandle>,
+    /// Lines removed from the head unsent (evicted or expired) since the
+    /// last settlement, oldest first; see [`Gone`].
+    gone: VecDeque<Gone>,
 }
+
+/// A run of lines that eviction or expiry removed from the head of a log.
+///
+/// Removal takes whole entries from the head, which may hold a batch a
+/// worker is sending at that moment. If the remote then accepts the batch,
+/// its removed lines did arrive: the settlement finds them here and counts
+/// them delivered instead of dropped, so that status says what happened. The
+/// runs live in memory only: after a crash between the removal and the
+/// settlement they stay counted as dropped (an overstatement of loss, never
+/// of delivery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Gone {
+    /// Position just past the run.
+    end: Pos,
+    why: Removal,
+    lines: u64,
+}
+
+/// Runs kept at most: consecutive runs of the same kind merge, so this is
+/// reached only by alternating eviction and expiry with no settlement;
+/// the oldest runs are then forgotten (their lines stay counted as dropped).
+const GONE_RUNS: usize = 32;
 
 /// Why lines leave the head of a log.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -185,6 +216,7 @@ impl Writer {
                 spec: spec.clone(),
                 meta,
                 handle: handle.clone(),
+                gone: VecDeque::new(),
             },
         );
         Ok(handle)
@@ -272,7 +304,11 @@ impl Writer {
     }
 
     fn process(&mut self, group: Vec<Command>, housekeeping: bool) {
-        let saved: HashMap<u32, Meta> = self.states.iter().map(|(k, v)| (*k, v.meta)).collect();
+        let saved: HashMap<u32, (Meta, VecDeque<Gone>)> = self
+            .states
+            .iter()
+            .map(|(k, v)| (*k, (v.meta, v.gone.clone())))
+            .collect();
         let mut results: Vec<Result<u64, QueueError>> = Vec::with_capacity(group.len());
         let mut touched = BTreeSet::new();
         let mut appended = BTreeSet::new();
@@ -365,10 +401,11 @@ impl Writer {
         }
     }
 
-    fn restore(&mut self, saved: &HashMap<u32, Meta>) {
-        for (id, meta) in saved {
+    fn restore(&mut self, saved: &HashMap<u32, (Meta, VecDeque<Gone>)>) {
+        for (id, (meta, gone)) in saved {
             if let Some(st) = self.states.get_mut(id) {
                 st.meta = *meta;
+                st.gone = gone.clone();
             }
         }
     }
@@ -706,7 +743,7 @@ impl Writer {
 
     fn settle(&mut self, wtxn: &mut RwTxn, s: &Settle) -> Result<(), QueueError> {
         let id = s.repl.id;
-        let (lines, _) = self.remove_head(wtxn, id, s.to, Removal::Delivered)?;
+        let (lines, bytes) = self.remove_head(wtxn, id, s.to, Removal::Delivered)?;
         let set = &s.settlement;
         // Lines evicted while the batch was in flight were counted then; split
         // only what this settlement removed.
@@ -723,18 +760,34 @@ impl Writer {
                 set.dead_letter.len() as u64,
             )?;
         }
-        let c = &mut self
+        let st = self
             .states
             .get_mut(&id)
-            .expect("settled replication is attached")
-            .meta
-            .c;
+            .expect("settled replication is attached");
+        // The batch's lines that left the queue while it was in flight: the
+        // remote has them, except those it refused that could not be set
+        // aside above (they are gone, and stay counted as dropped).
+        let removed = s.lines.saturating_sub(lines);
+        let refused_gone = (set.dead_lines + set.dropped_lines).saturating_sub(dead + dropped);
+        let arrived = reclaim(&mut st.gone, s.from, s.to, removed, refused_gone);
+        let c = &mut st.meta.c;
         c.delivered_lines -= dead + dropped;
         c.dead_lettered_lines += dead;
         c.dropped_non_retryable_lines += dropped;
         c.delivered_bytes = c
             .delivered_bytes
             .saturating_sub(set.dead_letter.len() as u64);
+        if arrived.dropped_full + arrived.expired > 0 {
+            c.dropped_full_lines -= arrived.dropped_full;
+            c.expired_lines -= arrived.expired;
+            c.delivered_lines += arrived.dropped_full + arrived.expired;
+            c.delivered_bytes += s.bytes.saturating_sub(bytes);
+            debug!(
+                "replication \"{}\": {} lines removed while in flight were delivered; counted as such",
+                st.spec.name,
+                arrived.dropped_full + arrived.expired
+            );
+        }
         Ok(())
     }
 
@@ -998,6 +1051,23 @@ impl Writer {
         let lines = lines.min(c.queued_lines);
         c.queued_lines -= lines;
         c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        if why != Removal::Delivered && lines > 0 {
+            let end = m.head;
+            match st.gone.back_mut() {
+                Some(g) if g.why == why => {
+                    g.end = end;
+                    g.lines += lines;
+                }
+                _ => {
+                    if st.gone.len() == GONE_RUNS {
+                        st.gone.pop_front();
+                    }
+                    st.gone.push_back(Gone { end, why, lines });
+                }
+            }
+        }
+        let m = &mut st.meta;
+        let c = &mut m.c;
         match why {
             Removal::Delivered => {
                 c.delivered_lines += lines;
@@ -1010,6 +1080,48 @@ impl Writer {
         st.meta.c.oldest_enqueued_ns = head_enqueued(&shared, wtxn, id, &meta)?;
         Ok((lines, bytes))
     }
+}
+
+/// Lines of a settled batch that had been removed unsent, by why.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Arrived {
+    dropped_full: u64,
+    expired: u64,
+}
+
+/// Takes the batch `from..to`'s `removed` lines out of the runs in `gone`
+/// (they are its first lines: removal works from the head) and returns how
+/// many of them arrived, by why they were removed: all but `refused` of them.
+/// Runs that ended before the batch began held no line of it and are
+/// forgotten, as are runs the batch covered.
+fn reclaim(gone: &mut VecDeque<Gone>, from: Pos, to: Pos, removed: u64, refused: u64) -> Arrived {
+    while gone.front().is_some_and(|g| g.end <= from || g.lines == 0) {
+        gone.pop_front();
+    }
+    let mut arrived = Arrived::default();
+    let mut left = removed;
+    let mut refused = refused.min(removed);
+    for g in gone.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        let take = g.lines.min(left);
+        g.lines -= take;
+        left -= take;
+        // The refused lines among them are taken first: which of the
+        // removed lines the remote refused is not known, only how many.
+        let r = refused.min(take);
+        refused -= r;
+        match g.why {
+            Removal::DroppedFull => arrived.dropped_full += take - r,
+            Removal::Expired => arrived.expired += take - r,
+            Removal::Delivered => {}
+        }
+    }
+    while gone.front().is_some_and(|g| g.end <= to || g.lines == 0) {
+        gone.pop_front();
+    }
+    arrived
 }
 
 fn command_bytes(c: &Command) -> usize {

@@ -1,6 +1,14 @@
 //! The HTTP client of one replication: builds write URLs for the remote's API
 //! (v2 or v1), keeps one keep-alive connection, and turns every answer into
 //! an [`Answer`] without ever putting a token into a message.
+//!
+//! Stalls are found by progress, not by a deadline for the whole request: a
+//! link that crawls still carries a batch, however long it takes, while one
+//! that black-holes packets is given up on after `stall_timeout` without a
+//! byte moving. Every socket write and read gets `stall_timeout` (ureq's
+//! per-write and per-read timeouts, i.e. `SO_SNDTIMEO`/`SO_RCVTIMEO`), and
+//! the body is handed to ureq through a reader that reports how much of it
+//! has gone, for status and for the count of bytes put on the wire.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +49,10 @@ pub struct Client {
     /// out of whatever the remote says back, since some remotes (proxies,
     /// gateways) quote the request's credentials in their error pages.
     secrets: Vec<String>,
+    /// Where a probe connects (the remote's host and port); `None` through a
+    /// proxy, where a connect would test the proxy, not the remote.
+    probe_addr: Option<(String, u16)>,
+    connect_timeout: Duration,
 }
 
 impl Client {
@@ -79,6 +91,7 @@ impl Client {
             }
             tls = tls.root_certs(RootCerts::Specific(Arc::new(certs)));
         }
+        let probe_addr = probe_addr(&remote.url);
         let proxy = match &remote.proxy {
             Some(p) => Some(
                 ureq::Proxy::new(p)
@@ -86,13 +99,19 @@ impl Client {
             ),
             None => ureq::Proxy::try_from_env(),
         };
+        let probe_addr = probe_addr.filter(|_| proxy.is_none());
         let config = ureq::Agent::config_builder()
             .http_status_as_error(false)
             // A redirect is never followed: ureq would repeat the write as a
             // GET, and a captive portal's 200 would pass for a delivery.
             .max_redirects(0)
             .timeout_connect(Some(remote.connect_timeout))
-            .timeout_global(Some(remote.timeout))
+            .timeout_per_write(Some(remote.stall_timeout))
+            .timeout_per_read(Some(remote.stall_timeout))
+            // Once the body is sent, the remote has `timeout` to answer (a
+            // remote trickling its answer a byte at a time never stalls).
+            .timeout_recv_response(Some(remote.timeout))
+            .timeout_recv_body(Some(remote.timeout))
             .user_agent(concat!("edge-replicator/", env!("CARGO_PKG_VERSION")))
             .max_idle_connections_per_host(2)
             .max_idle_age(Duration::from_secs(50))
@@ -127,6 +146,8 @@ impl Client {
             org: remote.org.clone(),
             authorization,
             secrets,
+            probe_addr,
+            connect_timeout: remote.connect_timeout,
         })
     }
 
@@ -178,16 +199,26 @@ impl Client {
     }
 
     /// POSTs a gzip body. Never fails: every outcome is an [`Answer`].
-    pub fn post(&self, url: &str, gzip_body: &[u8]) -> Answer {
+    /// `progress` is called with the bytes of the body handed to the
+    /// connection so far, each time more have gone.
+    pub fn post(&self, url: &str, gzip_body: &[u8], progress: &mut dyn FnMut(u64)) -> Answer {
         let mut req = self
             .agent
             .post(url)
             .header("Content-Encoding", "gzip")
-            .header("Content-Type", "text/plain; charset=utf-8");
+            .header("Content-Type", "text/plain; charset=utf-8")
+            // Given, so that the body read from a reader goes with a length
+            // rather than chunked, as a byte slice would.
+            .header("Content-Length", gzip_body.len().to_string());
         if let Some(a) = &self.authorization {
             req = req.header("Authorization", a);
         }
-        match req.send(gzip_body) {
+        let mut reader = Progress {
+            body: gzip_body,
+            done: 0,
+            report: progress,
+        };
+        match req.send(ureq::SendBody::from_reader(&mut reader)) {
             Ok(mut resp) => {
                 let code = resp.status().as_u16();
                 let retry_after = resp
@@ -236,6 +267,28 @@ impl Client {
         }
     }
 
+    /// Whether the remote can be probed (no proxy in between).
+    pub fn can_probe(&self) -> bool {
+        self.probe_addr.is_some()
+    }
+
+    /// Whether a TCP connection to the remote opens within
+    /// `connect_timeout`: the cheapest sign that the link is back (a
+    /// handshake and a close, no TLS, no request). Resolves the name anew,
+    /// so a remote that was unresolvable is probed too.
+    pub fn probe(&self) -> bool {
+        use std::net::{TcpStream, ToSocketAddrs};
+        let Some((host, port)) = &self.probe_addr else {
+            return false;
+        };
+        let Ok(addrs) = (host.as_str(), *port).to_socket_addrs() else {
+            return false;
+        };
+        addrs
+            .into_iter()
+            .any(|a| TcpStream::connect_timeout(&a, self.connect_timeout).is_ok())
+    }
+
     fn redact(&self, mut text: String) -> String {
         for s in &self.secrets {
             if text.contains(s.as_str()) {
@@ -246,9 +299,62 @@ impl Client {
     }
 }
 
+/// The host and port of an `http(s)://host[:port]` URL.
+fn probe_addr(url: &str) -> Option<(String, u16)> {
+    let uri: ureq::http::Uri = url.parse().ok()?;
+    let port = uri.port_u16().or(match uri.scheme_str() {
+        Some("https") => Some(443),
+        Some("http") => Some(80),
+        _ => None,
+    })?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_string(), port))
+}
+
+/// A request body that reports how much of it ureq has taken. ureq takes
+/// the body a buffer at a time as the connection accepts it, so the count
+/// runs at most one buffer ahead of the socket.
+struct Progress<'a> {
+    body: &'a [u8],
+    done: usize,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl std::io::Read for Progress<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(self.body.len() - self.done);
+        buf[..n].copy_from_slice(&self.body[self.done..self.done + n]);
+        self.done += n;
+        if n > 0 {
+            (self.report)(self.done as u64);
+        }
+        Ok(n)
+    }
+}
+
+/// How the messages of an abandoned transfer begin: nothing moved within
+/// `stall_timeout`, or no answer within `timeout`.
+const STALLED: &str = "stalled: ";
+const NO_ANSWER: &str = "timeout (";
+
+/// Whether `answer` is a transfer abandoned for lack of progress or of an
+/// answer (the link, not the remote, is at fault; the batch may be too
+/// large for it).
+pub fn stalled(answer: &Answer) -> bool {
+    matches!(answer, Answer::Transport(m) if m.starts_with(STALLED) || m.starts_with(NO_ANSWER))
+}
+
 fn describe_transport(e: &ureq::Error) -> String {
     match e {
-        ureq::Error::Timeout(t) => format!("timeout ({t})"),
+        ureq::Error::Timeout(ureq::Timeout::PerWrite) => {
+            format!("{STALLED}nothing sent within stall_timeout")
+        }
+        ureq::Error::Timeout(ureq::Timeout::PerRead) => {
+            format!("{STALLED}nothing received within stall_timeout")
+        }
+        // Connect has its own timeout: the remote is unreachable, not slow.
+        ureq::Error::Timeout(ureq::Timeout::Connect) => "connect timeout".to_string(),
+        ureq::Error::Timeout(t) => format!("{NO_ANSWER}{t})"),
         // rustls reports every TLS failure (certificate, name, handshake)
         // as InvalidData; a plain socket never does.
         ureq::Error::Io(io) if io.kind() == std::io::ErrorKind::InvalidData => {
@@ -258,5 +364,25 @@ fn describe_transport(e: &ureq::Error) -> String {
         ureq::Error::HostNotFound => "host not found".to_string(),
         ureq::Error::ConnectionFailed => "connection failed".to_string(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probes_go_to_the_host_and_port_of_the_url() {
+        assert_eq!(
+            probe_addr("https://eu-central-1-1.aws.cloud2.influxdata.com"),
+            Some(("eu-central-1-1.aws.cloud2.influxdata.com".into(), 443))
+        );
+        assert_eq!(
+            probe_addr("http://10.0.0.5:8086"),
+            Some(("10.0.0.5".into(), 8086))
+        );
+        assert_eq!(probe_addr("http://[::1]:8181"), Some(("::1".into(), 8181)));
+        assert_eq!(probe_addr("http://gw"), Some(("gw".into(), 80)));
+        assert_eq!(probe_addr("not a url"), None);
     }
 }

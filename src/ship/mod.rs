@@ -31,8 +31,13 @@ use flate2::Compression;
 use log::{debug, error, info, warn};
 
 use crate::queue::{Batch, Pos, Queue, QueueError, ReplHandle, Settlement, Shipment, Signal};
-use crate::status::{ReplStatus, State};
+use crate::status::{Link, ReplStatus, State};
 pub use client::{Answer, Client};
+
+/// Deliveries in a row after which a batch limit lowered by stalls doubles.
+/// Growing after every delivery would send every other batch too large for
+/// a link that carries only the smaller one, and each costs a stall.
+const GROW_AFTER: u32 = 4;
 
 /// What to do after an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,6 +119,7 @@ pub struct ShipConfig {
     pub remote_bucket: Option<String>,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    pub probe_interval: Duration,
     pub drop_non_retryable_data: bool,
 }
 
@@ -315,6 +321,11 @@ impl Worker {
         // The batch delivered last, while the queue commits its settlement:
         // the next batch is read from its end and shipped meanwhile.
         let mut settling: Option<Settling> = None;
+        // The byte limit of the next batch: halved after a batch the link
+        // did not carry, doubled after GROW_AFTER deliveries in a row, up
+        // to batch_size.
+        let mut fit = usize::MAX;
+        let mut carried = 0;
         debug!("replication \"{name}\": worker started");
         while !self.control.stopped() {
             self.control.beat();
@@ -322,13 +333,11 @@ impl Worker {
             let t = self.target();
             let split = t.config.remote_bucket.is_none();
             let from = settling.as_ref().map(|s| s.to);
-            let read = self.queue.read_shipment(
-                &self.repl,
-                from,
-                t.config.batch_size,
-                split,
-                &mut shipment,
-            );
+            fit = fit.min(t.config.batch_size);
+            self.status.ship.lock().unwrap().batch_limit = fit as u64;
+            let read = self
+                .queue
+                .read_shipment(&self.repl, from, fit, split, &mut shipment);
             let batch = match read {
                 Ok(Some(b)) => b,
                 Ok(None) if settling.is_some() => {
@@ -361,11 +370,21 @@ impl Worker {
                     continue;
                 }
             };
-            let settlement = match self.deliver(&batch, &shipment, &mut lines) {
+            let limit = fit;
+            let settlement = match self.deliver(&batch, &shipment, &mut lines, &mut fit) {
                 Ok(s) => s,
                 Err(Unsettled::Stale) => continue,
                 Err(Unsettled::Stopped) => break,
             };
+            if fit < limit {
+                carried = 0;
+            } else {
+                carried += 1;
+            }
+            if carried >= GROW_AFTER {
+                fit = fit.saturating_mul(2);
+                carried = 0;
+            }
             match self.confirm(&mut settling) {
                 Ok(()) => {}
                 Err(QueueError::Closed) => break,
@@ -415,6 +434,7 @@ impl Worker {
         batch: &Batch,
         shipment: &Shipment,
         lines: &mut Vec<u8>,
+        fit: &mut usize,
     ) -> Result<Settlement, Unsettled> {
         let mut d = Delivery {
             settlement: Settlement {
@@ -428,9 +448,18 @@ impl Worker {
             evidence: Evidence::default(),
             suspect: None,
         };
-        d.pending.push(d.whole.clone());
         // The batch's lines, inflated only when a part must be cut out.
         let mut have_lines = false;
+        if batch.bytes as usize > *fit && *fit < self.target().config.batch_size {
+            // Entries compressed when queued are taken whole, however large
+            // (and so shipped as stored while the link carries them): after
+            // stalls, cut into pieces the link has shown it carries.
+            self.inflated(shipment, lines, &mut have_lines)?;
+            d.pending = pieces(lines, *fit);
+            d.pending.reverse();
+        } else {
+            d.pending.push(d.whole.clone());
+        }
         let mut body: Option<(Range<usize>, u32, Vec<u8>)> = None;
         let mut attempt: u32 = 0;
         loop {
@@ -483,7 +512,7 @@ impl Worker {
             }
             let gz = &body.as_ref().expect("set above").2;
             let bucket = t.config.remote_bucket.as_deref().unwrap_or(&batch.bucket);
-            let answer = t.client.post(&t.client.write_url(bucket), gz);
+            let answer = self.post(&t.client, &t.client.write_url(bucket), gz);
             let verdict = classify(&answer);
             match verdict {
                 Verdict::Delivered => {
@@ -562,7 +591,33 @@ impl Worker {
                         State::Backoff
                     };
                     self.record_answer(&answer, state, Some((wait, batch.lines)));
-                    self.sleep(wait);
+                    // Probing only helps while there is no connection:
+                    // a remote that takes connections and stalls would
+                    // answer every probe, and be retried at that pace.
+                    let unreachable =
+                        matches!(answer, Answer::Transport(_)) && !client::stalled(&answer);
+                    if verdict == Verdict::Retry && unreachable {
+                        self.wait_probing(wait, &t);
+                    } else {
+                        // A Retry-After, a 5xx, a refused token: the remote
+                        // answered, and its pace is kept.
+                        self.sleep(wait);
+                    }
+                    // A part the link did not carry goes again in halves,
+                    // and later batches are no larger than a half.
+                    if client::stalled(&answer) {
+                        self.inflated(shipment, lines, &mut have_lines)?;
+                        let slice = &lines[part.clone()];
+                        if memchr::memchr_iter(b'\n', slice).nth(1).is_some() {
+                            d.split(&part, slice);
+                            let half = d.pending.last().map_or(0, |p| p.len());
+                            if half < *fit {
+                                debug!("replication \"{}\": the link did not carry {} bytes of lines; sending at most {half} at a time", self.repl.name, part.len());
+                                *fit = half;
+                                self.status.ship.lock().unwrap().batch_limit = half as u64;
+                            }
+                        }
+                    }
                 }
             }
         }
@@ -809,6 +864,38 @@ impl Worker {
         }
     }
 
+    /// POSTs `gz`, showing in status how much of it has gone, and counting
+    /// what went on the wire and what the answer says of the link.
+    fn post(&self, client: &Client, url: &str, gz: &[u8]) -> Answer {
+        let total = gz.len() as u64;
+        self.status.ship.lock().unwrap().sending = Some((0, total));
+        let mut sent = 0;
+        let answer = client.post(url, gz, &mut |done| {
+            sent = done;
+            // A slow link may take long over one body: it is progress.
+            self.control.beat();
+            self.status.ship.lock().unwrap().sending = Some((done, total));
+        });
+        let mut s = self.status.ship.lock().unwrap();
+        s.sending = None;
+        s.wire_bytes_sent += sent;
+        let link = match &answer {
+            Answer::Status { .. } => Link::Up,
+            a if client::stalled(a) => Link::Stalled,
+            Answer::Transport(_) => Link::Down,
+        };
+        if link != s.link {
+            let name = &self.repl.name;
+            match link {
+                Link::Up => info!("replication \"{name}\": the link to the remote is up again"),
+                Link::Stalled => warn!("replication \"{name}\": the link to the remote stalls; abandoned a request after {sent} of {total} body bytes"),
+                Link::Down => {}
+            }
+        }
+        s.set_link(link);
+        answer
+    }
+
     fn record_success(&self, sent_bytes: usize) {
         let mut s = self.status.ship.lock().unwrap();
         if s.state != State::Running {
@@ -821,7 +908,7 @@ impl Worker {
         s.latest_code = Some(204);
         s.latest_error.clear();
         s.next_retry = None;
-        s.bytes_sent += sent_bytes as u64;
+        s.bytes_accepted += sent_bytes as u64;
         s.batches_sent += 1;
     }
 
@@ -855,6 +942,45 @@ impl Worker {
                 },
                 wait.as_secs_f64()
             );
+        }
+    }
+
+    /// Waits `wait` after the remote could not be reached, probing it every
+    /// `probe_interval` (jittered between half and all of it, so that a
+    /// fleet behind one link does not probe in step) when the wait is
+    /// longer; ends early once a probe connects. A stop or a reload ends
+    /// it at once, as any wait.
+    fn wait_probing(&self, wait: Duration, t: &Target) {
+        let interval = t.config.probe_interval;
+        if wait <= interval || !t.client.can_probe() {
+            self.sleep(wait);
+            return;
+        }
+        let until = std::time::Instant::now() + wait;
+        loop {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            let step = interval.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            if left <= step {
+                self.sleep(left);
+                return;
+            }
+            let seen = self.control.wake.generation();
+            self.sleep(step);
+            if self.control.stopped() || self.control.wake.generation() != seen {
+                return;
+            }
+            let reached = t.client.probe();
+            let mut s = self.status.ship.lock().unwrap();
+            s.probes += 1;
+            if reached {
+                s.next_retry = None;
+                drop(s);
+                info!(
+                    "replication \"{}\": a probe reached the remote; retrying now",
+                    self.repl.name
+                );
+                return;
+            }
         }
     }
 
@@ -895,6 +1021,28 @@ fn message(answer: &Answer) -> String {
         Answer::Status { message, .. } => answer::shorten(message),
         Answer::Transport(m) => answer::shorten(m),
     }
+}
+
+/// `lines` cut into runs of whole lines of at most `max` bytes (a longer
+/// line alone), in order.
+fn pieces(lines: &[u8], max: usize) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    let mut start = 0;
+    let mut end = 0;
+    for r in line_ranges(lines) {
+        if r.end - start > max && end > start {
+            out.push(start..end);
+            start = end;
+        }
+        end = r.end;
+    }
+    if end < lines.len() {
+        end = lines.len();
+    }
+    if end > start {
+        out.push(start..end);
+    }
+    out
 }
 
 /// Where to cut whole points (each ending in '\n') into two non-empty halves:
@@ -1054,6 +1202,17 @@ mod tests {
     }
 
     #[test]
+    fn pieces_hold_whole_lines_up_to_the_limit() {
+        let lines = b"aa\nbb\ncc\ndddddd\ne\n";
+        assert_eq!(pieces(lines, 6), vec![0..6, 6..9, 9..16, 16..18]);
+        assert_eq!(pieces(lines, 100), vec![0..18]);
+        assert_eq!(pieces(lines, 1), vec![0..3, 3..6, 6..9, 9..16, 16..18]);
+        // Bytes after the last newline stay with the piece before them.
+        assert_eq!(pieces(b"x\ny", 2), vec![0..3]);
+        assert!(pieces(b"", 5).is_empty());
+    }
+
+    #[test]
     fn line_ranges_cover_each_line() {
         assert_eq!(line_ranges(b"ab\nc\n\n"), vec![0..3, 3..5, 5..6]);
         assert!(line_ranges(b"").is_empty());
@@ -1086,6 +1245,7 @@ mod tests {
             remote_bucket: None,
             min_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(60),
+            probe_interval: Duration::from_secs(10),
             drop_non_retryable_data: false,
         };
         let throttled = |v: &str| Answer::Status {

@@ -392,6 +392,15 @@ impl FaultServer {
     /// A remote that answers each request as `rule` says (after the script).
     pub fn with_rule(rule: impl Fn(&Request) -> Action + Send + Sync + 'static) -> FaultServer {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        FaultServer::on(listener, rule)
+    }
+
+    /// A remote serving on a socket the test bound (for example a port
+    /// that refused connections until now).
+    pub fn on(
+        listener: TcpListener,
+        rule: impl Fn(&Request) -> Action + Send + Sync + 'static,
+    ) -> FaultServer {
         listener
             .set_nonblocking(true)
             .expect("nonblocking listener");

@@ -303,6 +303,21 @@ impl ClosedPort {
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+
+    /// The socket, for options a test sets before it listens.
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self._socket.as_fd()
+    }
+
+    /// Starts listening on the port: from now on connections are accepted.
+    pub fn listen(self) -> std::net::TcpListener {
+        use std::os::fd::AsRawFd;
+        // SAFETY: listen on a descriptor this value owns.
+        let rc = unsafe { libc::listen(self._socket.as_raw_fd(), 128) };
+        assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+        std::net::TcpListener::from(self._socket)
+    }
 }
 
 /// See [`ClosedPort`].
@@ -1220,6 +1235,10 @@ pub struct RemoteConfig {
     pub max_backoff: String,
     pub timeout: String,
     pub connect_timeout: String,
+    /// `stall_timeout`, when a test sets it (else the agent's default).
+    pub stall_timeout: Option<String>,
+    /// `probe_interval`, when a test sets it (else the agent's default).
+    pub probe_interval: Option<String>,
 }
 
 impl RemoteConfig {
@@ -1237,6 +1256,8 @@ impl RemoteConfig {
             max_backoff: "1s".into(),
             timeout: "5s".into(),
             connect_timeout: "1s".into(),
+            stall_timeout: None,
+            probe_interval: None,
         }
     }
 
@@ -1383,6 +1404,12 @@ impl AgentConfig {
             t += &format!("max_backoff = {}\n", toml_str(&r.max_backoff));
             t += &format!("timeout = {}\n", toml_str(&r.timeout));
             t += &format!("connect_timeout = {}\n", toml_str(&r.connect_timeout));
+            if let Some(v) = &r.stall_timeout {
+                t += &format!("stall_timeout = {}\n", toml_str(v));
+            }
+            if let Some(v) = &r.probe_interval {
+                t += &format!("probe_interval = {}\n", toml_str(v));
+            }
         }
         for r in &self.replications {
             t += "\n[[replication]]\n";
