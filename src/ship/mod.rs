@@ -290,11 +290,13 @@ fn one_line(slice: &[u8]) -> Vec<Range<usize>> {
     std::iter::once(0..slice.len()).collect()
 }
 
-/// The ranges of each line (point) of `lines`, as `lineproto::points` cuts
-/// them: a string value's newline does not end a line.
+/// The ranges of each whole line (point, ending in its '\n') of `lines`, as
+/// `lineproto::points` cuts them: a string value's newline does not end a
+/// line. Bytes after the last whole point are not in any range.
 fn line_ranges(lines: &[u8]) -> Vec<Range<usize>> {
     let mut start = 0;
     crate::lineproto::points(lines)
+        .take_while(|point| point.ends_with(b"\n"))
         .map(|point| {
             let r = start..start + point.len();
             start = r.end;
