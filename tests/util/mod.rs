@@ -1099,7 +1099,20 @@ bind-address = "127.0.0.1:{rpc_port}"
 
     /// Runs an InfluxQL statement; panics unless it succeeded.
     pub fn query(&self, db: Option<&str>, q: &str) -> Value {
+        self.query_with(db, q, None)
+    }
+
+    /// As [`Influx16::query`], with times as integer nanoseconds
+    /// (`epoch=ns`) rather than RFC 3339 strings.
+    pub fn query_ns(&self, db: Option<&str>, q: &str) -> Value {
+        self.query_with(db, q, Some("ns"))
+    }
+
+    fn query_with(&self, db: Option<&str>, q: &str, epoch: Option<&str>) -> Value {
         let mut req = self.http.post(format!("{}/query", self.url()));
+        if let Some(epoch) = epoch {
+            req = req.query("epoch", epoch);
+        }
         if let Some(a) = &self.admin {
             req = req.header("Authorization", a);
         }
