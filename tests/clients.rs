@@ -278,3 +278,86 @@ fn require_python_v1_client() -> Option<PathBuf> {
         None
     }
 }
+
+/// An `influx -import` file for database `db`: a DDL section that creates
+/// the database and retention policy `short`, then a DML section with
+/// `n` points per retention policy (`short`, then `autogen`) in
+/// millisecond precision with every field type.
+fn import_file(db: &str, n: usize, base_ms: i64) -> String {
+    let mut f = format!(
+        "# DDL\nCREATE DATABASE {db}\nCREATE RETENTION POLICY short ON {db} DURATION 30d REPLICATION 1\n\n# DML\n"
+    );
+    for rp in ["short", "autogen"] {
+        f += &format!("# CONTEXT-DATABASE: {db}\n# CONTEXT-RETENTION-POLICY: {rp}\n");
+        for i in 0..n {
+            f += &format!(
+                "imp,host=gw\\ {h},rp={rp} value={v},seq={i}i,ok={ok},msg=\"said \\\"{i}\\\" \\\\ here\" {t}\n",
+                h = i % 4,
+                v = i as f64 / 3.0,
+                ok = i % 2 == 0,
+                t = base_ms - 13 * i as i64,
+            );
+        }
+    }
+    f
+}
+
+/// Debian's `influx -import` (InfluxDB 1.6's CLI) with a DDL section:
+/// the agent is write-only and answers its statements on `/query` with
+/// 404, which the CLI logs and goes on from, so the DDL is applied to the
+/// remote directly (as the README says) and the DML section's points,
+/// written through the agent, land in their retention policies exactly as
+/// the same file imported straight into InfluxDB 1.6.
+#[test]
+fn influx_import_points_arrive_as_written() {
+    let Some(cli) = require("influx") else {
+        return;
+    };
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    let config = AgentConfig::single(RemoteConfig::v1("influx", &influx.url()), "*", None);
+    let agent = Agent::start(config);
+
+    const N: usize = 400;
+    let base_ms = now_ns() / 1_000_000 - 3_600_000;
+    let import = |port: u16, db: &str| {
+        let path = agent.dir().join(format!("{db}.import"));
+        std::fs::write(&path, import_file(db, N, base_ms)).unwrap();
+        run_client(
+            "influx -import",
+            Command::new(&cli)
+                .args(["-host", "127.0.0.1", "-port", &port.to_string()])
+                .arg("-import")
+                .arg(format!("-path={}", path.display()))
+                .arg("-precision=ms"),
+        );
+    };
+    // The DDL, applied to the remote directly; the import repeats it
+    // through the agent, which cannot run it.
+    influx.create_db("imp");
+    influx.query(
+        None,
+        "CREATE RETENTION POLICY short ON imp DURATION 30d REPLICATION 1",
+    );
+    import(agent_port(&agent), "imp");
+    import(influx.port, "imp_direct");
+
+    wait_eq(DEADLINE, "imp points in imp.short", N as u64, || {
+        count_in(&influx, "imp", "short", "imp")
+    });
+    wait_eq(DEADLINE, "imp points in imp.autogen", N as u64, || {
+        count_in(&influx, "imp", "autogen", "imp")
+    });
+    for rp in ["short", "autogen"] {
+        let from = format!("\"{rp}\".\"imp\"");
+        let got = assert_same_points((&influx, "imp"), (&influx, "imp_direct"), &from, N);
+        assert!(
+            got.iter().all(|r| column(r, "rp") == rp),
+            "points of another retention policy in {rp}"
+        );
+    }
+    let rep = agent.replication("r1");
+    assert_eq!(field(&rep, "acceptedLines"), 2 * N as u64, "{rep:#}");
+    assert_conserved(&rep);
+}
