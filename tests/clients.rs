@@ -361,3 +361,71 @@ fn influx_import_points_arrive_as_written() {
     assert_eq!(field(&rep, "acceptedLines"), 2 * N as u64, "{rep:#}");
     assert_conserved(&rep);
 }
+
+/// An InfluxDB 1.6 subscription pointed at the agent: every write into the
+/// source InfluxDB is pushed to the agent's v1 endpoint and replicated to a
+/// second InfluxDB 1.6, where the points equal the source's, strings
+/// holding newlines included.
+#[test]
+fn influx_subscription_points_arrive_as_written() {
+    let Some(source) = Influx16::start() else {
+        return;
+    };
+    let Some(remote) = Influx16::start() else {
+        return;
+    };
+    source.create_db("src");
+    remote.create_db("src");
+    let config = AgentConfig::single(RemoteConfig::v1("influx", &remote.url()), "*", None);
+    let agent = Agent::start(config);
+    source.query(
+        Some("src"),
+        &format!(
+            "CREATE SUBSCRIPTION \"s\" ON \"src\".\"autogen\" DESTINATIONS ALL '{}'",
+            agent.url()
+        ),
+    );
+
+    // The subscription starts pushing a moment after it is created: a
+    // point written into the source every poll shows when it does.
+    let mut probe = 0;
+    wait_until(
+        DEADLINE,
+        "the subscription's first point at the remote",
+        || {
+            probe += 1;
+            let reply = source.write("src", &format!("warmup seq={probe}i"));
+            assert_eq!(reply.status, 204, "{}", reply.body);
+            count_in(&remote, "src", "autogen", "warmup") > 0
+        },
+    );
+
+    const N: usize = 2000;
+    let base = ts_ago(Duration::from_secs(3600));
+    for chunk in 0..4 {
+        let mut body = String::new();
+        for i in chunk * N / 4..(chunk + 1) * N / 4 {
+            body += &format!(
+                "sub,sensor=s{s},site=plant\\ 1 value={v},seq={i}i,ok={ok},msg=\"line {i}\nnext \\\"q\\\" \\\\ end\" {t}\n",
+                s = i % 6,
+                v = i as f64 / 7.0,
+                ok = i % 3 == 0,
+                t = base + 1_000_003 * i as i64,
+            );
+        }
+        let reply = source.write("src", &body);
+        assert_eq!(reply.status, 204, "{}", reply.body);
+    }
+
+    wait_eq(DEADLINE, "sub points at the remote", N as u64, || {
+        count_in(&remote, "src", "autogen", "sub")
+    });
+    let got = assert_same_points((&remote, "src"), (&source, "src"), "\"sub\"", N);
+    assert!(
+        got.iter().all(|r| column(r, "msg")
+            .as_str()
+            .is_some_and(|m| m.contains("\nnext \"q\" \\ end"))),
+        "a string lost its newline"
+    );
+    assert_conserved(&agent.replication("r1"));
+}
