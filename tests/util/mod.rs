@@ -123,7 +123,9 @@ fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn missing<T>(what: &str) -> Option<T> {
+/// A prerequisite `what` is missing: panics under `CI=true`, else prints a
+/// SKIP line and returns `None`.
+pub fn missing<T>(what: &str) -> Option<T> {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{what} is missing; CI must run scripts/install-test-deps.sh before the tests");
     }
