@@ -19,7 +19,7 @@ run: release ## run with the shipped config, state in ./data
 	mkdir -p $(DATA_DIR)
 	./target/release/edge-replicator run --config $(CONFIG) --data-dir $(DATA_DIR)
 
-test-deps: ## install what the tests need (Debian packages, Python client)
+test-deps: ## install what the tests need (Debian packages, Python and npm clients)
 	./scripts/install-test-deps.sh
 
 fmt: ## format the code

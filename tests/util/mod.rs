@@ -123,7 +123,9 @@ fn find_program(program: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn missing<T>(what: &str) -> Option<T> {
+/// A prerequisite `what` is missing: panics under `CI=true`, else prints a
+/// SKIP line and returns `None`.
+pub fn missing<T>(what: &str) -> Option<T> {
     if std::env::var("CI").as_deref() == Ok("true") {
         panic!("{what} is missing; CI must run scripts/install-test-deps.sh before the tests");
     }
@@ -1149,7 +1151,20 @@ bind-address = "127.0.0.1:{rpc_port}"
 
     /// Runs an InfluxQL statement; panics unless it succeeded.
     pub fn query(&self, db: Option<&str>, q: &str) -> Value {
+        self.query_with(db, q, None)
+    }
+
+    /// As [`Influx16::query`], with times as integer nanoseconds
+    /// (`epoch=ns`) rather than RFC 3339 strings.
+    pub fn query_ns(&self, db: Option<&str>, q: &str) -> Value {
+        self.query_with(db, q, Some("ns"))
+    }
+
+    fn query_with(&self, db: Option<&str>, q: &str, epoch: Option<&str>) -> Value {
         let mut req = self.http.post(format!("{}/query", self.url()));
+        if let Some(epoch) = epoch {
+            req = req.query("epoch", epoch);
+        }
         if let Some(a) = &self.admin {
             req = req.header("Authorization", a);
         }
