@@ -303,7 +303,7 @@ fn import_file(db: &str, n: usize, base_ms: i64) -> String {
 
 /// Debian's `influx -import` (InfluxDB 1.6's CLI) with a DDL section:
 /// the agent is write-only and answers its statements on `/query` with
-/// 404, which the CLI logs and goes on from, so the DDL is applied to the
+/// 501, which the CLI logs and goes on from, so the DDL is applied to the
 /// remote directly (as the README says) and the DML section's points,
 /// written through the agent, land in their retention policies exactly as
 /// the same file imported straight into InfluxDB 1.6.
