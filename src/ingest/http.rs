@@ -739,33 +739,25 @@ async fn write_unclosed(
     }
 }
 
+/// 503 with `Retry-After: retry_after` seconds.
+fn unavailable(api: Api, message: &str, retry_after: &'static str) -> Resp {
+    let mut r = error(api, StatusCode::SERVICE_UNAVAILABLE, "unavailable", message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(retry_after));
+    r
+}
+
 /// 503 for a write that did not get its memory within `budget::WAIT`.
 fn memory_busy(ingest: &Ingest, api: Api, e: &BodyError) -> Resp {
     ingest.stats.refused_memory.fetch_add(1, Ordering::Relaxed);
-    let mut r = error(
-        api,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "unavailable",
-        &e.to_string(),
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-    r
+    unavailable(api, &e.to_string(), "2")
 }
 
 fn queue_error(ingest: &Ingest, api: Api, e: QueueError) -> Resp {
     match &e {
         QueueError::Full { .. } => {
             ingest.stats.refused_full.fetch_add(1, Ordering::Relaxed);
-            let mut r = error(
-                api,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "unavailable",
-                &e.to_string(),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-            r
+            unavailable(api, &e.to_string(), "5")
         }
         QueueError::TooLarge { .. } => {
             ingest

@@ -1107,25 +1107,20 @@ mod tests {
 
     #[test]
     fn refusals_about_the_server_are_retried() {
+        let answer = |code: u16, body: &[u8]| {
+            let text = answer::message_of(body);
+            Answer::Status {
+                code,
+                detail: answer::read_detail(body, &text),
+                message: text,
+                retry_after: None,
+            }
+        };
         let wal_full =
             br#"{"code":"invalid","message":"error from wal: wal buffer full, please try again"}"#;
-        let text = answer::message_of(wal_full);
-        let a = Answer::Status {
-            code: 400,
-            detail: answer::read_detail(wal_full, &text),
-            message: text,
-            retry_after: None,
-        };
-        assert_eq!(classify(&a), Verdict::Retry);
+        assert_eq!(classify(&answer(400, wal_full)), Verdict::Retry);
         let bad = br#"{"code":"invalid","message":"unable to parse 'm v=': missing field value"}"#;
-        let text = answer::message_of(bad);
-        let a = Answer::Status {
-            code: 422,
-            detail: answer::read_detail(bad, &text),
-            message: text,
-            retry_after: None,
-        };
-        assert_eq!(classify(&a), Verdict::Refused);
+        assert_eq!(classify(&answer(422, bad)), Verdict::Refused);
     }
 
     fn delivery(whole: Range<usize>) -> Delivery {
