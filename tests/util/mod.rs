@@ -297,54 +297,113 @@ pub fn spawn_server(
 /// server can take the port meanwhile (as one could take a port merely
 /// picked as "free").
 pub struct ClosedPort {
-    _socket: std::os::fd::OwnedFd,
+    reserved: ReservedPort,
     pub port: u16,
 }
 
 impl ClosedPort {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://127.0.0.1:{}", self.reserved.port)
     }
 
     /// The socket, for options a test sets before it listens.
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         use std::os::fd::AsFd;
-        self._socket.as_fd()
+        self.reserved._socket.as_fd()
     }
 
     /// Starts listening on the port: from now on connections are accepted.
     pub fn listen(self) -> std::net::TcpListener {
         use std::os::fd::AsRawFd;
+        let socket = self.reserved._socket;
         // SAFETY: listen on a descriptor this value owns.
-        let rc = unsafe { libc::listen(self._socket.as_raw_fd(), 128) };
+        let rc = unsafe { libc::listen(socket.as_raw_fd(), 128) };
         assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
-        std::net::TcpListener::from(self._socket)
+        std::net::TcpListener::from(socket)
+    }
+}
+
+/// A TCP socket with SO_REUSEPORT set, bound to `ip`:`port` (0: any).
+fn reuseport_socket(ip: std::net::Ipv4Addr, port: u16) -> std::os::fd::OwnedFd {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: plain socket calls on a descriptor created here and owned by
+    // the returned OwnedFd; the option and address values outlive the calls.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let socket = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEPORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "SO_REUSEPORT: {}", std::io::Error::last_os_error());
+        let mut addr: libc::sockaddr_in = std::mem::zeroed();
+        addr.sin_family = libc::AF_INET as libc::sa_family_t;
+        addr.sin_addr.s_addr = u32::from(ip).to_be();
+        addr.sin_port = port.to_be();
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        let rc = libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len);
+        assert_eq!(rc, 0, "bind {ip}:{port}: {}", std::io::Error::last_os_error());
+        socket
+    }
+}
+
+/// A port held for one server across its restarts: a socket bound to it
+/// (SO_REUSEPORT) that never listens, so no other server can bind the port
+/// and, while the server is down, connections to it are refused. Each
+/// process of the server gets a listening socket of its own on the same
+/// port ([`ReservedPort::listener`]); the kernel sends connections only to
+/// listening sockets.
+pub struct ReservedPort {
+    _socket: std::os::fd::OwnedFd,
+    ip: std::net::Ipv4Addr,
+    pub port: u16,
+}
+
+impl ReservedPort {
+    pub fn new(ip: std::net::Ipv4Addr) -> ReservedPort {
+        use std::os::fd::AsRawFd;
+        let socket = reuseport_socket(ip, 0);
+        // SAFETY: getsockname writes at most `len` bytes into `bound`.
+        let port = unsafe {
+            let mut bound: libc::sockaddr_in = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let rc = libc::getsockname(
+                socket.as_raw_fd(),
+                (&mut bound as *mut libc::sockaddr_in).cast(),
+                &mut len,
+            );
+            assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
+            u16::from_be(bound.sin_port)
+        };
+        ReservedPort {
+            _socket: socket,
+            ip,
+            port,
+        }
+    }
+
+    /// A new listening socket on the reserved port.
+    pub fn listener(&self) -> TcpListener {
+        use std::os::fd::AsRawFd;
+        let socket = reuseport_socket(self.ip, self.port);
+        // SAFETY: listen on a socket owned here.
+        let rc = unsafe { libc::listen(socket.as_raw_fd(), 1024) };
+        assert_eq!(rc, 0, "listen: {}", std::io::Error::last_os_error());
+        TcpListener::from(socket)
     }
 }
 
 /// See [`ClosedPort`].
 pub fn closed_port() -> ClosedPort {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    // SAFETY: plain socket calls on a descriptor created here and owned by
-    // the returned OwnedFd; the address structs outlive the calls.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-        let socket = OwnedFd::from_raw_fd(fd);
-        let mut addr: libc::sockaddr_in = std::mem::zeroed();
-        addr.sin_family = libc::AF_INET as libc::sa_family_t;
-        addr.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        let rc = libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len);
-        assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
-        let mut bound: libc::sockaddr_in = std::mem::zeroed();
-        let mut blen = len;
-        let rc = libc::getsockname(fd, (&mut bound as *mut libc::sockaddr_in).cast(), &mut blen);
-        assert_eq!(rc, 0, "getsockname: {}", std::io::Error::last_os_error());
-        ClosedPort {
-            _socket: socket,
-            port: u16::from_be(bound.sin_port),
-        }
+    let reserved = ReservedPort::new(std::net::Ipv4Addr::LOCALHOST);
+    ClosedPort {
+        port: reserved.port,
+        reserved,
     }
 }
 
@@ -1492,12 +1551,12 @@ pub fn run_cli(args: &[&str]) -> Output {
 pub struct Agent {
     child: Option<Child>,
     pub port: u16,
-    /// The socket the agent serves, bound here (port 0, read back) and
-    /// handed to every process of this agent as systemd would hand it
-    /// (`LISTEN_FDS`): the port is never free between a pick and a bind,
-    /// so nothing else can take it, even across restarts, and whatever
-    /// answers on it is this agent.
-    listener: TcpListener,
+    /// The agent's port, held for the agent's whole life (see
+    /// [`ReservedPort`]): each process of this agent is handed a listening
+    /// socket of its own on it, as systemd would hand it (`LISTEN_FDS`), so
+    /// the port is never free between a pick and a bind, nothing else can
+    /// take it across restarts, and whatever answers on it is this agent.
+    reserved: ReservedPort,
     /// Ports kept refusing for as long as the agent runs (see [`Agent::keep`]).
     closed: Vec<ClosedPort>,
     pub config: AgentConfig,
@@ -1554,11 +1613,11 @@ impl Agent {
         self.spawn_with(&Launch::new());
     }
 
-    /// `edge-replicator run` for this agent, serving the test's socket.
-    fn run_command(&self) -> Command {
+    /// `edge-replicator run` for this agent, to serve `listener`.
+    fn run_command(&self, listener: &TcpListener) -> Command {
         let mut cmd = agent_command();
         cmd.arg("run").arg("--config").arg(self.config_path());
-        socket_activated(cmd, &self.listener)
+        socket_activated(cmd, listener)
     }
 
     /// Process id of the running agent.
@@ -1834,11 +1893,11 @@ impl Agent {
     /// for a test about a socket other hosts could reach); tests still talk
     /// to it over loopback.
     pub fn stopped_at(config: AgentConfig, ip: &str) -> Agent {
-        let listener = TcpListener::bind((ip, 0)).expect("bind the agent's socket");
+        let reserved = ReservedPort::new(ip.parse().expect("an IPv4 address"));
         Agent {
             child: None,
-            port: listener.local_addr().unwrap().port(),
-            listener,
+            port: reserved.port,
+            reserved,
             closed: Vec::new(),
             config,
             dir: tempfile::Builder::new().prefix("agent-").tempdir().unwrap(),
@@ -1867,7 +1926,11 @@ impl Agent {
         assert!(self.child.is_none(), "agent already running");
         mark_log(&self.log_path(), "start");
         let log = log_file(&self.log_path());
-        let mut cmd = self.run_command();
+        // The process's own listening socket: when the process dies it
+        // closes, and connections waiting for it are refused at once, as
+        // they would be by an agent that bound its port itself.
+        let listener = self.reserved.listener();
+        let mut cmd = self.run_command(&listener);
         cmd.env("RUST_BACKTRACE", "1")
             .env_remove("JOURNAL_STREAM")
             .env_remove("EDGE_REPLICATOR_CRASH_AT")
@@ -1903,6 +1966,8 @@ impl Agent {
             }
         }
         self.child = Some(cmd.spawn().expect("spawn edge-replicator run"));
+        // The child holds it now (spawn returns once the child has exec'd).
+        drop(listener);
     }
 
     /// Waits until `/health` answers 200 (`Ok`) or the process exits (`Err`
