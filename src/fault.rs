@@ -4,7 +4,9 @@
 //! moment would. Release builds compile the points away.
 //!
 //! Points: `commit` (a queue transaction is about to commit), `committed`
-//! (it committed, nobody has been answered yet), `settle` (about to commit a
+//! (it committed, nobody has been answered yet), `commit-write` and
+//! `committed-write` (the same, for a transaction that queues lines, not
+//! one of the writer's housekeeping commits), `settle` (about to commit a
 //! group that settles a shipped batch), `dead-letter` (about to commit a
 //! group that moves lines to the dead-letter store), `checkpoint` (about to
 //! commit a source checkpoint).

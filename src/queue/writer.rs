@@ -482,10 +482,17 @@ impl Writer {
         {
             crate::fault::point("checkpoint");
         }
+        let writes = group.iter().any(|c| matches!(c, Command::Append(_)));
         crate::fault::point("commit");
+        if writes {
+            crate::fault::point("commit-write");
+        }
         wtxn.commit()?;
         shared.commits.fetch_add(1, Ordering::Relaxed);
         crate::fault::point("committed");
+        if writes {
+            crate::fault::point("committed-write");
+        }
         Ok(())
     }
 

@@ -347,7 +347,12 @@ fn reuseport_socket(ip: std::net::Ipv4Addr, port: u16) -> std::os::fd::OwnedFd {
         addr.sin_port = port.to_be();
         let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
         let rc = libc::bind(fd, (&addr as *const libc::sockaddr_in).cast(), len);
-        assert_eq!(rc, 0, "bind {ip}:{port}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            rc,
+            0,
+            "bind {ip}:{port}: {}",
+            std::io::Error::last_os_error()
+        );
         socket
     }
 }
