@@ -231,15 +231,6 @@ fn v1_missing_database_pauses_then_resumes_on_reload() {
     assert_eq!(field(&rep, "deliveredLines"), 500, "{rep:#}");
 }
 
-/// Points of `measurement` in `db`.`rp` (0 when there are none).
-fn count_in(influx: &Influx16, db: &str, rp: &str, measurement: &str) -> u64 {
-    let q = format!("SELECT count(value) FROM \"{db}\".\"{rp}\".\"{measurement}\"");
-    let json = influx.query(Some(db), &q);
-    json["results"][0]["series"][0]["values"][0][1]
-        .as_u64()
-        .unwrap_or(0)
-}
-
 /// A replication of every bucket (`*`) keeps the retention policy of each
 /// v1 write: at a v1 remote, points written with `rp=short` land in
 /// `misc.short`, points written without one in the database's default, and
@@ -268,16 +259,16 @@ fn retention_policies_travel_through_a_star_replication() {
         assert_eq!(status, 204, "{m}: {text}");
     }
     wait_eq(DEADLINE, "rp_short in misc.short", 300, || {
-        count_in(&influx, "misc", "short", "rp_short")
+        influx.count_in("misc", "short", "rp_short", "value")
     });
     wait_eq(DEADLINE, "rp_default in misc.autogen", 200, || {
-        count_in(&influx, "misc", "autogen", "rp_default")
+        influx.count_in("misc", "autogen", "rp_default", "value")
     });
     wait_eq(DEADLINE, "rp_autogen in misc.autogen", 100, || {
-        count_in(&influx, "misc", "autogen", "rp_autogen")
+        influx.count_in("misc", "autogen", "rp_autogen", "value")
     });
-    assert_eq!(count_in(&influx, "misc", "autogen", "rp_short"), 0);
-    assert_eq!(count_in(&influx, "misc", "short", "rp_default"), 0);
+    assert_eq!(influx.count_in("misc", "autogen", "rp_short", "value"), 0);
+    assert_eq!(influx.count_in("misc", "short", "rp_default", "value"), 0);
     let rep = wait_drained(&agent);
     assert_eq!(field(&rep, "deliveredLines"), 600, "{rep:#}");
 }

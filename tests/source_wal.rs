@@ -556,3 +556,46 @@ fn influx16_wal_string_holding_newlines_is_rebuilt_whole() {
     assert_eq!(status["errors"], 0, "{status:#}");
     assert_eq!(field(&agent.replication("to_copy"), "acceptedLines"), 2);
 }
+
+/// Points of a retention policy other than `autogen` keep it: followed from
+/// a local InfluxDB 1.6's WAL and replicated by a replication of every
+/// bucket (`*`) to another InfluxDB 1.6, points written into `edge.short`
+/// land in `edge.short` there, and points of `edge.autogen` in `edge`'s
+/// default.
+#[test]
+fn influx16_wal_keeps_each_points_retention_policy() {
+    let Some(local) = Influx16::start() else {
+        return;
+    };
+    let Some(copy) = Influx16::start() else {
+        return;
+    };
+    for influx in [&local, &copy] {
+        influx.create_db("edge");
+        influx.query(
+            None,
+            "CREATE RETENTION POLICY \"short\" ON \"edge\" DURATION 30d REPLICATION 1",
+        );
+    }
+    let config = AgentConfig::single(RemoteConfig::v1("copy", &copy.url()), "*", None);
+    let launch = Launch::new().append(&wal_config(&local, "edge", "100ms"));
+    let agent = Agent::start_with(config, &launch);
+    let base = ts_ago(Duration::from_secs(3600));
+    let short = lines("in_short", 3, 300, base);
+    let default = lines("in_default", 3, 200, base);
+    assert_eq!(local.write_rp("edge", "short", &short).status, 204);
+    assert_eq!(local.write("edge", &default).status, 204);
+    wait_eq(DEADLINE, "in_short in edge.short at the copy", 300, || {
+        copy.count_in("edge", "short", "in_short", "value")
+    });
+    wait_eq(
+        DEADLINE,
+        "in_default in edge.autogen at the copy",
+        200,
+        || copy.count_in("edge", "autogen", "in_default", "value"),
+    );
+    assert_eq!(copy.count_in("edge", "autogen", "in_short", "value"), 0);
+    assert_eq!(copy.count_in("edge", "short", "in_default", "value"), 0);
+    let rep = agent.replication("r1");
+    assert_conserved(&rep);
+}

@@ -92,6 +92,19 @@ pub trait Sink {
     /// Commits `payload` (`lines` normalised lines, possibly none) together
     /// with the source's new checkpoint, or nothing. Waits out backpressure.
     fn write(&mut self, payload: &[u8], lines: u64, checkpoint: &[u8]) -> Result<(), SinkError>;
+    /// As [`Sink::write`], for lines of InfluxDB retention policy `rp` (a
+    /// WAL shard's): the queue keeps a policy other than `autogen` with
+    /// them, as it keeps a v1 write's `rp`.
+    fn write_rp(
+        &mut self,
+        rp: &str,
+        payload: &[u8],
+        lines: u64,
+        checkpoint: &[u8],
+    ) -> Result<(), SinkError> {
+        let _ = rp;
+        self.write(payload, lines, checkpoint)
+    }
     /// The checkpoint committed last, when the source starts.
     fn checkpoint(&self) -> Option<Vec<u8>>;
     /// Most payload bytes one write should carry.
@@ -112,8 +125,27 @@ pub struct QueueSink {
 const RETRY_MIN: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
+/// The retention policy InfluxDB creates with a database (1.x) and the only
+/// one 2.x has: its lines are queued as the bucket itself.
+const DEFAULT_RP: &str = "autogen";
+
 impl Sink for QueueSink {
     fn write(&mut self, payload: &[u8], lines: u64, checkpoint: &[u8]) -> Result<(), SinkError> {
+        self.write_rp(DEFAULT_RP, payload, lines, checkpoint)
+    }
+
+    fn write_rp(
+        &mut self,
+        rp: &str,
+        payload: &[u8],
+        lines: u64,
+        checkpoint: &[u8],
+    ) -> Result<(), SinkError> {
+        let dest = if rp == DEFAULT_RP {
+            crate::ingest::Destination::bucket(&self.bucket)
+        } else {
+            crate::ingest::Destination::v1(&self.bucket, rp)
+        };
         let mut delay = RETRY_MIN;
         let mut logged = false;
         loop {
@@ -121,9 +153,7 @@ impl Sink for QueueSink {
                 return Err(SinkError::Stopped);
             }
             let targets = if lines > 0 {
-                self.ingest
-                    .routing()
-                    .targets(&crate::ingest::Destination::bucket(&self.bucket))
+                self.ingest.routing().targets(&dest)
             } else {
                 Vec::new()
             };
@@ -132,7 +162,7 @@ impl Sink for QueueSink {
             } else {
                 let w = Write {
                     targets,
-                    bucket: self.bucket.clone(),
+                    bucket: dest.bucket.clone(),
                     payload: payload.to_vec(),
                     lines,
                     checkpoint: Some(Checkpoint {

@@ -385,7 +385,9 @@ impl WalFollower {
             if piece.next != pos {
                 let (payload, lines) = self.validate(name, &piece);
                 let state = self.state(Some((name, piece.next)));
-                match sink.write(&payload, lines, &state) {
+                // Shards are named "<retention policy>/<id>".
+                let rp = name.split_once('/').map_or("autogen", |(rp, _)| rp);
+                match sink.write_rp(rp, &payload, lines, &state) {
                     Ok(()) => {}
                     Err(SinkError::TooLarge) if budget > 1 => {
                         budget /= 2;

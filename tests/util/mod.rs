@@ -1274,6 +1274,26 @@ bind-address = "127.0.0.1:{rpc_port}"
         total
     }
 
+    /// Points with `field` of `measurement` in `db`.`rp` (0 when none).
+    pub fn count_in(&self, db: &str, rp: &str, measurement: &str, field: &str) -> u64 {
+        let q = format!("SELECT count(\"{field}\") FROM \"{db}\".\"{rp}\".\"{measurement}\"");
+        let json = self.query(Some(db), &q);
+        json["results"][0]["series"][0]["values"][0][1]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
+    /// Writes directly into retention policy `rp` of `db`.
+    pub fn write_rp(&self, db: &str, rp: &str, body: &str) -> Reply {
+        post_write(
+            &self.http,
+            &format!("{}/write", self.url()),
+            &[("db", db), ("rp", rp)],
+            body.as_bytes(),
+            &Opts::new().precision("ns"),
+        )
+    }
+
     /// Writes directly (not through the agent), e.g. to set a field's type.
     pub fn write(&self, db: &str, body: &str) -> Reply {
         post_write(
