@@ -58,16 +58,6 @@ fn status(agent: &Agent, name: &str) -> Value {
     rep
 }
 
-/// Waits until `name` has nothing left to send; returns its status.
-fn wait_drained(agent: &Agent, name: &str, timeout: Duration) -> Value {
-    let mut rep = Value::Null;
-    wait_until(timeout, &format!("{name} remainingLines == 0"), || {
-        rep = status(agent, name);
-        field(&rep, "remainingLines") == 0
-    });
-    rep
-}
-
 /// Waits until `name` reports `state` (and returns that status).
 fn wait_state(agent: &Agent, name: &str, state: &str, timeout: Duration) -> Value {
     let mut rep = Value::Null;
@@ -257,7 +247,7 @@ fn poison_line_among_thousands_is_dead_lettered_alone() {
     let (code, text) = agent.write_v2("b", join(&all), &Opts::new());
     assert_eq!(code, 204, "{text}");
 
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     let good: HashSet<String> = all.iter().filter(|l| **l != bad).cloned().collect();
     assert_accepted_exactly(&server, &good);
     assert!(!server.has_accepted(&bad));
@@ -277,7 +267,7 @@ fn poison_line_among_thousands_is_dead_lettered_alone() {
     wait_until(DEADLINE, "the 50 later lines at the remote", || {
         more.iter().all(|l| server.has_accepted(l))
     });
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 5_050, "{rep:#}");
 }
 
@@ -296,7 +286,7 @@ fn poison_line_is_dropped_and_counted_when_configured() {
     all.insert(1_234, bad.clone());
     assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
 
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     let good: HashSet<String> = all.iter().filter(|l| **l != bad).cloned().collect();
     assert_accepted_exactly(&server, &good);
     assert_eq!(field(&rep, "deliveredLines"), 5_000, "{rep:#}");
@@ -326,7 +316,7 @@ fn unprocessable_lines_are_isolated_across_batches() {
         all.insert(i * 170 + 3, b.clone());
     }
     assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     let good: HashSet<String> = all.iter().filter(|l| !bad.contains(l)).cloned().collect();
     assert_accepted_exactly(&server, &good);
     assert_eq!(field(&rep, "deliveredLines"), 1_000, "{rep:#}");
@@ -364,7 +354,7 @@ fn is_bad(line: &str) -> bool {
 fn write_and_drain(agent: &Agent, all: &[String]) -> Value {
     let (code, text) = agent.write_v2("b", join(all), &Opts::new());
     assert_eq!(code, 204, "{text}");
-    wait_drained(agent, "r1", DEADLINE)
+    agent.wait_drained("r1")
 }
 
 /// Requests made since `from`, as (lines, refused lines) each.
@@ -403,7 +393,7 @@ fn wal_buffer_full_400_is_waited_out_not_set_aside() {
     );
     wait_requests(&server, 3, DEADLINE);
     full.store(false, Ordering::SeqCst);
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_accepted_exactly(&server, &all.iter().cloned().collect());
     assert_eq!(field(&rep, "deliveredLines"), 2_000, "{rep:#}");
     assert_eq!(field(&rep, "droppedNonRetryableLines"), 0, "{rep:#}");
@@ -669,7 +659,7 @@ fn too_large_answers_split_batches_down_to_one_line() {
     all.insert(1_500, giant.clone());
     assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
 
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     let good: HashSet<String> = all.iter().filter(|l| **l != giant).cloned().collect();
     assert_accepted_exactly(&server, &good);
     assert_eq!(field(&rep, "deliveredLines"), 3_000, "{rep:#}");
@@ -760,7 +750,7 @@ fn unauthorized_pauses_and_reload_with_right_token_resumes_at_once() {
     );
     eprintln!("delivered {:?} after SIGHUP", reloaded.elapsed());
     assert_accepted_exactly(&server, &expected);
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 1_500, "{rep:#}");
     assert_eq!(str_field(&rep, "state"), "running", "{rep:#}");
     assert!(agent.is_running(), "SIGHUP must not stop the agent");
@@ -826,7 +816,7 @@ fn forbidden_and_missing_bucket_pause_then_retry_at_max_backoff() {
     fixed.store(true, Ordering::SeqCst);
     let expected: HashSet<String> = all.into_iter().collect();
     for (name, server) in [("p403", &forbidden), ("p404", &missing)] {
-        let rep = wait_drained(&agent, name, DEADLINE);
+        let rep = agent.wait_drained(name);
         assert_eq!(field(&rep, "deliveredLines"), 400, "{rep:#}");
         assert_accepted_exactly(server, &expected);
     }
@@ -858,7 +848,7 @@ fn reload_with_a_new_url_takes_effect_at_once() {
         300,
         || server.accepted_len(),
     );
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 300, "{rep:#}");
 }
 
@@ -888,7 +878,7 @@ fn reload_adds_and_removes_replications_keeping_their_queue() {
     });
     let first = batch(0, 100);
     assert_eq!(agent.write_v2("b", join(&first), &Opts::new()).0, 204);
-    wait_drained(&agent, "r2", DEADLINE);
+    agent.wait_drained("r2");
     assert_eq!(two.accepted_len(), 100);
 
     // r2's remote goes down; its lines wait in its queue.
@@ -936,7 +926,7 @@ fn reload_adds_and_removes_replications_keeping_their_queue() {
     let expected: HashSet<String> = first.iter().chain(&held).cloned().collect();
     assert_accepted_exactly(&two, &expected);
     assert_eq!(field(&rep, "deliveredLines"), 150, "{rep:#}");
-    let r1 = wait_drained(&agent, "r1", DEADLINE);
+    let r1 = agent.wait_drained("r1");
     assert_eq!(field(&r1, "deliveredLines"), 170, "{r1:#}");
     assert!(agent.is_running());
 }
@@ -998,7 +988,7 @@ fn retry_after_seconds_is_honoured() {
         gap >= Duration::from_millis(2_850),
         "retried {gap:?} after Retry-After: 3"
     );
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 30, "{rep:#}");
 }
 
@@ -1030,7 +1020,7 @@ fn retry_after_http_date_is_honoured() {
         gap + Duration::from_millis(300) >= asked,
         "retried {gap:?} after an answer asking for {asked:?}"
     );
-    wait_drained(&agent, "r1", DEADLINE);
+    agent.wait_drained("r1");
 }
 
 /// (e) A huge Retry-After, in seconds or as a date a day ahead, is capped at
@@ -1063,7 +1053,7 @@ fn huge_retry_after_is_capped_at_max_backoff() {
             "retry {seq} came {gap:?} after a capped Retry-After (max_backoff 1 s)"
         );
     }
-    wait_drained(&agent, "r1", DEADLINE);
+    agent.wait_drained("r1");
 }
 
 /// A `Retry-After` of 0, or an HTTP date already past (a gateway whose clock
@@ -1105,7 +1095,7 @@ fn zero_or_past_retry_after_does_not_hammer_the_remote() {
     zero.set_rule(|_| Action::ok());
     stale.set_rule(|_| Action::ok());
     for name in ["r-zero", "r-stale"] {
-        let rep = wait_drained(&agent, name, DEADLINE);
+        let rep = agent.wait_drained(name);
         assert_eq!(field(&rep, "deliveredLines"), 30, "{rep:#}");
     }
 }
@@ -1183,7 +1173,7 @@ fn redirects_are_never_counted_as_deliveries() {
     }
     let expected: HashSet<String> = all.into_iter().collect();
     for (c, s) in codes.iter().zip(&servers) {
-        wait_drained(&agent, &format!("r{c}"), DEADLINE);
+        agent.wait_drained(&format!("r{c}"));
         assert_accepted_exactly(s, &expected);
     }
 }
@@ -1238,7 +1228,7 @@ fn server_errors_back_off_then_deliver() {
             "retry after request #{seq} came after {gap:?}, below min_backoff 200 ms"
         );
     }
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 100, "{rep:#}");
     assert_eq!(str_field(&rep, "state"), "running", "{rep:#}");
     let code = rep["latestResponseCode"].as_u64().unwrap_or(0);
@@ -1278,7 +1268,7 @@ fn transport_faults_are_retried_and_lose_nothing() {
         stalled < Duration::from_secs(30),
         "the request after a 60 s stall came {stalled:?} later: is `timeout` (1 s) applied?"
     );
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 60, "{rep:#}");
     let expected: HashSet<String> = all.into_iter().collect();
     assert_accepted_exactly(&server, &expected);
@@ -1329,7 +1319,7 @@ fn tls_errors_back_off_and_keep_the_data() {
     agent.config.remotes[0].url = server.url();
     agent.write_config();
     agent.sighup();
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 100, "{rep:#}");
     assert_accepted_exactly(&server, &all.into_iter().collect());
     stop.store(true, Ordering::SeqCst);
@@ -1354,7 +1344,7 @@ fn batches_reuse_the_connection_and_speak_influx_v2() {
     }));
     let all = split(&lines("ka", 5, 300, ts_ago(Duration::from_secs(600))));
     assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
-    wait_drained(&agent, "r1", DEADLINE);
+    agent.wait_drained("r1");
     let expected: HashSet<String> = all.into_iter().collect();
     assert_accepted_exactly(&server, &expected);
     let reqs = server.requests();
@@ -1477,7 +1467,7 @@ fn a_dead_or_paused_remote_never_delays_a_healthy_one() {
         written.len(),
         || healthy.accepted_len(),
     );
-    let rep = wait_drained(&agent, "r-healthy", DEADLINE);
+    let rep = agent.wait_drained("r-healthy");
     assert_eq!(field(&rep, "deliveredLines"), 2_500, "{rep:#}");
     assert_eq!(field(&status(&agent, "r-dead"), "remainingLines"), 2_500);
 }
@@ -1531,7 +1521,7 @@ fn dead_letter_list_replay_purge() {
     all.insert(50, pa.clone());
     all.insert(150, pb.clone());
     assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deadLetteredLines"), 2, "{rep:#}");
     assert_eq!(field(&rep, "deliveredLines"), 200, "{rep:#}");
 
@@ -1661,7 +1651,7 @@ fn splitting_and_bisection_never_cut_inside_a_string() {
     let (code, text) = agent.write_v2("b", &body, &Opts::new());
     assert_eq!(code, 204, "{text}");
 
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), 41, "{rep:#}");
     assert_eq!(field(&rep, "deliveredLines"), 40, "{rep:#}");
     assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
@@ -1731,7 +1721,7 @@ fn splitting_and_bisection_never_cut_inside_a_string() {
     wait_until(DEADLINE, "the replayed point at the remote", || {
         bad.lines().all(|l| server.has_accepted(l))
     });
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 41, "{rep:#}");
     assert_eq!(dead_letters(&agent).0, 0);
 }
@@ -1873,7 +1863,7 @@ fn randomized_fault_schedule_conserves_and_delivers() {
             h.join().expect("writer panicked");
         }
         for name in ["r1", "r2"] {
-            wait_drained(&agent, name, Duration::from_secs(180));
+            agent.wait_drained_within(name, Duration::from_secs(180));
         }
         done.store(true, Ordering::SeqCst);
     });
@@ -1982,7 +1972,7 @@ fn victoria_metrics_restarted_mid_stream_loses_nothing() {
     assert_eq!(outages, 5);
     let expected = expected.into_inner().unwrap();
     let total = expected.len() as u64;
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), total, "{rep:#}");
     assert_eq!(field(&rep, "deliveredLines"), total, "{rep:#}");
     wait_eq(
@@ -2049,7 +2039,7 @@ fn sigterm_during_a_black_hole_exits_at_once_and_keeps_the_batch() {
 
     server.set_rule(|_| Action::ok());
     agent.restart();
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 90, "{rep:#}");
     assert_eq!(field(&rep, "acceptedLines"), 90, "{rep:#}");
     let expected: HashSet<String> = all.into_iter().collect();
@@ -2096,7 +2086,7 @@ fn a_stalled_link_shows_in_status_and_the_batch_goes_when_it_recovers() {
     );
 
     server.set_rule(|_| Action::ok());
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 120, "{rep:#}");
     assert_eq!(str_field(&rep, "link"), "up", "{rep:#}");
     assert!(
@@ -2126,7 +2116,7 @@ fn batches_shrink_until_the_link_carries_them() {
     let all = split(&lines("fit", 50, 3_000, ts_ago(Duration::from_secs(600))));
     assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
 
-    let rep = wait_drained(&agent, "r1", Duration::from_secs(180));
+    let rep = agent.wait_drained_within("r1", Duration::from_secs(180));
     assert_eq!(field(&rep, "deliveredLines"), 3_000, "{rep:#}");
     let expected: HashSet<String> = all.into_iter().collect();
     assert_accepted_exactly(&server, &expected);
@@ -2182,7 +2172,7 @@ fn probes_find_the_remote_back_before_the_backoff_ends() {
     let server = FaultServer::on(closed.listen(), |_| Action::ok());
     let opened = Instant::now();
     // Well within the 120 s the backoff would otherwise last.
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     eprintln!(
         "delivered {:?} after the remote came back (probe_interval 1 s, backoff 120 s)",
         opened.elapsed()
@@ -2211,7 +2201,7 @@ fn a_remote_that_asked_to_wait_is_not_probed() {
     let agent = Agent::start(single(r, |_| {}));
     let all = split(&lines("ra", 3, 30, ts_ago(Duration::from_secs(600))));
     assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
-    let rep = wait_drained(&agent, "r1", DEADLINE);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "probes"), 0, "{rep:#}");
     let waited = gap_after(&server, 0);
     assert!(
@@ -2339,7 +2329,7 @@ fn a_body_that_stops_moving_is_abandoned_and_delivered_later() {
     agent.write_config();
     agent.sighup();
     // 150,000 lines go through a debug build and the fault remote's gunzip.
-    let rep = wait_drained(&agent, "r1", Duration::from_secs(300));
+    let rep = agent.wait_drained_within("r1", Duration::from_secs(300));
     assert_eq!(field(&rep, "deliveredLines"), 150_000, "{rep:#}");
     assert_eq!(str_field(&rep, "link"), "up", "{rep:#}");
     let expected: HashSet<String> = all.into_iter().collect();

@@ -27,18 +27,6 @@ fn setup(remote_bucket: &str) -> Option<(Influx16, Agent)> {
     Some((influx, agent))
 }
 
-fn wait_drained(agent: &Agent) -> Value {
-    wait_eq(DEADLINE, "r1 remainingLines", 0, || {
-        field(&agent.replication("r1"), "remainingLines")
-    });
-    wait_eq(DEADLINE, "r1 currentQueueSizeBytes", 0, || {
-        field(&agent.replication("r1"), "currentQueueSizeBytes")
-    });
-    let rep = agent.replication("r1");
-    assert_conserved(&rep);
-    rep
-}
-
 /// 10,000 lines from 4 concurrent writers (v2 and v1 local endpoints, every
 /// body shape) arrive in `edge/autogen`.
 #[test]
@@ -68,7 +56,7 @@ fn v1_remote_receives_everything() {
     wait_eq(DEADLINE, "count(value) of iw in edge", 10_000, || {
         influx.count("edge", "iw", "value")
     });
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), 10_000, "{rep:#}");
     assert_eq!(field(&rep, "deliveredLines"), 10_000, "{rep:#}");
     // Every field type made it, not only floats.
@@ -121,7 +109,7 @@ fn v1_remote_down_queues_then_delivers() {
         4_000,
         || influx.count("edge", "id", "value"),
     );
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 4_000, "{rep:#}");
 }
 
@@ -152,7 +140,7 @@ fn v1_agent_sigkill_with_backlog_loses_nothing() {
     wait_eq(DEADLINE, "count(value) of ik", 4_800, || {
         influx.count("edge", "ik", "value")
     });
-    wait_drained(&agent);
+    agent.wait_drained("r1");
 }
 
 /// A 400 partial write (field type conflict) on 5 of 100 lines: only those
@@ -182,7 +170,7 @@ fn v1_type_conflict_sets_aside_only_the_refused_lines() {
         "the agent itself has nothing against these lines: {text}"
     );
 
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 95, "{rep:#}");
     assert_eq!(field(&rep, "deadLetteredLines"), 5, "{rep:#}");
     assert_eq!(influx.count("edge", "tc", "value"), 96);
@@ -227,7 +215,7 @@ fn v1_missing_database_pauses_then_resumes_on_reload() {
         500,
         || influx.count("later", "mp", "value"),
     );
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 500, "{rep:#}");
 }
 
@@ -269,7 +257,7 @@ fn retention_policies_travel_through_a_star_replication() {
     });
     assert_eq!(influx.count_in("misc", "autogen", "rp_short", "value"), 0);
     assert_eq!(influx.count_in("misc", "short", "rp_default", "value"), 0);
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 600, "{rep:#}");
 }
 
@@ -411,7 +399,7 @@ fn v1_a_string_holding_newlines_arrives_as_one_point() {
     );
     assert!(answer.starts_with("HTTP/1.1 204"), "{answer}");
 
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), 6, "{rep:#}");
     assert_eq!(field(&rep, "deliveredLines"), 6, "{rep:#}");
     let (names, rows) = applog_rows(&influx, "edge");
@@ -534,7 +522,7 @@ fn v1_random_strings_survive_random_cuts() {
     wait_eq(DEADLINE, "points of rh and rt", 120, || {
         influx.count("edge", "rh", "n") + influx.count("edge", "rt", "n")
     });
-    wait_drained(&agent);
+    agent.wait_drained("r1");
     assert_eq!(strings_at(&influx, "rh"), want_http);
     assert_eq!(strings_at(&influx, "rt"), want_tail);
     let names = influx.query(Some("edge"), "SHOW MEASUREMENTS");
@@ -577,7 +565,7 @@ fn unsigned_integers_toward_a_v1_remote() {
     wait_eq(DEADLINE, "the two good points at the remote", 2, || {
         influx.count("edge", "u_ok", "value")
     });
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), 2, "{rep:#}");
     drop(agent);
 
@@ -595,7 +583,7 @@ fn unsigned_integers_toward_a_v1_remote() {
     let agent = Agent::start(config);
     let (status, text) = agent.write_v2("mixed", &body, &Opts::new());
     assert_eq!(status, 204, "{text}");
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 2, "{rep:#}");
     assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
     wait_eq(DEADLINE, "three points at the v2 remote", 3, || {

@@ -29,19 +29,6 @@ fn keys_of(body: &str) -> HashSet<Key> {
     line_keys(body).into_iter().collect()
 }
 
-/// Waits until r1 has nothing left to send and returns its status.
-fn wait_drained(agent: &Agent) -> Value {
-    wait_eq(DEADLINE, "r1 remainingLines", 0, || {
-        field(&agent.replication("r1"), "remainingLines")
-    });
-    wait_eq(DEADLINE, "r1 currentQueueSizeBytes", 0, || {
-        field(&agent.replication("r1"), "currentQueueSizeBytes")
-    });
-    let rep = agent.replication("r1");
-    assert_conserved(&rep);
-    rep
-}
-
 /// Waits until r1 is in backoff with an error recorded (remote down).
 fn wait_backoff(agent: &Agent) -> Value {
     let mut last = Value::Null;
@@ -113,7 +100,7 @@ fn concurrent_writers_all_arrive() {
         "the points that arrived are not the ones written"
     );
 
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), total, "{rep:#}");
     assert_eq!(field(&rep, "deliveredLines"), total, "{rep:#}");
     assert_eq!(rep["localBucket"], "sensors");
@@ -166,7 +153,7 @@ fn remote_down_queues_then_delivers() {
         || vm.count("rd_value"),
     );
     assert!(vm.keys("rd_value") == all);
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 5_000, "{rep:#}");
     wait_until(DEADLINE, "r1 state \"running\"", || {
         str_field(&agent.replication("r1"), "state") == "running"
@@ -241,7 +228,7 @@ fn sigkill_with_backlog_loses_no_acknowledged_line() {
     assert_eq!(field(&rep, "deliveredLines"), 0, "{rep:#}");
 
     vm.restart();
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     let delivered = field(&rep, "deliveredLines");
     wait_eq(
         DEADLINE,
@@ -306,7 +293,7 @@ fn sigterm_exits_zero_and_restart_resumes_counters() {
     wait_eq(DEADLINE, "samples of st_value", 3_000, || {
         vm.count("st_value")
     });
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 3_000, "{rep:#}");
     assert_eq!(field(&rep, "acceptedLines"), 3_000, "{rep:#}");
 }
@@ -355,7 +342,7 @@ fn bad_lines_are_named_and_good_lines_kept() {
         || vm.count("bl_value"),
     );
     assert!(vm.keys("bl_value") == keys_of(&good));
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), 8, "{rep:#}");
 }
 
@@ -434,7 +421,7 @@ fn gzip_bomb_is_413_and_agent_stays_healthy() {
     wait_eq(DEADLINE, "samples of gb_value", lines_sent, || {
         vm.count("gb_value")
     });
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), lines_sent, "{rep:#}");
 }
 
@@ -524,7 +511,7 @@ fn tokens_are_checked() {
     );
 
     wait_eq(DEADLINE, "samples of au_value", 4, || vm.count("au_value"));
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), 4, "{rep:#}");
 }
 
@@ -636,7 +623,7 @@ fn wildcard_replication_takes_every_bucket() {
     );
     assert_eq!(status, 204, "v1 x/y: {text}");
     wait_eq(DEADLINE, "samples of wc_value", 36, || vm.count("wc_value"));
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "acceptedLines"), 36, "{rep:#}");
 }
 
@@ -723,7 +710,7 @@ fn when_full_reject_answers_503_with_retry_after() {
         vm.count("wr_value")
     });
     assert!(vm.keys("wr_value") == acked);
-    wait_drained(&agent);
+    agent.wait_drained("r1");
 }
 
 fn httpdate_like(s: &str) -> bool {
@@ -765,7 +752,7 @@ fn when_full_drop_oldest_counts_and_keeps_the_newest() {
     );
 
     vm.restart();
-    let rep = wait_drained(&agent);
+    let rep = agent.wait_drained("r1");
     let delivered = field(&rep, "deliveredLines");
     assert_eq!(
         delivered + field(&rep, "droppedFullLines"),
@@ -824,7 +811,7 @@ fn status_conserves_lines_while_flowing() {
                 204
             );
         }
-        wait_drained(&agent);
+        agent.wait_drained("r1");
         done.store(true, Ordering::Relaxed);
     });
     assert!(readings.into_inner() > 0);

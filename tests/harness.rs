@@ -104,7 +104,13 @@ fn a_server_on_a_taken_port_is_not_mistaken_for_ours() {
     let http = http();
     let url = format!("{}/health", first.url());
     let ready = || http.get(&url).call().is_ok_and(|r| r.status() == 200);
-    match spawn_server("second victoria-metrics", cmd, first.port, &log_path, ready) {
+    match spawn_server(
+        "second victoria-metrics",
+        &mut cmd,
+        first.port,
+        &log_path,
+        ready,
+    ) {
         Spawned::PortTaken => {}
         Spawned::Ready(mut child) => {
             let _ = child.kill();
