@@ -66,6 +66,7 @@ bench: ## edge-replicator vs vmagent and the hardware limits (BENCH_QUICK=1: smo
 	./scripts/install-bench-deps.sh
 	$(CARGO) build --release
 	$(CARGO) bench --bench bench
+	$(CARGO) bench --bench lineproto
 
 # Reliability runs: bounded, but too long for `make test` (which runs the
 # crash loop with 50 kills and the property tests on every change).
