@@ -43,7 +43,8 @@ use std::time::{Duration, Instant, SystemTime};
 use log::{error, info, warn};
 
 use crate::config::{Config, InfluxdbWal, Tail};
-use crate::ingest::Ingest;
+use crate::ingest::{now_ns, Ingest};
+use crate::lineproto::{self, LineError, Precision, Summary};
 use crate::queue::{Checkpoint, Queue, QueueError, Write};
 use crate::status::SourceStatus;
 
@@ -84,6 +85,82 @@ pub enum SinkError {
     /// The payload is larger than a target's `max_queue_size`; nothing was
     /// committed. The source sends fewer lines at once.
     TooLarge,
+}
+
+/// Validates and normalises `body` (whole points) as an HTTP write is
+/// validated, and counts its invalid lines in `status`; `log` is handed each
+/// reported invalid line, since what names a line (a file and line, a WAL
+/// shard and segment) and whether its text may be logged is the source's.
+fn validate(
+    status: &SourceStatus,
+    body: &[u8],
+    precision: Precision,
+    log: impl Fn(&LineError),
+) -> (Vec<u8>, Summary) {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
+    let summary = lineproto::normalize(body, precision, now_ns(), &mut out);
+    status
+        .invalid_lines
+        .fetch_add(summary.error_count, Ordering::Relaxed);
+    summary.errors.iter().for_each(log);
+    (out, summary)
+}
+
+/// A source's reader: each poll reads what is new, commits it with the
+/// position after it, and returns; `Err` when the source is stopping.
+trait Follow {
+    fn poll(&mut self, sink: &mut dyn Sink) -> Result<(), SinkError>;
+}
+
+impl Follow for tail::Tailer {
+    fn poll(&mut self, sink: &mut dyn Sink) -> Result<(), SinkError> {
+        tail::Tailer::poll(self, sink)
+    }
+}
+
+impl Follow for wal::WalFollower {
+    fn poll(&mut self, sink: &mut dyn Sink) -> Result<(), SinkError> {
+        wal::WalFollower::poll(self, sink)
+    }
+}
+
+/// What became of a source's write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// The lines and the position after them are committed.
+    Queued,
+    /// Refused as too large: read fewer lines and write again.
+    Shrink,
+    /// Refused as too large although it could not be read smaller: the lines
+    /// can never be queued. They are counted invalid and the position moves
+    /// past them with nothing queued; the source logs what it skipped.
+    Skipped,
+}
+
+/// Writes `payload` (`lines` lines of retention policy `rp`) with the
+/// position after it; a refusal as too large becomes [`Written::Shrink`]
+/// while the source `can_shrink` what it reads at once, else
+/// [`Written::Skipped`]. Either way nothing is ever queued twice or lost
+/// without a count.
+fn write_whole(
+    sink: &mut dyn Sink,
+    status: &SourceStatus,
+    rp: &str,
+    payload: &[u8],
+    lines: u64,
+    checkpoint: &[u8],
+    can_shrink: bool,
+) -> Result<Written, SinkError> {
+    match sink.write_rp(rp, payload, lines, checkpoint) {
+        Ok(()) => Ok(Written::Queued),
+        Err(SinkError::TooLarge) if can_shrink => Ok(Written::Shrink),
+        Err(SinkError::TooLarge) => {
+            status.invalid_lines.fetch_add(lines, Ordering::Relaxed);
+            sink.write(&[], 0, checkpoint)?;
+            Ok(Written::Skipped)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Where a source commits its lines and position: the queue in the agent, a
@@ -353,26 +430,23 @@ fn start(config: SourceConfig, queue: Arc<Queue>, ingest: Arc<Ingest>) -> std::i
 
 fn run(config: SourceConfig, mut sink: QueueSink, status: Arc<SourceStatus>, stop: Arc<Stopper>) {
     let saved = sink.checkpoint();
-    match config {
-        SourceConfig::Tail(t) => {
-            info!(
-                "{}: following into bucket \"{}\" (poll every {:?})",
-                status.name, t.bucket, t.poll_interval
-            );
-            let poll = t.poll_interval;
-            let mut tail = tail::Tailer::new(t, status.clone(), saved);
-            while tail.poll(&mut sink).is_ok() && !stop.sleep(poll) {}
-        }
-        SourceConfig::Wal(w) => {
-            info!(
-                "{}: following into bucket \"{}\" (poll every {:?})",
-                status.name, w.bucket, w.poll_interval
-            );
-            let poll = w.poll_interval;
-            let mut wal = wal::WalFollower::new(w, status.clone(), saved);
-            while wal.poll(&mut sink).is_ok() && !stop.sleep(poll) {}
-        }
-    }
+    let (bucket, poll, mut follower): (_, _, Box<dyn Follow>) = match config {
+        SourceConfig::Tail(t) => (
+            t.bucket.clone(),
+            t.poll_interval,
+            Box::new(tail::Tailer::new(t, status.clone(), saved)),
+        ),
+        SourceConfig::Wal(w) => (
+            w.bucket.clone(),
+            w.poll_interval,
+            Box::new(wal::WalFollower::new(w, status.clone(), saved)),
+        ),
+    };
+    info!(
+        "{}: following into bucket \"{bucket}\" (poll every {poll:?})",
+        status.name
+    );
+    while follower.poll(&mut sink).is_ok() && !stop.sleep(poll) {}
     info!("{}: stopped", status.name);
 }
 

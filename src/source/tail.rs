@@ -61,15 +61,17 @@ use std::time::{Duration, Instant};
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use super::{Sink, SinkError};
+use super::{validate, write_whole, Sink, SinkError, Written, DEFAULT_RP};
 use crate::config::Tail;
-use crate::ingest::now_ns;
 use crate::lineproto;
 use crate::status::{Followed as FollowedStatus, SourceStatus};
 
 /// Bytes at the start of a file whose checksum tells a rewritten file from
 /// an appended one.
 const FINGERPRINT_LEN: u64 = 1024;
+/// Why a line no queue can take is skipped.
+const TOO_LARGE: &str = "line larger than a replication's max_queue_size";
+
 /// A line longer than this is skipped (and counted invalid).
 pub const MAX_LINE: usize = 4 << 20;
 /// Smallest read window, whatever the queue budget.
@@ -681,29 +683,36 @@ impl Tailer {
                     _ => return Ok(()),
                 };
             }
-            match sink.write(&payload, lines, &self.state(Some((i, next)), None)) {
-                Ok(()) => self.files[i].pos = next,
-                Err(SinkError::TooLarge) if lines > 1 => {
+            let state = self.state(Some((i, next)), None);
+            match write_whole(
+                sink,
+                &self.status,
+                DEFAULT_RP,
+                &payload,
+                lines,
+                &state,
+                lines > 1,
+            )? {
+                Written::Queued => self.files[i].pos = next,
+                Written::Shrink => {
                     window = (window / 2).max(MIN_WINDOW);
                     continue;
                 }
-                Err(SinkError::TooLarge) => {
-                    // One line larger than a queue's bound can never be queued.
-                    self.invalid(
-                        &self.files[i].path,
-                        self.files[i].pos.line + 1,
-                        "line larger than a replication's max_queue_size",
-                    );
-                    sink.write(&[], 0, &self.state(Some((i, next)), None))?;
+                Written::Skipped => {
+                    self.log_skipped(&self.files[i].path, self.files[i].pos.line + 1, TOO_LARGE);
                     self.files[i].pos = next;
                 }
-                Err(e) => return Err(e),
             }
         }
     }
 
     fn invalid(&self, path: &Path, line: u64, why: &str) {
         self.status.invalid_lines.fetch_add(1, Ordering::Relaxed);
+        self.log_skipped(path, line, why);
+    }
+
+    /// Logs a line skipped (and already counted): where it was and why.
+    fn log_skipped(&self, path: &Path, line: u64, why: &str) {
         warn!(
             "{}: {}:{line}: {why}; skipped",
             self.status.name,
@@ -714,32 +723,25 @@ impl Tailer {
     /// Validates and normalises `body` (whole lines; the first is line
     /// `first_line + 1` of its file); logs and counts the invalid ones.
     fn validate(&self, path: &Path, body: &[u8], first_line: u64) -> (Vec<u8>, u64) {
-        let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
-        let summary = lineproto::normalize(body, self.cfg.precision, now_ns(), &mut out);
-        if summary.error_count > 0 {
-            self.status
-                .invalid_lines
-                .fetch_add(summary.error_count, Ordering::Relaxed);
-            // File, line, column and reason; the text stays out of the log.
-            for e in &summary.errors {
-                warn!(
-                    "{}: {}:{}:{}: {}; skipped",
-                    self.status.name,
-                    path.display(),
-                    first_line + e.line as u64,
-                    e.error.column,
-                    e.error.kind
-                );
-            }
-            let more = summary.error_count - summary.errors.len() as u64;
-            if more > 0 {
-                warn!(
-                    "{}: {}: {more} more invalid lines after line {} skipped",
-                    self.status.name,
-                    path.display(),
-                    first_line + summary.errors.last().map_or(0, |e| e.line as u64)
-                );
-            }
+        // File, line, column and reason; the text stays out of the log.
+        let (out, summary) = validate(&self.status, body, self.cfg.precision, |e| {
+            warn!(
+                "{}: {}:{}:{}: {}; skipped",
+                self.status.name,
+                path.display(),
+                first_line + e.line as u64,
+                e.error.column,
+                e.error.kind
+            )
+        });
+        let more = summary.error_count - summary.errors.len() as u64;
+        if more > 0 {
+            warn!(
+                "{}: {}: {more} more invalid lines after line {} skipped",
+                self.status.name,
+                path.display(),
+                first_line + summary.errors.last().map_or(0, |e| e.line as u64)
+            );
         }
         (out, summary.lines)
     }
@@ -774,17 +776,17 @@ impl Tailer {
                 }
             }
             let state = self.state(None, Some(i));
-            match sink.write(&payload, lines, &state) {
-                Ok(()) => {}
-                Err(SinkError::TooLarge) => {
-                    self.invalid(
-                        &f.path,
-                        f.pos.line + 1,
-                        "line larger than a replication's max_queue_size",
-                    );
-                    sink.write(&[], 0, &state)?;
-                }
-                Err(e) => return Err(e),
+            if write_whole(
+                sink,
+                &self.status,
+                DEFAULT_RP,
+                &payload,
+                lines,
+                &state,
+                false,
+            )? == Written::Skipped
+            {
+                self.log_skipped(&f.path, f.pos.line + 1, TOO_LARGE);
             }
             let f = self.files.remove(i);
             info!(

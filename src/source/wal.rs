@@ -49,10 +49,9 @@ use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
 use super::wal_format::{self, HEADER_LEN};
-use super::{Sink, SinkError};
+use super::{validate, write_whole, Sink, SinkError, Written};
 use crate::config::InfluxdbWal;
-use crate::ingest::now_ns;
-use crate::lineproto::{self, Precision};
+use crate::lineproto::Precision;
 use crate::status::{Followed, SourceStatus};
 
 /// A shard's read position.
@@ -387,23 +386,16 @@ impl WalFollower {
                 let state = self.state(Some((name, piece.next)));
                 // Shards are named "<retention policy>/<id>".
                 let rp = name.split_once('/').map_or("autogen", |(rp, _)| rp);
-                match sink.write_rp(rp, &payload, lines, &state) {
-                    Ok(()) => {}
-                    Err(SinkError::TooLarge) if budget > 1 => {
+                match write_whole(sink, &self.status, rp, &payload, lines, &state, budget > 1)? {
+                    Written::Queued => {}
+                    Written::Shrink => {
                         budget /= 2;
                         continue;
                     }
-                    Err(SinkError::TooLarge) => {
-                        self.status
-                            .invalid_lines
-                            .fetch_add(lines, Ordering::Relaxed);
-                        self.status.error(format!(
-                            "shard {name}: segment {} byte {}: a point larger than a replication's max_queue_size; skipped",
-                            pos.seg, pos.off
-                        ));
-                        sink.write(&[], 0, &state)?;
-                    }
-                    Err(e) => return Err(e),
+                    Written::Skipped => self.status.error(format!(
+                        "shard {name}: segment {} byte {}: a point larger than a replication's max_queue_size; skipped",
+                        pos.seg, pos.off
+                    )),
                 }
                 self.shards.get_mut(name).expect("listed").pos = piece.next;
                 continue;
@@ -467,19 +459,12 @@ impl WalFollower {
 
     /// Validates the rebuilt lines as any write is validated.
     fn validate(&self, name: &str, p: &Piece) -> (Vec<u8>, u64) {
-        let mut out = Vec::with_capacity(p.raw.len());
-        let summary = lineproto::normalize(&p.raw, Precision::Nanoseconds, now_ns(), &mut out);
-        if summary.error_count > 0 {
-            self.status
-                .invalid_lines
-                .fetch_add(summary.error_count, Ordering::Relaxed);
-            for e in &summary.errors {
-                warn!(
-                    "{}: shard {name}: segment {}: a point rebuilt as an invalid line: {}: \"{}\"; skipped",
-                    self.status.name, p.next.seg, e.error, e.excerpt
-                );
-            }
-        }
+        let (out, summary) = validate(&self.status, &p.raw, Precision::Nanoseconds, |e| {
+            warn!(
+                "{}: shard {name}: segment {}: a point rebuilt as an invalid line: {}: \"{}\"; skipped",
+                self.status.name, p.next.seg, e.error, e.excerpt
+            )
+        });
         (out, summary.lines)
     }
 
