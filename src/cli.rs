@@ -1,5 +1,5 @@
 //! Command line: `run`, `check-config`, `status`. Errors are printed once,
-//! as one line, with the exit codes of the design: 0 clean, 78 (EX_CONFIG)
+//! as one line, with the exit codes the README documents: 0 clean, 78 (EX_CONFIG)
 //! bad config, 69 (EX_UNAVAILABLE) a remote that `check-config --probe`
 //! could not use, 1 anything else.
 

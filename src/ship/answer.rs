@@ -2,7 +2,8 @@
 //! alike, and reading the answer right decides between losing data, wasting
 //! the link, and doing neither.
 //!
-//! The answers this module reads (see the design's "Shipping" table):
+//! The answers this module reads (what the agent then does with each is in
+//! the README's "What happens on each remote answer"):
 //! - 3.x Serverless and Dedicated (IOx): 400 with `"line": N` and a message
 //!   listing up to 100 `error parsing line N (1-based): ...`;
 //! - 3.x Core and Enterprise: `{"error": .., "data": {"line_number": N,

@@ -57,7 +57,7 @@ pub enum Verdict {
     Unauthorized,
 }
 
-/// Classifies an answer (the table of the design's "Shipping" section). A
+/// Classifies an answer (the README's "What happens on each remote answer"). A
 /// 400 or 422 whose message puts the cause on the server (Core's `wal buffer
 /// full`, a soft-deleted database, limits) is retried like a 5xx: the lines
 /// are fine and must not be set aside for it.
