@@ -115,7 +115,9 @@ pub struct ReplStatus {
 #[derive(Debug, Default)]
 pub struct IngestStats {
     pub requests: AtomicU64,
-    pub lines_written: AtomicU64,
+    /// Shared with the task that awaits a write's commit, which counts the
+    /// lines even when the client hung up meanwhile.
+    pub lines_written: Arc<AtomicU64>,
     pub lines_invalid: AtomicU64,
     pub bytes_received: AtomicU64,
     pub refused_too_large: AtomicU64,

@@ -774,3 +774,40 @@ fn absurd_requests_get_short_clear_answers() {
     assert!(!log.contains("panicked"), "{log}");
     assert_eq!(agent.get("/health").status, 200);
 }
+
+/// A client that hangs up while its write waits for its commit: the lines
+/// are queued all the same (the commit was under way), and the write
+/// counters say so instead of missing them.
+#[test]
+fn a_write_whose_client_hung_up_before_its_commit_is_counted() {
+    let dead = closed_port();
+    let mut config = AgentConfig::single(RemoteConfig::v2("dead", &dead.url()), "b", None);
+    // A commit that waits a second for company: the client is gone by then.
+    config.commit_interval = "1s".into();
+    let mut agent = Agent::start(config);
+    agent.keep(dead);
+    let body = lines("hungup", 3, 30, ts_ago(Duration::from_secs(60)));
+    let mut s = TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    let head = format!(
+        "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    // The body was read and its lines handed to the queue writer once the
+    // bytes are counted (nothing waits between the two); hang up then,
+    // while the commit is still most of a second away.
+    wait_until(DEADLINE, "the body counted as received", || {
+        metric_value(&agent.metrics(), "edge_replicator_write_bytes_total", "") > Some(0.0)
+    });
+    drop(s);
+    wait_eq(DEADLINE, "r1 remainingLines", 30, || {
+        field(&agent.replication("r1"), "remainingLines")
+    });
+    wait_eq(
+        DEADLINE,
+        "edge_replicator_write_lines_total",
+        Some(30.0),
+        || metric_value(&agent.metrics(), "edge_replicator_write_lines_total", ""),
+    );
+}

@@ -263,8 +263,19 @@ impl Ingest {
             };
             let committed = self.queue.write_deflated(w, segments);
             drop(preparing);
-            committed.await.unwrap_or(Err(QueueError::Closed))?;
-            self.stats.lines_written.fetch_add(lines, Ordering::Relaxed);
+            // Awaited and counted in a task of its own: a client that hangs
+            // up drops this future, but the lines are committed all the same
+            // and the counter must say so.
+            let written = self.stats.lines_written.clone();
+            tokio::spawn(async move {
+                let result = committed.await.unwrap_or(Err(QueueError::Closed));
+                if result.is_ok() {
+                    written.fetch_add(lines, Ordering::Relaxed);
+                }
+                result
+            })
+            .await
+            .unwrap_or(Err(QueueError::Closed))?;
         }
         if summary.error_count > 0 {
             let total = lines + summary.error_count;
