@@ -65,7 +65,7 @@ use super::{Sink, SinkError};
 use crate::config::Tail;
 use crate::ingest::now_ns;
 use crate::lineproto;
-use crate::status::{Followed as FollowedStatus, SourceStatus};
+use crate::status::{Followed as FollowedStatus, SourceState, SourceStatus};
 
 /// Bytes at the start of a file whose checksum tells a rewritten file from
 /// an appended one.
@@ -810,9 +810,9 @@ impl Tailer {
             .collect::<Vec<_>>();
         let mut d = self.status.detail.lock().unwrap();
         d.state = if followed.is_empty() {
-            "waiting"
+            SourceState::Waiting
         } else {
-            "following"
+            SourceState::Following
         };
         d.followed = followed;
     }

@@ -53,7 +53,7 @@ use super::{Sink, SinkError};
 use crate::config::InfluxdbWal;
 use crate::ingest::now_ns;
 use crate::lineproto::{self, Precision};
-use crate::status::{Followed, SourceStatus};
+use crate::status::{Followed, SourceState, SourceStatus};
 
 /// A shard's read position.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -510,9 +510,9 @@ impl WalFollower {
             .collect();
         let mut d = self.status.detail.lock().unwrap();
         d.state = if followed.is_empty() {
-            "waiting"
+            SourceState::Waiting
         } else {
-            "following"
+            SourceState::Following
         };
         d.followed = followed;
     }
