@@ -1,5 +1,6 @@
 //! What operators see: the replication status (`GET /api/v2/replications`,
-//! `edge-replicator status`) and Prometheus metrics (`GET /metrics`).
+//! typed in [`report`], which `edge-replicator status` reads back) and
+//! Prometheus metrics (`GET /metrics`).
 //!
 //! Queue counters come from the snapshot the queue writer publishes after each
 //! commit, so the conservation invariant holds in every answer; the shipping
@@ -13,7 +14,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::queue::ReplHandle;
 
@@ -436,74 +436,6 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
     out
 }
 
-/// Renders the status JSON as the table of `edge-replicator status`.
-pub fn table(v: &Value) -> String {
-    let cols = [
-        ("NAME", "name"),
-        ("REMOTE", "remote"),
-        ("LOCAL BUCKET", "localBucket"),
-        ("REMOTE BUCKET", "remoteBucket"),
-        ("STATE", "state"),
-        ("LINK", "link"),
-        ("QUEUED BYTES", "currentQueueSizeBytes"),
-        ("MAX BYTES", "maxQueueSizeBytes"),
-        ("REMAINING LINES", "remainingLines"),
-        ("OLDEST AGE S", "oldestEntryAgeSeconds"),
-        ("LATEST CODE", "latestResponseCode"),
-        ("DELIVERED", "deliveredLines"),
-        ("DROPPED", "droppedFullLines"),
-        ("EXPIRED", "expiredLines"),
-        ("DEAD LETTERED", "deadLetteredLines"),
-        ("LATEST ERROR", "latestErrorMessage"),
-    ];
-    let empty = Vec::new();
-    let rows: Vec<Vec<String>> = v["replications"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|r| {
-            cols.iter()
-                .map(|(_, key)| match &r[*key] {
-                    Value::Null => "-".to_string(),
-                    Value::String(s) if s.is_empty() => "-".to_string(),
-                    // A remote's message may hold control characters; a
-                    // table on a terminal must not run them.
-                    Value::String(s) => crate::logging::escape(s).into_owned(),
-                    other => other.to_string(),
-                })
-                .collect()
-        })
-        .collect();
-    let widths: Vec<usize> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, (h, _))| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([h.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let last = cells.len() - 1;
-        for (i, c) in cells.iter().enumerate() {
-            if i == last {
-                out.push_str(c);
-            } else {
-                let _ = write!(out, "{c:<w$}  ", w = widths[i]);
-            }
-        }
-        out.push('\n');
-    };
-    line(cols.iter().map(|(h, _)| *h).collect());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-    out
-}
-
 /// A file or WAL shard a source follows, as status shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Followed {
@@ -528,6 +460,16 @@ pub enum SourceState {
     Waiting,
     /// The queue refuses the lines; they are retried.
     Blocked,
+}
+
+impl SourceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceState::Following => "following",
+            SourceState::Waiting => "waiting",
+            SourceState::Blocked => "blocked",
+        }
+    }
 }
 
 /// The changing part of a source's status.
@@ -694,60 +636,6 @@ pub fn sources_metrics_text(list: &[Arc<SourceStatus>]) -> String {
     out
 }
 
-/// The sources part of `edge-replicator status` (empty without sources).
-pub fn sources_table(v: &Value) -> String {
-    let cols = [
-        ("KIND", "kind"),
-        ("NAME", "name"),
-        ("BUCKET", "bucket"),
-        ("STATE", "state"),
-        ("LINES", "linesQueued"),
-        ("INVALID", "invalidLines"),
-        ("LAG BYTES", "lagBytes"),
-        ("MISSED SEGMENTS", "walSegmentsMissed"),
-        ("LATEST ERROR", "latestErrorMessage"),
-    ];
-    let Some(items) = v["sources"].as_array().filter(|a| !a.is_empty()) else {
-        return String::new();
-    };
-    let rows: Vec<Vec<String>> = items
-        .iter()
-        .map(|s| {
-            cols.iter()
-                .map(|(_, key)| match &s[*key] {
-                    Value::Null => "-".to_string(),
-                    Value::String(t) if t.is_empty() => "-".to_string(),
-                    Value::String(t) => crate::logging::escape(t).into_owned(),
-                    other => other.to_string(),
-                })
-                .collect()
-        })
-        .collect();
-    let widths: Vec<usize> = (0..cols.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([cols[i].0.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::from("\n");
-    let header: Vec<String> = cols.iter().map(|(h, _)| h.to_string()).collect();
-    for r in std::iter::once(&header).chain(&rows) {
-        let last = r.len() - 1;
-        for (i, c) in r.iter().enumerate() {
-            if i == last {
-                out.push_str(c);
-            } else {
-                let _ = write!(out, "{c:<w$}  ", w = widths[i]);
-            }
-        }
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
@@ -892,6 +780,7 @@ mod tests {
             (SourceState::Blocked, "blocked"),
         ] {
             assert_eq!(serde_json::to_value(s).unwrap(), text);
+            assert_eq!(s.as_str(), text);
             assert_eq!(
                 serde_json::from_value::<SourceState>(text.into()).unwrap(),
                 s
