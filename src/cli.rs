@@ -329,7 +329,7 @@ fn watch_status(config: &Config, interval: Duration, count: Option<u64>) -> Exit
             std::env::var("COLUMNS").ok().as_deref(),
             watch::terminal_width(),
         );
-        let (block, ok) = match ask_agent(config, "GET", "/api/v2/replications") {
+        let (block, ok) = match ask_status(config) {
             Ok(v) => {
                 history.add(&v, elapsed.as_secs_f64());
                 (watch::render(&v, &history, width, elapsed, interval), true)
