@@ -12,7 +12,10 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{self, Config, DEFAULT_PATH};
 use crate::logging::Escaped;
-use crate::{agent, logging, probe, status, watch};
+use crate::status::StatusReport;
+use crate::{agent, logging, probe, watch};
+
+mod table;
 
 const EX_CONFIG: u8 = 78;
 /// sysexits' "a service is unavailable": the config is valid, a remote is
@@ -292,6 +295,14 @@ fn ask_agent(config: &Config, method: &str, path: &str) -> Result<serde_json::Va
     serde_json::from_str(&body).map_err(|e| format!("{url} answered JSON that does not parse: {e}"))
 }
 
+/// Asks the running agent for its status; the error says why, in one line.
+fn ask_status(config: &Config) -> Result<StatusReport, String> {
+    let v = ask_agent(config, "GET", "/api/v2/replications")?;
+    serde_json::from_value(v).map_err(|e| {
+        format!("cannot read the agent's status ({e}); is the agent of another version?")
+    })
+}
+
 /// `--interval`: a duration of at least 100 ms (the agent's status is not
 /// worth asking for more often, and a typo like `1ms` would load it).
 fn parse_interval(s: &str) -> Result<Duration, String> {
@@ -318,7 +329,7 @@ fn watch_status(config: &Config, interval: Duration, count: Option<u64>) -> Exit
             std::env::var("COLUMNS").ok().as_deref(),
             watch::terminal_width(),
         );
-        let (block, ok) = match ask_agent(config, "GET", "/api/v2/replications") {
+        let (block, ok) = match ask_status(config) {
             Ok(v) => {
                 history.add(&v, elapsed.as_secs_f64());
                 (watch::render(&v, &history, width, elapsed, interval), true)
@@ -354,17 +365,26 @@ fn watch_status(config: &Config, interval: Duration, count: Option<u64>) -> Exit
 }
 
 fn show_status(config: &Config, json: bool) -> ExitCode {
-    match call_agent(config, "GET", "/api/v2/replications") {
-        Ok(v) if json => {
-            println!("{v}");
+    if json {
+        // As the agent answered, whatever its version.
+        return match call_agent(config, "GET", "/api/v2/replications") {
+            Ok(v) => {
+                println!("{v}");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        };
+    }
+    match ask_status(config) {
+        Ok(report) => {
+            print!("{}", table::replications(&report));
+            print!("{}", table::sources(&report));
             ExitCode::SUCCESS
         }
-        Ok(v) => {
-            print!("{}", status::table(&v));
-            print!("{}", status::sources_table(&v));
-            ExitCode::SUCCESS
+        Err(e) => {
+            eprintln!("edge-replicator: {}", Escaped(&e));
+            ExitCode::FAILURE
         }
-        Err(code) => code,
     }
 }
 

@@ -1,5 +1,6 @@
 //! What operators see: the replication status (`GET /api/v2/replications`,
-//! `edge-replicator status`) and Prometheus metrics (`GET /metrics`).
+//! typed in [`report`], which `edge-replicator status` reads back) and
+//! Prometheus metrics (`GET /metrics`).
 //!
 //! Queue counters come from the snapshot the queue writer publishes after each
 //! commit, so the conservation invariant holds in every answer; the shipping
@@ -12,12 +13,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 use crate::queue::ReplHandle;
 
+mod report;
+
+pub use report::{
+    FollowedReport, ReplicationReport, Sending, SourceReport, StatusReport, Timestamp,
+};
+
 /// Where a replication's worker stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum State {
     /// Shipping, or idle with nothing queued.
     #[default]
@@ -39,7 +47,8 @@ impl State {
 }
 
 /// What the last attempt showed of the way to the remote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Link {
     /// The remote answered (whatever it said), or nothing was tried yet.
     #[default]
@@ -138,49 +147,58 @@ fn now_ns() -> u64 {
 }
 
 /// The `GET /api/v2/replications` answer.
-pub fn replications_json(list: &[Arc<ReplStatus>]) -> Value {
+pub fn report(replications: &[Arc<ReplStatus>], sources: &[Arc<SourceStatus>]) -> StatusReport {
     let now = now_ns();
-    let items: Vec<Value> = list
-        .iter()
-        .map(|r| {
-            let c = r.queue.counters();
-            let s = r.ship.lock().unwrap().clone();
-            json!({
-                "name": r.name,
-                "remote": r.remote,
-                "localBucket": r.local_bucket,
-                "remoteBucket": r.remote_bucket,
-                "maxQueueSizeBytes": r.max_queue_bytes,
-                "currentQueueSizeBytes": c.queued_bytes,
-                "remainingLines": c.queued_lines,
-                "oldestEntryAgeSeconds": c.oldest_enqueued_ns.map(|t| now.saturating_sub(t) / 1_000_000_000),
-                "latestResponseCode": s.latest_code,
-                "latestErrorMessage": s.latest_error,
-                "state": s.state.as_str(),
-                "link": s.link.as_str(),
-                "linkSince": s.link_since.map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                "sending": s.sending.map(|(done, total)| json!({"bytesDone": done, "bytes": total})),
-                "batchLimitBytes": s.batch_limit,
-                "probes": s.probes,
-                "wireBytesSent": s.wire_bytes_sent,
-                "wireBytesAccepted": s.bytes_accepted,
-                "nextRetryAt": s.next_retry.map(|t| humantime::format_rfc3339_millis(t).to_string()),
-                "acceptedLines": c.accepted_lines,
-                "deliveredLines": c.delivered_lines,
-                "droppedFullLines": c.dropped_full_lines,
-                "expiredLines": c.expired_lines,
-                "droppedNonRetryableLines": c.dropped_non_retryable_lines,
-                "deadLetteredLines": c.dead_lettered_lines,
-                "rejectedLines": c.rejected_lines,
-                "filteredLines": c.filtered_lines,
-                "lateLines": c.late_lines,
-                "downsampledLines": c.downsampled_lines,
-                "aggregateLines": c.aggregate_lines,
-                "deadLetterLines": c.dead_letter_lines,
-            })
-        })
-        .collect();
-    json!({ "replications": items })
+    StatusReport {
+        replications: replications.iter().map(|r| r.report(now)).collect(),
+        sources: sources.iter().map(|s| s.report()).collect(),
+    }
+}
+
+impl ReplStatus {
+    /// This replication as the status shows it, `now_ns` being the time of
+    /// the answer.
+    pub fn report(&self, now_ns: u64) -> ReplicationReport {
+        let c = self.queue.counters();
+        let s = self.ship.lock().unwrap().clone();
+        ReplicationReport {
+            name: self.name.clone(),
+            remote: self.remote.clone(),
+            local_bucket: self.local_bucket.clone(),
+            remote_bucket: self.remote_bucket.clone(),
+            max_queue_size_bytes: self.max_queue_bytes,
+            current_queue_size_bytes: c.queued_bytes,
+            remaining_lines: c.queued_lines,
+            oldest_entry_age_seconds: c
+                .oldest_enqueued_ns
+                .map(|t| now_ns.saturating_sub(t) / 1_000_000_000),
+            latest_response_code: s.latest_code,
+            latest_error_message: s.latest_error,
+            state: s.state,
+            link: s.link,
+            link_since: s.link_since.map(Timestamp),
+            sending: s
+                .sending
+                .map(|(bytes_done, bytes)| Sending { bytes_done, bytes }),
+            batch_limit_bytes: s.batch_limit,
+            probes: s.probes,
+            wire_bytes_sent: Some(s.wire_bytes_sent),
+            wire_bytes_accepted: s.bytes_accepted,
+            next_retry_at: s.next_retry.map(Timestamp),
+            accepted_lines: c.accepted_lines,
+            delivered_lines: c.delivered_lines,
+            dropped_full_lines: c.dropped_full_lines,
+            expired_lines: c.expired_lines,
+            dropped_non_retryable_lines: c.dropped_non_retryable_lines,
+            dead_lettered_lines: c.dead_lettered_lines,
+            rejected_lines: c.rejected_lines,
+            filtered_lines: c.filtered_lines,
+            late_lines: c.late_lines,
+            downsampled_lines: c.downsampled_lines,
+            aggregate_lines: c.aggregate_lines,
+            dead_letter_lines: c.dead_letter_lines,
+        }
+    }
 }
 
 /// Prometheus text exposition. Names follow InfluxDB's replication metrics
@@ -420,74 +438,6 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
     out
 }
 
-/// Renders the status JSON as the table of `edge-replicator status`.
-pub fn table(v: &Value) -> String {
-    let cols = [
-        ("NAME", "name"),
-        ("REMOTE", "remote"),
-        ("LOCAL BUCKET", "localBucket"),
-        ("REMOTE BUCKET", "remoteBucket"),
-        ("STATE", "state"),
-        ("LINK", "link"),
-        ("QUEUED BYTES", "currentQueueSizeBytes"),
-        ("MAX BYTES", "maxQueueSizeBytes"),
-        ("REMAINING LINES", "remainingLines"),
-        ("OLDEST AGE S", "oldestEntryAgeSeconds"),
-        ("LATEST CODE", "latestResponseCode"),
-        ("DELIVERED", "deliveredLines"),
-        ("DROPPED", "droppedFullLines"),
-        ("EXPIRED", "expiredLines"),
-        ("DEAD LETTERED", "deadLetteredLines"),
-        ("LATEST ERROR", "latestErrorMessage"),
-    ];
-    let empty = Vec::new();
-    let rows: Vec<Vec<String>> = v["replications"]
-        .as_array()
-        .unwrap_or(&empty)
-        .iter()
-        .map(|r| {
-            cols.iter()
-                .map(|(_, key)| match &r[*key] {
-                    Value::Null => "-".to_string(),
-                    Value::String(s) if s.is_empty() => "-".to_string(),
-                    // A remote's message may hold control characters; a
-                    // table on a terminal must not run them.
-                    Value::String(s) => crate::logging::escape(s).into_owned(),
-                    other => other.to_string(),
-                })
-                .collect()
-        })
-        .collect();
-    let widths: Vec<usize> = cols
-        .iter()
-        .enumerate()
-        .map(|(i, (h, _))| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([h.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let last = cells.len() - 1;
-        for (i, c) in cells.iter().enumerate() {
-            if i == last {
-                out.push_str(c);
-            } else {
-                let _ = write!(out, "{c:<w$}  ", w = widths[i]);
-            }
-        }
-        out.push('\n');
-    };
-    line(cols.iter().map(|(h, _)| *h).collect());
-    for r in &rows {
-        line(r.iter().map(String::as_str).collect());
-    }
-    out
-}
-
 /// A file or WAL shard a source follows, as status shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Followed {
@@ -501,12 +451,33 @@ pub struct Followed {
     pub lag_bytes: u64,
 }
 
+/// Where a source stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceState {
+    /// Reading, or caught up with what it follows.
+    Following,
+    /// Nothing to follow yet: no file matches, no WAL directory.
+    #[default]
+    Waiting,
+    /// The queue refuses the lines; they are retried.
+    Blocked,
+}
+
+impl SourceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceState::Following => "following",
+            SourceState::Waiting => "waiting",
+            SourceState::Blocked => "blocked",
+        }
+    }
+}
+
 /// The changing part of a source's status.
 #[derive(Debug, Clone, Default)]
 pub struct SourceDetail {
-    /// `following`, `waiting` (nothing to follow yet) or `blocked` (the
-    /// queue refuses the lines; they are retried).
-    pub state: &'static str,
+    pub state: SourceState,
     pub latest_error: String,
     pub followed: Vec<Followed>,
     pub last_queued: Option<SystemTime>,
@@ -549,10 +520,7 @@ impl SourceStatus {
             retries: AtomicU64::new(0),
             segments_missed: AtomicU64::new(0),
             deletes_skipped: AtomicU64::new(0),
-            detail: Mutex::new(SourceDetail {
-                state: "waiting",
-                ..SourceDetail::default()
-            }),
+            detail: Mutex::new(SourceDetail::default()),
         }
     }
 
@@ -567,53 +535,45 @@ impl SourceStatus {
         let d = self.detail.lock().unwrap();
         d.followed.iter().map(|f| f.lag_bytes).sum()
     }
-}
 
-/// The `sources` array of the `GET /api/v2/replications` answer.
-pub fn sources_json(list: &[Arc<SourceStatus>]) -> Value {
-    let items: Vec<Value> = list
-        .iter()
-        .map(|s| {
-            let d = s.detail.lock().unwrap().clone();
-            let followed: Vec<Value> = d
-                .followed
-                .iter()
-                .map(|f| {
-                    let mut v = json!({
-                        "path": f.path,
-                        "offset": f.offset,
-                        "lagBytes": f.lag_bytes,
-                    });
-                    if let Some(seg) = f.segment {
-                        v["segment"] = json!(seg);
-                    }
-                    v
-                })
-                .collect();
-            let mut v = json!({
-                "kind": s.kind,
-                "name": s.name,
-                "bucket": s.bucket,
-                "state": d.state,
-                "linesQueued": s.lines.load(Ordering::Relaxed),
-                "invalidLines": s.invalid_lines.load(Ordering::Relaxed),
-                "errors": s.errors.load(Ordering::Relaxed),
-                "retries": s.retries.load(Ordering::Relaxed),
-                "lagBytes": d.followed.iter().map(|f| f.lag_bytes).sum::<u64>(),
-                "lastQueuedAt": d.last_queued.map(httpdate::fmt_http_date),
-                "latestErrorMessage": d.latest_error,
-            });
-            if s.kind == "influxdb_wal" {
-                v["shards"] = json!(followed);
-                v["walSegmentsMissed"] = json!(s.segments_missed.load(Ordering::Relaxed));
-                v["deletesSkipped"] = json!(s.deletes_skipped.load(Ordering::Relaxed));
-            } else {
-                v["files"] = json!(followed);
-            }
-            v
-        })
-        .collect();
-    json!(items)
+    /// This source as the status shows it.
+    pub fn report(&self) -> SourceReport {
+        let d = self.detail.lock().unwrap().clone();
+        let followed: Vec<FollowedReport> = d
+            .followed
+            .iter()
+            .map(|f| FollowedReport {
+                path: f.path.clone(),
+                segment: f.segment,
+                offset: f.offset,
+                lag_bytes: f.lag_bytes,
+            })
+            .collect();
+        let count = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        let wal = self.kind == "influxdb_wal";
+        let (files, shards) = if wal {
+            (None, Some(followed))
+        } else {
+            (Some(followed), None)
+        };
+        SourceReport {
+            kind: self.kind.to_string(),
+            name: self.name.clone(),
+            bucket: self.bucket.clone(),
+            state: d.state,
+            lines_queued: count(&self.lines),
+            invalid_lines: count(&self.invalid_lines),
+            errors: count(&self.errors),
+            retries: count(&self.retries),
+            lag_bytes: d.followed.iter().map(|f| f.lag_bytes).sum(),
+            last_queued_at: d.last_queued.map(Timestamp),
+            latest_error_message: d.latest_error,
+            wal_segments_missed: wal.then(|| count(&self.segments_missed)),
+            deletes_skipped: wal.then(|| count(&self.deletes_skipped)),
+            files,
+            shards,
+        }
+    }
 }
 
 /// Prometheus label value: `\`, `"` and newlines escaped.
@@ -678,98 +638,249 @@ pub fn sources_metrics_text(list: &[Arc<SourceStatus>]) -> String {
     out
 }
 
-/// The sources part of `edge-replicator status` (empty without sources).
-pub fn sources_table(v: &Value) -> String {
-    let cols = [
-        ("KIND", "kind"),
-        ("NAME", "name"),
-        ("BUCKET", "bucket"),
-        ("STATE", "state"),
-        ("LINES", "linesQueued"),
-        ("INVALID", "invalidLines"),
-        ("LAG BYTES", "lagBytes"),
-        ("MISSED SEGMENTS", "walSegmentsMissed"),
-        ("LATEST ERROR", "latestErrorMessage"),
-    ];
-    let Some(items) = v["sources"].as_array().filter(|a| !a.is_empty()) else {
-        return String::new();
-    };
-    let rows: Vec<Vec<String>> = items
-        .iter()
-        .map(|s| {
-            cols.iter()
-                .map(|(_, key)| match &s[*key] {
-                    Value::Null => "-".to_string(),
-                    Value::String(t) if t.is_empty() => "-".to_string(),
-                    Value::String(t) => crate::logging::escape(t).into_owned(),
-                    other => other.to_string(),
-                })
-                .collect()
-        })
-        .collect();
-    let widths: Vec<usize> = (0..cols.len())
-        .map(|i| {
-            rows.iter()
-                .map(|r| r[i].chars().count())
-                .chain([cols[i].0.len()])
-                .max()
-                .unwrap_or(0)
-        })
-        .collect();
-    let mut out = String::from("\n");
-    let header: Vec<String> = cols.iter().map(|(h, _)| h.to_string()).collect();
-    for r in std::iter::once(&header).chain(&rows) {
-        let last = r.len() - 1;
-        for (i, c) in r.iter().enumerate() {
-            if i == last {
-                out.push_str(c);
-            } else {
-                let _ = write!(out, "{c:<w$}  ", w = widths[i]);
-            }
-        }
-        out.push('\n');
-    }
-    out
-}
-
 #[cfg(test)]
-mod source_table_tests {
-    use super::*;
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
 
-    #[test]
-    fn sources_get_their_own_table() {
-        assert_eq!(sources_table(&json!({"replications": []})), "");
-        let s = Arc::new(SourceStatus::new(
+    use serde_json::Value;
+
+    use super::*;
+    use crate::config::{Durability, WhenFull};
+    use crate::queue::{Queue, QueueOptions, ReplSpec};
+
+    /// A whole millisecond: what RFC 3339 with milliseconds keeps.
+    fn at(ms: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_millis(ms)
+    }
+
+    /// A replication with something in every field, and a source of each
+    /// kind; the queue lives in `dir`.
+    fn sample(dir: &std::path::Path) -> (Queue, StatusReport) {
+        let q = Queue::open(
+            dir,
+            &QueueOptions {
+                map_size: 64 << 20,
+                durability: Durability::Fsync,
+                commit_interval: Duration::from_millis(1),
+            },
+            &[ReplSpec {
+                name: "r1".into(),
+                max_bytes: 1 << 20,
+                when_full: WhenFull::DropOldest,
+                max_age: None,
+                transform: None,
+            }],
+        )
+        .unwrap();
+        let h = q.handles()[0].clone();
+        q.append_blocking(vec![h.clone()], "b".into(), b"m f=1i 1\n".to_vec(), 1)
+            .unwrap();
+        let repl = Arc::new(ReplStatus {
+            name: "r1".into(),
+            remote: "cloud".into(),
+            local_bucket: "b".into(),
+            remote_bucket: "rb".into(),
+            max_queue_bytes: 1 << 20,
+            queue: h,
+            ship: Mutex::new(ShipStatus {
+                state: State::Backoff,
+                latest_code: Some(503),
+                latest_error: "HTTP 503: busy".into(),
+                next_retry: Some(at(1_772_366_400_250)),
+                errors: BTreeMap::from([("503".to_string(), 2)]),
+                bytes_accepted: 10,
+                wire_bytes_sent: 30,
+                batches_sent: 1,
+                link: Link::Stalled,
+                link_since: Some(at(1_772_366_399_000)),
+                sending: Some((5, 20)),
+                probes: 3,
+                batch_limit: 4096,
+            }),
+        });
+        let tail = Arc::new(SourceStatus::new("tail", "tail /a".into(), "b"));
+        {
+            let mut d = tail.detail.lock().unwrap();
+            d.state = SourceState::Blocked;
+            d.latest_error = "queue full".into();
+            d.last_queued = Some(at(1_772_366_398_125));
+            d.followed = vec![Followed {
+                path: "/a".into(),
+                segment: None,
+                offset: 7,
+                lag_bytes: 2,
+            }];
+        }
+        let wal = Arc::new(SourceStatus::new(
             "influxdb_wal",
-            "influxdb_wal /w/db".into(),
+            "influxdb_wal /w".into(),
             "db",
         ));
-        s.lines.store(12, Ordering::Relaxed);
-        s.segments_missed.store(1, Ordering::Relaxed);
-        let v = json!({"replications": [], "sources": sources_json(&[s])});
-        let t = sources_table(&v);
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines[0], "");
-        assert!(lines[1].starts_with("KIND  "), "{t}");
-        let cells: Vec<&str> = lines[2]
-            .split("  ")
-            .map(str::trim)
-            .filter(|c| !c.is_empty())
-            .collect();
+        wal.segments_missed.store(1, Ordering::Relaxed);
+        wal.detail.lock().unwrap().followed = vec![Followed {
+            path: "autogen/3".into(),
+            segment: Some(4),
+            offset: 9,
+            lag_bytes: 0,
+        }];
+        let r = report(&[repl], &[tail, wal]);
+        (q, r)
+    }
+
+    fn keys(v: &Value) -> BTreeSet<&str> {
+        v.as_object().unwrap().keys().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn a_report_reads_back_as_the_agent_sent_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_q, sent) = sample(dir.path());
+        let json = serde_json::to_string(&sent).unwrap();
+        let read: StatusReport = serde_json::from_str(&json).unwrap();
+        assert_eq!(read, sent);
+
+        let v: Value = serde_json::from_str(&json).unwrap();
+        let r = &v["replications"][0];
+        assert_eq!(r["state"], "backoff");
+        assert_eq!(r["link"], "stalled");
+        assert_eq!(r["nextRetryAt"], "2026-03-01T12:00:00.250Z");
+        assert_eq!(r["linkSince"], "2026-03-01T11:59:59.000Z");
         assert_eq!(
-            cells,
-            [
-                "influxdb_wal",
-                "influxdb_wal /w/db",
-                "db",
-                "waiting",
-                "12",
-                "0",
-                "0",
-                "1",
-                "-"
-            ]
+            r["sending"],
+            serde_json::json!({"bytesDone": 5, "bytes": 20})
         );
+        assert_eq!(r["remainingLines"], 1);
+        assert!(r["oldestEntryAgeSeconds"].is_u64(), "{r}");
+        let tail = &v["sources"][0];
+        assert_eq!(tail["state"], "blocked");
+        assert_eq!(tail["lastQueuedAt"], "2026-03-01T11:59:58.125Z");
+        assert_eq!(
+            tail["files"],
+            serde_json::json!([{"path": "/a", "offset": 7, "lagBytes": 2}])
+        );
+        let wal = &v["sources"][1];
+        assert_eq!(wal["state"], "waiting");
+        assert_eq!(wal["lastQueuedAt"], Value::Null);
+        assert_eq!(
+            wal["shards"],
+            serde_json::json!([{"path": "autogen/3", "segment": 4, "offset": 9, "lagBytes": 0}])
+        );
+    }
+
+    #[test]
+    fn states_read_as_their_metric_labels() {
+        for s in [State::Running, State::Backoff, State::Paused] {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for l in [Link::Up, Link::Stalled, Link::Down] {
+            assert_eq!(serde_json::to_value(l).unwrap(), l.as_str());
+        }
+        for (s, text) in [
+            (SourceState::Following, "following"),
+            (SourceState::Waiting, "waiting"),
+            (SourceState::Blocked, "blocked"),
+        ] {
+            assert_eq!(serde_json::to_value(s).unwrap(), text);
+            assert_eq!(s.as_str(), text);
+            assert_eq!(
+                serde_json::from_value::<SourceState>(text.into()).unwrap(),
+                s
+            );
+        }
+    }
+
+    /// The keys are a public API: these are the ones the README lists.
+    #[test]
+    fn the_keys_are_those_the_readme_documents() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_q, sent) = sample(dir.path());
+        let v = serde_json::to_value(&sent).unwrap();
+        let replication = [
+            "name",
+            "remote",
+            "localBucket",
+            "remoteBucket",
+            "maxQueueSizeBytes",
+            "currentQueueSizeBytes",
+            "remainingLines",
+            "oldestEntryAgeSeconds",
+            "latestResponseCode",
+            "latestErrorMessage",
+            "state",
+            "nextRetryAt",
+            "link",
+            "linkSince",
+            "sending",
+            "batchLimitBytes",
+            "probes",
+            "wireBytesSent",
+            "wireBytesAccepted",
+            "acceptedLines",
+            "deliveredLines",
+            "droppedFullLines",
+            "expiredLines",
+            "droppedNonRetryableLines",
+            "deadLetteredLines",
+            "rejectedLines",
+            "filteredLines",
+            "lateLines",
+            "downsampledLines",
+            "aggregateLines",
+            "deadLetterLines",
+        ];
+        let source = [
+            "kind",
+            "name",
+            "bucket",
+            "state",
+            "linesQueued",
+            "invalidLines",
+            "errors",
+            "retries",
+            "lagBytes",
+            "lastQueuedAt",
+            "latestErrorMessage",
+        ];
+        assert_eq!(keys(&v), BTreeSet::from(["replications", "sources"]));
+        assert_eq!(keys(&v["replications"][0]), BTreeSet::from(replication));
+        let tail: BTreeSet<&str> = source.into_iter().chain(["files"]).collect();
+        assert_eq!(keys(&v["sources"][0]), tail);
+        let wal: BTreeSet<&str> = source
+            .into_iter()
+            .chain(["shards", "walSegmentsMissed", "deletesSkipped"])
+            .collect();
+        assert_eq!(keys(&v["sources"][1]), wal);
+        assert_eq!(
+            keys(&v["replications"][0]["sending"]),
+            BTreeSet::from(["bytesDone", "bytes"])
+        );
+
+        let readme = include_str!("../README.md");
+        for key in replication.iter().chain(&wal).chain(&tail) {
+            assert!(
+                readme.contains(&format!("`{key}`")),
+                "the README does not document `{key}`"
+            );
+        }
+        assert!(readme.contains(r#"`{"bytesDone", "bytes"}`"#));
+    }
+
+    #[test]
+    fn a_missing_key_is_an_error_not_a_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_q, sent) = sample(dir.path());
+        let mut v = serde_json::to_value(&sent).unwrap();
+        v["replications"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("deliveredLines");
+        let e = serde_json::from_value::<StatusReport>(v).unwrap_err();
+        assert!(e.to_string().contains("deliveredLines"), "{e}");
+    }
+
+    #[test]
+    fn source_labels_are_escaped() {
         let text = sources_metrics_text(&[Arc::new(SourceStatus::new(
             "tail",
             "tail /a \"b\"".into(),

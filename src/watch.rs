@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use serde_json::Value;
+use crate::status::{ReplicationReport, StatusReport};
 
 /// Readings a rate is taken over (the current one included).
 pub const WINDOW: usize = 5;
@@ -52,16 +52,15 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Reads a replication object of the status JSON.
-    pub fn from_json(r: &Value, at: f64) -> Sample {
-        let n = |k: &str| r[k].as_u64().unwrap_or(0);
+    /// Reads a replication of the status.
+    pub fn of(r: &ReplicationReport, at: f64) -> Sample {
         Sample {
             at,
-            accepted: n("acceptedLines"),
-            delivered: n("deliveredLines"),
-            remaining: n("remainingLines"),
-            queued_bytes: n("currentQueueSizeBytes"),
-            sent_bytes: r["wireBytesSent"].as_u64(),
+            accepted: r.accepted_lines,
+            delivered: r.delivered_lines,
+            remaining: r.remaining_lines,
+            queued_bytes: r.current_queue_size_bytes,
+            sent_bytes: r.wire_bytes_sent,
         }
     }
 
@@ -180,19 +179,13 @@ pub struct History {
 impl History {
     /// Adds the readings of one status answer taken at `at`; replications
     /// gone from the answer are forgotten.
-    pub fn add(&mut self, status: &Value, at: f64) {
-        let empty = Vec::new();
-        let list = status["replications"].as_array().unwrap_or(&empty);
-        self.samples.retain(|name, _| {
-            list.iter()
-                .any(|r| r["name"].as_str() == Some(name.as_str()))
-        });
+    pub fn add(&mut self, status: &StatusReport, at: f64) {
+        let list = &status.replications;
+        self.samples
+            .retain(|name, _| list.iter().any(|r| &r.name == name));
         for r in list {
-            let Some(name) = r["name"].as_str() else {
-                continue;
-            };
-            let s = Sample::from_json(r, at);
-            let q = self.samples.entry(name.to_string()).or_default();
+            let s = Sample::of(r, at);
+            let q = self.samples.entry(r.name.clone()).or_default();
             if q.back().is_some_and(|prev| !s.follows(prev)) {
                 q.clear();
             }
@@ -245,7 +238,7 @@ pub fn rates(old: &Sample, new: &Sample) -> Option<Rates> {
 /// `width` characters. `status` is the newest answer, already added to
 /// `history`; `elapsed` is the time since the watch started.
 pub fn render(
-    status: &Value,
+    status: &StatusReport,
     history: &History,
     width: usize,
     elapsed: Duration,
@@ -263,19 +256,21 @@ pub fn render(
         short_duration(elapsed),
         humantime::format_duration(interval)
     ));
-    let empty = Vec::new();
-    let list = status["replications"].as_array().unwrap_or(&empty);
-    if list.is_empty() {
+    if status.replications.is_empty() {
         line("no replications".into());
     }
-    for r in list {
-        let text = |k: &str| crate::logging::escape(r[k].as_str().unwrap_or("")).into_owned();
-        let name = text("name");
-        let now = Sample::from_json(r, 0.0);
-        let max = r["maxQueueSizeBytes"].as_u64().unwrap_or(0);
-        let rates = history.span(&name).and_then(|(a, b)| rates(a, b));
+    for r in &status.replications {
+        let text = |s: &str| crate::logging::escape(s).into_owned();
+        let now = Sample::of(r, 0.0);
+        let max = r.max_queue_size_bytes;
+        let rates = history.span(&r.name).and_then(|(a, b)| rates(a, b));
         line(String::new());
-        line(format!("{name} -> {}  {}", text("remote"), text("state")));
+        line(format!(
+            "{} -> {}  {}",
+            text(&r.name),
+            text(&r.remote),
+            r.state.as_str()
+        ));
         let fmt_rate = |v: Option<f64>| v.map_or("-".to_string(), si);
         line(format!(
             "  lines/s  in {}  out {}",
@@ -309,7 +304,7 @@ pub fn render(
             "  left     {} lines, eta {eta_text}",
             now.remaining
         ));
-        let err = text("latestErrorMessage");
+        let err = text(&r.latest_error_message);
         if !err.is_empty() {
             line(format!("  error    {err}"));
         }
@@ -355,7 +350,7 @@ pub fn frame(block: &str, terminal: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use crate::status::State;
 
     #[test]
     fn rates_come_from_counter_differences() {
@@ -414,14 +409,22 @@ mod tests {
         assert_eq!(width(None, None), DEFAULT_WIDTH);
     }
 
-    fn status(accepted: u64, delivered: u64, remaining: u64, sent: u64) -> Value {
-        json!({"replications": [{
-            "name": "r1", "remote": "cloud", "state": "running",
-            "acceptedLines": accepted, "deliveredLines": delivered,
-            "remainingLines": remaining, "currentQueueSizeBytes": remaining * 50,
-            "maxQueueSizeBytes": 100_000u64, "wireBytesSent": sent,
-            "latestErrorMessage": "",
-        }]})
+    fn status(accepted: u64, delivered: u64, remaining: u64, sent: u64) -> StatusReport {
+        StatusReport {
+            replications: vec![ReplicationReport {
+                name: "r1".into(),
+                remote: "cloud".into(),
+                state: State::Running,
+                accepted_lines: accepted,
+                delivered_lines: delivered,
+                remaining_lines: remaining,
+                current_queue_size_bytes: remaining * 50,
+                max_queue_size_bytes: 100_000,
+                wire_bytes_sent: Some(sent),
+                ..ReplicationReport::default()
+            }],
+            sources: vec![],
+        }
     }
 
     #[test]
@@ -485,14 +488,17 @@ mod tests {
     #[test]
     fn without_sent_bytes_the_queue_change_is_shown() {
         let mut h = History::default();
-        let mut s = status(0, 0, 100, 0);
-        s["replications"][0]
+        // An agent older than the key.
+        let mut v = serde_json::to_value(status(0, 0, 100, 0)).unwrap();
+        v["replications"][0]
             .as_object_mut()
             .unwrap()
             .remove("wireBytesSent");
+        let mut s: StatusReport = serde_json::from_value(v).unwrap();
+        assert_eq!(s.replications[0].wire_bytes_sent, None);
         h.add(&s, 0.0);
-        s["replications"][0]["currentQueueSizeBytes"] = json!(7048);
-        s["replications"][0]["acceptedLines"] = json!(50);
+        s.replications[0].current_queue_size_bytes = 7048;
+        s.replications[0].accepted_lines = 50;
         h.add(&s, 1.0);
         let text = render(&s, &h, 80, Duration::ZERO, Duration::from_secs(1));
         assert!(text.contains("  queued   +2.0 KiB/s"), "{text}");
@@ -500,10 +506,16 @@ mod tests {
 
     #[test]
     fn hostile_text_is_escaped_and_cut() {
-        let v = json!({"replications": [{
-            "name": "r\u{1b}[2J", "remote": "x", "state": "backoff",
-            "latestErrorMessage": "HTTP 503: \u{7}".repeat(20),
-        }]});
+        let v = StatusReport {
+            replications: vec![ReplicationReport {
+                name: "r\u{1b}[2J".into(),
+                remote: "x".into(),
+                state: State::Backoff,
+                latest_error_message: "HTTP 503: \u{7}".repeat(20),
+                ..ReplicationReport::default()
+            }],
+            sources: vec![],
+        };
         let mut h = History::default();
         h.add(&v, 0.0);
         let text = render(&v, &h, 30, Duration::ZERO, Duration::from_secs(1));

@@ -312,8 +312,9 @@ async fn route(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             if !authorized(ingest, &req, Api::V2) {
                 return unauthorized(ingest, Api::V2);
             }
-            let mut answer = status::replications_json(&ingest.routing().statuses);
-            answer["sources"] = status::sources_json(&ingest.sources());
+            let answer = status::report(&ingest.routing().statuses, &ingest.sources());
+            // Through a `Value`, the keys come out sorted, as they always did.
+            let answer = serde_json::to_value(answer).expect("a status report is JSON");
             json_response(StatusCode::OK, &answer)
         }
         (_, p)

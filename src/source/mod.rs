@@ -46,7 +46,7 @@ use crate::config::{Config, InfluxdbWal, Tail};
 use crate::ingest::{now_ns, Ingest};
 use crate::lineproto::{self, LineError, Precision, Summary};
 use crate::queue::{Checkpoint, Queue, QueueError, Write};
-use crate::status::SourceStatus;
+use crate::status::{SourceState, SourceStatus};
 
 /// Most payload bytes one write of a source carries (less when a target's
 /// `max_queue_size` is small).
@@ -254,8 +254,8 @@ impl Sink for QueueSink {
                         if lines > 0 {
                             d.last_queued = Some(SystemTime::now());
                         }
-                        if d.state == "blocked" {
-                            d.state = "following";
+                        if d.state == SourceState::Blocked {
+                            d.state = SourceState::Following;
                             info!("{}: queue accepts lines again", self.status.name);
                         }
                         return Ok(());
@@ -270,7 +270,7 @@ impl Sink for QueueSink {
             self.status.retries.fetch_add(1, Ordering::Relaxed);
             {
                 let mut d = self.status.detail.lock().unwrap();
-                d.state = "blocked";
+                d.state = SourceState::Blocked;
                 d.latest_error = why.clone();
             }
             if !logged {

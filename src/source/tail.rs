@@ -64,7 +64,7 @@ use serde::{Deserialize, Serialize};
 use super::{validate, write_whole, Sink, SinkError, Written, DEFAULT_RP};
 use crate::config::Tail;
 use crate::lineproto;
-use crate::status::{Followed as FollowedStatus, SourceStatus};
+use crate::status::{Followed as FollowedStatus, SourceState, SourceStatus};
 
 /// Bytes at the start of a file whose checksum tells a rewritten file from
 /// an appended one.
@@ -812,9 +812,9 @@ impl Tailer {
             .collect::<Vec<_>>();
         let mut d = self.status.detail.lock().unwrap();
         d.state = if followed.is_empty() {
-            "waiting"
+            SourceState::Waiting
         } else {
-            "following"
+            SourceState::Following
         };
         d.followed = followed;
     }

@@ -52,7 +52,7 @@ use super::wal_format::{self, HEADER_LEN};
 use super::{validate, write_whole, Sink, SinkError, Written};
 use crate::config::InfluxdbWal;
 use crate::lineproto::Precision;
-use crate::status::{Followed, SourceStatus};
+use crate::status::{Followed, SourceState, SourceStatus};
 
 /// A shard's read position.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -495,9 +495,9 @@ impl WalFollower {
             .collect();
         let mut d = self.status.detail.lock().unwrap();
         d.state = if followed.is_empty() {
-            "waiting"
+            SourceState::Waiting
         } else {
-            "following"
+            SourceState::Following
         };
         d.followed = followed;
     }
