@@ -1,7 +1,14 @@
 //! Tests of the whole config layer: text in, `Config` or one-line error out.
 
-use super::*;
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::remote::check_http_url;
+use super::telemetry::hostname;
+use super::units::{GIB, MIB};
+use super::*;
+use crate::lineproto::Precision;
 
 const BASE: &str = "/etc/edge-replicator";
 
