@@ -3,7 +3,7 @@
 //! agent's one open door: the rules on who may write, and how much, live together here.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Duration;
 
 use serde::de::{self, Deserializer, SeqAccess, Unexpected, Visitor};
@@ -12,6 +12,19 @@ use serde::Deserialize;
 use super::secret::check_secret;
 use super::units::{duration_value, positive, size_value, Scalar, MIB};
 use super::{invalid, ConfigError, Secret, Validator};
+
+/// `listen.address` when the key is left out: loopback, where no token is needed.
+const DEFAULT_ADDRESS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8086));
+/// `listen.max_body_size` when the key is left out.
+const DEFAULT_MAX_BODY_SIZE: u64 = 32 * MIB;
+/// `listen.header_timeout` when the key is left out.
+const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// `listen.body_timeout` when the key is left out.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// `listen.max_request_memory` when the key is left out: about two largest (32 MiB)
+/// bodies with their normalised lines at once, and a peak well under 256 MiB on a 1 GB
+/// board.
+const DEFAULT_MAX_REQUEST_MEMORY: u64 = 128 * MIB;
 
 /// The local write API: `[listen]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,7 +133,7 @@ impl Validator<'_> {
             max_request_memory: None,
         });
         let address = match raw.address {
-            None => SocketAddr::from(([127, 0, 0, 1], 8086)),
+            None => DEFAULT_ADDRESS,
             Some(a) => a.parse().map_err(|_| {
                 invalid(
                     "listen.address",
@@ -144,7 +157,11 @@ impl Validator<'_> {
                 format!("required when listen.address ({address}) is not loopback"),
             ));
         }
-        let max_body_size = size_value("listen.max_body_size", raw.max_body_size, 32 * MIB)?;
+        let max_body_size = size_value(
+            "listen.max_body_size",
+            raw.max_body_size,
+            DEFAULT_MAX_BODY_SIZE,
+        )?;
         if max_body_size == 0 {
             return Err(invalid("listen.max_body_size", "must be greater than 0"));
         }
@@ -153,7 +170,7 @@ impl Validator<'_> {
             duration_value(
                 "listen.header_timeout",
                 raw.header_timeout,
-                Duration::from_secs(10),
+                DEFAULT_HEADER_TIMEOUT,
             )?,
         )?;
         let body_timeout = positive(
@@ -161,16 +178,14 @@ impl Validator<'_> {
             duration_value(
                 "listen.body_timeout",
                 raw.body_timeout,
-                Duration::from_secs(60),
+                DEFAULT_BODY_TIMEOUT,
             )?,
         )?;
         let browsers = browser_guard(raw.allowed_hosts, raw.allowed_origins, raw.metrics_open)?;
-        // 128 MiB: about two largest (32 MiB) bodies with their normalised
-        // lines at once, and a peak well under 256 MiB on a 1 GB board.
         let max_request_memory = size_value(
             "listen.max_request_memory",
             raw.max_request_memory,
-            128 * MIB,
+            DEFAULT_MAX_REQUEST_MEMORY,
         )?;
         if max_request_memory == 0 {
             return Err(invalid(

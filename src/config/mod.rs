@@ -73,6 +73,11 @@ pub const DEFAULT_PATH: &str = "/etc/edge-replicator/config.toml";
 
 const MAX_NAME_LEN: usize = 64;
 
+/// `data_dir` when the key is left out.
+const DEFAULT_DATA_DIR: &str = "/var/lib/edge-replicator";
+/// `shutdown_timeout` when the key is left out.
+const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
 // ---------------------------------------------------------------------------------------
 // The validated config and its errors
 // ---------------------------------------------------------------------------------------
@@ -400,14 +405,14 @@ struct Validator<'a> {
 impl Validator<'_> {
     fn config(mut self, raw: RawConfig) -> Result<Config, ConfigError> {
         let data_dir = match raw.data_dir {
-            None => PathBuf::from("/var/lib/edge-replicator"),
+            None => PathBuf::from(DEFAULT_DATA_DIR),
             Some(d) if d.is_empty() => return Err(invalid("data_dir", "must not be empty")),
             Some(d) => self.resolve(&d),
         };
         let shutdown_timeout = duration_value(
             "shutdown_timeout",
             raw.shutdown_timeout,
-            Duration::from_secs(10),
+            DEFAULT_SHUTDOWN_TIMEOUT,
         )?;
         let log_level = match raw.log_level.as_deref() {
             None | Some("info") => log::LevelFilter::Info,

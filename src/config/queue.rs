@@ -9,6 +9,15 @@ use serde::Deserialize;
 use super::units::{duration_value, size_value, Scalar, GIB, MIB};
 use super::{invalid, ConfigError, Replication, Validator};
 
+/// `queue.commit_interval` when the key is left out.
+const DEFAULT_COMMIT_INTERVAL: Duration = Duration::from_millis(10);
+/// When `queue.map_size` is left out, it is twice the sum of the replications'
+/// `max_queue_size` plus this, rounded up to a whole MiB.
+const DEFAULT_MAP_HEADROOM: u64 = 64 * MIB;
+/// The least room a `queue.map_size` that is given must leave above the sum of the
+/// replications' `max_queue_size`.
+const MIN_MAP_HEADROOM: u64 = 16 * MIB;
+
 /// The queue: `[queue]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueConfig {
@@ -58,7 +67,7 @@ impl Validator<'_> {
         let commit_interval = duration_value(
             "queue.commit_interval",
             raw.commit_interval,
-            Duration::from_millis(10),
+            DEFAULT_COMMIT_INTERVAL,
         )?;
         let durability = match raw.durability.as_deref() {
             None | Some("fsync") => Durability::Fsync,
@@ -78,12 +87,12 @@ impl Validator<'_> {
         let map_size = match raw.map_size {
             None => queued
                 .checked_mul(2)
-                .and_then(|b| b.checked_add(64 * MIB))
+                .and_then(|b| b.checked_add(DEFAULT_MAP_HEADROOM))
                 .and_then(round_up_mib)
                 .ok_or_else(too_large)?,
             Some(v) => {
                 let given = size_value("queue.map_size", Some(v), 0)?;
-                let needed = queued.checked_add(16 * MIB).ok_or_else(too_large)?;
+                let needed = queued.checked_add(MIN_MAP_HEADROOM).ok_or_else(too_large)?;
                 if given < needed {
                     return Err(invalid(
                         "queue.map_size",

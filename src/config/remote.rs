@@ -13,6 +13,19 @@ use url::{ParseError, Url};
 use super::units::{duration_value, positive, Scalar};
 use super::{check_name, invalid, non_empty, ConfigError, Secret, Validator};
 
+/// `timeout` when the key is left out.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// `connect_timeout` when the key is left out.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// `stall_timeout` when the key is left out.
+const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// `probe_interval` when the key is left out.
+const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
+/// `min_backoff` when the key is left out.
+const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(1);
+/// `max_backoff` when the key is left out.
+const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(300);
+
 /// Which write API a remote speaks: InfluxDB 2.x/Cloud (`"v2"`) or 1.x (`"v1"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Api {
@@ -197,14 +210,14 @@ impl Validator<'_> {
         };
         let timeout = positive(
             &key("timeout"),
-            duration_value(&key("timeout"), r.timeout, Duration::from_secs(30))?,
+            duration_value(&key("timeout"), r.timeout, DEFAULT_TIMEOUT)?,
         )?;
         let connect_timeout = positive(
             &key("connect_timeout"),
             duration_value(
                 &key("connect_timeout"),
                 r.connect_timeout,
-                Duration::from_secs(10),
+                DEFAULT_CONNECT_TIMEOUT,
             )?,
         )?;
         let stall_timeout = positive(
@@ -212,7 +225,7 @@ impl Validator<'_> {
             duration_value(
                 &key("stall_timeout"),
                 r.stall_timeout,
-                Duration::from_secs(10),
+                DEFAULT_STALL_TIMEOUT,
             )?,
         )?;
         let probe_interval = positive(
@@ -220,15 +233,14 @@ impl Validator<'_> {
             duration_value(
                 &key("probe_interval"),
                 r.probe_interval,
-                Duration::from_secs(10),
+                DEFAULT_PROBE_INTERVAL,
             )?,
         )?;
         let min_backoff = positive(
             &key("min_backoff"),
-            duration_value(&key("min_backoff"), r.min_backoff, Duration::from_secs(1))?,
+            duration_value(&key("min_backoff"), r.min_backoff, DEFAULT_MIN_BACKOFF)?,
         )?;
-        let max_backoff =
-            duration_value(&key("max_backoff"), r.max_backoff, Duration::from_secs(300))?;
+        let max_backoff = duration_value(&key("max_backoff"), r.max_backoff, DEFAULT_MAX_BACKOFF)?;
         if max_backoff < min_backoff {
             return Err(invalid(
                 key("max_backoff"),

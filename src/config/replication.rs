@@ -12,6 +12,19 @@ use serde::Deserialize;
 use super::units::{duration_value, size_value, Scalar, MIB};
 use super::{check_name, invalid, non_empty, Api, ConfigError, Remote, Validator};
 
+/// `max_queue_size` when the key is left out.
+const DEFAULT_MAX_QUEUE_SIZE: u64 = 256 * MIB;
+/// `max_age` when the key is left out: a week (`0` keeps entries forever).
+const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
+/// `batch_size` when the key is left out.
+const DEFAULT_BATCH_SIZE: u64 = 500_000;
+/// The smallest `batch_size`: 1 kB.
+const MIN_BATCH_SIZE: u64 = 1_000;
+/// `gzip_level` when the key is left out.
+const DEFAULT_GZIP_LEVEL: u32 = 6;
+/// `downsample.allowed_lateness` when the key is left out.
+const DEFAULT_ALLOWED_LATENESS: Duration = Duration::from_secs(30);
+
 /// What a full queue does with a new write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WhenFull {
@@ -213,15 +226,18 @@ impl Validator<'_> {
                 ));
             }
         }
-        let max_queue_size = size_value(&key("max_queue_size"), r.max_queue_size, 256 * MIB)?;
+        let max_queue_size = size_value(
+            &key("max_queue_size"),
+            r.max_queue_size,
+            DEFAULT_MAX_QUEUE_SIZE,
+        )?;
         if max_queue_size == 0 {
             return Err(invalid(key("max_queue_size"), "must be greater than 0"));
         }
-        let max_age =
-            match duration_value(&key("max_age"), r.max_age, Duration::from_secs(7 * 86_400))? {
-                d if d.is_zero() => None,
-                d => Some(d),
-            };
+        let max_age = match duration_value(&key("max_age"), r.max_age, DEFAULT_MAX_AGE)? {
+            d if d.is_zero() => None,
+            d => Some(d),
+        };
         let when_full = match r.when_full.as_deref() {
             None | Some("drop_oldest") => WhenFull::DropOldest,
             Some("reject") => WhenFull::Reject,
@@ -232,8 +248,8 @@ impl Validator<'_> {
                 ))
             }
         };
-        let batch_size = size_value(&key("batch_size"), r.batch_size, 500_000)?;
-        if batch_size < 1_000 {
+        let batch_size = size_value(&key("batch_size"), r.batch_size, DEFAULT_BATCH_SIZE)?;
+        if batch_size < MIN_BATCH_SIZE {
             return Err(invalid(
                 key("batch_size"),
                 format!("{batch_size} bytes is less than the minimum, 1kB"),
@@ -246,7 +262,7 @@ impl Validator<'_> {
             ));
         }
         let gzip_level = match r.gzip_level {
-            None => 6,
+            None => DEFAULT_GZIP_LEVEL,
             Some(level @ 0..=9) => level as u32,
             Some(level) => {
                 return Err(invalid(
@@ -302,7 +318,7 @@ impl Validator<'_> {
                 let allowed_lateness = duration_value(
                     &key("downsample.allowed_lateness"),
                     d.allowed_lateness,
-                    Duration::from_secs(30),
+                    DEFAULT_ALLOWED_LATENESS,
                 )?;
                 let mut fields = BTreeMap::new();
                 for (field, agg) in d.fields.unwrap_or_default() {

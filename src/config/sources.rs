@@ -12,6 +12,11 @@ use super::units::{duration_value, positive, Scalar};
 use super::{invalid, ConfigError, Replication, Validator};
 use crate::lineproto::Precision;
 
+/// `[[tail]]` `poll_interval` when the key is left out.
+const DEFAULT_TAIL_POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// `[[influxdb_wal]]` `poll_interval` when the key is left out.
+const DEFAULT_WAL_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
 /// A followed line-protocol file (or glob of files): one `[[tail]]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tail {
@@ -127,12 +132,15 @@ impl Validator<'_> {
                     return Err(invalid(key("precision"), why));
                 }
             };
-            let default_poll = Duration::from_millis(250);
             out_tails.push(Tail {
                 path,
                 bucket: bucket(&label, t.bucket)?,
                 precision,
-                poll_interval: poll(key("poll_interval"), t.poll_interval, default_poll)?,
+                poll_interval: poll(
+                    key("poll_interval"),
+                    t.poll_interval,
+                    DEFAULT_TAIL_POLL_INTERVAL,
+                )?,
                 from_beginning: t.from_beginning.unwrap_or(true),
                 follow_symlinks: t.follow_symlinks.unwrap_or(false),
             });
@@ -158,10 +166,13 @@ impl Validator<'_> {
                 return Err(invalid(key("database"), why));
             }
             let b = w.bucket.unwrap_or_else(|| db.clone());
-            let default_poll = Duration::from_millis(100);
             out_wals.push(InfluxdbWal {
                 bucket: bucket(&label, b)?,
-                poll_interval: poll(key("poll_interval"), w.poll_interval, default_poll)?,
+                poll_interval: poll(
+                    key("poll_interval"),
+                    w.poll_interval,
+                    DEFAULT_WAL_POLL_INTERVAL,
+                )?,
                 wal_dir,
                 database: db,
             });

@@ -25,6 +25,12 @@ pub struct Telemetry {
 /// own lines.
 pub const MIN_TELEMETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// `telemetry.interval` when the key is left out.
+const DEFAULT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The longest `telemetry.instance_id`, in bytes.
+const MAX_INSTANCE_ID_LEN: usize = 256;
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawTelemetry {
@@ -59,7 +65,7 @@ pub(super) fn telemetry(
             ),
         ));
     }
-    let interval = duration_value("telemetry.interval", raw.interval, Duration::from_secs(60))?;
+    let interval = duration_value("telemetry.interval", raw.interval, DEFAULT_INTERVAL)?;
     if interval < MIN_TELEMETRY_INTERVAL {
         return Err(invalid("telemetry.interval", "must be at least 1s"));
     }
@@ -78,10 +84,10 @@ pub(super) fn telemetry(
             "must be non-empty, without control characters",
         ));
     }
-    if instance_id.len() > 256 {
+    if instance_id.len() > MAX_INSTANCE_ID_LEN {
         return Err(invalid(
             "telemetry.instance_id",
-            "must be at most 256 bytes",
+            format!("must be at most {MAX_INSTANCE_ID_LEN} bytes"),
         ));
     }
     Ok(Telemetry {
