@@ -16,10 +16,10 @@
 //! or `Debug` output ever contains a secret's value. Findings that should not stop the
 //! agent (a token file readable by others, a remote no replication uses) are collected in
 //! [`Config::warnings`] for the caller to log.
-
 //!
 //! The code is split by section of the file, so that a key is added in one place: each
 //! section's module holds its raw struct, its validation and its validated type.
+//!
 //! - `listen`: `[listen]`, the local write API, and what keeps browsers out of it.
 //! - `queue`: `[queue]`, the LMDB queue's commit policy and map size.
 //! - `remote`: `[[remote]]`, where batches go, and its URL checks.

@@ -1,6 +1,7 @@
 //! `[[remote]]`: an InfluxDB the agent ships to, how it authenticates, and how long it
-//! is given. Its own module because a remote carries the config's secrets and URLs: what
-//! may be printed of them (never a token, never a proxy's credentials) is decided here.
+//! is given. Its own module because a remote's checks are the most numerous: its URLs
+//! (parsed with the `url` crate), which credentials go with which API, and a `Debug`
+//! that keeps a proxy's credentials out of logs.
 
 use std::collections::HashMap;
 use std::fmt;
