@@ -1,6 +1,6 @@
 //! A fault-injecting remote: an InfluxDB-shaped HTTP/1.1 server on a loopback
 //! port that misbehaves on purpose, so the delivery tests can prove each row
-//! of the design's "Shipping" table.
+//! of the README's "What happens on each remote answer".
 //!
 //! It is hand-rolled on `std::net` rather than built on a server crate
 //! because a well-behaved server cannot do what the tests need: reset a
