@@ -3,14 +3,11 @@
 //!
 //! # Layout
 //!
-//! Three databases in one environment under `<data_dir>/queue/`:
-//! - `entries`: key `[replication id: u32 BE][sequence: u64 BE]`, value an
-//!   [`entry`] (header with enqueue time, line count, CRC32; then whole lines).
-//! - `meta`: `N<name>` → replication id; `I` → next free id; `R<id BE>` → the
-//!   replication's [`Meta`]: the head position (first unsent byte), the next
-//!   sequence, the exact unsent bytes and lines, and the line counters.
-//! - `dead`: entries set aside (refused by the remote, or failing their CRC),
-//!   keyed like `entries`.
+//! Four databases in one environment under `<data_dir>/queue/`: `entries`
+//! (the logs), `meta` (names, ids, each replication's [`Meta`] record and
+//! the source checkpoints), `dead` (the dead-letter stores) and `windows`
+//! (open downsampling windows). Every key and record format, and the format
+//! versions, are in [`schema`]; the entry format is in [`entry`].
 //!
 //! # Invariants
 //!
@@ -22,13 +19,16 @@
 //!   unless the group already holds 256 KiB of lines),
 //!   applies them all in one write transaction and answers them only after the
 //!   commit returned, i.e. after LMDB's fsync when `durability = "fsync"`.
-//! - Conservation: for every replication `accepted = delivered + queued +
-//!   dropped_full + expired + dropped_non_retryable + dead_lettered`. Status
-//!   reads a snapshot the writer publishes after each commit, never a half
-//!   applied group.
+//! - Conservation: for every replication `accepted + aggregate = delivered +
+//!   queued + dropped_full + expired + dropped_non_retryable + dead_lettered +
+//!   filtered + late + downsampled` ([`Counters::inflow_lines`] equals
+//!   [`Counters::accounted_lines`]). Status reads a snapshot the writer
+//!   publishes after each commit, never a half applied group.
 //! - Entries are removed only by [`Queue::settle`] (after a 2xx, or with the
 //!   lines the remote refused), by `when_full = "drop_oldest"` eviction, by
 //!   `max_age` expiry, or when set aside as corrupt; each is counted.
+//! - A source checkpoint ([`Write::checkpoint`]) commits in the transaction
+//!   that queues the lines read up to it, or not at all.
 //! - Start-up reads one `Meta` and one entry header per replication: its time
 //!   and memory do not grow with the backlog.
 //!
@@ -41,13 +41,13 @@
 
 mod entry;
 mod mapguard;
+mod schema;
 mod writer;
 
 pub use entry::{Corruption, Deflated};
 
 use std::fs::{self, File};
 use std::io;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -61,6 +61,7 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, WithoutTls};
 use crate::config::{Durability, WhenFull};
 use crate::lineproto;
 use crate::transform::Transform;
+use schema::{checkpoint_key, entry_key, key_range, key_seq, meta_key, repl_keys, Meta};
 
 /// A position in a replication's log: an entry and a byte offset in its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -425,7 +426,7 @@ struct Shared {
     entries: Db,
     meta: Db,
     dead: Db,
-    /// Downsampling state: `[id][window start][bucket][series]` → window.
+    /// Downsampling state (see [`schema::window_key`]).
     windows: Db,
     /// Writes that have started reading their body but not yet reached the
     /// writer: the writer lingers for them (bounded by `commit_interval`).
@@ -497,119 +498,6 @@ fn release_map((start, end): (usize, usize)) {
     }
 }
 
-fn entry_key(id: u32, seq: u64) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..4].copy_from_slice(&id.to_be_bytes());
-    k[4..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// Key range `[lo, hi)` in the form heed's unsized key type accepts.
-fn key_range<'a>(lo: &'a [u8], hi: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
-    (Bound::Included(lo), Bound::Excluded(hi))
-}
-
-fn key_seq(key: &[u8]) -> u64 {
-    u64::from_be_bytes(key[4..12].try_into().expect("entry keys are 12 bytes"))
-}
-
-fn checkpoint_key(key: &str) -> Vec<u8> {
-    [b"S".as_slice(), key.as_bytes()].concat()
-}
-
-fn meta_key(id: u32) -> [u8; 5] {
-    let mut k = [b'R', 0, 0, 0, 0];
-    k[1..].copy_from_slice(&id.to_be_bytes());
-    k
-}
-
-/// Per-replication state stored in `meta`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Meta {
-    pub head: Pos,
-    pub next_seq: u64,
-    pub c: Counters,
-}
-
-impl Meta {
-    /// 2: the log may hold deflated entries (entry format 2). Older
-    /// versions of the agent refuse a meta they do not know, rather than
-    /// setting such entries aside as damaged; this one reads version 1 too.
-    const VERSION: u64 = 2;
-
-    fn encode(&self) -> Vec<u8> {
-        let c = &self.c;
-        let fields = [
-            Self::VERSION,
-            self.head.seq,
-            self.head.off as u64,
-            self.next_seq,
-            c.queued_bytes,
-            c.queued_lines,
-            c.accepted_lines,
-            c.accepted_bytes,
-            c.delivered_lines,
-            c.delivered_bytes,
-            c.dropped_full_lines,
-            c.expired_lines,
-            c.dropped_non_retryable_lines,
-            c.dead_lettered_lines,
-            c.rejected_lines,
-            c.rejected_bytes,
-            c.dead_letter_lines,
-            c.dead_letter_bytes,
-            c.dead_letter_purged_lines,
-            c.filtered_lines,
-            c.late_lines,
-            c.downsampled_lines,
-            c.aggregate_lines,
-        ];
-        fields.iter().flat_map(|f| f.to_le_bytes()).collect()
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Meta> {
-        if !bytes.chunks_exact(8).remainder().is_empty() || bytes.len() < 8 * 6 {
-            return None;
-        }
-        let mut f = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()));
-        if !(1..=Self::VERSION).contains(&f.next()?) {
-            return None;
-        }
-        // Fields added later read as zero from older metas.
-        let mut next = || f.next().unwrap_or(0);
-        let head = Pos {
-            seq: next(),
-            off: next() as u32,
-        };
-        let next_seq = next();
-        let mut c = Counters {
-            queued_bytes: next(),
-            queued_lines: next(),
-            ..Counters::default()
-        };
-        c.accepted_lines = next();
-        c.accepted_bytes = next();
-        c.delivered_lines = next();
-        c.delivered_bytes = next();
-        c.dropped_full_lines = next();
-        c.expired_lines = next();
-        c.dropped_non_retryable_lines = next();
-        c.dead_lettered_lines = next();
-        c.rejected_lines = next();
-        c.rejected_bytes = next();
-        c.dead_letter_lines = next();
-        c.dead_letter_bytes = next();
-        c.dead_letter_purged_lines = next();
-        c.filtered_lines = next();
-        c.late_lines = next();
-        c.downsampled_lines = next();
-        c.aggregate_lines = next();
-        Some(Meta { head, next_seq, c })
-    }
-}
-
 fn lock_data_dir(dir: &Path) -> Result<File, QueueError> {
     use std::os::unix::io::AsRawFd;
     let path = dir.join("LOCK");
@@ -652,10 +540,10 @@ impl Queue {
         let map_guard = mapguard::guard(&qdir.join("data.mdb"));
         let (entries, meta, dead, windows) = (|| {
             let mut wtxn = env.write_txn()?;
-            let entries: Db = env.create_database(&mut wtxn, Some("entries"))?;
-            let meta: Db = env.create_database(&mut wtxn, Some("meta"))?;
-            let dead: Db = env.create_database(&mut wtxn, Some("dead"))?;
-            let windows: Db = env.create_database(&mut wtxn, Some("windows"))?;
+            let entries: Db = env.create_database(&mut wtxn, Some(schema::ENTRIES))?;
+            let meta: Db = env.create_database(&mut wtxn, Some(schema::META))?;
+            let dead: Db = env.create_database(&mut wtxn, Some(schema::DEAD))?;
+            let windows: Db = env.create_database(&mut wtxn, Some(schema::WINDOWS))?;
             wtxn.commit()?;
             Ok((entries, meta, dead, windows))
         })()
@@ -1027,8 +915,7 @@ impl Queue {
     ) -> Result<Vec<DeadLetter>, QueueError> {
         let s = &self.shared;
         let rtxn = s.env.read_txn()?;
-        let lo = entry_key(repl.id, 0);
-        let hi = entry_key(repl.id + 1, 0);
+        let (lo, hi) = repl_keys(repl.id);
         let mut out = Vec::new();
         for item in s.dead.range(&rtxn, &key_range(&lo, &hi))? {
             let (key, raw) = item?;

@@ -20,9 +20,12 @@ use log::{debug, error, warn};
 use tokio::sync::oneshot;
 
 use super::entry;
+use super::schema::{
+    self, checkpoint_key, dead_key, entry_key, key_range, key_seq, meta_key, repl_keys,
+    split_window_key, window_key, Meta,
+};
 use super::{
-    checkpoint_key, entry_key, key_range, key_seq, meta_key, Counters, Meta, Pos, QueueError,
-    ReplHandle, ReplSpec, Segment, Settlement, Shared, Signal, Write,
+    Counters, Pos, QueueError, ReplHandle, ReplSpec, Segment, Settlement, Shared, Signal, Write,
 };
 use crate::config::WhenFull;
 use crate::transform::downsample::{Deltas, Folded, Window};
@@ -168,22 +171,24 @@ impl Writer {
         }
         let s = self.shared.clone();
         let mut wtxn = s.env.write_txn()?;
-        let name_key = [b"N".as_slice(), spec.name.as_bytes()].concat();
-        let id = match s.meta.get(&wtxn, &name_key)? {
-            Some(v) if v.len() == 4 => u32::from_be_bytes(v.try_into().unwrap()),
-            Some(_) => {
+        let name_key = schema::name_key(&spec.name);
+        let id = match s.meta.get(&wtxn, &name_key)?.map(schema::decode_id) {
+            Some(Some(id)) => id,
+            Some(None) => {
                 return Err(QueueError::Storage(format!(
                     "meta record of replication \"{}\" is damaged",
                     spec.name
                 )))
             }
             None => {
-                let id = match s.meta.get(&wtxn, b"I")? {
-                    Some(v) if v.len() == 4 => u32::from_be_bytes(v.try_into().unwrap()),
-                    _ => 1,
-                };
-                s.meta.put(&mut wtxn, &name_key, &id.to_be_bytes())?;
-                s.meta.put(&mut wtxn, b"I", &(id + 1).to_be_bytes())?;
+                let id = s
+                    .meta
+                    .get(&wtxn, schema::NEXT_ID_KEY)?
+                    .and_then(schema::decode_id)
+                    .unwrap_or(1);
+                s.meta.put(&mut wtxn, &name_key, &schema::encode_id(id))?;
+                s.meta
+                    .put(&mut wtxn, schema::NEXT_ID_KEY, &schema::encode_id(id + 1))?;
                 s.meta
                     .put(&mut wtxn, &meta_key(id), &Meta::default().encode())?;
                 id
@@ -886,8 +891,7 @@ impl Writer {
     fn purge(&mut self, wtxn: &mut RwTxn, id: u32, keep_bytes: u64) -> Result<u64, QueueError> {
         let shared = self.shared.clone();
         let c = &mut self.states.get_mut(&id).expect("attached").meta.c;
-        let lo = entry_key(id, 0);
-        let hi = entry_key(id + 1, 0);
+        let (lo, hi) = repl_keys(id);
         let mut doomed = Vec::new();
         let (mut bytes_left, mut lines) = (c.dead_letter_bytes, 0u64);
         for item in shared.dead.range(wtxn, &key_range(&lo, &hi))? {
@@ -920,8 +924,7 @@ impl Writer {
     /// Moves replayable dead letters back into the log while they fit.
     fn replay(&mut self, wtxn: &mut RwTxn, id: u32, now: u64) -> Result<u64, QueueError> {
         let shared = self.shared.clone();
-        let lo = entry_key(id, 0);
-        let hi = entry_key(id + 1, 0);
+        let (lo, hi) = repl_keys(id);
         let records: Vec<(Vec<u8>, Vec<u8>)> = shared
             .dead
             .range(wtxn, &key_range(&lo, &hi))?
@@ -1159,14 +1162,13 @@ fn head_enqueued(
 }
 
 fn next_dead_key(s: &Shared, txn: &RwTxn, id: u32) -> Result<[u8; 12], QueueError> {
-    let lo = entry_key(id, 0);
-    let hi = entry_key(id + 1, 0);
+    let (lo, hi) = repl_keys(id);
     let last = s
         .dead
         .rev_range(txn, &key_range(&lo, &hi))?
         .next()
         .transpose()?;
-    Ok(entry_key(id, last.map_or(0, |(k, _)| key_seq(k) + 1)))
+    Ok(dead_key(id, last.map_or(0, |(k, _)| key_seq(k) + 1)))
 }
 
 /// The lines of a write's segments.
@@ -1237,22 +1239,4 @@ fn prepare<'a>(
         filtered: applied.filtered,
         windows: None,
     }
-}
-
-/// `[id][window start, order-preserving][bucket length u16][bucket][series key]`.
-fn window_key(id: u32, start: i64, bucket: &str, series: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(14 + bucket.len() + series.len());
-    k.extend_from_slice(&id.to_be_bytes());
-    k.extend_from_slice(&((start as u64) ^ (1 << 63)).to_be_bytes());
-    k.extend_from_slice(&(bucket.len() as u16).to_be_bytes());
-    k.extend_from_slice(bucket.as_bytes());
-    k.extend_from_slice(series);
-    k
-}
-
-fn split_window_key(k: &[u8]) -> Option<(i64, &str, &[u8])> {
-    let start = (u64::from_be_bytes(k.get(4..12)?.try_into().ok()?) ^ (1 << 63)) as i64;
-    let blen = u16::from_be_bytes(k.get(12..14)?.try_into().ok()?) as usize;
-    let bucket = std::str::from_utf8(k.get(14..14 + blen)?).ok()?;
-    Some((start, bucket, &k[14 + blen..]))
 }
