@@ -158,6 +158,22 @@ impl Writer {
         }
     }
 
+    /// The state of replication `id`, which must be attached. Every command
+    /// naming a replication holds a handle [`Writer::attach`] gave out:
+    /// appends check their targets before touching them, and settlements,
+    /// set-asides and dead-letter operations come from the replication's own
+    /// worker and endpoints, which stop before a reload detaches it.
+    fn state(&self, id: u32) -> &ReplState {
+        self.states.get(&id).expect("the replication is attached")
+    }
+
+    /// [`Writer::state`], to change.
+    fn state_mut(&mut self, id: u32) -> &mut ReplState {
+        self.states
+            .get_mut(&id)
+            .expect("the replication is attached")
+    }
+
     /// Finds or creates the replication's log and loads its meta; for one
     /// already attached, takes the new bounds.
     pub fn attach(&mut self, spec: &ReplSpec) -> Result<Arc<ReplHandle>, QueueError> {
@@ -467,7 +483,7 @@ impl Writer {
             results.push(r);
         }
         for id in touched.iter() {
-            let st = &self.states[id];
+            let st = self.state(*id);
             shared
                 .meta
                 .put(&mut wtxn, &meta_key(*id), &st.meta.encode())?;
@@ -543,7 +559,7 @@ impl Writer {
             ));
         }
         for (t, p) in a.targets.iter().zip(&prepared) {
-            let st = self.states.get_mut(&t.id).expect("checked above");
+            let st = self.state_mut(t.id);
             let len = match (&p.payload, &cmd.segments) {
                 (Cow::Borrowed(_), Some(_)) => total,
                 _ => p.payload.len() as u64,
@@ -572,18 +588,7 @@ impl Writer {
         for (t, p) in a.targets.iter().zip(prepared) {
             touched.insert(t.id);
             if let Some((deltas, folded)) = p.windows {
-                for ((start, series), delta) in deltas {
-                    let key = window_key(t.id, start, &a.bucket, &series);
-                    let mut w = match shared.windows.get(wtxn, &key)? {
-                        Some(raw) => Window::decode(raw).unwrap_or_default(),
-                        None => Window::default(),
-                    };
-                    w.merge(&delta);
-                    shared.windows.put(wtxn, &key, &w.encode())?;
-                }
-                let c = &mut self.states.get_mut(&t.id).expect("checked above").meta.c;
-                c.late_lines += folded.late;
-                c.downsampled_lines += folded.folded;
+                self.fold_into_windows(wtxn, t.id, &a.bucket, deltas, folded)?;
             } else if p.lines > 0 {
                 match (&p.payload, &cmd.segments) {
                     // Unchanged lines: store them as compressed at ingest.
@@ -610,7 +615,7 @@ impl Writer {
                 }
                 appended.insert(t.id);
             }
-            let c = &mut self.states.get_mut(&t.id).expect("checked above").meta.c;
+            let c = &mut self.state_mut(t.id).meta.c;
             c.accepted_lines += a.lines;
             c.accepted_bytes += total;
             c.filtered_lines += p.filtered;
@@ -622,7 +627,8 @@ impl Writer {
     }
 
     /// Appends an entry to `id`'s log, evicting whole oldest entries first
-    /// as far as `drop_oldest` needs, and counts it as queued.
+    /// as far as `drop_oldest` needs ([`Writer::evict_oldest`]), and counts
+    /// it as queued.
     fn push_entry(
         &mut self,
         wtxn: &mut RwTxn,
@@ -637,26 +643,9 @@ impl Writer {
             Stored::Segment(seg) => (&seg.data[..], Some(seg.deflated)),
         };
         let len = deflated.map_or(payload.len() as u64, |d| d.len as u64);
-        loop {
-            let st = &self.states[&id];
-            if st.meta.c.queued_bytes + len <= st.spec.max_bytes
-                || st.meta.head.seq >= st.meta.next_seq
-            {
-                break;
-            }
-            let head = st.meta.head.seq;
-            self.remove_head(
-                wtxn,
-                id,
-                Pos {
-                    seq: head,
-                    off: u32::MAX,
-                },
-                Removal::DroppedFull,
-            )?;
-        }
+        self.evict_oldest(wtxn, id, len)?;
         let shared = self.shared.clone();
-        let st = self.states.get_mut(&id).expect("attached");
+        let st = self.state_mut(id);
         let header = entry::header(now, lines as u32, bucket, deflated);
         shared.entries.put_reserved(
             wtxn,
@@ -678,6 +667,57 @@ impl Writer {
         Ok(())
     }
 
+    /// Eviction: removes whole entries from the head of `id`'s log, counted
+    /// as dropped_full, until `len` more bytes fit its bound or the log is
+    /// empty. This is what `when_full = "drop_oldest"` means; with `reject`,
+    /// callers refuse an entry that does not fit before it gets here.
+    fn evict_oldest(&mut self, wtxn: &mut RwTxn, id: u32, len: u64) -> Result<(), QueueError> {
+        loop {
+            let st = self.state(id);
+            if st.meta.c.queued_bytes + len <= st.spec.max_bytes
+                || st.meta.head.seq >= st.meta.next_seq
+            {
+                return Ok(());
+            }
+            let head = st.meta.head.seq;
+            self.remove_head(
+                wtxn,
+                id,
+                Pos {
+                    seq: head,
+                    off: u32::MAX,
+                },
+                Removal::DroppedFull,
+            )?;
+        }
+    }
+
+    /// Merges a write's window deltas into `id`'s open windows and counts
+    /// its late and folded lines.
+    fn fold_into_windows(
+        &mut self,
+        wtxn: &mut RwTxn,
+        id: u32,
+        bucket: &str,
+        deltas: Deltas,
+        folded: Folded,
+    ) -> Result<(), QueueError> {
+        let shared = self.shared.clone();
+        for ((start, series), delta) in deltas {
+            let key = window_key(id, start, bucket, &series);
+            let mut w = match shared.windows.get(wtxn, &key)? {
+                Some(raw) => Window::decode(raw).unwrap_or_default(),
+                None => Window::default(),
+            };
+            w.merge(&delta);
+            shared.windows.put(wtxn, &key, &w.encode())?;
+        }
+        let c = &mut self.state_mut(id).meta.c;
+        c.late_lines += folded.late;
+        c.downsampled_lines += folded.folded;
+        Ok(())
+    }
+
     /// Queues the aggregates of every closed window of the downsampling
     /// replications and deletes their state, in the caller's transaction.
     fn close_windows(
@@ -690,7 +730,7 @@ impl Writer {
         let shared = self.shared.clone();
         let ids: Vec<u32> = self.states.keys().copied().collect();
         for id in ids {
-            let st = &self.states[&id];
+            let st = self.state(id);
             let Some(spec) = st
                 .spec
                 .transform
@@ -719,7 +759,7 @@ impl Writer {
                 let Some(w) = Window::decode(raw) else {
                     error!(
                         "replication \"{}\": damaged window state dropped",
-                        self.states[&id].spec.name
+                        self.state(id).spec.name
                     );
                     continue;
                 };
@@ -727,7 +767,7 @@ impl Writer {
                 spec.emit(series, start, &w, payload);
                 *lines += 1;
             }
-            let st = &self.states[&id];
+            let st = self.state(id);
             let total: u64 = by_bucket.values().map(|(p, _)| p.len() as u64).sum();
             if st.spec.when_full == WhenFull::Reject
                 && st.meta.c.queued_bytes + total > st.spec.max_bytes
@@ -737,12 +777,7 @@ impl Writer {
             }
             for (bucket, (payload, lines)) in by_bucket {
                 self.push_entry(wtxn, id, &bucket, Stored::Lines(&payload), lines, now)?;
-                self.states
-                    .get_mut(&id)
-                    .expect("attached")
-                    .meta
-                    .c
-                    .aggregate_lines += lines;
+                self.state_mut(id).meta.c.aggregate_lines += lines;
             }
             for (key, _) in &closed {
                 shared.windows.delete(wtxn, key)?;
@@ -772,10 +807,7 @@ impl Writer {
                 set.dead_letter.len() as u64,
             )?;
         }
-        let st = self
-            .states
-            .get_mut(&id)
-            .expect("settled replication is attached");
+        let st = self.state_mut(id);
         // The batch's lines that left the queue while it was in flight: the
         // remote has them, except those it refused that could not be set
         // aside above (they are gone, and stay counted as dropped).
@@ -806,7 +838,7 @@ impl Writer {
     /// Moves entry `seq` (expected at the head) to the dead-letter store.
     fn set_aside(&mut self, wtxn: &mut RwTxn, id: u32, seq: u64) -> Result<(), QueueError> {
         let shared = self.shared.clone();
-        let st = self.states.get_mut(&id).expect("attached");
+        let st = self.state_mut(id);
         if seq < st.meta.head.seq || seq >= st.meta.next_seq {
             return Ok(());
         }
@@ -829,7 +861,7 @@ impl Writer {
             self.add_dead(wtxn, id, &reason, &raw, lines, bytes)?;
             shared.entries.delete(wtxn, &key)?;
         }
-        let st = self.states.get_mut(&id).expect("attached");
+        let st = self.state_mut(id);
         if seq == st.meta.head.seq {
             st.meta.head = Pos {
                 seq: seq + 1,
@@ -843,15 +875,10 @@ impl Writer {
         c.dead_lettered_lines += lines;
         let meta = st.meta;
         let oldest = head_enqueued(&shared, wtxn, id, &meta)?;
-        self.states
-            .get_mut(&id)
-            .expect("attached")
-            .meta
-            .c
-            .oldest_enqueued_ns = oldest;
+        self.state_mut(id).meta.c.oldest_enqueued_ns = oldest;
         error!(
             "replication \"{}\": entry {seq} failed its checksum; {lines} lines set aside in the dead-letter store",
-            self.states[&id].spec.name
+            self.state(id).spec.name
         );
         Ok(())
     }
@@ -867,20 +894,20 @@ impl Writer {
         bytes: u64,
     ) -> Result<(), QueueError> {
         let shared = self.shared.clone();
-        let st = &self.states[&id];
+        let st = self.state(id);
         let cap = DEAD_LETTER_MAX.min(st.spec.max_bytes);
         if st.meta.c.dead_letter_bytes + bytes > cap {
             let purged = self.purge(wtxn, id, cap.saturating_sub(bytes).max(1))?;
             warn!(
                 "replication \"{}\": dead-letter store full; {purged} oldest dead-lettered lines purged",
-                self.states[&id].spec.name
+                self.state(id).spec.name
             );
         }
         let key = next_dead_key(&shared, wtxn, id)?;
         shared
             .dead
             .put(wtxn, &key, &entry::encode_dead(reason, entry_bytes))?;
-        let c = &mut self.states.get_mut(&id).expect("attached").meta.c;
+        let c = &mut self.state_mut(id).meta.c;
         c.dead_letter_lines += lines;
         c.dead_letter_bytes += bytes;
         Ok(())
@@ -890,7 +917,7 @@ impl Writer {
     /// remain (0: all of them). Returns the lines purged.
     fn purge(&mut self, wtxn: &mut RwTxn, id: u32, keep_bytes: u64) -> Result<u64, QueueError> {
         let shared = self.shared.clone();
-        let c = &mut self.states.get_mut(&id).expect("attached").meta.c;
+        let c = &mut self.state_mut(id).meta.c;
         let (lo, hi) = repl_keys(id);
         let mut doomed = Vec::new();
         let (mut bytes_left, mut lines) = (c.dead_letter_bytes, 0u64);
@@ -939,7 +966,7 @@ impl Writer {
             let Ok(payload) = e.lines_bytes() else {
                 continue;
             };
-            let st = &self.states[&id];
+            let st = self.state(id);
             let len = payload.len() as u64;
             if st.meta.c.queued_bytes + len > st.spec.max_bytes {
                 break;
@@ -947,7 +974,7 @@ impl Writer {
             let lines = e.lines as u64;
             self.push_entry(wtxn, id, e.bucket, Stored::Lines(&payload), lines, now)?;
             shared.dead.delete(wtxn, &key)?;
-            let c = &mut self.states.get_mut(&id).expect("attached").meta.c;
+            let c = &mut self.state_mut(id).meta.c;
             c.dead_lettered_lines = c.dead_lettered_lines.saturating_sub(lines);
             c.dead_letter_lines = c.dead_letter_lines.saturating_sub(lines);
             c.dead_letter_bytes = c.dead_letter_bytes.saturating_sub(len);
@@ -965,7 +992,7 @@ impl Writer {
         let ids: Vec<u32> = self.states.keys().copied().collect();
         for id in ids {
             loop {
-                let st = &self.states[&id];
+                let st = self.state(id);
                 let (Some(max_age), Some(oldest)) = (st.spec.max_age, st.meta.c.oldest_enqueued_ns)
                 else {
                     break;
@@ -986,7 +1013,7 @@ impl Writer {
                 touched.insert(id);
                 warn!(
                     "replication \"{}\": {lines} lines older than max_age expired unsent",
-                    self.states[&id].spec.name
+                    self.state(id).spec.name
                 );
             }
         }
@@ -1003,7 +1030,7 @@ impl Writer {
         why: Removal,
     ) -> Result<(u64, u64), QueueError> {
         let shared = self.shared.clone();
-        let st = self.states.get_mut(&id).expect("attached");
+        let st = self.state_mut(id);
         let m = &mut st.meta;
         let (mut lines, mut bytes) = (0u64, 0u64);
         while m.head < to && m.head.seq < m.next_seq {
