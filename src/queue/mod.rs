@@ -165,8 +165,14 @@ pub enum QueueError {
     },
     #[error("queue storage is full: {0}")]
     StorageFull(String),
-    #[error("queue storage error: {0}")]
-    Storage(String),
+    /// `message` says what failed, for operators, with the text of the error
+    /// that caused it (if any); `source` keeps that error itself.
+    #[error("queue storage error: {message}")]
+    Storage {
+        message: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("data directory {0} is in use by another edge-replicator process")]
     Locked(PathBuf),
     #[error("replication \"{replication}\" entry {seq} is corrupt: {why}")]
@@ -177,6 +183,53 @@ pub enum QueueError {
     },
     #[error("queue is shut down")]
     Closed,
+}
+
+/// The error that caused a [`QueueError::Storage`], shared so that errors
+/// can be cloned. It derefs to the error itself, which is what
+/// [`std::error::Error::source`] then returns (so that it can be downcast).
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::ops::Deref for Cause {
+    type Target = dyn std::error::Error + Send + Sync;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl QueueError {
+    /// A storage error no other error caused.
+    pub(crate) fn storage(message: impl Into<String>) -> QueueError {
+        QueueError::Storage {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A storage error caused by `source`; `message` includes its text.
+    pub(crate) fn storage_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> QueueError {
+        QueueError::Storage {
+            message: message.into(),
+            source: Some(Cause(Arc::new(source))),
+        }
+    }
+
+    /// A storage error with `what` (what the queue was doing) before its
+    /// message, keeping its source; other errors as they are.
+    fn context(self, what: impl std::fmt::Display) -> QueueError {
+        match self {
+            QueueError::Storage { message, source } => QueueError::Storage {
+                message: format!("{what}: {message}"),
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 impl From<heed::Error> for QueueError {
@@ -196,7 +249,7 @@ impl From<heed::Error> for QueueError {
             heed::Error::Io(io) if io.raw_os_error() == Some(libc::EIO) => {
                 QueueError::StorageFull(format!("{e} (disk full, or a failing storage device)"))
             }
-            _ => QueueError::Storage(e.to_string()),
+            _ => QueueError::storage_from(e.to_string(), e),
         }
     }
 }
@@ -501,8 +554,9 @@ fn release_map((start, end): (usize, usize)) {
 fn lock_data_dir(dir: &Path) -> Result<File, QueueError> {
     use std::os::unix::io::AsRawFd;
     let path = dir.join("LOCK");
-    let file = File::create(&path)
-        .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
+    let file = File::create(&path).map_err(|e| {
+        QueueError::storage_from(format!("cannot create {}: {e}", path.display()), e)
+    })?;
     // SAFETY: flock on a descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -516,8 +570,9 @@ impl Queue {
     /// Replications found on disk but not given stay on disk untouched.
     pub fn open(dir: &Path, opts: &QueueOptions, repls: &[ReplSpec]) -> Result<Queue, QueueError> {
         let qdir = dir.join("queue");
-        fs::create_dir_all(&qdir)
-            .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", qdir.display())))?;
+        fs::create_dir_all(&qdir).map_err(|e| {
+            QueueError::storage_from(format!("cannot create {}: {e}", qdir.display()), e)
+        })?;
         let lock = lock_data_dir(dir)?;
         check_foreign_files(&qdir)?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
@@ -532,10 +587,13 @@ impl Queue {
         // ours maps it; heed's remaining requirement is not to open the same
         // path twice in this process, which `open` is called once for.
         let env = unsafe { options.open(&qdir) }.map_err(|e| {
-            QueueError::Storage(format!(
-                "cannot open the queue in {}: {e} (is it an edge-replicator data_dir?)",
-                qdir.display()
-            ))
+            QueueError::storage_from(
+                format!(
+                    "cannot open the queue in {}: {e} (is it an edge-replicator data_dir?)",
+                    qdir.display()
+                ),
+                e,
+            )
         })?;
         let map_guard = mapguard::guard(&qdir.join("data.mdb"));
         let (entries, meta, dead, windows) = (|| {
@@ -568,16 +626,13 @@ impl Queue {
             .iter()
             .map(|spec| w.attach(spec))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| match e {
-                QueueError::Storage(m) => {
-                    QueueError::Storage(format!("opening the queue in {}: {m}", qdir.display()))
-                }
-                e => e,
-            })?;
+            .map_err(|e| e.context(format_args!("opening the queue in {}", qdir.display())))?;
         let writer = thread::Builder::new()
             .name("queue-writer".into())
             .spawn(move || w.run())
-            .map_err(|e| QueueError::Storage(format!("cannot start the writer thread: {e}")))?;
+            .map_err(|e| {
+                QueueError::storage_from(format!("cannot start the writer thread: {e}"), e)
+            })?;
         Ok(Queue {
             shared,
             tx,
@@ -994,19 +1049,21 @@ impl Drop for Queue {
 /// and foreign files get a hint at what to do.
 fn opening(qdir: &Path, e: heed::Error) -> QueueError {
     use heed::MdbError::*;
-    match &e {
-        heed::Error::Mdb(Corrupted | Incompatible | PageNotFound | Invalid | VersionMismatch | Panic) => {
-            QueueError::Storage(format!(
+    if matches!(
+        e,
+        heed::Error::Mdb(
+            Corrupted | Incompatible | PageNotFound | Invalid | VersionMismatch | Panic
+        )
+    ) {
+        QueueError::storage_from(
+            format!(
                 "the queue in {} is damaged or was not written by edge-replicator: {e} (move the data_dir aside, or restore it from a copy)",
                 qdir.display()
-            ))
-        }
-        _ => match QueueError::from(e) {
-            QueueError::Storage(m) => {
-                QueueError::Storage(format!("opening the queue in {}: {m}", qdir.display()))
-            }
-            other => other,
-        },
+            ),
+            e,
+        )
+    } else {
+        QueueError::from(e).context(format_args!("opening the queue in {}", qdir.display()))
     }
 }
 
@@ -1015,21 +1072,21 @@ fn opening(qdir: &Path, e: heed::Error) -> QueueError {
 fn check_foreign_files(qdir: &Path) -> Result<(), QueueError> {
     let data = qdir.join("data.mdb");
     match fs::metadata(&data) {
-        Ok(m) if !m.is_file() => Err(QueueError::Storage(format!(
+        Ok(m) if !m.is_file() => Err(QueueError::storage(format!(
             "{} is not a regular file",
             data.display()
         ))),
-        Ok(m) if m.len() > 0 && m.len() < 2 * 4096 => Err(QueueError::Storage(format!(
+        Ok(m) if m.len() > 0 && m.len() < 2 * 4096 => Err(QueueError::storage(format!(
             "{} is too small to be an LMDB environment ({} bytes)",
             data.display(),
             m.len()
         ))),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(QueueError::Storage(format!(
-            "cannot read {}: {e}",
-            data.display()
-        ))),
+        Err(e) => Err(QueueError::storage_from(
+            format!("cannot read {}: {e}", data.display()),
+            e,
+        )),
     }
 }
 

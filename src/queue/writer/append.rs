@@ -142,7 +142,7 @@ fn inflate(segments: &[Segment]) -> Result<Vec<u8>, QueueError> {
     let mut out = Vec::new();
     for s in segments {
         crate::deflate::inflate_segment(&s.data, s.deflated.len as usize, &mut out)
-            .map_err(|e| QueueError::Storage(format!("a write's compressed lines: {e}")))?;
+            .map_err(|e| QueueError::storage(format!("a write's compressed lines: {e}")))?;
     }
     Ok(out)
 }

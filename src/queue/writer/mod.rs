@@ -172,7 +172,7 @@ impl Writer {
         let id = match s.meta.get(&wtxn, &name_key)?.map(schema::decode_id) {
             Some(Some(id)) => id,
             Some(None) => {
-                return Err(QueueError::Storage(format!(
+                return Err(QueueError::storage(format!(
                     "meta record of replication \"{}\" is damaged",
                     spec.name
                 )))
@@ -195,7 +195,7 @@ impl Writer {
         let mut meta = match raw {
             None => Meta::default(),
             Some(raw) => Meta::decode(raw).ok_or_else(|| {
-                QueueError::Storage(format!(
+                QueueError::storage(format!(
                     "meta record of replication \"{}\" has an unknown format (written by a newer version?)",
                     spec.name
                 ))
