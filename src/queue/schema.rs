@@ -267,18 +267,23 @@ mod tests {
             next_seq: 9,
             c: Counters {
                 queued_bytes: 11,
+                queued_lines: 5,
                 aggregate_lines: 13,
                 ..Counters::default()
             },
         };
-        let bytes = m.encode();
+        let mut bytes = m.encode();
         let fields: Vec<u64> = bytes
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
         assert_eq!(fields.len(), 23);
-        assert_eq!(&fields[..5], &[2, 3, 7, 9, 11]);
+        assert_eq!(&fields[..6], &[2, 3, 7, 9, 11, 5]);
         assert_eq!(fields[22], 13);
         assert_eq!(Meta::decode(&bytes), Some(m));
+        bytes[..8].copy_from_slice(&1u64.to_le_bytes());
+        assert_eq!(Meta::decode(&bytes), Some(m), "a version 1 meta is read");
+        bytes[..8].copy_from_slice(&3u64.to_le_bytes());
+        assert_eq!(Meta::decode(&bytes), None, "a newer meta is refused");
     }
 }

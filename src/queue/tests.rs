@@ -876,23 +876,6 @@ fn deflated_entries_are_evicted_whole_and_survive_a_reopen() {
 }
 
 #[test]
-fn a_version_1_meta_is_read() {
-    let m = Meta {
-        head: Pos { seq: 3, off: 7 },
-        next_seq: 9,
-        c: Counters {
-            queued_lines: 5,
-            ..Counters::default()
-        },
-    };
-    let mut bytes = m.encode();
-    bytes[..8].copy_from_slice(&1u64.to_le_bytes());
-    assert_eq!(Meta::decode(&bytes), Some(m));
-    bytes[..8].copy_from_slice(&3u64.to_le_bytes());
-    assert_eq!(Meta::decode(&bytes), None, "a newer meta is refused");
-}
-
-#[test]
 fn a_transforming_replication_gets_lines_back_from_segments() {
     // Ingest keeps only the segments when no replication transforms the
     // lines; a reload may add one before the write reaches the queue.
