@@ -9,6 +9,18 @@
 //! (open downsampling windows). Every key and record format, and the format
 //! versions, are in [`schema`]; the entry format is in [`entry`].
 //!
+//! # Where things are
+//!
+//! - This file: opening the environment, and the read path (batches,
+//!   dead-letter listing, checkpoints), which uses read transactions only.
+//! - [`schema`]: the on-disk format: keys, the meta record, format versions.
+//! - [`entry`]: the format of one entry.
+//! - [`writer`]: the writer thread's group commit; what it does to a log is
+//!   in a file per feature: `writer::log` (appending, eviction, expiry,
+//!   settlement), `writer::dead_letter`, `writer::windows` (downsampling)
+//!   and `writer::append` (a write's transform and bounds).
+//! - [`mapguard`]: a SIGBUS reading the map becomes a clear error.
+//!
 //! # Invariants
 //!
 //! - Only the writer thread opens write transactions, and every change to a
@@ -26,7 +38,8 @@
 //!   publishes after each commit, never a half applied group.
 //! - Entries are removed only by [`Queue::settle`] (after a 2xx, or with the
 //!   lines the remote refused), by `when_full = "drop_oldest"` eviction, by
-//!   `max_age` expiry, or when set aside as corrupt; each is counted.
+//!   `max_age` expiry (all three in `writer::log`), or when set aside as
+//!   corrupt (`writer::dead_letter`); each is counted.
 //! - A source checkpoint ([`Write::checkpoint`]) commits in the transaction
 //!   that queues the lines read up to it, or not at all.
 //! - Start-up reads one `Meta` and one entry header per replication: its time
