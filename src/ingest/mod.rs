@@ -239,7 +239,7 @@ impl Ingest {
                     prepare(body, precision, now, refuse_unsigned, deflate)
                 })
                 .await
-                .map_err(|e| QueueError::Storage(format!("validation task failed: {e}")))?
+                .map_err(|e| QueueError::storage_from(format!("validation task failed: {e}"), e))?
             } else {
                 prepare(body, precision, now, refuse_unsigned, None)
             };

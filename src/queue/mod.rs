@@ -3,14 +3,23 @@
 //!
 //! # Layout
 //!
-//! Three databases in one environment under `<data_dir>/queue/`:
-//! - `entries`: key `[replication id: u32 BE][sequence: u64 BE]`, value an
-//!   [`entry`] (header with enqueue time, line count, CRC32; then whole lines).
-//! - `meta`: `N<name>` → replication id; `I` → next free id; `R<id BE>` → the
-//!   replication's [`Meta`]: the head position (first unsent byte), the next
-//!   sequence, the exact unsent bytes and lines, and the line counters.
-//! - `dead`: entries set aside (refused by the remote, or failing their CRC),
-//!   keyed like `entries`.
+//! Four databases in one environment under `<data_dir>/queue/`: `entries`
+//! (the logs), `meta` (names, ids, each replication's [`Meta`] record and
+//! the source checkpoints), `dead` (the dead-letter stores) and `windows`
+//! (open downsampling windows). Every key and record format, and the format
+//! versions, are in [`schema`]; the entry format is in [`entry`].
+//!
+//! # Where things are
+//!
+//! - This file: opening the environment, and the read path (batches,
+//!   dead-letter listing, checkpoints), which uses read transactions only.
+//! - [`schema`]: the on-disk format: keys, the meta record, format versions.
+//! - [`entry`]: the format of one entry.
+//! - [`writer`]: the writer thread's group commit; what it does to a log is
+//!   in a file per feature: `writer::log` (appending, eviction, expiry,
+//!   settlement), `writer::dead_letter`, `writer::windows` (downsampling)
+//!   and `writer::append` (a write's transform and bounds).
+//! - [`mapguard`]: a SIGBUS reading the map becomes a clear error.
 //!
 //! # Invariants
 //!
@@ -22,13 +31,17 @@
 //!   unless the group already holds 256 KiB of lines),
 //!   applies them all in one write transaction and answers them only after the
 //!   commit returned, i.e. after LMDB's fsync when `durability = "fsync"`.
-//! - Conservation: for every replication `accepted = delivered + queued +
-//!   dropped_full + expired + dropped_non_retryable + dead_lettered`. Status
-//!   reads a snapshot the writer publishes after each commit, never a half
-//!   applied group.
+//! - Conservation: for every replication `accepted + aggregate = delivered +
+//!   queued + dropped_full + expired + dropped_non_retryable + dead_lettered +
+//!   filtered + late + downsampled` ([`Counters::inflow_lines`] equals
+//!   [`Counters::accounted_lines`]). Status reads a snapshot the writer
+//!   publishes after each commit, never a half applied group.
 //! - Entries are removed only by [`Queue::settle`] (after a 2xx, or with the
 //!   lines the remote refused), by `when_full = "drop_oldest"` eviction, by
-//!   `max_age` expiry, or when set aside as corrupt; each is counted.
+//!   `max_age` expiry (all three in `writer::log`), or when set aside as
+//!   corrupt (`writer::dead_letter`); each is counted.
+//! - A source checkpoint ([`Write::checkpoint`]) commits in the transaction
+//!   that queues the lines read up to it, or not at all.
 //! - Start-up reads one `Meta` and one entry header per replication: its time
 //!   and memory do not grow with the backlog.
 //!
@@ -41,13 +54,13 @@
 
 mod entry;
 mod mapguard;
+mod schema;
 mod writer;
 
 pub use entry::{Corruption, Deflated};
 
 use std::fs::{self, File};
 use std::io;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -61,6 +74,7 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, WithoutTls};
 use crate::config::{Durability, WhenFull};
 use crate::lineproto;
 use crate::transform::Transform;
+use schema::{checkpoint_key, entry_key, key_range, key_seq, meta_key, repl_keys, Meta};
 
 /// A position in a replication's log: an entry and a byte offset in its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -164,8 +178,14 @@ pub enum QueueError {
     },
     #[error("queue storage is full: {0}")]
     StorageFull(String),
-    #[error("queue storage error: {0}")]
-    Storage(String),
+    /// `message` says what failed, for operators, with the text of the error
+    /// that caused it (if any); `source` keeps that error itself.
+    #[error("queue storage error: {message}")]
+    Storage {
+        message: String,
+        #[source]
+        source: Option<Cause>,
+    },
     #[error("data directory {0} is in use by another edge-replicator process")]
     Locked(PathBuf),
     #[error("replication \"{replication}\" entry {seq} is corrupt: {why}")]
@@ -176,6 +196,53 @@ pub enum QueueError {
     },
     #[error("queue is shut down")]
     Closed,
+}
+
+/// The error that caused a [`QueueError::Storage`], shared so that errors
+/// can be cloned. It derefs to the error itself, which is what
+/// [`std::error::Error::source`] then returns (so that it can be downcast).
+#[derive(Debug, Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync>);
+
+impl std::ops::Deref for Cause {
+    type Target = dyn std::error::Error + Send + Sync;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl QueueError {
+    /// A storage error no other error caused.
+    pub(crate) fn storage(message: impl Into<String>) -> QueueError {
+        QueueError::Storage {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A storage error caused by `source`; `message` includes its text.
+    pub(crate) fn storage_from(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> QueueError {
+        QueueError::Storage {
+            message: message.into(),
+            source: Some(Cause(Arc::new(source))),
+        }
+    }
+
+    /// A storage error with `what` (what the queue was doing) before its
+    /// message, keeping its source; other errors as they are.
+    fn context(self, what: impl std::fmt::Display) -> QueueError {
+        match self {
+            QueueError::Storage { message, source } => QueueError::Storage {
+                message: format!("{what}: {message}"),
+                source,
+            },
+            other => other,
+        }
+    }
 }
 
 impl From<heed::Error> for QueueError {
@@ -195,7 +262,7 @@ impl From<heed::Error> for QueueError {
             heed::Error::Io(io) if io.raw_os_error() == Some(libc::EIO) => {
                 QueueError::StorageFull(format!("{e} (disk full, or a failing storage device)"))
             }
-            _ => QueueError::Storage(e.to_string()),
+            _ => QueueError::storage_from(e.to_string(), e),
         }
     }
 }
@@ -425,7 +492,7 @@ struct Shared {
     entries: Db,
     meta: Db,
     dead: Db,
-    /// Downsampling state: `[id][window start][bucket][series]` → window.
+    /// Downsampling state (see [`schema::window_key`]).
     windows: Db,
     /// Writes that have started reading their body but not yet reached the
     /// writer: the writer lingers for them (bounded by `commit_interval`).
@@ -497,124 +564,12 @@ fn release_map((start, end): (usize, usize)) {
     }
 }
 
-fn entry_key(id: u32, seq: u64) -> [u8; 12] {
-    let mut k = [0u8; 12];
-    k[..4].copy_from_slice(&id.to_be_bytes());
-    k[4..].copy_from_slice(&seq.to_be_bytes());
-    k
-}
-
-/// Key range `[lo, hi)` in the form heed's unsized key type accepts.
-fn key_range<'a>(lo: &'a [u8], hi: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
-    (Bound::Included(lo), Bound::Excluded(hi))
-}
-
-fn key_seq(key: &[u8]) -> u64 {
-    u64::from_be_bytes(key[4..12].try_into().expect("entry keys are 12 bytes"))
-}
-
-fn checkpoint_key(key: &str) -> Vec<u8> {
-    [b"S".as_slice(), key.as_bytes()].concat()
-}
-
-fn meta_key(id: u32) -> [u8; 5] {
-    let mut k = [b'R', 0, 0, 0, 0];
-    k[1..].copy_from_slice(&id.to_be_bytes());
-    k
-}
-
-/// Per-replication state stored in `meta`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub(crate) struct Meta {
-    pub head: Pos,
-    pub next_seq: u64,
-    pub c: Counters,
-}
-
-impl Meta {
-    /// 2: the log may hold deflated entries (entry format 2). Older
-    /// versions of the agent refuse a meta they do not know, rather than
-    /// setting such entries aside as damaged; this one reads version 1 too.
-    const VERSION: u64 = 2;
-
-    fn encode(&self) -> Vec<u8> {
-        let c = &self.c;
-        let fields = [
-            Self::VERSION,
-            self.head.seq,
-            self.head.off as u64,
-            self.next_seq,
-            c.queued_bytes,
-            c.queued_lines,
-            c.accepted_lines,
-            c.accepted_bytes,
-            c.delivered_lines,
-            c.delivered_bytes,
-            c.dropped_full_lines,
-            c.expired_lines,
-            c.dropped_non_retryable_lines,
-            c.dead_lettered_lines,
-            c.rejected_lines,
-            c.rejected_bytes,
-            c.dead_letter_lines,
-            c.dead_letter_bytes,
-            c.dead_letter_purged_lines,
-            c.filtered_lines,
-            c.late_lines,
-            c.downsampled_lines,
-            c.aggregate_lines,
-        ];
-        fields.iter().flat_map(|f| f.to_le_bytes()).collect()
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Meta> {
-        if !bytes.chunks_exact(8).remainder().is_empty() || bytes.len() < 8 * 6 {
-            return None;
-        }
-        let mut f = bytes
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap()));
-        if !(1..=Self::VERSION).contains(&f.next()?) {
-            return None;
-        }
-        // Fields added later read as zero from older metas.
-        let mut next = || f.next().unwrap_or(0);
-        let head = Pos {
-            seq: next(),
-            off: next() as u32,
-        };
-        let next_seq = next();
-        let mut c = Counters {
-            queued_bytes: next(),
-            queued_lines: next(),
-            ..Counters::default()
-        };
-        c.accepted_lines = next();
-        c.accepted_bytes = next();
-        c.delivered_lines = next();
-        c.delivered_bytes = next();
-        c.dropped_full_lines = next();
-        c.expired_lines = next();
-        c.dropped_non_retryable_lines = next();
-        c.dead_lettered_lines = next();
-        c.rejected_lines = next();
-        c.rejected_bytes = next();
-        c.dead_letter_lines = next();
-        c.dead_letter_bytes = next();
-        c.dead_letter_purged_lines = next();
-        c.filtered_lines = next();
-        c.late_lines = next();
-        c.downsampled_lines = next();
-        c.aggregate_lines = next();
-        Some(Meta { head, next_seq, c })
-    }
-}
-
 fn lock_data_dir(dir: &Path) -> Result<File, QueueError> {
     use std::os::unix::io::AsRawFd;
     let path = dir.join("LOCK");
-    let file = File::create(&path)
-        .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", path.display())))?;
+    let file = File::create(&path).map_err(|e| {
+        QueueError::storage_from(format!("cannot create {}: {e}", path.display()), e)
+    })?;
     // SAFETY: flock on a descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
@@ -628,8 +583,9 @@ impl Queue {
     /// Replications found on disk but not given stay on disk untouched.
     pub fn open(dir: &Path, opts: &QueueOptions, repls: &[ReplSpec]) -> Result<Queue, QueueError> {
         let qdir = dir.join("queue");
-        fs::create_dir_all(&qdir)
-            .map_err(|e| QueueError::Storage(format!("cannot create {}: {e}", qdir.display())))?;
+        fs::create_dir_all(&qdir).map_err(|e| {
+            QueueError::storage_from(format!("cannot create {}: {e}", qdir.display()), e)
+        })?;
         let lock = lock_data_dir(dir)?;
         check_foreign_files(&qdir)?;
         let mut options = EnvOpenOptions::new().read_txn_without_tls();
@@ -644,18 +600,21 @@ impl Queue {
         // ours maps it; heed's remaining requirement is not to open the same
         // path twice in this process, which `open` is called once for.
         let env = unsafe { options.open(&qdir) }.map_err(|e| {
-            QueueError::Storage(format!(
-                "cannot open the queue in {}: {e} (is it an edge-replicator data_dir?)",
-                qdir.display()
-            ))
+            QueueError::storage_from(
+                format!(
+                    "cannot open the queue in {}: {e} (is it an edge-replicator data_dir?)",
+                    qdir.display()
+                ),
+                e,
+            )
         })?;
         let map_guard = mapguard::guard(&qdir.join("data.mdb"));
         let (entries, meta, dead, windows) = (|| {
             let mut wtxn = env.write_txn()?;
-            let entries: Db = env.create_database(&mut wtxn, Some("entries"))?;
-            let meta: Db = env.create_database(&mut wtxn, Some("meta"))?;
-            let dead: Db = env.create_database(&mut wtxn, Some("dead"))?;
-            let windows: Db = env.create_database(&mut wtxn, Some("windows"))?;
+            let entries: Db = env.create_database(&mut wtxn, Some(schema::ENTRIES))?;
+            let meta: Db = env.create_database(&mut wtxn, Some(schema::META))?;
+            let dead: Db = env.create_database(&mut wtxn, Some(schema::DEAD))?;
+            let windows: Db = env.create_database(&mut wtxn, Some(schema::WINDOWS))?;
             wtxn.commit()?;
             Ok((entries, meta, dead, windows))
         })()
@@ -680,16 +639,13 @@ impl Queue {
             .iter()
             .map(|spec| w.attach(spec))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| match e {
-                QueueError::Storage(m) => {
-                    QueueError::Storage(format!("opening the queue in {}: {m}", qdir.display()))
-                }
-                e => e,
-            })?;
+            .map_err(|e| e.context(format_args!("opening the queue in {}", qdir.display())))?;
         let writer = thread::Builder::new()
             .name("queue-writer".into())
             .spawn(move || w.run())
-            .map_err(|e| QueueError::Storage(format!("cannot start the writer thread: {e}")))?;
+            .map_err(|e| {
+                QueueError::storage_from(format!("cannot start the writer thread: {e}"), e)
+            })?;
         Ok(Queue {
             shared,
             tx,
@@ -1027,8 +983,7 @@ impl Queue {
     ) -> Result<Vec<DeadLetter>, QueueError> {
         let s = &self.shared;
         let rtxn = s.env.read_txn()?;
-        let lo = entry_key(repl.id, 0);
-        let hi = entry_key(repl.id + 1, 0);
+        let (lo, hi) = repl_keys(repl.id);
         let mut out = Vec::new();
         for item in s.dead.range(&rtxn, &key_range(&lo, &hi))? {
             let (key, raw) = item?;
@@ -1107,19 +1062,21 @@ impl Drop for Queue {
 /// and foreign files get a hint at what to do.
 fn opening(qdir: &Path, e: heed::Error) -> QueueError {
     use heed::MdbError::*;
-    match &e {
-        heed::Error::Mdb(Corrupted | Incompatible | PageNotFound | Invalid | VersionMismatch | Panic) => {
-            QueueError::Storage(format!(
+    if matches!(
+        e,
+        heed::Error::Mdb(
+            Corrupted | Incompatible | PageNotFound | Invalid | VersionMismatch | Panic
+        )
+    ) {
+        QueueError::storage_from(
+            format!(
                 "the queue in {} is damaged or was not written by edge-replicator: {e} (move the data_dir aside, or restore it from a copy)",
                 qdir.display()
-            ))
-        }
-        _ => match QueueError::from(e) {
-            QueueError::Storage(m) => {
-                QueueError::Storage(format!("opening the queue in {}: {m}", qdir.display()))
-            }
-            other => other,
-        },
+            ),
+            e,
+        )
+    } else {
+        QueueError::from(e).context(format_args!("opening the queue in {}", qdir.display()))
     }
 }
 
@@ -1128,21 +1085,21 @@ fn opening(qdir: &Path, e: heed::Error) -> QueueError {
 fn check_foreign_files(qdir: &Path) -> Result<(), QueueError> {
     let data = qdir.join("data.mdb");
     match fs::metadata(&data) {
-        Ok(m) if !m.is_file() => Err(QueueError::Storage(format!(
+        Ok(m) if !m.is_file() => Err(QueueError::storage(format!(
             "{} is not a regular file",
             data.display()
         ))),
-        Ok(m) if m.len() > 0 && m.len() < 2 * 4096 => Err(QueueError::Storage(format!(
+        Ok(m) if m.len() > 0 && m.len() < 2 * 4096 => Err(QueueError::storage(format!(
             "{} is too small to be an LMDB environment ({} bytes)",
             data.display(),
             m.len()
         ))),
         Ok(_) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(QueueError::Storage(format!(
-            "cannot read {}: {e}",
-            data.display()
-        ))),
+        Err(e) => Err(QueueError::storage_from(
+            format!("cannot read {}: {e}", data.display()),
+            e,
+        )),
     }
 }
 

@@ -876,23 +876,6 @@ fn deflated_entries_are_evicted_whole_and_survive_a_reopen() {
 }
 
 #[test]
-fn a_version_1_meta_is_read() {
-    let m = Meta {
-        head: Pos { seq: 3, off: 7 },
-        next_seq: 9,
-        c: Counters {
-            queued_lines: 5,
-            ..Counters::default()
-        },
-    };
-    let mut bytes = m.encode();
-    bytes[..8].copy_from_slice(&1u64.to_le_bytes());
-    assert_eq!(Meta::decode(&bytes), Some(m));
-    bytes[..8].copy_from_slice(&3u64.to_le_bytes());
-    assert_eq!(Meta::decode(&bytes), None, "a newer meta is refused");
-}
-
-#[test]
 fn a_transforming_replication_gets_lines_back_from_segments() {
     // Ingest keeps only the segments when no replication transforms the
     // lines; a reload may add one before the write reaches the queue.
@@ -945,4 +928,30 @@ fn a_transforming_replication_gets_lines_back_from_segments() {
         );
         assert_eq!(k.inflow_lines(), k.accounted_lines());
     }
+}
+
+#[test]
+fn a_storage_error_keeps_its_cause() {
+    use std::error::Error as _;
+    let heed = heed::Error::Mdb(heed::MdbError::Corrupted);
+    let text = heed.to_string();
+    let err = QueueError::from(heed).context("opening the queue in /q");
+    assert_eq!(
+        err.to_string(),
+        format!("queue storage error: opening the queue in /q: {text}")
+    );
+    let cause = err.source().expect("the heed error is kept");
+    assert!(cause.downcast_ref::<heed::Error>().is_some(), "{cause:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let qdir = dir.path().join("queue");
+    fs::create_dir_all(qdir.join("data.mdb")).unwrap();
+    let Err(err) = Queue::open(dir.path(), &opts(), &[]) else {
+        panic!("a directory for data.mdb was taken")
+    };
+    assert!(
+        matches!(err, QueueError::Storage { source: None, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("is not a regular file"), "{err}");
 }

@@ -1,0 +1,289 @@
+//! The on-disk format of the queue: every key, the meta record and the
+//! format versions. Data directories written by older versions must keep
+//! opening, so nothing here changes without a new version and a reader for
+//! the old one; everything else in the queue reads and writes through these
+//! functions.
+//!
+//! # Layout
+//!
+//! One LMDB environment under `<data_dir>/queue/` (beside it, `<data_dir>/LOCK`
+//! keeps a second process out), with four named databases. Integers in keys
+//! are big-endian, so that LMDB's byte order is numeric order.
+//!
+//! - `entries` ([`ENTRIES`]): the logs. Key [`entry_key`]
+//!   `[replication id: u32][sequence: u64]`, 12 bytes; value an entry
+//!   ([`super::entry`]: version byte 1 or 2, CRC32, enqueue time, line count,
+//!   bucket, then the lines, or their deflate segment).
+//! - `meta` ([`META`]): one database for four kinds of record, told apart by
+//!   their first byte:
+//!   - [`name_key`] `N<replication name>` → its id, `u32`;
+//!   - [`NEXT_ID_KEY`] `I` → the next free replication id, `u32` (ids start
+//!     at 1);
+//!   - [`meta_key`] `R<id: u32>` → the replication's [`Meta`] (see its
+//!     encoding there): head position, next sequence, the exact unsent bytes
+//!     and lines, and the line counters;
+//!   - [`checkpoint_key`] `S<source key>` → a source's position (a tailed
+//!     file's offset, a WAL segment's), opaque bytes that the source reads
+//!     back; written in the same transaction as the lines read up to it.
+//! - `dead` ([`DEAD`]): the dead-letter store, lines set aside (refused by
+//!   the remote, or failing their CRC). Key [`dead_key`], shaped like an entry
+//!   key, with a record number counting up per replication; value
+//!   [`super::entry::encode_dead`]: the reason, then the entry as it was
+//!   stored (or as the refused lines make one).
+//! - `windows` ([`WINDOWS`]): open downsampling windows. Key [`window_key`]
+//!   `[id: u32][window start: i64, sign bit flipped][bucket length: u16]
+//!   [bucket][series key]`, so that one replication's windows sort by start;
+//!   value a [`crate::transform::downsample::Window`].
+//!
+//! # Versions
+//!
+//! - An entry's first byte: 1 (lines as they are) or 2 (a deflate segment).
+//! - A meta record's first field, [`META_VERSION`]: 2 says the log may hold
+//!   version 2 entries; older agents refuse it instead of setting those
+//!   entries aside as damaged. Version 1 records are read as well.
+
+use std::ops::Bound;
+
+use super::{Counters, Pos};
+
+/// Database names.
+pub(super) const ENTRIES: &str = "entries";
+pub(super) const META: &str = "meta";
+pub(super) const DEAD: &str = "dead";
+pub(super) const WINDOWS: &str = "windows";
+
+/// Version of the meta record written; see [the module doc](self).
+pub(super) const META_VERSION: u64 = 2;
+
+/// Key of entry `seq` of replication `id` in `entries`.
+pub(super) fn entry_key(id: u32, seq: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&id.to_be_bytes());
+    k[4..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The sequence (or dead-letter record number) of an entry or dead key.
+pub(super) fn key_seq(key: &[u8]) -> u64 {
+    u64::from_be_bytes(key[4..12].try_into().expect("entry keys are 12 bytes"))
+}
+
+/// Key of dead-letter record `n` of replication `id` in `dead`.
+pub(super) fn dead_key(id: u32, n: u64) -> [u8; 12] {
+    entry_key(id, n)
+}
+
+/// Bounds `[lo, hi)` of every key of replication `id` in `entries` or `dead`.
+pub(super) fn repl_keys(id: u32) -> ([u8; 12], [u8; 12]) {
+    (entry_key(id, 0), entry_key(id + 1, 0))
+}
+
+/// Key range `[lo, hi)` in the form heed's unsized key type accepts.
+pub(super) fn key_range<'a>(lo: &'a [u8], hi: &'a [u8]) -> (Bound<&'a [u8]>, Bound<&'a [u8]>) {
+    (Bound::Included(lo), Bound::Excluded(hi))
+}
+
+/// Key of a replication's id in `meta`.
+pub(super) fn name_key(name: &str) -> Vec<u8> {
+    [b"N".as_slice(), name.as_bytes()].concat()
+}
+
+/// Key of the next free replication id in `meta`.
+pub(super) const NEXT_ID_KEY: &[u8] = b"I";
+
+/// A replication id as `meta` stores it (under a name, and as the next id).
+pub(super) fn encode_id(id: u32) -> [u8; 4] {
+    id.to_be_bytes()
+}
+
+/// A stored id; `None` when the record is damaged.
+pub(super) fn decode_id(v: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(v.try_into().ok()?))
+}
+
+/// Key of a replication's [`Meta`] in `meta`.
+pub(super) fn meta_key(id: u32) -> [u8; 5] {
+    let mut k = [b'R', 0, 0, 0, 0];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Key of a source checkpoint in `meta`.
+pub(super) fn checkpoint_key(key: &str) -> Vec<u8> {
+    [b"S".as_slice(), key.as_bytes()].concat()
+}
+
+/// Key of a downsampling window in `windows`:
+/// `[id][window start, order-preserving][bucket length u16][bucket][series key]`.
+pub(super) fn window_key(id: u32, start: i64, bucket: &str, series: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(14 + bucket.len() + series.len());
+    k.extend_from_slice(&id.to_be_bytes());
+    k.extend_from_slice(&((start as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(&(bucket.len() as u16).to_be_bytes());
+    k.extend_from_slice(bucket.as_bytes());
+    k.extend_from_slice(series);
+    k
+}
+
+/// A window key's start, bucket and series key.
+pub(super) fn split_window_key(k: &[u8]) -> Option<(i64, &str, &[u8])> {
+    let start = (u64::from_be_bytes(k.get(4..12)?.try_into().ok()?) ^ (1 << 63)) as i64;
+    let blen = u16::from_be_bytes(k.get(12..14)?.try_into().ok()?) as usize;
+    let bucket = std::str::from_utf8(k.get(14..14 + blen)?).ok()?;
+    Some((start, bucket, &k[14 + blen..]))
+}
+
+/// Per-replication state stored in `meta`.
+///
+/// Encoded as little-endian `u64` fields in this order: version, head
+/// sequence, head offset, next sequence, queued bytes, queued lines,
+/// accepted lines, accepted bytes, delivered lines, delivered bytes,
+/// dropped_full, expired, dropped_non_retryable, dead_lettered, rejected
+/// lines, rejected bytes, dead-letter lines, dead-letter bytes, dead-letter
+/// purged, filtered, late, downsampled, aggregate. Fields are only ever
+/// added at the end; those missing from an older record read as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Meta {
+    pub head: Pos,
+    pub next_seq: u64,
+    pub c: Counters,
+}
+
+impl Meta {
+    pub(super) fn encode(&self) -> Vec<u8> {
+        let c = &self.c;
+        let fields = [
+            META_VERSION,
+            self.head.seq,
+            self.head.off as u64,
+            self.next_seq,
+            c.queued_bytes,
+            c.queued_lines,
+            c.accepted_lines,
+            c.accepted_bytes,
+            c.delivered_lines,
+            c.delivered_bytes,
+            c.dropped_full_lines,
+            c.expired_lines,
+            c.dropped_non_retryable_lines,
+            c.dead_lettered_lines,
+            c.rejected_lines,
+            c.rejected_bytes,
+            c.dead_letter_lines,
+            c.dead_letter_bytes,
+            c.dead_letter_purged_lines,
+            c.filtered_lines,
+            c.late_lines,
+            c.downsampled_lines,
+            c.aggregate_lines,
+        ];
+        fields.iter().flat_map(|f| f.to_le_bytes()).collect()
+    }
+
+    /// `None` for a record of an unknown (newer) version, or a damaged one.
+    pub(super) fn decode(bytes: &[u8]) -> Option<Meta> {
+        if !bytes.chunks_exact(8).remainder().is_empty() || bytes.len() < 8 * 6 {
+            return None;
+        }
+        let mut f = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()));
+        if !(1..=META_VERSION).contains(&f.next()?) {
+            return None;
+        }
+        // Fields added later read as zero from older metas.
+        let mut next = || f.next().unwrap_or(0);
+        let head = Pos {
+            seq: next(),
+            off: next() as u32,
+        };
+        let next_seq = next();
+        let mut c = Counters {
+            queued_bytes: next(),
+            queued_lines: next(),
+            ..Counters::default()
+        };
+        c.accepted_lines = next();
+        c.accepted_bytes = next();
+        c.delivered_lines = next();
+        c.delivered_bytes = next();
+        c.dropped_full_lines = next();
+        c.expired_lines = next();
+        c.dropped_non_retryable_lines = next();
+        c.dead_lettered_lines = next();
+        c.rejected_lines = next();
+        c.rejected_bytes = next();
+        c.dead_letter_lines = next();
+        c.dead_letter_bytes = next();
+        c.dead_letter_purged_lines = next();
+        c.filtered_lines = next();
+        c.late_lines = next();
+        c.downsampled_lines = next();
+        c.aggregate_lines = next();
+        Some(Meta { head, next_seq, c })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The bytes themselves: a change here breaks every existing data dir.
+    #[test]
+    fn keys_are_the_bytes_on_disk() {
+        assert_eq!(
+            entry_key(0x0102_0304, 0x0506_0708_090a_0b0c),
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+        );
+        assert_eq!(key_seq(&entry_key(7, 42)), 42);
+        assert_eq!(dead_key(7, 3), entry_key(7, 3));
+        assert_eq!(repl_keys(7), (entry_key(7, 0), entry_key(8, 0)));
+        assert_eq!(name_key("cloud"), b"Ncloud");
+        assert_eq!(NEXT_ID_KEY, b"I");
+        assert_eq!(encode_id(0x0102_0304), [1, 2, 3, 4]);
+        assert_eq!(decode_id(&[1, 2, 3, 4]), Some(0x0102_0304));
+        assert_eq!(decode_id(&[1, 2, 3]), None);
+        assert_eq!(meta_key(0x0102_0304), *b"R\x01\x02\x03\x04");
+        assert_eq!(checkpoint_key("tail:/var/log/a"), b"Stail:/var/log/a");
+        assert_eq!(
+            window_key(1, -1, "db", b"cpu,host=a"),
+            b"\x00\x00\x00\x01\x7f\xff\xff\xff\xff\xff\xff\xff\x00\x02dbcpu,host=a"
+        );
+        assert_eq!(
+            split_window_key(&window_key(1, -5, "db", b"cpu")),
+            Some((-5, "db", b"cpu".as_slice()))
+        );
+        assert!(window_key(1, -1, "", b"") < window_key(1, 0, "", b""));
+        assert_eq!(
+            (ENTRIES, META, DEAD, WINDOWS),
+            ("entries", "meta", "dead", "windows")
+        );
+    }
+
+    #[test]
+    fn meta_fields_keep_their_places() {
+        let m = Meta {
+            head: Pos { seq: 3, off: 7 },
+            next_seq: 9,
+            c: Counters {
+                queued_bytes: 11,
+                queued_lines: 5,
+                aggregate_lines: 13,
+                ..Counters::default()
+            },
+        };
+        let mut bytes = m.encode();
+        let fields: Vec<u64> = bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        assert_eq!(fields.len(), 23);
+        assert_eq!(&fields[..6], &[2, 3, 7, 9, 11, 5]);
+        assert_eq!(fields[22], 13);
+        assert_eq!(Meta::decode(&bytes), Some(m));
+        bytes[..8].copy_from_slice(&1u64.to_le_bytes());
+        assert_eq!(Meta::decode(&bytes), Some(m), "a version 1 meta is read");
+        bytes[..8].copy_from_slice(&3u64.to_le_bytes());
+        assert_eq!(Meta::decode(&bytes), None, "a newer meta is refused");
+    }
+}

@@ -1,0 +1,363 @@
+//! The log of a replication: appending an entry, and the ways lines leave
+//! its head: settlement after the remote answered, eviction when the queue
+//! is full (`drop_oldest`), expiry (`max_age`). Each removal is counted
+//! under its cause, in the same transaction as the entries it deletes.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::io::Write as _;
+
+use heed::RwTxn;
+use log::{debug, warn};
+
+use super::{now_ns, Pos, Settle, Writer};
+use crate::queue::entry;
+use crate::queue::schema::{entry_key, key_range, Meta};
+use crate::queue::{QueueError, Segment, Shared};
+
+impl Writer {
+    /// Appends an entry to `id`'s log, evicting whole oldest entries first
+    /// as far as `drop_oldest` needs ([`Writer::evict_oldest`]), and counts
+    /// it as queued.
+    pub(super) fn push_entry(
+        &mut self,
+        wtxn: &mut RwTxn,
+        id: u32,
+        bucket: &str,
+        stored: Stored,
+        lines: u64,
+        now: u64,
+    ) -> Result<(), QueueError> {
+        let (payload, deflated) = match stored {
+            Stored::Lines(l) => (l, None),
+            Stored::Segment(seg) => (&seg.data[..], Some(seg.deflated)),
+        };
+        let len = deflated.map_or(payload.len() as u64, |d| d.len as u64);
+        self.evict_oldest(wtxn, id, len)?;
+        let shared = self.shared.clone();
+        let st = self.state_mut(id);
+        let header = entry::header(now, lines as u32, bucket, deflated);
+        shared.entries.put_reserved(
+            wtxn,
+            &entry_key(id, st.meta.next_seq),
+            header.len() + payload.len(),
+            |space| {
+                space.write_all(&header)?;
+                space.write_all(payload)?;
+                entry::seal(space.written_mut());
+                Ok(())
+            },
+        )?;
+        if st.meta.head.seq >= st.meta.next_seq {
+            st.meta.c.oldest_enqueued_ns = Some(now);
+        }
+        st.meta.next_seq += 1;
+        st.meta.c.queued_bytes += len;
+        st.meta.c.queued_lines += lines;
+        Ok(())
+    }
+
+    /// Eviction: removes whole entries from the head of `id`'s log, counted
+    /// as dropped_full, until `len` more bytes fit its bound or the log is
+    /// empty. This is what `when_full = "drop_oldest"` means; with `reject`,
+    /// callers refuse an entry that does not fit before it gets here.
+    fn evict_oldest(&mut self, wtxn: &mut RwTxn, id: u32, len: u64) -> Result<(), QueueError> {
+        loop {
+            let st = self.state(id);
+            if st.meta.c.queued_bytes + len <= st.spec.max_bytes
+                || st.meta.head.seq >= st.meta.next_seq
+            {
+                return Ok(());
+            }
+            let head = st.meta.head.seq;
+            self.remove_head(
+                wtxn,
+                id,
+                Pos {
+                    seq: head,
+                    off: u32::MAX,
+                },
+                Removal::DroppedFull,
+            )?;
+        }
+    }
+
+    pub(super) fn expire(
+        &mut self,
+        wtxn: &mut RwTxn,
+        now: u64,
+        touched: &mut BTreeSet<u32>,
+    ) -> Result<(), QueueError> {
+        let ids: Vec<u32> = self.states.keys().copied().collect();
+        for id in ids {
+            loop {
+                let st = self.state(id);
+                let (Some(max_age), Some(oldest)) = (st.spec.max_age, st.meta.c.oldest_enqueued_ns)
+                else {
+                    break;
+                };
+                if now.saturating_sub(oldest) <= max_age.as_nanos() as u64 {
+                    break;
+                }
+                let head = st.meta.head.seq;
+                let (lines, _) = self.remove_head(
+                    wtxn,
+                    id,
+                    Pos {
+                        seq: head,
+                        off: u32::MAX,
+                    },
+                    Removal::Expired,
+                )?;
+                touched.insert(id);
+                warn!(
+                    "replication \"{}\": {lines} lines older than max_age expired unsent",
+                    self.state(id).spec.name
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn settle(&mut self, wtxn: &mut RwTxn, s: &Settle) -> Result<(), QueueError> {
+        let id = s.repl.id;
+        let (lines, bytes) = self.remove_head(wtxn, id, s.to, Removal::Delivered)?;
+        let set = &s.settlement;
+        // Lines evicted while the batch was in flight were counted then; split
+        // only what this settlement removed.
+        let dead = set.dead_lines.min(lines);
+        let dropped = set.dropped_lines.min(lines - dead);
+        if dead > 0 {
+            let bytes = entry::encode(now_ns(), dead as u32, &set.bucket, &set.dead_letter);
+            self.add_dead(
+                wtxn,
+                id,
+                &set.reason,
+                &bytes,
+                dead,
+                set.dead_letter.len() as u64,
+            )?;
+        }
+        let st = self.state_mut(id);
+        // The batch's lines that left the queue while it was in flight: the
+        // remote has them, except those it refused that could not be set
+        // aside above (they are gone, and stay counted as dropped).
+        let removed = s.lines.saturating_sub(lines);
+        let refused_gone = (set.dead_lines + set.dropped_lines).saturating_sub(dead + dropped);
+        let arrived = reclaim(&mut st.gone, s.from, s.to, removed, refused_gone);
+        let c = &mut st.meta.c;
+        c.delivered_lines -= dead + dropped;
+        c.dead_lettered_lines += dead;
+        c.dropped_non_retryable_lines += dropped;
+        c.delivered_bytes = c
+            .delivered_bytes
+            .saturating_sub(set.dead_letter.len() as u64);
+        if arrived.dropped_full + arrived.expired > 0 {
+            c.dropped_full_lines -= arrived.dropped_full;
+            c.expired_lines -= arrived.expired;
+            c.delivered_lines += arrived.dropped_full + arrived.expired;
+            c.delivered_bytes += s.bytes.saturating_sub(bytes);
+            debug!(
+                "replication \"{}\": {} lines removed while in flight were delivered; counted as such",
+                st.spec.name,
+                arrived.dropped_full + arrived.expired
+            );
+        }
+        Ok(())
+    }
+
+    /// Advances the head of `id` up to `to`, deleting entries passed whole;
+    /// counts the removed lines under `why`. Returns (lines, bytes) removed.
+    fn remove_head(
+        &mut self,
+        wtxn: &mut RwTxn,
+        id: u32,
+        to: Pos,
+        why: Removal,
+    ) -> Result<(u64, u64), QueueError> {
+        let shared = self.shared.clone();
+        let st = self.state_mut(id);
+        let m = &mut st.meta;
+        let (mut lines, mut bytes) = (0u64, 0u64);
+        while m.head < to && m.head.seq < m.next_seq {
+            let key = entry_key(id, m.head.seq);
+            let found = match shared.entries.get(wtxn, &key)? {
+                None => None,
+                Some(raw) => {
+                    // Lines of a deflated entry cannot be counted in part:
+                    // such entries leave whole (batches take them whole).
+                    let (enq_lines, plen, lines) = match entry::decode_unchecked(raw) {
+                        Ok(e) => (
+                            e.lines as u64,
+                            e.lines_len(),
+                            e.deflated.is_none().then_some(e.payload),
+                        ),
+                        Err(_) => (0, 0, Some(&raw[..0])),
+                    };
+                    let start = (m.head.off as usize).min(plen);
+                    let end = if to.seq == m.head.seq {
+                        (to.off as usize).min(plen)
+                    } else {
+                        plen
+                    };
+                    let l = match lines {
+                        _ if start == 0 && end == plen => enq_lines,
+                        Some(lines) => crate::lineproto::count_points(&lines[start..end]) as u64,
+                        None => break,
+                    };
+                    Some((l, (end - start) as u64, end == plen, end))
+                }
+            };
+            match found {
+                None => {
+                    m.head = Pos {
+                        seq: m.head.seq + 1,
+                        off: 0,
+                    }
+                }
+                Some((l, b, whole, end)) => {
+                    lines += l;
+                    bytes += b;
+                    if whole {
+                        shared.entries.delete(wtxn, &key)?;
+                        m.head = Pos {
+                            seq: m.head.seq + 1,
+                            off: 0,
+                        };
+                    } else {
+                        m.head.off = end as u32;
+                    }
+                }
+            }
+        }
+        let c = &mut m.c;
+        let lines = lines.min(c.queued_lines);
+        c.queued_lines -= lines;
+        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        if why != Removal::Delivered && lines > 0 {
+            let end = m.head;
+            match st.gone.back_mut() {
+                Some(g) if g.why == why => {
+                    g.end = end;
+                    g.lines += lines;
+                }
+                _ => {
+                    if st.gone.len() == GONE_RUNS {
+                        st.gone.pop_front();
+                    }
+                    st.gone.push_back(Gone { end, why, lines });
+                }
+            }
+        }
+        let m = &mut st.meta;
+        let c = &mut m.c;
+        match why {
+            Removal::Delivered => {
+                c.delivered_lines += lines;
+                c.delivered_bytes += bytes;
+            }
+            Removal::DroppedFull => c.dropped_full_lines += lines,
+            Removal::Expired => c.expired_lines += lines,
+        }
+        let meta = *m;
+        st.meta.c.oldest_enqueued_ns = head_enqueued(&shared, wtxn, id, &meta)?;
+        Ok((lines, bytes))
+    }
+}
+
+/// A run of lines that eviction or expiry removed from the head of a log.
+///
+/// Removal takes whole entries from the head, which may hold a batch a
+/// worker is sending at that moment. If the remote then accepts the batch,
+/// its removed lines did arrive: the settlement finds them here and counts
+/// them delivered instead of dropped, so that status says what happened. The
+/// runs live in memory only: after a crash between the removal and the
+/// settlement they stay counted as dropped (an overstatement of loss, never
+/// of delivery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Gone {
+    /// Position just past the run.
+    end: Pos,
+    why: Removal,
+    lines: u64,
+}
+
+/// Runs kept at most: consecutive runs of the same kind merge, so this is
+/// reached only by alternating eviction and expiry with no settlement;
+/// the oldest runs are then forgotten (their lines stay counted as dropped).
+const GONE_RUNS: usize = 32;
+
+/// Why lines leave the head of a log.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Removal {
+    Delivered,
+    DroppedFull,
+    Expired,
+}
+
+/// Lines of a settled batch that had been removed unsent, by why.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Arrived {
+    dropped_full: u64,
+    expired: u64,
+}
+
+/// Takes the batch `from..to`'s `removed` lines out of the runs in `gone`
+/// (they are its first lines: removal works from the head) and returns how
+/// many of them arrived, by why they were removed: all but `refused` of them.
+/// Runs that ended before the batch began held no line of it and are
+/// forgotten, as are runs the batch covered.
+fn reclaim(gone: &mut VecDeque<Gone>, from: Pos, to: Pos, removed: u64, refused: u64) -> Arrived {
+    while gone.front().is_some_and(|g| g.end <= from || g.lines == 0) {
+        gone.pop_front();
+    }
+    let mut arrived = Arrived::default();
+    let mut left = removed;
+    let mut refused = refused.min(removed);
+    for g in gone.iter_mut() {
+        if left == 0 {
+            break;
+        }
+        let take = g.lines.min(left);
+        g.lines -= take;
+        left -= take;
+        // The refused lines among them are taken first: which of the
+        // removed lines the remote refused is not known, only how many.
+        let r = refused.min(take);
+        refused -= r;
+        match g.why {
+            Removal::DroppedFull => arrived.dropped_full += take - r,
+            Removal::Expired => arrived.expired += take - r,
+            Removal::Delivered => {}
+        }
+    }
+    while gone.front().is_some_and(|g| g.end <= to || g.lines == 0) {
+        gone.pop_front();
+    }
+    arrived
+}
+
+/// Enqueue time of the head entry, if any.
+pub(super) fn head_enqueued(
+    s: &Shared,
+    txn: &heed::RoTxn<heed::WithoutTls>,
+    id: u32,
+    m: &Meta,
+) -> Result<Option<u64>, QueueError> {
+    if m.head.seq >= m.next_seq {
+        return Ok(None);
+    }
+    let lo = entry_key(id, m.head.seq);
+    let hi = entry_key(id, m.next_seq);
+    let first = s
+        .entries
+        .range(txn, &key_range(&lo, &hi))?
+        .next()
+        .transpose()?;
+    Ok(first.and_then(|(_, raw)| entry::decode_unchecked(raw).ok().map(|e| e.enqueued_ns)))
+}
+
+/// What an entry stores.
+pub(super) enum Stored<'a> {
+    Lines(&'a [u8]),
+    Segment(&'a Segment),
+}
