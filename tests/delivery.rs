@@ -935,12 +935,12 @@ fn reload_adds_and_removes_replications_keeping_their_queue() {
 // 429/503: Retry-After
 // ---------------------------------------------------------------------------
 
-/// Time from the end of the remote's answer to request `seq` until request
+/// Time from the start of the remote's answer to request `seq` until request
 /// `seq + 1` arrived.
 fn gap_after(server: &FaultServer, seq: usize) -> Duration {
     let a = server.request(seq).expect("request");
     let b = server.request(seq + 1).expect("next request");
-    let answered = *a.answered.get().expect("request was answered");
+    let answered = *a.answer_began.get().expect("request was answered");
     b.at.saturating_duration_since(answered)
 }
 

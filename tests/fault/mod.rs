@@ -61,6 +61,11 @@ pub struct Request {
     /// When the request's head and body had been read.
     pub at: Instant,
     pub at_system: SystemTime,
+    /// When the remote began writing its answer: the agent cannot have
+    /// read it earlier, so a wait the agent starts on the answer starts
+    /// after this (a thread preempted between writing and recording could
+    /// record [`Request::answered`] after the agent's wait began).
+    pub answer_began: OnceLock<Instant>,
     /// When the remote finished answering (unset if it never answered).
     pub answered: OnceLock<Instant>,
 }
@@ -791,6 +796,7 @@ fn serve(stream: TcpStream, shared: Arc<Shared>, conn_id: usize) {
             decode_error,
             at: Instant::now(),
             at_system: SystemTime::now(),
+            answer_began: OnceLock::new(),
             answered: OnceLock::new(),
         });
         shared.requests.lock().unwrap().push(req.clone());
@@ -952,6 +958,7 @@ fn act(conn: &mut Conn, shared: &Shared, req: &Request, action: Action) -> Outco
                 return Outcome::Gone("hung up before the answer".into());
             }
             commit_lines(shared, written.iter().map(String::as_str));
+            let _ = req.answer_began.set(Instant::now());
             write_answer(conn, code, &headers, &body)
         }
         Action::Status(code, headers, body) => {
@@ -961,6 +968,7 @@ fn act(conn: &mut Conn, shared: &Shared, req: &Request, action: Action) -> Outco
             if (200..300).contains(&code) {
                 commit(shared, req);
             }
+            let _ = req.answer_began.set(Instant::now());
             write_answer(conn, code, &headers, &body)
         }
         Action::RetryAfterSecs(code, n) => {
