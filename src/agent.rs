@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use crate::config::{self, Config, Remote, Replication};
 use crate::ingest::{http, Ingest, Route, Routing};
 use crate::queue::{Queue, QueueError, QueueOptions, ReplSpec};
+use crate::ship::link::Link;
 use crate::ship::{Client, Control, SharedTarget, ShipConfig, Target, Worker};
 use crate::status::ReplStatus;
 use crate::transform::Transform;
@@ -81,6 +82,7 @@ fn ship_config(r: &Replication, remote: &Remote) -> ShipConfig {
         max_backoff: remote.max_backoff,
         probe_interval: remote.probe_interval,
         drop_non_retryable_data: r.drop_non_retryable_data,
+        priority: r.priority,
     }
 }
 
@@ -157,6 +159,7 @@ impl Streams {
             status: status.clone(),
             target: target.clone(),
             control: control.clone(),
+            link: self.ingest.link.clone(),
         }
         .spawn()
         .map_err(|e| AgentError::Setup(format!("cannot start a worker thread: {e}")))?;
@@ -226,6 +229,7 @@ impl Streams {
         for w in &new.warnings {
             warn!("{w}");
         }
+        self.ingest.link.configure(new.link.clone());
         let names: Vec<String> = self.streams.keys().cloned().collect();
         for name in names {
             let keep = new.replications.iter().find(|r| r.name == name).cloned();
@@ -294,6 +298,7 @@ impl Streams {
             self.streams.into_values().map(|s| s.worker).collect(),
             budget.min(WORKER_GRACE),
         );
+        self.ingest.link.save(true);
         self.queue.close();
     }
 }
@@ -396,6 +401,7 @@ pub fn run(
         },
         &specs,
     )?);
+    let link = Arc::new(Link::new(config.link.clone(), Some(&config.data_dir)));
     let ingest = Arc::new(Ingest::new(
         queue.clone(),
         Routing {
@@ -408,6 +414,7 @@ pub fn run(
             header_timeout: config.listen.header_timeout,
             body_timeout: config.listen.body_timeout,
         },
+        link,
     ));
     let addr = config.listen.address;
     // What a reload is checked against: the socket's real address, which

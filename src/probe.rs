@@ -310,7 +310,7 @@ pub fn probe_remote(remote: &Remote, dests: &[(Option<String>, Vec<String>)]) ->
         };
         let url = client.write_url(bucket);
         let started = Instant::now();
-        let answer = client.post(&url, &body, &mut |_| {});
+        let answer = client.post(&url, &body, &mut |n| n, &mut |_| {});
         match judge(remote, bucket, repls, answer) {
             Verdict::Accepted(how) => {
                 if remote.url.starts_with("https") && !tls_noted {

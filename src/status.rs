@@ -11,16 +11,17 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use crate::queue::ReplHandle;
+use crate::ship::link::BudgetReading;
 
 mod report;
 
 pub use report::{
-    FollowedReport, ReplicationReport, Sending, SourceReport, StatusReport, Timestamp,
+    BudgetReport, FollowedReport, ReplicationReport, Sending, SourceReport, StatusReport, Timestamp,
 };
 
 /// Where a replication's worker stands.
@@ -34,14 +35,20 @@ pub enum State {
     Backoff,
     /// The remote refused our credentials or bucket; retrying slowly.
     Paused,
+    /// A data budget of `[link]` is spent: nothing is sent until it starts
+    /// again.
+    Budget,
 }
 
 impl State {
+    pub const ALL: [State; 4] = [State::Running, State::Backoff, State::Paused, State::Budget];
+
     pub fn as_str(self) -> &'static str {
         match self {
             State::Running => "running",
             State::Backoff => "backoff",
             State::Paused => "paused",
+            State::Budget => "budget",
         }
     }
 }
@@ -147,12 +154,59 @@ fn now_ns() -> u64 {
 }
 
 /// The `GET /api/v2/replications` answer.
-pub fn report(replications: &[Arc<ReplStatus>], sources: &[Arc<SourceStatus>]) -> StatusReport {
+pub fn report(
+    replications: &[Arc<ReplStatus>],
+    sources: &[Arc<SourceStatus>],
+    budgets: &[BudgetReading],
+) -> StatusReport {
     let now = now_ns();
     StatusReport {
         replications: replications.iter().map(|r| r.report(now)).collect(),
         sources: sources.iter().map(|s| s.report()).collect(),
+        budgets: budgets.iter().map(budget_report).collect(),
     }
+}
+
+fn unix_time(secs: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0))
+}
+
+fn budget_report(b: &BudgetReading) -> BudgetReport {
+    BudgetReport {
+        period: b.period.name().to_string(),
+        budget_bytes: b.limit,
+        budget_used: b.used,
+        budget_left: b.left(),
+        budget_resets_at: Timestamp(unix_time(b.resets_at)),
+    }
+}
+
+/// The data budgets of `[link]` in Prometheus text format (nothing when
+/// none is set).
+pub fn budget_metrics_text(budgets: &[BudgetReading]) -> String {
+    if budgets.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    for (name, help, value) in [
+        (
+            "edge_replicator_link_budget_bytes",
+            "Bytes the data budget of the period allows.",
+            (|b: &BudgetReading| b.limit) as fn(&BudgetReading) -> u64,
+        ),
+        (
+            "edge_replicator_link_budget_used_bytes",
+            "Bytes on the wire in the current period (all remotes, HTTP and probes).",
+            |b: &BudgetReading| b.used,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} gauge");
+        for b in budgets {
+            let _ = writeln!(out, "{name}{{period=\"{}\"}} {}", b.period.name(), value(b));
+        }
+    }
+    out
 }
 
 impl ReplStatus {
@@ -371,7 +425,7 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         list.iter()
             .flat_map(|r| {
                 let cur = r.ship.lock().unwrap().state;
-                [State::Running, State::Backoff, State::Paused].map(|s| {
+                State::ALL.map(|s| {
                     (
                         format!("{{replication=\"{}\",state=\"{}\"}}", r.name, s.as_str()),
                         if s == cur { 1.0 } else { 0.0 },
@@ -724,7 +778,14 @@ mod tests {
             offset: 9,
             lag_bytes: 0,
         }];
-        let r = report(&[repl], &[tail, wal]);
+        let budget = BudgetReading {
+            period: crate::ship::link::Period::Month,
+            limit: 1_000_000_000,
+            used: 250_000_000,
+            // 2027-01-01T00:00:00Z
+            resets_at: 1_798_761_600,
+        };
+        let r = report(&[repl], &[tail, wal], &[budget]);
         (q, r)
     }
 
@@ -770,7 +831,7 @@ mod tests {
 
     #[test]
     fn states_read_as_their_metric_labels() {
-        for s in [State::Running, State::Backoff, State::Paused] {
+        for s in State::ALL {
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
         for l in [Link::Up, Link::Stalled, Link::Down] {
@@ -842,7 +903,23 @@ mod tests {
             "lastQueuedAt",
             "latestErrorMessage",
         ];
-        assert_eq!(keys(&v), BTreeSet::from(["replications", "sources"]));
+        assert_eq!(
+            keys(&v),
+            BTreeSet::from(["replications", "sources", "budgets"])
+        );
+        let budget = [
+            "period",
+            "budgetBytes",
+            "budgetUsed",
+            "budgetLeft",
+            "budgetResetsAt",
+        ];
+        assert_eq!(keys(&v["budgets"][0]), BTreeSet::from(budget));
+        assert_eq!(v["budgets"][0]["budgetLeft"], 750_000_000);
+        assert_eq!(
+            v["budgets"][0]["budgetResetsAt"],
+            "2027-01-01T00:00:00.000Z"
+        );
         assert_eq!(keys(&v["replications"][0]), BTreeSet::from(replication));
         let tail: BTreeSet<&str> = source.into_iter().chain(["files"]).collect();
         assert_eq!(keys(&v["sources"][0]), tail);
@@ -857,7 +934,7 @@ mod tests {
         );
 
         let readme = include_str!("../README.md");
-        for key in replication.iter().chain(&wal).chain(&tail) {
+        for key in replication.iter().chain(&wal).chain(&tail).chain(&budget) {
             assert!(
                 readme.contains(&format!("`{key}`")),
                 "the README does not document `{key}`"

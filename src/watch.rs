@@ -411,6 +411,7 @@ mod tests {
 
     fn status(accepted: u64, delivered: u64, remaining: u64, sent: u64) -> StatusReport {
         StatusReport {
+            budgets: Vec::new(),
             replications: vec![ReplicationReport {
                 name: "r1".into(),
                 remote: "cloud".into(),
@@ -507,6 +508,7 @@ mod tests {
     #[test]
     fn hostile_text_is_escaped_and_cut() {
         let v = StatusReport {
+            budgets: Vec::new(),
             replications: vec![ReplicationReport {
                 name: "r\u{1b}[2J".into(),
                 remote: "x".into(),

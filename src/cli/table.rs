@@ -116,6 +116,7 @@ mod tests {
     #[test]
     fn replications_show_absent_values_as_dashes() {
         let status = StatusReport {
+            budgets: Vec::new(),
             replications: vec![ReplicationReport {
                 name: "r1".into(),
                 remote: "cloud".into(),
@@ -163,6 +164,7 @@ mod tests {
     #[test]
     fn sources_get_their_own_table() {
         let status = StatusReport {
+            budgets: Vec::new(),
             replications: vec![],
             sources: vec![
                 SourceReport {

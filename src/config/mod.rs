@@ -26,6 +26,7 @@
 //! - `replication`: `[[replication]]` and `[replication.downsample]`.
 //! - `sources`: `[[tail]]` and `[[influxdb_wal]]`, data the agent follows itself.
 //! - `telemetry`: `[telemetry]`, the agent's own health as line protocol.
+//! - `link`: `[link]`, the bandwidth cap and data budgets all remotes share.
 //!
 //! What several sections share has a module of its own: `units` (sizes, durations),
 //! `env` (`${VAR}` substitution, done on the TOML tree before the raw layer is read) and
@@ -40,6 +41,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 mod env;
+mod link;
 mod listen;
 mod queue;
 mod remote;
@@ -51,6 +53,7 @@ mod telemetry;
 mod tests;
 mod units;
 
+pub use crate::ship::link::LinkConfig;
 pub use listen::{is_loopback, BrowserGuard, Listen};
 pub use queue::{Durability, QueueConfig};
 pub use remote::{Api, Remote};
@@ -58,8 +61,9 @@ pub use replication::{Aggregate, Downsample, Replication, WhenFull};
 pub use secret::{Secret, MAX_SECRET_FILE};
 pub use sources::{InfluxdbWal, Tail};
 pub use telemetry::{Telemetry, MIN_TELEMETRY_INTERVAL};
-pub use units::{parse_duration, parse_size};
+pub use units::{parse_duration, parse_rate, parse_size};
 
+use link::RawLink;
 use listen::RawListen;
 use queue::RawQueue;
 use remote::RawRemote;
@@ -101,6 +105,8 @@ pub struct Config {
     pub influxdb_wals: Vec<InfluxdbWal>,
     /// `[telemetry]`: the agent's own health, written into its queue.
     pub telemetry: Option<Telemetry>,
+    /// `[link]`: the bandwidth cap and data budgets all remotes share.
+    pub link: LinkConfig,
     /// Non-fatal findings, one line each, for the caller to log.
     pub warnings: Vec<String>,
 }
@@ -178,6 +184,7 @@ struct RawConfig {
     #[serde(default)]
     influxdb_wal: Vec<RawInfluxdbWal>,
     telemetry: Option<RawTelemetry>,
+    link: Option<RawLink>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -448,6 +455,7 @@ impl Validator<'_> {
             .telemetry
             .map(|t| telemetry::telemetry(t, &replications))
             .transpose()?;
+        let link = link::link(raw.link, &replications)?;
         Ok(Config {
             data_dir,
             shutdown_timeout,
@@ -459,6 +467,7 @@ impl Validator<'_> {
             tails,
             influxdb_wals,
             telemetry,
+            link,
             warnings: self.warnings,
         })
     }

@@ -16,6 +16,8 @@ use super::{check_name, invalid, non_empty, Api, ConfigError, Remote, Validator}
 const DEFAULT_MAX_QUEUE_SIZE: u64 = 256 * MIB;
 /// `max_age` when the key is left out: a week (`0` keeps entries forever).
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(7 * 86_400);
+/// `priority` when the key is left out.
+const DEFAULT_PRIORITY: u8 = 5;
 /// `batch_size` when the key is left out.
 const DEFAULT_BATCH_SIZE: u64 = 500_000;
 /// The smallest `batch_size`: 1 kB.
@@ -65,6 +67,9 @@ pub struct Replication {
     pub batch_size: u64,
     /// gzip level, 0 to 9.
     pub gzip_level: u32,
+    /// 1 to 9, higher first: who gets a capped link, and the last tenth of
+    /// a data budget (`[link]`).
+    pub priority: u8,
     /// Measurement globs (`*`, `?`) a line must match to be sent; empty: all.
     pub include_measurements: Vec<String>,
     /// Measurement globs whose lines are not sent.
@@ -138,6 +143,7 @@ pub(super) struct RawReplication {
     drop_non_retryable_data: Option<bool>,
     batch_size: Option<Scalar>,
     gzip_level: Option<i64>,
+    priority: Option<i64>,
     include_measurements: Option<Vec<String>>,
     exclude_measurements: Option<Vec<String>>,
     add_tags: Option<BTreeMap<String, String>>,
@@ -271,6 +277,16 @@ impl Validator<'_> {
                 ))
             }
         };
+        let priority = match r.priority {
+            None => DEFAULT_PRIORITY,
+            Some(p @ 1..=9) => p as u8,
+            Some(p) => {
+                return Err(invalid(
+                    key("priority"),
+                    format!("{p} is not a priority from 1 to 9"),
+                ))
+            }
+        };
         let globs = |field: &str, list: Option<Vec<String>>| -> Result<Vec<String>, ConfigError> {
             let list = list.unwrap_or_default();
             if let Some(bad) = list.iter().find(|g| g.is_empty()) {
@@ -348,6 +364,7 @@ impl Validator<'_> {
             drop_non_retryable_data: r.drop_non_retryable_data.unwrap_or(false),
             batch_size,
             gzip_level,
+            priority,
             include_measurements,
             exclude_measurements,
             add_tags,

@@ -1142,3 +1142,61 @@ fn names() {
     assert!(!valid_name("é"));
     assert!(!valid_name("a/b"));
 }
+
+#[test]
+fn link_takes_caps_budgets_and_periods() {
+    let c = ok(&repl(""));
+    assert_eq!(c.link.max_bandwidth, None);
+    assert_eq!(c.link.daily_budget, None);
+    assert_eq!(c.link.monthly_reset_day, 1);
+    assert_eq!(c.link.top_priority, 5);
+    let c = ok(&repl(
+        "priority = 8\n[link]\nmax_bandwidth = \"256kbit/s\"\ndaily_budget = \"40MB\"\nmonthly_budget = \"1GiB\"\nbudget_timezone = \"-05:30\"\nmonthly_reset_day = 15",
+    ));
+    assert_eq!(c.replications[0].priority, 8);
+    assert_eq!(c.link.top_priority, 8);
+    assert_eq!(c.link.max_bandwidth, Some(32_000));
+    assert_eq!(c.link.daily_budget, Some(40_000_000));
+    assert_eq!(c.link.monthly_budget, Some(GIB));
+    assert_eq!(c.link.utc_offset, -(5 * 3_600 + 30 * 60));
+    assert_eq!(c.link.monthly_reset_day, 15);
+    for (rate, bytes) in [
+        ("32kB/s", Some(32_000)),
+        ("2Mbit/s", Some(250_000)),
+        ("1.5MB/s", Some(1_500_000)),
+        ("4096", Some(4_096)),
+        ("0", None),
+    ] {
+        let c = ok(&repl(&format!("[link]\nmax_bandwidth = \"{rate}\"")));
+        assert_eq!(c.link.max_bandwidth, bytes, "{rate}");
+    }
+    assert_eq!(
+        ok(&repl("[link]\nbudget_timezone = \"UTC\""))
+            .link
+            .utc_offset,
+        0
+    );
+}
+
+#[test]
+fn link_errors_name_the_key() {
+    for (lines, key) in [
+        ("[link]\nmax_bandwidth = \"fast\"", "link.max_bandwidth"),
+        ("[link]\nmax_bandwidth = \"32kB\"", "link.max_bandwidth"),
+        ("[link]\nmax_bandwidth = \"50B/s\"", "link.max_bandwidth"),
+        ("[link]\ndaily_budget = \"lots\"", "link.daily_budget"),
+        (
+            "[link]\nbudget_timezone = \"Europe/Paris\"",
+            "link.budget_timezone",
+        ),
+        ("[link]\nbudget_timezone = \"+2\"", "link.budget_timezone"),
+        ("[link]\nmonthly_reset_day = 31", "link.monthly_reset_day"),
+        ("[link]\nmonthly_reset_day = 0", "link.monthly_reset_day"),
+        ("[link]\nhourly_budget = \"1MB\"", "hourly_budget"),
+        ("priority = 0", "priority"),
+        ("priority = 10", "priority"),
+    ] {
+        let e = err(&repl(lines));
+        assert!(e.contains(key), "{lines}: {e}");
+    }
+}

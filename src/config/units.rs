@@ -170,3 +170,27 @@ pub(super) fn positive(key: &str, d: Duration) -> Result<Duration, ConfigError> 
         Ok(d)
     }
 }
+
+/// Parses a rate: `"32kB/s"`, `"1.5MB/s"`, `"256kbit/s"` or `"2Mbit/s"`
+/// (bits, as links are sold), or a plain integer number of bytes a second.
+/// The size part reads as [`parse_size`]'s.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let bad = || format!("invalid rate {s:?} (use e.g. \"32kB/s\" or \"256kbit/s\")");
+    let t = s.trim();
+    if t.bytes().all(|b| b.is_ascii_digit()) && !t.is_empty() {
+        return t.parse().map_err(|_| bad());
+    }
+    let per_second = t.strip_suffix("/s").ok_or_else(bad)?;
+    for (unit, bits) in [
+        ("kbit", 1_000u64),
+        ("mbit", 1_000_000),
+        ("gbit", 1_000_000_000),
+    ] {
+        let lower = per_second.to_ascii_lowercase();
+        if let Some(number) = lower.strip_suffix(unit) {
+            let bytes = parse_size(&format!("{}B", number.trim())).map_err(|_| bad())?;
+            return bytes.checked_mul(bits).map(|b| b / 8).ok_or_else(bad);
+        }
+    }
+    parse_size(per_second).map_err(|_| bad())
+}

@@ -312,7 +312,11 @@ async fn route(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             if !authorized(ingest, &req, Api::V2) {
                 return unauthorized(ingest, Api::V2);
             }
-            let answer = status::report(&ingest.routing().statuses, &ingest.sources());
+            let answer = status::report(
+                &ingest.routing().statuses,
+                &ingest.sources(),
+                &ingest.link.readings(),
+            );
             // Through a `Value`, the keys come out sorted, as they always did.
             let answer = serde_json::to_value(answer).expect("a status report is JSON");
             json_response(StatusCode::OK, &answer)
@@ -333,6 +337,7 @@ async fn route(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             }
             let mut text = status::metrics_text(&ingest.routing().statuses, &ingest.stats);
             text.push_str(&status::sources_metrics_text(&ingest.sources()));
+            text.push_str(&status::budget_metrics_text(&ingest.link.readings()));
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crate::config::{BrowserGuard, Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
 use crate::queue::{self, Preparing, Queue, QueueError, ReplHandle, Segment, Write};
+use crate::ship::link::Link;
 use crate::status::{IngestStats, ReplStatus, SourceStatus};
 
 /// Bodies above this size are validated on a blocking thread so one large
@@ -70,6 +71,8 @@ pub struct Ingest {
     pub queue: Arc<Queue>,
     routing: RwLock<Arc<Routing>>,
     pub stats: IngestStats,
+    /// The uplink's cap and budgets, for status and metrics.
+    pub link: Arc<Link>,
     /// Statuses of the running `[[tail]]` and `[[influxdb_wal]]` sources.
     sources: RwLock<Vec<Arc<SourceStatus>>>,
     /// When the agent started, for `GET /ready`: the wall-clock time it
@@ -178,9 +181,10 @@ impl Routing {
 }
 
 impl Ingest {
-    pub fn new(queue: Arc<Queue>, routing: Routing) -> Ingest {
+    pub fn new(queue: Arc<Queue>, routing: Routing, link: Arc<Link>) -> Ingest {
         Ingest {
             queue,
+            link,
             routing: RwLock::new(Arc::new(routing)),
             stats: IngestStats::default(),
             sources: RwLock::new(Vec::new()),

@@ -890,6 +890,7 @@ fn a_transforming_replication_gets_lines_back_from_segments() {
         drop_non_retryable_data: false,
         batch_size: 1000,
         gzip_level: 6,
+        priority: 5,
         include_measurements: Vec::new(),
         exclude_measurements: Vec::new(),
         add_tags: [("gw".to_string(), "1".to_string())].into_iter().collect(),

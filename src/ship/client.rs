@@ -201,7 +201,15 @@ impl Client {
     /// POSTs a gzip body. Never fails: every outcome is an [`Answer`].
     /// `progress` is called with the bytes of the body handed to the
     /// connection so far, each time more have gone.
-    pub fn post(&self, url: &str, gzip_body: &[u8], progress: &mut dyn FnMut(u64)) -> Answer {
+    /// `throttle` is asked how many of the bytes it is offered may go now
+    /// (it may wait, and grants at least one).
+    pub fn post(
+        &self,
+        url: &str,
+        gzip_body: &[u8],
+        throttle: &mut dyn FnMut(usize) -> usize,
+        progress: &mut dyn FnMut(u64),
+    ) -> Answer {
         let mut req = self
             .agent
             .post(url)
@@ -216,6 +224,7 @@ impl Client {
         let mut reader = Progress {
             body: gzip_body,
             done: 0,
+            throttle,
             report: progress,
         };
         match req.send(ureq::SendBody::from_reader(&mut reader)) {
@@ -317,12 +326,16 @@ fn probe_addr(url: &str) -> Option<(String, u16)> {
 struct Progress<'a> {
     body: &'a [u8],
     done: usize,
+    throttle: &'a mut dyn FnMut(usize) -> usize,
     report: &'a mut dyn FnMut(u64),
 }
 
 impl std::io::Read for Progress<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(self.body.len() - self.done);
+        let mut n = buf.len().min(self.body.len() - self.done);
+        if n > 0 {
+            n = (self.throttle)(n).clamp(1, n);
+        }
         buf[..n].copy_from_slice(&self.body[self.done..self.done + n]);
         self.done += n;
         if n > 0 {

@@ -18,6 +18,7 @@
 pub mod answer;
 pub mod backoff;
 pub mod client;
+pub mod link;
 
 use std::io::Write as _;
 use std::ops::Range;
@@ -121,6 +122,8 @@ pub struct ShipConfig {
     pub max_backoff: Duration,
     pub probe_interval: Duration,
     pub drop_non_retryable_data: bool,
+    /// 1 to 9, higher first, on a capped link or the last of a budget.
+    pub priority: u8,
 }
 
 /// Where and how a worker ships; replaced as a whole on a config reload.
@@ -138,6 +141,8 @@ pub struct Worker {
     pub status: Arc<ReplStatus>,
     pub target: SharedTarget,
     pub control: Arc<Control>,
+    /// The uplink all workers share: its cap and budgets.
+    pub link: Arc<link::Link>,
 }
 
 /// A settlement sent to the queue and not yet confirmed durable.
@@ -513,6 +518,10 @@ impl Worker {
                 body = Some((part.clone(), level, gz));
             }
             let gz = &body.as_ref().expect("set above").2;
+            if self.wait_for_budget(&t) {
+                // A wait of any length: look at the batch again first.
+                continue;
+            }
             let bucket = t.config.remote_bucket.as_deref().unwrap_or(&batch.bucket);
             let answer = self.post(&t.client, &t.client.write_url(bucket), gz);
             let verdict = classify(&answer);
@@ -872,12 +881,21 @@ impl Worker {
         let total = gz.len() as u64;
         self.status.ship.lock().unwrap().sending = Some((0, total));
         let mut sent = 0;
-        let answer = client.post(url, gz, &mut |done| {
-            sent = done;
-            // A slow link may take long over one body: it is progress.
-            self.control.beat();
-            self.status.ship.lock().unwrap().sending = Some((done, total));
-        });
+        let priority = self.target().config.priority;
+        let answer = client.post(
+            url,
+            gz,
+            &mut |want| self.link.take(want, priority),
+            &mut |done| {
+                sent = done;
+                // A slow link may take long over one body: it is progress.
+                self.control.beat();
+                self.status.ship.lock().unwrap().sending = Some((done, total));
+            },
+        );
+        self.link
+            .charge(link::REQUEST_OVERHEAD + message(&answer).len() as u64);
+        self.link.save(false);
         let mut s = self.status.ship.lock().unwrap();
         s.sending = None;
         s.wire_bytes_sent += sent;
@@ -947,6 +965,36 @@ impl Worker {
         }
     }
 
+    /// While a data budget is spent, shows state `budget` and waits until
+    /// the period ends (a reload or a stop ends the wait early). True if it
+    /// waited.
+    fn wait_for_budget(&self, t: &Target) -> bool {
+        let Some(spent) = self.link.spent(t.config.priority) else {
+            return false;
+        };
+        let resets = std::time::UNIX_EPOCH
+            + Duration::from_secs(u64::try_from(spent.resets_at).unwrap_or(0));
+        let wait = resets
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let mut s = self.status.ship.lock().unwrap();
+        if s.state != State::Budget {
+            info!(
+                "replication \"{}\": the {} data budget is spent; sending again at {}",
+                self.repl.name,
+                spent.period.name(),
+                humantime::format_rfc3339_seconds(resets)
+            );
+        }
+        s.state = State::Budget;
+        s.next_retry = Some(resets);
+        drop(s);
+        self.link.save(true);
+        // The clock may be set meanwhile: look again at least every minute.
+        self.sleep(wait.clamp(Duration::from_secs(1), Duration::from_secs(60)));
+        true
+    }
+
     /// Waits `wait` after the remote could not be reached, probing it every
     /// `probe_interval` (jittered between half and all of it, so that a
     /// fleet behind one link does not probe in step) when the wait is
@@ -971,7 +1019,12 @@ impl Worker {
             if self.control.stopped() || self.control.wake.generation() != seen {
                 return;
             }
+            if self.link.spent(t.config.priority).is_some() {
+                // A probe costs bytes the budget no longer has.
+                continue;
+            }
             let reached = t.client.probe();
+            self.link.charge(link::PROBE_BYTES);
             let mut s = self.status.ship.lock().unwrap();
             s.probes += 1;
             if reached {
@@ -1244,6 +1297,7 @@ mod tests {
             max_backoff: Duration::from_secs(60),
             probe_interval: Duration::from_secs(10),
             drop_non_retryable_data: false,
+            priority: 5,
         };
         let throttled = |v: &str| Answer::Status {
             code: 429,

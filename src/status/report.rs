@@ -20,6 +20,22 @@ pub struct StatusReport {
     /// Absent from agents that predate sources: read as none.
     #[serde(default)]
     pub sources: Vec<SourceReport>,
+    /// The data budgets of `[link]`, when any is set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub budgets: Vec<BudgetReport>,
+}
+
+/// One data budget of `[link]`: all remotes' bytes on the wire in the
+/// current day or month.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetReport {
+    /// `"day"` or `"month"`.
+    pub period: String,
+    pub budget_bytes: u64,
+    pub budget_used: u64,
+    pub budget_left: u64,
+    pub budget_resets_at: Timestamp,
 }
 
 /// One replication.

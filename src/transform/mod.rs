@@ -180,6 +180,7 @@ mod tests {
             drop_non_retryable_data: false,
             batch_size: 1000,
             gzip_level: 6,
+            priority: 5,
             include_measurements: include.iter().map(|s| s.to_string()).collect(),
             exclude_measurements: exclude.iter().map(|s| s.to_string()).collect(),
             add_tags: tags

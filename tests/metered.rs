@@ -1,0 +1,142 @@
+//! Metered links (`[link]`): a data budget stops sending when it is spent,
+//! survives a restart, and gives way to a larger one on reload; a capped link
+//! never carries more than the cap allows.
+
+mod util;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use util::*;
+
+fn budgets(agent: &Agent) -> Value {
+    agent.replications()["budgets"].clone()
+}
+
+fn sink_agent(link: &str, batch: &str) -> (Sink, Agent, Launch) {
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.replications[0].batch_size = batch.into();
+    let launch = Launch::new().append(link);
+    let agent = Agent::start_with(config, &launch);
+    (sink, agent, launch)
+}
+
+/// `n` lines that gzip compresses little (about 25 bytes a line): each
+/// carries 16 pseudo-random bytes in hex.
+fn noisy_lines(measurement: &str, n: usize) -> String {
+    let ts = ts_ago(Duration::from_secs(600));
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut out = String::new();
+    for i in 0..n {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let y = x.wrapping_mul(0x2545_F491_4F6C_DD1D);
+        out.push_str(&format!(
+            "{measurement},sensor=s{} v={}i,h=\"{x:016x}{y:016x}\" {}\n",
+            i % 20,
+            x % 1000,
+            ts + i as i64
+        ));
+    }
+    out
+}
+
+fn accepted_keys(sink: &Sink) -> HashSet<String> {
+    sink.lines_accepted()
+        .into_iter()
+        .map(|l| String::from_utf8(l).unwrap())
+        .collect()
+}
+
+/// A daily budget of 30 kB: shipping stops once it is spent (state
+/// `budget`, the budget in status), nothing more reaches the remote, a
+/// restart does not hand out a new budget, and a reload with a larger one
+/// lets everything through, exactly once.
+#[test]
+fn a_spent_budget_stops_sending_until_a_larger_one() {
+    let (sink, mut agent, _) = sink_agent("[link]\ndaily_budget = \"30kB\"\n", "4kB");
+    let body = noisy_lines("metered", 3_000);
+    let written: HashSet<String> = body.lines().map(str::to_string).collect();
+    assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 204);
+
+    wait_eq(DEADLINE, "r1 state", "budget".to_string(), || {
+        str_field(&agent.replication("r1"), "state").to_string()
+    });
+    let rep = agent.replication("r1");
+    assert!(field(&rep, "remainingLines") > 0, "{rep:#}");
+    assert!(rep["nextRetryAt"].is_string(), "{rep:#}");
+    let b = budgets(&agent);
+    assert_eq!(b[0]["period"], "day", "{b:#}");
+    assert_eq!(b[0]["budgetBytes"], 30_000, "{b:#}");
+    assert_eq!(b[0]["budgetLeft"], 0, "{b:#}");
+    let used = b[0]["budgetUsed"].as_u64().unwrap();
+    // Spent, overshot by at most the batch under way and its HTTP.
+    assert!((30_000..30_000 + 8_000).contains(&used), "{b:#}");
+    let wire: u64 = sink.requests().iter().map(|r| r.wire.len() as u64).sum();
+    assert!(
+        wire <= used,
+        "{wire} body bytes reached the remote, {used} counted"
+    );
+    let metrics = agent.metrics();
+    assert_eq!(
+        metric_value(&metrics, "edge_replicator_link_budget_used_bytes", "day"),
+        Some(used as f64)
+    );
+
+    // Nothing more goes while the budget is spent, across a restart too.
+    let requests = sink.requests().len();
+    assert!(agent.sigterm_and_wait().success());
+    agent.restart();
+    wait_eq(
+        DEADLINE,
+        "r1 state after a restart",
+        "budget".to_string(),
+        || str_field(&agent.replication("r1"), "state").to_string(),
+    );
+    assert!(budgets(&agent)[0]["budgetUsed"].as_u64().unwrap() >= used);
+    assert_eq!(
+        sink.requests().len(),
+        requests,
+        "sent with the budget spent"
+    );
+
+    // A larger budget on reload: the rest goes, and everything arrived once.
+    agent.write_config_with(&Launch::new().append("[link]\ndaily_budget = \"50MB\"\n"));
+    agent.sighup();
+    let rep = agent.wait_drained("r1");
+    assert_eq!(str_field(&rep, "state"), "running");
+    assert_eq!(accepted_keys(&sink), written);
+    assert_eq!(sink.lines_accepted().len(), written.len(), "a line twice");
+}
+
+/// A cap of 8 kB/s: the bodies reach the remote no faster than the cap
+/// allows (the bucket starts with one second's worth), and all arrive.
+#[test]
+fn a_capped_link_carries_no_more_than_the_cap() {
+    const CAP: f64 = 8_000.0;
+    let (sink, agent, _) = sink_agent("[link]\nmax_bandwidth = \"8kB/s\"\n", "16kB");
+    let body = noisy_lines("capped", 1_600);
+    let written: HashSet<String> = body.lines().map(str::to_string).collect();
+    let started = Instant::now();
+    assert_eq!(agent.write_v2("b", &body, &Opts::new()).0, 204);
+    agent.wait_drained("r1");
+    let took = started.elapsed().as_secs_f64();
+    let wire: u64 = sink.requests().iter().map(|r| r.wire.len() as u64).sum();
+    eprintln!(
+        "{wire} body bytes in {took:.2} s: {:.0} B/s",
+        wire as f64 / took
+    );
+    assert!(
+        wire > 24_000,
+        "only {wire} bytes: the test needs several seconds' worth"
+    );
+    // A lower bound on the time taken: a slow machine only makes it longer.
+    assert!(
+        wire as f64 <= CAP * (took + 1.0),
+        "{wire} body bytes in {took:.2} s through a cap of {CAP} B/s"
+    );
+    assert_eq!(accepted_keys(&sink), written);
+}
