@@ -139,4 +139,16 @@ fn a_capped_link_carries_no_more_than_the_cap() {
         "{wire} body bytes in {took:.2} s through a cap of {CAP} B/s"
     );
     assert_eq!(accepted_keys(&sink), written);
+    // On a capped link each batch goes ordered by series (then time).
+    for r in sink.requests() {
+        let body = String::from_utf8(r.body.clone()).unwrap();
+        let keys: Vec<(&str, i64)> = body
+            .lines()
+            .map(|l| {
+                let (series, rest) = l.split_once(' ').unwrap();
+                (series, rest.rsplit(' ').next().unwrap().parse().unwrap())
+            })
+            .collect();
+        assert!(keys.windows(2).all(|w| w[0] <= w[1]), "not in series order");
+    }
 }

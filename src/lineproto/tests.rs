@@ -1057,3 +1057,53 @@ proptest! {
         prop_assert_eq!(String::from_utf8(out).unwrap(), expected);
     }
 }
+
+#[test]
+fn series_keys_end_at_the_first_unescaped_space() {
+    assert_eq!(series_key(b"cpu,host=a v=1 5\n"), b"cpu,host=a");
+    assert_eq!(
+        series_key(b"c\\ pu,host=a\\ b v=1 5\n"),
+        b"c\\ pu,host=a\\ b"
+    );
+    assert_eq!(series_key(b"cpu v=\"x y\" 5\n"), b"cpu");
+}
+
+#[test]
+fn ordering_by_series_keeps_every_point_and_the_last_one_wins() {
+    let lines =
+        b"b,t=1 v=1 20\na v=1 30\nb,t=1 v=2 10\na v=\"two\nlines\" 10\nb,t=1 v=3 20\na v=9 30\n";
+    let mut out = Vec::new();
+    order_by_series(lines, &mut out);
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "a v=\"two\nlines\" 10\na v=1 30\na v=9 30\nb,t=1 v=2 10\nb,t=1 v=1 20\nb,t=1 v=3 20\n"
+    );
+    proptest!(|(lines in proptest::collection::vec(
+        (0u8..4, 0i64..5, 0u32..100), 0..60))| {
+        let body: String = lines
+            .iter()
+            .map(|(s, t, v)| format!("m,s={s} v={v}i {t}\n"))
+            .collect();
+        let mut out = Vec::new();
+        order_by_series(body.as_bytes(), &mut out);
+        let out = String::from_utf8(out).unwrap();
+        let mut a: Vec<&str> = body.lines().collect();
+        let mut b: Vec<&str> = out.lines().collect();
+        // The same points, sorted by series then time...
+        let key = |l: &&str| {
+            let (series, rest) = l.split_once(' ').unwrap();
+            let ts: i64 = rest.rsplit(' ').next().unwrap().parse().unwrap();
+            (series.to_string(), ts)
+        };
+        prop_assert!(b.windows(2).all(|w| key(&w[0]) <= key(&w[1])));
+        // ... and for each series and time, the values in their first order.
+        for k in a.iter().map(key) {
+            let before: Vec<&str> = a.iter().filter(|l| key(l) == k).copied().collect();
+            let after: Vec<&str> = b.iter().filter(|l| key(l) == k).copied().collect();
+            prop_assert_eq!(before, after);
+        }
+        a.sort();
+        b.sort();
+        prop_assert_eq!(a, b);
+    });
+}

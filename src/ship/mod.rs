@@ -35,6 +35,9 @@ use crate::queue::{Batch, Pos, Queue, QueueError, ReplHandle, Settlement, Shipme
 use crate::status::{Link, ReplStatus, State};
 pub use client::{Answer, Client};
 
+/// The gzip level of batches sent over a capped or budgeted link.
+const THRIFTY_GZIP_LEVEL: u32 = 9;
+
 /// Deliveries in a row after which a batch limit lowered by stalls doubles.
 /// Growing after every delivery would send every other batch too large for
 /// a link that carries only the smaller one, and each costs a stall.
@@ -457,6 +460,17 @@ impl Worker {
         };
         // The batch's lines, inflated only when a part must be cut out.
         let mut have_lines = false;
+        // On a metered or capped link, bytes cost more than CPU: the batch
+        // goes ordered by series and compressed at the highest level.
+        let thrifty = self.link.limited();
+        if thrifty {
+            self.inflated(shipment, lines, &mut have_lines)?;
+            let mut ordered = Vec::with_capacity(lines.len());
+            crate::lineproto::order_by_series(lines, &mut ordered);
+            *lines = ordered;
+            // The lines, not the entries as stored, are what goes.
+            d.cut = true;
+        }
         if batch.bytes as usize > *fit && *fit < self.target().config.batch_size {
             // Entries compressed when queued are taken whole, however large
             // (and so shipped as stored while the link carries them): after
@@ -505,7 +519,11 @@ impl Worker {
             }
             self.control.beat();
             let t = self.target();
-            let level = t.config.gzip_level;
+            let level = if thrifty {
+                THRIFTY_GZIP_LEVEL
+            } else {
+                t.config.gzip_level
+            };
             // Compress each part once, not once per retry.
             if !matches!(&body, Some((r, l, _)) if *r == part && *l == level) {
                 let reuse = body.take().map(|(_, _, b)| b).unwrap_or_default();
