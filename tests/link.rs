@@ -383,6 +383,61 @@ fn a_backlog_crosses_a_256_kbit_link() {
     assert_delivered_exactly(&vm, "tbf_value", &written, &rep);
 }
 
+/// A queue too small for what is written over a 256 kbit/s link, with
+/// `drop_oldest`: the oldest lines are evicted while batches are on the way
+/// (which may take lines of the batch under way). Every line is counted
+/// once, delivered or dropped,
+/// and the remote holds exactly as many points as were counted delivered.
+#[test]
+fn lines_evicted_on_a_slow_link_are_counted_once() {
+    let Some(lab) = NetLab::new() else { return };
+    let Some(vm) = VictoriaMetrics::start_in(&lab) else {
+        return;
+    };
+    lab.shape("256kbit", "16kb");
+    let agent = agent_for(&vm.url(), |c| {
+        // No stall here: an abandoned body may still reach the remote.
+        c.remotes[0].stall_timeout = Some("30s".into());
+        c.remotes[0].timeout = "30s".into();
+        let r = &mut c.replications[0];
+        r.max_queue_size = "200kB".into();
+        r.batch_size = "100kB".into();
+        r.when_full = "drop_oldest".into();
+    });
+    let base = ts_ago(Duration::from_secs(3_600));
+    let mut written = HashSet::new();
+    // Spread over a few seconds, so that evictions meet batches under way.
+    for i in 0..30 {
+        let body = lines("ev", 10, 1_000, base + i * 1_000_000_000);
+        write(&agent, &body);
+        written.extend(keys_of(&body));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rep = agent.wait_drained_within("r1", Duration::from_secs(120));
+    lab.unshape();
+    let delivered = field(&rep, "deliveredLines");
+    let dropped = field(&rep, "droppedFullLines");
+    eprintln!("{delivered} lines delivered, {dropped} evicted");
+    assert!(
+        dropped > 0,
+        "nothing was evicted: the test proves nothing: {rep:#}"
+    );
+    assert_eq!(delivered + dropped, 30_000, "{rep:#}");
+    wait_until(DEADLINE, "samples of ev_value >= deliveredLines", || {
+        vm.keys("ev_value").len() as u64 >= delivered
+    });
+    let held = vm.keys("ev_value");
+    assert!(
+        held.is_subset(&written),
+        "the remote holds points never written"
+    );
+    assert_eq!(
+        held.len() as u64,
+        delivered,
+        "the remote holds another number of points than were counted delivered: {rep:#}"
+    );
+}
+
 /// A 12 kbit/s link cannot carry a batch within `stall_timeout`: the agent
 /// sends smaller and smaller batches (`batchLimitBytes` falls) until they
 /// get through, and lines arrive while the link still crawls. Then the
@@ -409,10 +464,11 @@ fn a_12_kbit_link_gets_smaller_batches() {
         |rep| field(rep, "batchLimitBytes") < 200_000 && field(rep, "deliveredLines") > 0,
     );
     eprintln!(
-        "over 12 kbit/s: batch limit {} bytes, {} of 800 lines delivered, {} wire bytes sent",
+        "over 12 kbit/s: batch limit {} bytes, {} of 800 lines delivered, {} wire bytes sent, {} accepted",
         field(&rep, "batchLimitBytes"),
         field(&rep, "deliveredLines"),
-        field(&rep, "wireBytesSent")
+        field(&rep, "wireBytesSent"),
+        field(&rep, "wireBytesAccepted")
     );
     assert_conserved(&rep);
     lab.unshape();
