@@ -170,7 +170,11 @@ impl NetLab {
                     claimed = Some((block, host_if, ns_if));
                     break;
                 }
-                Err(e) => last_error = e,
+                Err(e) if e.contains("exists") => last_error = e,
+                Err(e) => {
+                    let _ = ip(&["netns", "del", &ns]);
+                    return missing(&format!("veth support ({e})"));
+                }
             }
         }
         drop(tried);
