@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the integration tests talk to: real InfluxDB-compatible servers
 # (VictoriaMetrics, InfluxDB 1.6 and its CLI `influx`) from the Debian archive,
+# iproute2 and iptables for the network lab of tests/link.rs,
 # the Python clients (PyPI influxdb-client and the v1 client influxdb) in a
 # private venv at target/pyenv, and the npm client @influxdata/influxdb-client
 # in a project-local folder at target/node (Debian's nodejs and npm only when
@@ -12,7 +13,7 @@ set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$repo_root/target/pyenv"
-packages=(victoria-metrics influxdb influxdb-client python3-venv)
+packages=(victoria-metrics influxdb influxdb-client python3-venv iproute2 iptables)
 node_dir="$repo_root/target/node"
 # Pinned client versions, so every machine drives the same client code.
 js_client="@influxdata/influxdb-client@1.35.0"

@@ -9,10 +9,13 @@
 //! generous deadline and then fail naming what they waited for.
 #![allow(dead_code)]
 
+mod netlab;
 mod process;
 mod remotes;
 
 // Each test binary uses a part of these.
+#[allow(unused_imports)]
+pub use netlab::*;
 #[allow(unused_imports)]
 pub use process::*;
 #[allow(unused_imports)]

@@ -10,7 +10,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// The TCP ports process `pid` listens on, read from /proc: its socket
-/// inodes matched against the kernel's table of listening sockets.
+/// inodes matched against the kernel's table of listening sockets of the
+/// process's own network namespace (`/proc/PID/net`, so that a server in a
+/// test's namespace is found too).
 pub fn listening_ports(pid: u32) -> HashSet<u16> {
     let inodes: HashSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
@@ -23,8 +25,8 @@ pub fn listening_ports(pid: u32) -> HashSet<u16> {
         })
         .collect();
     let mut ports = HashSet::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = fs::read_to_string(table).unwrap_or_default();
+    for table in ["tcp", "tcp6"] {
+        let text = fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
         for row in text.lines().skip(1) {
             let cols: Vec<&str> = row.split_whitespace().collect();
             // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode

@@ -20,6 +20,10 @@ use super::*;
 pub struct VictoriaMetrics {
     process: ServerProcess,
     pub port: u16,
+    /// The address it listens on (loopback, or a lab namespace's end).
+    ip: String,
+    /// Words run before the binary, e.g. `ip netns exec NS`.
+    prefix: Vec<String>,
     dir: TempDir,
     bin: PathBuf,
     http: ureq::Agent,
@@ -28,18 +32,17 @@ pub struct VictoriaMetrics {
 impl VictoriaMetrics {
     /// Starts a server; `None` (after a SKIP line) when the binary is missing.
     pub fn start() -> Option<VictoriaMetrics> {
-        let bin = require("victoria-metrics")?;
-        let dir = tempfile::Builder::new().prefix("vm-").tempdir().unwrap();
-        let mut vm = VictoriaMetrics {
-            process: ServerProcess::new(
-                "victoria-metrics",
-                dir.path().join("victoria-metrics.log"),
-            ),
-            port: 0,
-            dir,
-            bin,
-            http: http(),
-        };
+        VictoriaMetrics::start_at("127.0.0.1", Vec::new())
+    }
+
+    /// Starts a server inside `lab`'s namespace, on its end of the veth.
+    pub fn start_in(lab: &NetLab) -> Option<VictoriaMetrics> {
+        VictoriaMetrics::start_at(&lab.ns_ip.to_string(), lab.prefix())
+    }
+
+    /// A server listening on `ip`, run as `prefix... victoria-metrics ...`.
+    pub fn start_at(ip: &str, prefix: Vec<String>) -> Option<VictoriaMetrics> {
+        let mut vm = VictoriaMetrics::stopped_at(ip, prefix)?;
         // Someone else may take the port between the pick and the bind.
         for _ in 0..10 {
             vm.port = free_port();
@@ -51,8 +54,34 @@ impl VictoriaMetrics {
         panic!("victoria-metrics: every port tried was taken");
     }
 
+    /// A server inside `lab`'s namespace that does not run yet: connections
+    /// to `url()` are refused until [`VictoriaMetrics::restart`]. Nothing
+    /// else listens in a lab's namespace, so its port is free for it.
+    pub fn stopped_in(lab: &NetLab) -> Option<VictoriaMetrics> {
+        let mut vm = VictoriaMetrics::stopped_at(&lab.ns_ip.to_string(), lab.prefix())?;
+        vm.port = free_port();
+        Some(vm)
+    }
+
+    fn stopped_at(ip: &str, prefix: Vec<String>) -> Option<VictoriaMetrics> {
+        let bin = require("victoria-metrics")?;
+        let dir = tempfile::Builder::new().prefix("vm-").tempdir().unwrap();
+        Some(VictoriaMetrics {
+            process: ServerProcess::new(
+                "victoria-metrics",
+                dir.path().join("victoria-metrics.log"),
+            ),
+            port: 0,
+            ip: ip.to_string(),
+            prefix,
+            dir,
+            bin,
+            http: http(),
+        })
+    }
+
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.ip, self.port)
     }
 
     /// Process id of the server, while it runs.
@@ -62,8 +91,15 @@ impl VictoriaMetrics {
 
     /// The command that serves `self.port` with the storage in `self.dir`.
     fn command(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg(format!("-httpListenAddr=127.0.0.1:{}", self.port))
+        let mut cmd = match self.prefix.split_first() {
+            Some((program, args)) => {
+                let mut cmd = Command::new(program);
+                cmd.args(args).arg(&self.bin);
+                cmd
+            }
+            None => Command::new(&self.bin),
+        };
+        cmd.arg(format!("-httpListenAddr={}:{}", self.ip, self.port))
             .arg(format!(
                 "-storageDataPath={}",
                 self.dir.path().join("data").display()
