@@ -15,6 +15,10 @@ use std::fmt::Write as _;
 pub enum Mix {
     Metrics,
     Logs,
+    /// Two-field sensor lines of about 58 bytes
+    /// (`cpu,host=gw3,site=s1 v=12i,f=12.25 <ns>`), the commonest thing a
+    /// sensor gateway writes.
+    Small,
 }
 
 impl Mix {
@@ -22,6 +26,7 @@ impl Mix {
         match self {
             Mix::Metrics => "metrics",
             Mix::Logs => "logs",
+            Mix::Small => "small",
         }
     }
 }
@@ -92,6 +97,7 @@ impl Generator {
             match self.mix {
                 Mix::Metrics => self.metrics_line(&mut s),
                 Mix::Logs => self.log_line(&mut s),
+                Mix::Small => self.small_line(&mut s),
             }
         }
         s.into_bytes()
@@ -366,10 +372,33 @@ impl Generator {
     }
 }
 
-/// Checks that both mixes are valid, already normalised line protocol (run
+impl Generator {
+    /// One small line: 200 series (hosts gw0–gw7 × sites s0–s24), one
+    /// point a second each, an integer and a float field.
+    fn small_line(&mut self, s: &mut String) {
+        const SERIES: usize = 200;
+        let i = self.slot;
+        let v = self.rng.below(100);
+        let f = self.walk(i, 0.0, 100.0, 0.5);
+        let _ = writeln!(
+            s,
+            "cpu,host=gw{},site=s{} v={v}i,f={f:.2} {}",
+            i % 8,
+            i / 8,
+            self.ts + i as i64 * 1_000
+        );
+        self.slot += 1;
+        if self.slot == SERIES {
+            self.slot = 0;
+            self.ts += 1_000_000_000;
+        }
+    }
+}
+
+/// Checks that every mix is valid, already normalised line protocol (run
 /// by `cargo test`, which starts bench binaries without `--bench`).
 pub fn self_check() {
-    for mix in [Mix::Metrics, Mix::Logs] {
+    for mix in [Mix::Metrics, Mix::Logs, Mix::Small] {
         let body = Generator::new(mix, 7).body(2000);
         let mut out = Vec::new();
         let s = edge_replicator::lineproto::normalize(

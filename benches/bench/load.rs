@@ -89,7 +89,13 @@ fn client() -> ureq::Agent {
         .into()
 }
 
-fn post(agent: &ureq::Agent, url: &str, body: &[u8]) -> bool {
+/// Posts `body` once on a connection of its own: the answer's status, 0
+/// when nothing answered.
+pub fn post_once(url: &str, body: &[u8]) -> u16 {
+    status(&client(), url, body)
+}
+
+fn status(agent: &ureq::Agent, url: &str, body: &[u8]) -> u16 {
     match agent
         .post(url)
         .header("Content-Type", "text/plain; charset=utf-8")
@@ -97,10 +103,14 @@ fn post(agent: &ureq::Agent, url: &str, body: &[u8]) -> bool {
     {
         Ok(mut r) => {
             let _ = r.body_mut().read_to_vec();
-            (200..300).contains(&r.status().as_u16())
+            r.status().as_u16()
         }
-        Err(_) => false,
+        Err(_) => 0,
     }
+}
+
+fn post(agent: &ureq::Agent, url: &str, body: &[u8]) -> bool {
+    (200..300).contains(&status(agent, url, body))
 }
 
 /// Sends bodies from `pool` round robin with `clients` connections until

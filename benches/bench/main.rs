@@ -10,7 +10,10 @@
 //!    to the discarding sink (against the single-core gzip limit of the same
 //!    data, measured here with the agent's own flate2 backend) and to
 //!    VictoriaMetrics;
-//! 4. an outage and recovery of the remote under steady load, plotted.
+//! 4. an outage and recovery of the remote under steady load, plotted;
+//! 5. idle cost: wakeups per second and CPU per hour with nothing to do
+//!    (empty queue, data queued for a dead remote, a polled `[[tail]]`);
+//! 6. peak RSS while 16 and 64 clients post one large body each at once.
 //!
 //! Results: a markdown table (medians, with min–max over the runs, and
 //! ratios taken run by run) printed and written to `target/bench/`, with a
@@ -21,6 +24,7 @@
 mod gen;
 mod load;
 mod procs;
+mod quiet;
 mod report;
 mod sink;
 
@@ -142,6 +146,20 @@ impl Who {
         remote: &str,
         max_backoff: &str,
     ) -> (Proc, Duration) {
+        self.start_with(ctx, dir, port, remote, max_backoff, "")
+    }
+
+    /// [`Who::start`], with `extra` TOML in edge-replicator's config
+    /// (vmagent has no equivalent and ignores it).
+    fn start_with(
+        self,
+        ctx: &Ctx,
+        dir: &Path,
+        port: u16,
+        remote: &str,
+        max_backoff: &str,
+        extra: &str,
+    ) -> (Proc, Duration) {
         let bin = match (self, baseline()) {
             (Who::Vm, Some(b)) => Some(b),
             (Who::Ours, _) => Some(&ctx.bin),
@@ -155,6 +173,7 @@ impl Who {
                     port,
                     remote_url: remote,
                     max_backoff,
+                    extra,
                 },
             ),
             None => procs::start_vmagent(dir, port, &format!("{remote}/api/v1/write")),
@@ -253,8 +272,13 @@ fn main() {
         .map(|_| g.body(LINES_PER_BODY))
         .collect();
     let logs = Generator::new(Mix::Logs, 43).body(LINES_PER_BODY);
+    let small = Generator::new(Mix::Small, 44).body(LINES_PER_BODY);
     let mut body_files = Vec::new();
-    for (mix, body) in [(Mix::Metrics, &pool[0]), (Mix::Logs, &logs)] {
+    for (mix, body) in [
+        (Mix::Metrics, &pool[0]),
+        (Mix::Logs, &logs),
+        (Mix::Small, &small),
+    ] {
         let path = work.join(format!("{}.lp", mix.name()));
         fs::write(&path, body).expect("write a body file");
         body_files.push((mix, path, body.len()));
@@ -274,7 +298,7 @@ fn main() {
     eprintln!("bench: {machine}");
     let mut rows = Vec::new();
     let mut raw = serde_json::Map::new();
-    // BENCH_ONLY=ingest,e2e,backlog,outage runs some phases only.
+    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory runs some phases only.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
     let ingest_rate = if run("ingest") {
@@ -295,6 +319,12 @@ fn main() {
     } else {
         String::new()
     };
+    if run("idle") {
+        quiet::idle(&ctx, &mut rows, &mut raw);
+    }
+    if run("memory") {
+        quiet::memory(&ctx, &mut rows, &mut raw);
+    }
 
     let table = report::table(&rows, other_name());
     let mode = if ctx.sizes.quick {

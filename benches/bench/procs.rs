@@ -129,6 +129,28 @@ impl Proc {
         }
     }
 
+    /// Context switches of all its threads so far (voluntary and not): how
+    /// often it woke up, which is what an idle process costs a battery.
+    pub fn context_switches(&self) -> u64 {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .flatten()
+            .map(|t| fs::read_to_string(t.path().join("status")).unwrap_or_default())
+            .flat_map(|status| {
+                status
+                    .lines()
+                    .filter_map(|l| {
+                        l.strip_prefix("voluntary_ctxt_switches:")
+                            .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                    })
+                    .filter_map(|v| v.trim().parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
     /// Polls `url` until it answers 200; the time since the spawn.
     pub fn wait_ready(&mut self, url: &str, timeout: Duration) -> Duration {
         let agent = ureq::Agent::config_builder()
@@ -198,6 +220,8 @@ pub struct AgentSpec<'a> {
     pub port: u16,
     pub remote_url: &'a str,
     pub max_backoff: &'a str,
+    /// TOML appended to the config (e.g. a `[[tail]]` table).
+    pub extra: &'a str,
 }
 
 /// Writes a config under `spec.dir` and starts the agent on it.
@@ -233,7 +257,8 @@ max_queue_size = "3GiB"
 max_age = "0"
 batch_size = "500kB"
 gzip_level = 6
-"#,
+{extra}"#,
+        extra = spec.extra,
         dir = spec.dir.join("data").display(),
         port = spec.port,
         url = spec.remote_url,
