@@ -6,9 +6,11 @@
 //! link that crawls still carries a batch, however long it takes, while one
 //! that black-holes packets is given up on after `stall_timeout` without a
 //! byte moving. Every socket write and read gets `stall_timeout` (ureq's
-//! per-write and per-read timeouts, i.e. `SO_SNDTIMEO`/`SO_RCVTIMEO`), and
-//! the body is handed to ureq through a reader that reports how much of it
-//! has gone, for status and for the count of bytes put on the wire.
+//! per-write and per-read timeouts, i.e. `SO_SNDTIMEO`/`SO_RCVTIMEO`); while
+//! the answer is awaited, a send queue that still shrinks counts as progress
+//! too (see [`super::transport`]). The body is handed to ureq through a
+//! reader that takes the link's cap and reports how much of it has gone,
+//! for status and for the count of bytes put on the wire.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +23,7 @@ use std::io::Read as _;
 use crate::config::{Api, Remote};
 
 use super::answer::{self, Detail};
+use super::transport::WatchedTcpConnector;
 
 /// What came back from one POST.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,7 +143,7 @@ impl Client {
             .filter(|s| !s.is_empty())
             .collect();
         Ok(Client {
-            agent: config.into(),
+            agent: agent(config),
             base: remote.url.clone(),
             api: remote.api,
             org: remote.org.clone(),
@@ -306,6 +309,19 @@ impl Client {
         }
         text
     }
+}
+
+/// An agent on ureq's own connector chain (HTTP CONNECT proxy, TCP, TLS)
+/// with the TCP step replaced by [`WatchedTcpConnector`], so that a thin
+/// link still carrying a body is not taken for a stall.
+fn agent(config: ureq::config::Config) -> ureq::Agent {
+    use ureq::unversioned::resolver::DefaultResolver;
+    use ureq::unversioned::transport::{ConnectProxyConnector, Connector, RustlsConnector};
+    let connector =
+        ().chain(ConnectProxyConnector::default())
+            .chain(WatchedTcpConnector)
+            .chain(RustlsConnector::default());
+    ureq::Agent::with_parts(config, connector, DefaultResolver::default())
 }
 
 /// The host and port of an `http(s)://host[:port]` URL.

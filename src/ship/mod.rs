@@ -19,6 +19,7 @@ pub mod answer;
 pub mod backoff;
 pub mod client;
 pub mod link;
+pub mod transport;
 
 use std::io::Write as _;
 use std::ops::Range;
