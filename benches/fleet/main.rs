@@ -165,14 +165,24 @@ max_queue_size = "64MiB"
     Agent { proc, port }
 }
 
-fn rss_of(pid: u32) -> u64 {
-    fs::read_to_string(format!("/proc/{pid}/status"))
+/// A `key: N kB` line of a /proc file, in bytes.
+fn proc_kb(path: &str, key: &str) -> u64 {
+    fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(key))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap_or(0)
         * 1024
+}
+
+/// Resident memory, and its proportional share (PSS: pages shared with
+/// other agents, the binary's among them, divided among the sharers).
+fn mem_of(pid: u32) -> (u64, u64) {
+    (
+        proc_kb(&format!("/proc/{pid}/status"), "VmRSS:"),
+        proc_kb(&format!("/proc/{pid}/smaps_rollup"), "Pss:"),
+    )
 }
 
 fn client(conns: usize) -> ureq::Agent {
@@ -257,7 +267,9 @@ struct Watch {
     /// The remote's return, once it happened.
     returned: Option<f64>,
     rss_total_peak: u64,
-    rss: Vec<(f64, u64)>,
+    pss_total_peak: u64,
+    /// (t, RSS of all agents, PSS of all agents).
+    rss: Vec<(f64, u64, u64)>,
 }
 
 fn poll_loop(watch: &Mutex<Watch>, stop: &AtomicBool, ports: &[u16], pids: &[u32], proxy: &Proxy) {
@@ -291,9 +303,13 @@ fn poll_loop(watch: &Mutex<Watch>, stop: &AtomicBool, ports: &[u16], pids: &[u32
         }
         if t - last_rss >= 5.0 {
             last_rss = t;
-            let total: u64 = pids.iter().map(|&p| rss_of(p)).sum();
-            w.rss.push((t, total));
-            w.rss_total_peak = w.rss_total_peak.max(total);
+            let (rss, pss) = pids
+                .iter()
+                .map(|&p| mem_of(p))
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+            w.rss.push((t, rss, pss));
+            w.rss_total_peak = w.rss_total_peak.max(rss);
+            w.pss_total_peak = w.pss_total_peak.max(pss);
         }
         drop(w);
         let spent = proxy.now() - began;
@@ -576,6 +592,7 @@ fn main() {
     let forwarded = proxy.shared.lines_forwarded.load(Ordering::Relaxed);
     let w = watch.lock().unwrap();
     let rss_peak = w.rss_total_peak;
+    let pss_peak = w.pss_total_peak;
     // Probes while the remote was down, from the agents' counters (the
     // proxy cannot see them: nothing listens).
     let probes_at = |t: f64| {
@@ -638,6 +655,7 @@ fn main() {
         "write_errors": write_errors,
         "conservation": conservation,
         "rss_agents_total_peak_mb": mb(rss_peak),
+        "pss_agents_total_peak_mb": mb(pss_peak),
         "rss_agent_peak_mb": { "median": quantile(&hwm, 0.5) / 1e6, "max": quantile(&hwm, 1.0) / 1e6 },
         "rss_victoriametrics_peak_mb": mb(vm_mem.peak),
         "cpu_agents_s": cpu,
@@ -701,7 +719,7 @@ fn main() {
          | lines forwarded with a 2xx by the proxy | {forwarded} |\n\
          | samples at VictoriaMetrics (distinct) | {vm_all} ({vm_distinct}) |\n\
          | written == delivered == at VictoriaMetrics | {cons} |\n\
-         | RSS of all agents together, peak | {rss:.0} MB |\n\
+         | memory of all agents together, peak: RSS / PSS | {rss:.0} / {pss:.0} MB |\n\
          | RSS per agent, peak: median / max | {hm50:.1} / {hmax:.1} MB |\n\
          | VictoriaMetrics peak RSS | {vmrss:.0} MB |\n\
          | CPU: agents / VictoriaMetrics over {wall:.0} s | {cpu:.0} s / {vm_cpu:.0} s |\n",
@@ -716,6 +734,7 @@ fn main() {
         fo90 = quantile(&first_ok, 0.9),
         cons = if conservation { "yes" } else { "**no**" },
         rss = mb(rss_peak),
+        pss = mb(pss_peak),
         hm50 = quantile(&hwm, 0.5) / 1e6,
         hmax = quantile(&hwm, 1.0) / 1e6,
         vmrss = mb(vm_mem.peak),
@@ -731,7 +750,7 @@ fn main() {
         "timeline_s": {"writing": 0.0, "down": rel(t_down), "up": rel(t_up), "stop": rel(t_stop)},
         "per_second": per_second,
         "backlog": w.backlog.iter().map(|b| json!({"t": rel(b.0), "agents": b.1, "lines": b.2, "probes": b.3})).collect::<Vec<_>>(),
-        "rss_agents_total": w.rss.iter().map(|r| json!({"t": rel(r.0), "bytes": r.1})).collect::<Vec<_>>(),
+        "memory_agents_total": w.rss.iter().map(|r| json!({"t": rel(r.0), "rss": r.1, "pss": r.2})).collect::<Vec<_>>(),
         "first_delivery_after_return_s": first_ok,
     });
     fs::write(out.join("results.md"), &md).expect("write results.md");
