@@ -14,7 +14,9 @@
 //! `FLEET_SERIES` (5 series per agent, one point each per second),
 //! `FLEET_RATE_LIMIT` (requests per second the proxy lets through; default
 //! 3 × the agents' steady rate of one request per agent per second),
-//! `FLEET_RETRY_AFTER` (2, seconds), `FLEET_DRAIN_TIMEOUT` (600s).
+//! `FLEET_RETRY_AFTER` (2, seconds), `FLEET_DRAIN_TIMEOUT` (600s),
+//! `FLEET_BATCH_SIZE` (the agents' `batch_size`, 500kB as shipped; a small
+//! one makes the outage's backlog many batches per agent).
 //!
 //! Results in `target/fleet-sim/`: `results.md`, `results.json` (figures and
 //! every per-second count) and `fleet.svg`. Without `--bench` (as `cargo
@@ -52,6 +54,7 @@ struct Settings {
     rate_limit: usize,
     retry_after: u64,
     drain_timeout: f64,
+    batch_size: String,
 }
 
 fn env_secs(name: &str, default: f64) -> f64 {
@@ -93,6 +96,7 @@ impl Settings {
             rate_limit: env_num("FLEET_RATE_LIMIT", 3 * agents).max(1),
             retry_after: env_num("FLEET_RETRY_AFTER", 2) as u64,
             drain_timeout: env_secs("FLEET_DRAIN_TIMEOUT", 600.0),
+            batch_size: std::env::var("FLEET_BATCH_SIZE").unwrap_or_else(|_| "500kB".into()),
         }
     }
 }
@@ -119,12 +123,12 @@ struct Agent {
     port: u16,
 }
 
-fn start_agent(bin: &Path, dir: &Path, i: usize, proxy_url: &str) -> Agent {
+fn start_agent(bin: &Path, dir: &Path, i: usize, proxy_url: &str, batch_size: &str) -> Agent {
     fs::create_dir_all(dir).expect("create an agent's directory");
     let port = procs::free_port();
     let config = dir.join("config.toml");
-    // The shipped config's defaults (backoff, probe_interval, batch_size,
-    // gzip_level) except: durability "os", because here every agent shares
+    // The shipped config's defaults (backoff, probe_interval, batch_size
+    // unless FLEET_BATCH_SIZE, gzip_level) except: durability "os", because here every agent shares
     // one disk where a real fleet has one each, and 200 fsyncs a second on
     // it would measure the disk, not the reconnects; and a 64 MiB queue,
     // ample for the outage's backlog. `org` names the agent to the proxy.
@@ -149,6 +153,7 @@ name = "fleet"
 remote = "central"
 local_bucket = "fleet"
 max_queue_size = "64MiB"
+batch_size = "{batch_size}"
 "#,
         data = dir.join("data").display(),
     );
@@ -393,7 +398,15 @@ fn main() {
     );
 
     let mut agents: Vec<Agent> = (0..n)
-        .map(|i| start_agent(&bin, &work.join(format!("agent-{i:03}")), i, &proxy.url()))
+        .map(|i| {
+            start_agent(
+                &bin,
+                &work.join(format!("agent-{i:03}")),
+                i,
+                &proxy.url(),
+                &cfg.batch_size,
+            )
+        })
         .collect();
     let spawned = Instant::now();
     for a in &mut agents {
@@ -618,6 +631,7 @@ fn main() {
         "outage_s": cfg.outage,
         "rate_limit_per_s": cfg.rate_limit,
         "retry_after_s": cfg.retry_after,
+        "batch_size": cfg.batch_size,
         "steady_requests_per_s": steady,
         "steady_max_requests_per_s": steady_max,
         "peak_requests_per_s_after_outage": peak,
@@ -704,8 +718,8 @@ fn main() {
         "# Fleet simulation\n\n\
          {n} edge-replicator agents (release build), each writing {series} lines (one point per \
          series) once a second, shipping to VictoriaMetrics behind a proxy that answers 429 + \
-         `Retry-After: {ra}` above {limit} requests/s; the remote refused connections for \
-         {outage:.0} s after a {warmup:.0} s warm-up.\n\n\
+         `Retry-After: {ra}` above {limit} requests/s; `batch_size` {batch}; the remote refused \
+         connections for {outage:.0} s after a {warmup:.0} s warm-up.\n\n\
          | measure | value |\n| --- | --- |\n\
          | steady request rate (mean of whole seconds; max) | {steady:.1}/s; {steady_max:.0}/s |\n\
          | peak request rate after the outage (at +{peak_at:.0} s) | {peak:.0}/s |\n\
@@ -725,6 +739,7 @@ fn main() {
          | CPU: agents / VictoriaMetrics over {wall:.0} s | {cpu:.0} s / {vm_cpu:.0} s |\n",
         series = cfg.series,
         ra = cfg.retry_after,
+        batch = cfg.batch_size,
         limit = cfg.rate_limit,
         outage = cfg.outage,
         warmup = cfg.warmup,
