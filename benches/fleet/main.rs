@@ -576,6 +576,14 @@ fn main() {
         .max_by_key(|&(_, r)| r)
         .unwrap_or((0, 0));
     let peak = peak as f64;
+    // What got through: above the rate limit the rest were 429s.
+    let peak_ok = secs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| at(*i) >= t_up && (*i as f64) < t_stop)
+        .map(|(_, s)| s.ok)
+        .max()
+        .unwrap_or(0);
     let ratio = peak / steady;
     let throttled: u64 = secs.iter().map(|s| s.throttled).sum();
     let requests: u64 = secs.iter().map(|s| s.requests).sum();
@@ -636,6 +644,7 @@ fn main() {
         "steady_max_requests_per_s": steady_max,
         "peak_requests_per_s_after_outage": peak,
         "peak_at_s_after_return": at(peak_i) - t_up,
+        "peak_2xx_per_s_after_outage": peak_ok,
         "peak_over_steady": ratio,
         "goal_peak_over_steady": 3.0,
         "probes_per_s_during_outage": outage_probes,
@@ -724,6 +733,7 @@ fn main() {
          | steady request rate (mean of whole seconds; max) | {steady:.1}/s; {steady_max:.0}/s |\n\
          | peak request rate after the outage (at +{peak_at:.0} s) | {peak:.0}/s |\n\
          | peak / steady (goal ≤ 3) | {ratio:.2} |\n\
+         | peak of requests answered 2xx after the outage | {peak_ok}/s |\n\
          | 429s sent / honoured / early / not followed | {throttled} / {honoured} / {early} / {unfollowed} |\n\
          | probes/s during the outage, mean (agents' `probes`); in all | {outage_probes:.1}/s; {probes} |\n\
          | return → first delivery, median / p90 / every agent | {fo50:.1} / {fo90:.1} / {all_back:.1} s |\n\
