@@ -137,16 +137,16 @@ pub fn svg(points: &[Point], backlog: &[Backlog], m: &Marks, title: &str) -> Str
         top + ph / 2.0
     );
     // Reference levels: the rate limit and three times the steady rate.
-    for (level, color, label) in [
-        (m.limit, "#a33", "rate limit"),
-        (3.0 * m.steady, "#2a8a2a", "3 × steady"),
+    // Labels at opposite ends: the default limit is 3 × steady.
+    for (level, color, label, lx, anchor) in [
+        (m.limit, "#a33", "rate limit", l + pw - 6.0, "end"),
+        (3.0 * m.steady, "#2a8a2a", "3 × steady", l + 6.0, "start"),
     ] {
         if level <= y_top {
             let _ = writeln!(
                 s,
-                r##"<line x1="{l}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="{color}" stroke-dasharray="6 4"/><text x="{}" y="{:.1}" fill="{color}">{label}</text>"##,
+                r##"<line x1="{l}" x2="{}" y1="{yy:.1}" y2="{yy:.1}" stroke="{color}" stroke-dasharray="6 4"/><text x="{lx}" y="{:.1}" text-anchor="{anchor}" fill="{color}">{label}</text>"##,
                 l + pw,
-                l + 6.0,
                 y(level) - 4.0,
                 yy = y(level),
             );
