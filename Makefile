@@ -68,6 +68,12 @@ bench: ## edge-replicator vs vmagent and the hardware limits (BENCH_QUICK=1: smo
 	$(CARGO) bench --bench bench
 	$(CARGO) bench --bench lineproto
 
+# A fleet of agents through an outage of their one remote (README.md,
+# "Running a fleet"); several minutes at the default 200 agents.
+.PHONY: fleet-sim
+fleet-sim: test-deps release ## FLEET_AGENTS (default 200) agents, remote down FLEET_OUTAGE (120s): reconnect storm figures in target/fleet-sim/
+	$(CARGO) bench --bench fleet
+
 # Reliability runs: bounded, but too long for `make test` (which runs the
 # crash loop with 50 kills and the property tests on every change).
 FUZZ_TIME ?= 60
