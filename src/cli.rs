@@ -378,6 +378,7 @@ fn show_status(config: &Config, json: bool) -> ExitCode {
     match ask_status(config) {
         Ok(report) => {
             print!("{}", table::replications(&report));
+            print!("{}", table::held(&report));
             print!("{}", table::sources(&report));
             ExitCode::SUCCESS
         }

@@ -231,7 +231,7 @@ impl Writer {
         st.meta.lanes += 1;
         let moved = rec.lines;
         warn!(
-            "replication \"{}\": destination \"{bucket}\" held ({code} {message}); {moved} lines wait in lane {lane}, the other destinations go on",
+            "replication \"{}\": destination \"{bucket}\" held (the remote answered {code}: {message}); {moved} lines wait in lane {lane}, the other destinations go on",
             st.spec.name
         );
         st.lanes.insert(lane, Lane { rec, oldest });
