@@ -1432,3 +1432,65 @@ fn a_held_lane_moves_whole_to_the_dead_letter_store() {
     // Nothing held: nothing moves.
     assert_eq!(q.dead_letter_held(&h, "typo/rp").unwrap(), 0);
 }
+
+/// A damaged entry with a damaged header, last in the main log, is set
+/// aside with what the main log holds: never with a held lane's lines. A
+/// damaged entry in a lane is set aside from the lane.
+#[test]
+fn a_corrupt_entry_beside_a_held_lane_is_counted_in_its_own_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    q.append_blocking(vec![h.clone()], "held".into(), lines("x", 4), 4)
+        .unwrap();
+    q.append_blocking(vec![h.clone()], "held".into(), lines("y", 2), 2)
+        .unwrap();
+    assert_eq!(q.hold(&h, "held", 404, "bucket not found").unwrap(), 6);
+    append(&q, &h, lines("a", 3)).unwrap();
+    let lane = h.held()[0].lane;
+    {
+        // Damage the header of the main log's entry and the payload of the
+        // lane's first entry, behind the queue's back.
+        let s = &q.shared;
+        let mut wtxn = s.env.write_txn().unwrap();
+        let key = entry_key(h.id, 2);
+        let mut raw = s.entries.get(&wtxn, &key).unwrap().unwrap().to_vec();
+        raw.truncate(3);
+        s.entries.put(&mut wtxn, &key, &raw).unwrap();
+        let key = schema::lane_key(h.id, lane, 0);
+        let mut raw = s.lanes.get(&wtxn, &key).unwrap().unwrap().to_vec();
+        let last = raw.len() - 3;
+        raw[last] ^= 0x20;
+        s.lanes.put(&mut wtxn, &key, &raw).unwrap();
+        wtxn.commit().unwrap();
+    }
+    let mut buf = Vec::new();
+    let QueueError::Corrupt { seq, .. } = q.read_batch(&h, 1 << 20, true, &mut buf).unwrap_err()
+    else {
+        panic!("the main log's entry is damaged")
+    };
+    q.set_aside(&h, seq).unwrap();
+    let c = h.counters();
+    assert_eq!((c.dead_lettered_lines, c.queued_lines), (3, 6), "{c:?}");
+    let mut s = Shipment::default();
+    let QueueError::Corrupt { seq, .. } = q.read_lane(&h, lane, None, 1 << 20, &mut s).unwrap_err()
+    else {
+        panic!("the lane's first entry is damaged")
+    };
+    q.set_aside_in(&h, lane, seq).unwrap();
+    assert_eq!(h.held()[0].lines, 2);
+    let b = q
+        .read_lane(&h, lane, None, 1 << 20, &mut s)
+        .unwrap()
+        .unwrap();
+    let mut got = Vec::new();
+    s.lines_into(&mut got).unwrap();
+    assert_eq!(got, lines("y", 2));
+    q.settle(&h, &b, Settlement::default()).unwrap();
+    assert!(h.held().is_empty());
+    let c = h.counters();
+    assert_eq!(
+        (c.dead_lettered_lines, c.delivered_lines, c.queued_lines),
+        (7, 2, 0)
+    );
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+}

@@ -37,9 +37,18 @@ impl Writer {
             return Ok(());
         }
         let st = self.state(id);
-        // What the log holds: the lane's own count, or the replication's.
+        // What the log holds: the lane's own count, or the replication's
+        // less its lanes'.
         let (held_lines, held_bytes) = match log {
-            Log::Main(_) => (st.meta.c.queued_lines, st.meta.c.queued_bytes),
+            Log::Main(_) => st.lanes.values().fold(
+                (st.meta.c.queued_lines, st.meta.c.queued_bytes),
+                |(l, b), ln| {
+                    (
+                        l.saturating_sub(ln.rec.lines),
+                        b.saturating_sub(ln.rec.bytes),
+                    )
+                },
+            ),
             Log::Lane(_, l) => (st.lanes[&l].rec.lines, st.lanes[&l].rec.bytes),
         };
         let key = log.key(seq);
