@@ -1494,3 +1494,35 @@ fn a_corrupt_entry_beside_a_held_lane_is_counted_in_its_own_log() {
     );
     assert_eq!(c.inflow_lines(), c.accounted_lines());
 }
+
+/// `max_age` expires a held lane's entries as it does the main log's,
+/// counted as expired; the emptied lane ends its hold.
+#[test]
+fn held_lines_expire_like_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec("r", 1 << 20, WhenFull::DropOldest);
+    s.max_age = Some(Duration::from_millis(1500));
+    let q = Queue::open(dir.path(), &opts(), &[s]).unwrap();
+    let h = q.handles()[0].clone();
+    q.append_blocking(vec![h.clone()], "held".into(), lines("x", 4), 4)
+        .unwrap();
+    assert_eq!(q.hold(&h, "held", 404, "bucket not found").unwrap(), 4);
+    std::thread::sleep(Duration::from_millis(1200));
+    append(&q, &h, lines("a", 3)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !h.held().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "housekeeping never expired the lane"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = h.counters();
+    assert!(c.expired_lines >= 4, "{c:?}");
+    // The main log's entry is younger: expired only if the check came late.
+    assert_eq!(c.expired_lines + c.queued_lines, 7, "{c:?}");
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+    if c.queued_lines == 3 {
+        assert_eq!(drain(&q, &h, 1 << 20), lines("a", 3));
+    }
+}
