@@ -76,6 +76,47 @@ enum Command {
         #[command(subcommand)]
         action: DeadLetterAction,
     },
+    /// List, release (retry now) or dead-letter the destinations held
+    /// apart after the remote refused them alone (404, 403).
+    Held {
+        #[command(subcommand)]
+        action: HeldAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HeldAction {
+    /// List the destinations held apart (all replications', or one's).
+    List(HeldListArgs),
+    /// Retry a held destination now (after creating its bucket or database).
+    Release(HeldArgs),
+    /// Move a held destination's lines to the dead-letter store.
+    DeadLetter(HeldArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct HeldListArgs {
+    #[arg(long, short, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    #[arg(long, short)]
+    replication: Option<String>,
+    /// Print the agent's JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct HeldArgs {
+    #[arg(long, short, default_value = DEFAULT_PATH)]
+    config: PathBuf,
+    #[arg(long, short)]
+    replication: String,
+    /// The held destination: the local bucket its lines were written to
+    /// (`db`, or `db/rp` for a v1 write naming a retention policy).
+    destination: String,
+    /// Print the agent's JSON answer.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,6 +227,7 @@ pub fn main() -> ExitCode {
             Err(code) => code,
         },
         Command::DeadLetter { action } => dead_letter(action),
+        Command::Held { action } => held(action),
     }
 }
 
@@ -378,6 +420,7 @@ fn show_status(config: &Config, json: bool) -> ExitCode {
     match ask_status(config) {
         Ok(report) => {
             print!("{}", table::replications(&report));
+            print!("{}", table::held(&report));
             print!("{}", table::sources(&report));
             ExitCode::SUCCESS
         }
@@ -386,6 +429,97 @@ fn show_status(config: &Config, json: bool) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn held(action: HeldAction) -> ExitCode {
+    let path = match &action {
+        HeldAction::List(a) => {
+            let config = match load_as_client(&a.config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if a.json {
+                let Some(name) = &a.replication else {
+                    return match call_agent(&config, "GET", "/api/v2/replications") {
+                        Ok(v) => {
+                            let all: Vec<serde_json::Value> = v["replications"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .map(|r| {
+                                    serde_json::json!({
+                                        "replication": r["name"],
+                                        "heldDestinations": r["heldDestinations"],
+                                    })
+                                })
+                                .collect();
+                            println!("{}", serde_json::Value::Array(all));
+                            ExitCode::SUCCESS
+                        }
+                        Err(code) => code,
+                    };
+                };
+                let name: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+                return match call_agent(
+                    &config,
+                    "GET",
+                    &format!("/api/v2/replications/{name}/held"),
+                ) {
+                    Ok(v) => {
+                        println!("{v}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(code) => code,
+                };
+            }
+            return match ask_status(&config) {
+                Ok(report) => {
+                    let rows = table::held_rows(&report, a.replication.as_deref());
+                    print!("{}", table::held_table(&rows));
+                    let lines: u64 = rows.iter().map(|(_, h)| h.lines).sum();
+                    println!("{} held destinations, {lines} lines", rows.len());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edge-replicator: {}", Escaped(&e));
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        HeldAction::Release(a) | HeldAction::DeadLetter(a) => {
+            let name: String = form_urlencoded::byte_serialize(a.replication.as_bytes()).collect();
+            let dest: String = form_urlencoded::byte_serialize(a.destination.as_bytes()).collect();
+            let op = match action {
+                HeldAction::Release(_) => "release",
+                _ => "dead-letter",
+            };
+            format!("/api/v2/replications/{name}/held/{dest}/{op}")
+        }
+    };
+    let (HeldAction::Release(args) | HeldAction::DeadLetter(args)) = &action else {
+        unreachable!("listing returned above");
+    };
+    let config = match load_as_client(&args.config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let v = match call_agent(&config, "POST", &path) {
+        Ok(v) => v,
+        Err(code) => return code,
+    };
+    if args.json {
+        println!("{v}");
+        return ExitCode::SUCCESS;
+    }
+    let dest = Escaped(&args.destination);
+    match action {
+        HeldAction::Release(_) => println!("{dest}: retrying now"),
+        _ => println!(
+            "{dest}: {} lines moved to the dead-letter store",
+            v["deadLetteredLines"]
+        ),
+    }
+    ExitCode::SUCCESS
 }
 
 fn dead_letter(action: DeadLetterAction) -> ExitCode {

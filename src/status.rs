@@ -21,7 +21,8 @@ use crate::ship::link::BudgetReading;
 mod report;
 
 pub use report::{
-    BudgetReport, FollowedReport, ReplicationReport, Sending, SourceReport, StatusReport, Timestamp,
+    BudgetReport, FollowedReport, HeldReport, ReplicationReport, Sending, SourceReport,
+    StatusReport, Timestamp,
 };
 
 /// Where a replication's worker stands.
@@ -251,7 +252,26 @@ impl ReplStatus {
             downsampled_lines: c.downsampled_lines,
             aggregate_lines: c.aggregate_lines,
             dead_letter_lines: c.dead_letter_lines,
+            held_destinations: self.queue.held().iter().map(held_report).collect(),
         }
+    }
+}
+
+/// A held destination as the status shows it.
+pub fn held_report(h: &crate::queue::Held) -> HeldReport {
+    let (bucket, rp) = match h.bucket.split_once('/') {
+        Some((db, rp)) => (db.to_string(), Some(rp.to_string())),
+        None => (h.bucket.clone(), None),
+    };
+    HeldReport {
+        destination: h.bucket.clone(),
+        bucket,
+        rp,
+        code: h.code,
+        message: h.message.clone(),
+        since: Timestamp(UNIX_EPOCH + std::time::Duration::from_nanos(h.since_ns)),
+        lines: h.lines,
+        bytes: h.bytes,
     }
 }
 
@@ -334,6 +354,38 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         "gauge",
         "The link to the remote as the last attempt showed it: 0 up, 1 stalled, 2 down.",
         per_repl(&|r| r.ship.lock().unwrap().link as u8 as f64),
+    );
+    let per_held = |f: &dyn Fn(&crate::queue::Held) -> u64| -> Vec<(String, f64)> {
+        list.iter()
+            .flat_map(|r| {
+                r.queue
+                    .held()
+                    .iter()
+                    .map(|h| {
+                        (
+                            format!(
+                                "{{replication=\"{}\",destination=\"{}\"}}",
+                                r.name,
+                                label_value(&h.bucket)
+                            ),
+                            f(h) as f64,
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    family(
+        "edge_replicator_held_lines",
+        "gauge",
+        "Unsent lines of a destination held after the remote refused it alone (also counted in the queue's lines).",
+        per_held(&|h| h.lines),
+    );
+    family(
+        "edge_replicator_held_bytes",
+        "gauge",
+        "Unsent bytes of a held destination (also counted in the queue's bytes).",
+        per_held(&|h| h.bytes),
     );
     family(
         "replications_queue_delivered_lines",
@@ -889,6 +941,7 @@ mod tests {
             "downsampledLines",
             "aggregateLines",
             "deadLetterLines",
+            "heldDestinations",
         ];
         let source = [
             "kind",

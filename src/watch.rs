@@ -308,6 +308,15 @@ pub fn render(
         if !err.is_empty() {
             line(format!("  error    {err}"));
         }
+        // Held destinations wait apart: their lines are in `left` too.
+        for h in &r.held_destinations {
+            line(format!(
+                "  held     {} {} lines ({})",
+                text(&h.destination),
+                h.lines,
+                h.code
+            ));
+        }
     }
     out
 }
@@ -470,6 +479,24 @@ mod tests {
             Duration::from_secs(1),
         );
         assert!(text.contains("out -"), "{text}");
+    }
+
+    #[test]
+    fn held_destinations_are_listed_under_their_replication() {
+        let mut st = status(1000, 0, 250, 0);
+        st.replications[0].held_destinations = vec![crate::status::HeldReport {
+            destination: "typo_db".into(),
+            code: 404,
+            lines: 200,
+            ..Default::default()
+        }];
+        let mut h = History::default();
+        h.add(&st, 0.0);
+        let text = render(&st, &h, 80, Duration::ZERO, Duration::from_secs(1));
+        assert!(
+            text.contains("  held     typo_db 200 lines (404)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Crashes: the agent is killed (SIGKILL) at seeded random moments while
 //! writers keep writing, or aborts itself at a chosen crash point (a power
 //! cut in the middle of a group commit, a settlement, a dead-letter move, a
-//! source checkpoint). After every restart the queue must open cleanly and
+//! source checkpoint, a hold). After every restart the queue must open cleanly and
 //! account for every line it acknowledged; at the end every acknowledged line
 //! must be at a real remote.
 //!
@@ -569,4 +569,95 @@ fn crash_while_committing_a_source_checkpoint_queues_each_line_once() {
     let sent: HashSet<Vec<u8>> = sink.lines_accepted().into_iter().collect();
     assert_eq!(sent.len() as u64, written);
     assert!(all.iter().all(|l| sent.contains(l.as_bytes())));
+}
+
+/// A crash in the commit that holds a destination (a `*` replication, a
+/// database the remote lacks): the hold commits with the move of its lines
+/// or not at all. After the restart the lines are still queued, held again
+/// at the next 404, and the other database's lines arrive; a kill while it
+/// is held keeps the hold; once the database exists, a reload delivers the
+/// held lines. Lines are conserved at every reading.
+#[test]
+fn crash_while_holding_a_destination_loses_nothing() {
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    influx.create_db("plant");
+    let mut remote = RemoteConfig::v1("influx", &influx.url());
+    remote.max_backoff = "60s".into();
+    let mut agent = Agent::stopped(AgentConfig::single(remote, "*", None));
+    agent.write_config_with(&Launch::new());
+    agent.launch_with(&Launch::new().env("EDGE_REPLICATOR_CRASH_AT", "hold"));
+    agent
+        .wait_ready(Duration::from_secs(30))
+        .expect("agent starts");
+    let base = ts_ago(Duration::from_secs(900));
+    let body = |m: &str, n: i64| -> String {
+        (0..n)
+            .map(|i| format!("{m},k=a value={i}i {}\n", base + i * 1_000_000))
+            .collect()
+    };
+    assert_eq!(
+        agent
+            .write_v1("plant", None, body("ok1", 300), &Opts::new())
+            .0,
+        204
+    );
+    assert_eq!(
+        agent
+            .write_v1("typo_db", None, body("typo", 200), &Opts::new())
+            .0,
+        204
+    );
+    let exit = agent
+        .wait_exit(Duration::from_secs(60))
+        .expect("the agent reaches the hold crash point");
+    assert_eq!(exit.signal(), Some(libc::SIGABRT), "{exit}");
+
+    agent.spawn_with(&Launch::new());
+    // Behind the lines the crash left in the main log.
+    assert_eq!(
+        agent
+            .write_v1("plant", None, body("ok2", 300), &Opts::new())
+            .0,
+        204
+    );
+    let held_alone = |agent: &Agent| {
+        let rep = agent.replication("r1");
+        assert_conserved(&rep);
+        rep["heldDestinations"][0]["lines"] == 200
+            && rep["remainingLines"] == 200
+            && rep["acceptedLines"] == 800
+    };
+    wait_until(DEADLINE, "typo_db held again after the restart", || {
+        held_alone(&agent)
+    });
+    wait_eq(DEADLINE, "count(value) of ok1 and ok2", 600, || {
+        influx.count("plant", "ok1", "value") + influx.count("plant", "ok2", "value")
+    });
+
+    // Killed while held: the hold is on disk, and is tried again at once.
+    let pid = agent.pid();
+    // SAFETY: signals our own child process.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let exit = agent.wait_exit(Duration::from_secs(30)).expect("killed");
+    assert_eq!(exit.signal(), Some(libc::SIGKILL), "{exit}");
+    agent.spawn_with(&Launch::new());
+    wait_until(DEADLINE, "typo_db still held after a kill", || {
+        held_alone(&agent)
+    });
+
+    influx.create_db("typo_db");
+    agent.sighup();
+    wait_eq(
+        Duration::from_secs(30),
+        "count(value) of typo after CREATE DATABASE + SIGHUP",
+        200,
+        || influx.count("typo_db", "typo", "value"),
+    );
+    let rep = agent.wait_drained("r1");
+    assert_conserved(&rep);
+    assert_eq!(field(&rep, "deliveredLines"), 800, "{rep:#}");
+    assert_eq!(rep["heldDestinations"], serde_json::json!([]), "{rep:#}");
+    agent.sigterm_and_wait();
 }

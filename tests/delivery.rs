@@ -2335,3 +2335,180 @@ fn a_body_that_stops_moving_is_abandoned_and_delivered_later() {
     let expected: HashSet<String> = all.into_iter().collect();
     assert_accepted_exactly(&server, &expected);
 }
+
+// ---------------------------------------------------------------------------
+// Held destinations: a 404 for one bucket of a `*` replication
+// ---------------------------------------------------------------------------
+
+/// The held destinations of `name`'s status, by destination.
+fn held(agent: &Agent, name: &str) -> Vec<Value> {
+    status(agent, name)["heldDestinations"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no heldDestinations array"))
+        .clone()
+}
+
+/// A replication of every bucket (`*`) to the same names: a write to a
+/// bucket the remote lacks (404) holds that bucket alone; the others keep
+/// flowing, in order, while it waits (and is not retried before
+/// `max_backoff`, 60 s here). Status, the status table and `/metrics` show
+/// it. Once the remote has the bucket, `held release` delivers its lines,
+/// nothing twice; a second missing bucket goes to the dead-letter store
+/// with `held dead-letter`. Lines are conserved at every reading.
+#[test]
+fn a_missing_bucket_is_held_alone_and_the_others_keep_flowing() {
+    let created = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let c = created.clone();
+    let server = FaultServer::with_rule(move |req| {
+        let bucket = req.query("bucket").unwrap_or_default();
+        if bucket.starts_with("typo") && !c.lock().unwrap().contains(&bucket) {
+            Action::influx_error(
+                404,
+                &format!("bucket \"{bucket}\" not found (fault remote)"),
+            )
+        } else {
+            Action::ok()
+        }
+    });
+    let mut r = remote("cloud", &server);
+    r.max_backoff = "60s".into();
+    let agent = Agent::start(AgentConfig::single(r, "*", None));
+    let base = ts_ago(Duration::from_secs(3600));
+    let good1 = split(&lines("good1", 3, 300, base));
+    let typo = split(&lines("typo", 3, 200, base + 1_000_000_000));
+    let good2 = split(&lines("good2", 3, 300, base + 2_000_000_000));
+    let other = split(&lines("other", 3, 100, base + 3_000_000_000));
+    assert_eq!(agent.write_v2("good", join(&good1), &Opts::new()).0, 204);
+    assert_eq!(agent.write_v2("typo", join(&typo), &Opts::new()).0, 204);
+    assert_eq!(agent.write_v2("good", join(&good2), &Opts::new()).0, 204);
+    assert_eq!(agent.write_v2("other", join(&other), &Opts::new()).0, 204);
+
+    // Everything but the missing bucket arrives, well before max_backoff.
+    let flowing: HashSet<String> = good1.iter().chain(&good2).chain(&other).cloned().collect();
+    wait_eq(
+        Duration::from_secs(20),
+        "lines of the healthy buckets at the remote (a stalled replication waits 60 s)",
+        flowing.len(),
+        || server.accepted_len(),
+    );
+    assert_accepted_exactly(&server, &flowing);
+    // The remote has a batch a moment before its settlement commits.
+    let mut rep = Value::Null;
+    wait_until(
+        DEADLINE,
+        "typo held with 200 lines, the rest settled",
+        || {
+            rep = status(&agent, "r1");
+            rep["heldDestinations"][0]["lines"] == 200 && field(&rep, "deliveredLines") == 700
+        },
+    );
+    assert_eq!(str_field(&rep, "state"), "running", "{rep:#}");
+    assert_eq!(field(&rep, "remainingLines"), 200, "{rep:#}");
+    let h = &rep["heldDestinations"][0];
+    assert_eq!(str_field(h, "destination"), "typo", "{rep:#}");
+    assert_eq!(str_field(h, "bucket"), "typo", "{rep:#}");
+    assert_eq!(field(h, "code"), 404, "{rep:#}");
+    assert!(str_field(h, "message").contains("not found"), "{rep:#}");
+    assert!(str_field(h, "since").ends_with('Z'), "{rep:#}");
+    assert!(field(h, "bytes") > 0, "{rep:#}");
+    let metrics = agent.metrics();
+    assert!(
+        metrics.contains("edge_replicator_held_lines{replication=\"r1\",destination=\"typo\"} 200"),
+        "{metrics}"
+    );
+    let table = cli_ok(&agent, &["status"]);
+    assert!(
+        table.contains("DESTINATION") && table.contains("typo"),
+        "{table}"
+    );
+    let list = cli_ok(&agent, &["held", "list", "--replication", "r1"]);
+    assert!(list.contains("1 held destinations, 200 lines"), "{list}");
+
+    // Still flowing while held: later writes to healthy buckets arrive, later
+    // writes to the held one join it.
+    let good3 = split(&lines("good3", 3, 100, base + 4_000_000_000));
+    let typo2 = split(&lines("typo", 3, 50, base + 5_000_000_000));
+    assert_eq!(agent.write_v2("good", join(&good3), &Opts::new()).0, 204);
+    assert_eq!(agent.write_v2("typo", join(&typo2), &Opts::new()).0, 204);
+    let flowing: HashSet<String> = flowing.into_iter().chain(good3).collect();
+    wait_eq(DEADLINE, "good3 at the remote", flowing.len(), || {
+        server.accepted_len()
+    });
+    wait_until(DEADLINE, "typo held with 250 lines", || {
+        held(&agent, "r1")
+            .first()
+            .is_some_and(|h| field(h, "lines") == 250)
+    });
+    assert_accepted_exactly(&server, &flowing);
+    let (total, _) = server.accepted_totals();
+    assert_eq!(total, flowing.len() as u64, "nothing was sent twice");
+
+    // The bucket is created; a release retries at once (max_backoff is 60 s).
+    created.lock().unwrap().insert("typo".into());
+    let out = cli_ok(&agent, &["held", "release", "--replication", "r1", "typo"]);
+    assert!(out.contains("retrying now"), "{out}");
+    let all: HashSet<String> = flowing.iter().chain(&typo).chain(&typo2).cloned().collect();
+    wait_eq(
+        Duration::from_secs(20),
+        "held lines at the remote after the release",
+        all.len(),
+        || server.accepted_len(),
+    );
+    assert_accepted_exactly(&server, &all);
+    let rep = agent.wait_drained("r1");
+    assert_eq!(field(&rep, "deliveredLines"), 1_050, "{rep:#}");
+    assert!(held(&agent, "r1").is_empty());
+    let (total, _) = server.accepted_totals();
+    assert_eq!(total, all.len() as u64, "nothing was sent twice");
+
+    // A second missing bucket: moved to the dead-letter store by the operator.
+    let lost = split(&lines("typo_db", 3, 40, base + 6_000_000_000));
+    assert_eq!(agent.write_v2("typo_db", join(&lost), &Opts::new()).0, 204);
+    wait_until(DEADLINE, "typo_db held", || {
+        held(&agent, "r1").iter().any(|h| field(h, "lines") == 40)
+    });
+    let out = agent.cli(&["held", "release", "--replication", "r1", "nothing"]);
+    assert!(!out.status.success(), "releasing what is not held fails");
+    let out = cli_ok(
+        &agent,
+        &["held", "dead-letter", "--replication", "r1", "typo_db"],
+    );
+    assert!(
+        out.contains("40 lines moved to the dead-letter store"),
+        "{out}"
+    );
+    let rep = status(&agent, "r1");
+    assert!(held(&agent, "r1").is_empty(), "{rep:#}");
+    assert_eq!(field(&rep, "remainingLines"), 0, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 40, "{rep:#}");
+    let (dead, reasons) = dead_letters(&agent);
+    assert_eq!(dead, 40);
+    assert!(reasons.iter().all(|r| r.contains("404")), "{reasons:?}");
+    assert_accepted_exactly(&server, &all);
+}
+
+/// A 401 concerns every destination: a `*` replication pauses as a whole,
+/// holding nothing apart.
+#[test]
+fn unauthorized_still_pauses_a_replication_of_every_bucket() {
+    let server =
+        FaultServer::with_rule(|_| Action::influx_error(401, "unauthorized access (fault remote)"));
+    let agent = Agent::start(AgentConfig::single(remote("cloud", &server), "*", None));
+    let base = ts_ago(Duration::from_secs(600));
+    assert_eq!(
+        agent
+            .write_v2("a", lines("ua", 1, 10, base), &Opts::new())
+            .0,
+        204
+    );
+    assert_eq!(
+        agent
+            .write_v2("b", lines("ub", 1, 10, base), &Opts::new())
+            .0,
+        204
+    );
+    let rep = wait_state(&agent, "r1", "paused", DEADLINE);
+    assert_eq!(rep["latestResponseCode"], 401, "{rep:#}");
+    assert!(held(&agent, "r1").is_empty(), "{rep:#}");
+    assert_eq!(field(&rep, "remainingLines"), 20, "{rep:#}");
+}

@@ -590,3 +590,67 @@ fn unsigned_integers_toward_a_v1_remote() {
         sink.lines_accepted().len()
     });
 }
+
+/// A replication of every bucket (`*`): a write to a database the remote
+/// lacks (404 `database not found`) is held alone, while the lines of a
+/// database that exists keep arriving, before and after it. Once the
+/// database is created, a reload (SIGHUP) retries it at once (`max_backoff`
+/// is 60 s) and its lines arrive.
+#[test]
+fn a_missing_database_is_held_alone_and_arrives_after_create_and_reload() {
+    let Some(influx) = Influx16::start() else {
+        return;
+    };
+    influx.create_db("plant");
+    let mut remote = RemoteConfig::v1("influx", &influx.url());
+    remote.max_backoff = "60s".into();
+    let agent = Agent::start(AgentConfig::single(remote, "*", None));
+    let base = ts_ago(Duration::from_secs(600));
+    let opts = Opts::new();
+    let write = |db: &str, body: String| {
+        assert_eq!(agent.write_v1(db, None, body, &opts).0, 204);
+    };
+    write("plant", lines("ok1", 5, 300, base));
+    write("typo_db", lines("typo", 5, 200, base));
+    write("plant", lines("ok2", 5, 300, base));
+    wait_eq(DEADLINE, "count(value) of ok1 and ok2", 600, || {
+        influx.count("plant", "ok1", "value") + influx.count("plant", "ok2", "value")
+    });
+    let mut rep = Value::Null;
+    // The remote has the batches a moment before their settlement commits.
+    wait_until(
+        DEADLINE,
+        "typo_db held with 200 lines, nothing else queued",
+        || {
+            rep = agent.replication("r1");
+            rep["heldDestinations"][0]["lines"] == 200 && rep["remainingLines"] == 200
+        },
+    );
+    assert_conserved(&rep);
+    assert_eq!(str_field(&rep, "state"), "running", "{rep:#}");
+    let held = &rep["heldDestinations"][0];
+    assert_eq!(held["destination"], "typo_db", "{rep:#}");
+    assert_eq!(held["code"], 404, "{rep:#}");
+    assert!(
+        str_field(held, "message").contains("database not found"),
+        "{rep:#}"
+    );
+
+    // Still flowing while held.
+    write("plant", lines("ok3", 5, 100, base));
+    wait_eq(DEADLINE, "count(value) of ok3", 100, || {
+        influx.count("plant", "ok3", "value")
+    });
+
+    influx.create_db("typo_db");
+    agent.sighup();
+    wait_eq(
+        Duration::from_secs(30),
+        "count(value) of typo after CREATE DATABASE + SIGHUP (max_backoff is 60 s)",
+        200,
+        || influx.count("typo_db", "typo", "value"),
+    );
+    let rep = agent.wait_drained("r1");
+    assert_eq!(field(&rep, "deliveredLines"), 900, "{rep:#}");
+    assert_eq!(rep["heldDestinations"], serde_json::json!([]), "{rep:#}");
+}

@@ -1060,13 +1060,19 @@ fn a_web_page_cannot_write_or_read_through_a_tokenless_listener() {
         403,
         "status read by a rebinding page: {answer}"
     );
-    let (status, answer) = raw_post(
-        &agent,
+    for path in [
         "/api/v2/replications/r1/dead-letter/replay",
-        &format!("Host: rebind.evil.example:{port}\r\n"),
-        "",
-    );
-    assert_eq!(status, 403, "{answer}");
+        "/api/v2/replications/r1/held/b/release",
+        "/api/v2/replications/r1/held/b/dead-letter",
+    ] {
+        let (status, answer) = raw_post(
+            &agent,
+            path,
+            &format!("Host: rebind.evil.example:{port}\r\n"),
+            "",
+        );
+        assert_eq!(status, 403, "{path}: {answer}");
+    }
     // A cross-origin text/plain POST from any page (no preflight needed).
     for origin in ["http://evil.example", "null", "http://localhost:3000"] {
         let (status, answer) = raw_post(
@@ -1217,6 +1223,7 @@ fn the_p_query_credential_counts_on_v1_endpoints_only() {
         "/api/v2/replications",
         "/metrics",
         "/api/v2/replications/r1/dead-letter",
+        "/api/v2/replications/r1/held",
     ] {
         let url = format!("{}{path}?p={LISTEN}", agent.url());
         let status = http().get(&url).call().unwrap().status().as_u16();

@@ -1,10 +1,10 @@
 //! The tables of `edge-replicator status`: one of replications, then one of
-//! sources (when there are any). Cells come from the typed status report;
+//! held destinations and one of sources (when there are any). Cells come from the typed status report;
 //! an empty text or an absent value shows as "-".
 
 use std::fmt::{Display, Write as _};
 
-use crate::status::{ReplicationReport, SourceReport, StatusReport};
+use crate::status::{HeldReport, ReplicationReport, SourceReport, StatusReport};
 
 /// A cell of text: "-" when empty, escaped otherwise (a remote's message may
 /// hold control characters; a table on a terminal must not run them).
@@ -56,6 +56,19 @@ const SOURCE_COLUMNS: [Column<SourceReport>; 9] = [
     ("LATEST ERROR", |s| text(&s.latest_error_message)),
 ];
 
+/// A held destination and its replication.
+pub type HeldRow = (String, HeldReport);
+
+const HELD_COLUMNS: [Column<HeldRow>; 7] = [
+    ("REPLICATION", |(r, _)| text(r)),
+    ("DESTINATION", |(_, h)| text(&h.destination)),
+    ("CODE", |(_, h)| h.code.to_string()),
+    ("SINCE", |(_, h)| h.since.to_string()),
+    ("LINES", |(_, h)| h.lines.to_string()),
+    ("BYTES", |(_, h)| h.bytes.to_string()),
+    ("MESSAGE", |(_, h)| text(&h.message)),
+];
+
 /// Columns as wide as their widest cell, two spaces apart; the last one
 /// (an error message) is not padded.
 fn layout<T>(columns: &[Column<T>], items: &[T]) -> String {
@@ -91,6 +104,34 @@ fn layout<T>(columns: &[Column<T>], items: &[T]) -> String {
 /// The replications table.
 pub fn replications(status: &StatusReport) -> String {
     layout(&REPLICATION_COLUMNS, &status.replications)
+}
+
+/// The held destinations of `status` (of replication `only`, if given).
+pub fn held_rows(status: &StatusReport, only: Option<&str>) -> Vec<HeldRow> {
+    status
+        .replications
+        .iter()
+        .filter(|r| only.is_none_or(|n| n == r.name))
+        .flat_map(|r| {
+            r.held_destinations
+                .iter()
+                .map(|h| (r.name.clone(), h.clone()))
+        })
+        .collect()
+}
+
+/// A table of held destinations.
+pub fn held_table(rows: &[HeldRow]) -> String {
+    layout(&HELD_COLUMNS, rows)
+}
+
+/// The held destinations table, after a blank line; empty without any.
+pub fn held(status: &StatusReport) -> String {
+    let rows = held_rows(status, None);
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!("\n{}", held_table(&rows))
 }
 
 /// The sources table, after a blank line; empty without sources.
@@ -159,6 +200,48 @@ mod tests {
             ]
         );
         assert_eq!(sources(&status), "");
+        assert_eq!(held(&status), "");
+    }
+
+    #[test]
+    fn held_destinations_get_their_own_table() {
+        let status = StatusReport {
+            budgets: Vec::new(),
+            replications: vec![ReplicationReport {
+                name: "all".into(),
+                held_destinations: vec![HeldReport {
+                    destination: "typo_db/autogen".into(),
+                    bucket: "typo_db".into(),
+                    rp: Some("autogen".into()),
+                    code: 404,
+                    message: "database not found: \"typo_db\"".into(),
+                    since: crate::status::Timestamp(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+                    ),
+                    lines: 3,
+                    bytes: 60,
+                }],
+                ..ReplicationReport::default()
+            }],
+            sources: vec![],
+        };
+        let t = held(&status);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines[0], "");
+        assert!(lines[1].starts_with("REPLICATION  DESTINATION"), "{t}");
+        assert_eq!(
+            cells(lines[2]),
+            [
+                "all",
+                "typo_db/autogen",
+                "404",
+                "2023-11-14T22:13:20.000Z",
+                "3",
+                "60",
+                "database not found: \"typo_db\""
+            ]
+        );
+        assert!(held_rows(&status, Some("other")).is_empty());
     }
 
     #[test]

@@ -321,6 +321,12 @@ async fn route(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             let answer = serde_json::to_value(answer).expect("a status report is JSON");
             json_response(StatusCode::OK, &answer)
         }
+        (_, p) if held_path(p).is_some() => {
+            if !authorized(ingest, &req, Api::V2) {
+                return unauthorized(ingest, Api::V2);
+            }
+            held(ingest, &method, p).await
+        }
         (_, p)
             if p.starts_with("/api/v2/replications/")
                 && (p.ends_with("/dead-letter") || p.ends_with("/dead-letter/replay")) =>
@@ -389,6 +395,104 @@ fn authorized(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> bool {
         &ingest.routing().tokens,
         auth::offered(req.headers(), password).as_deref(),
     )
+}
+
+/// A path under `/api/v2/replications/<name>/held`: the name and what
+/// follows `held` (both still URL-encoded).
+fn held_path(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("/api/v2/replications/")?;
+    let (name, tail) = rest.split_once('/')?;
+    match tail.strip_prefix("held")? {
+        "" => Some((name, "")),
+        t => Some((name, t.strip_prefix('/')?)),
+    }
+}
+
+/// One URL-encoded path segment, decoded.
+fn decoded(segment: &str) -> String {
+    form_urlencoded::parse(format!("n={segment}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+/// Held destinations of a replication: `GET .../held` lists them, `POST
+/// .../held/<destination>/release` retries one now, `POST
+/// .../held/<destination>/dead-letter` moves its lines to the dead-letter
+/// store. The destination is the local bucket its lines were written to
+/// (`db` or `db/rp`, URL-encoded).
+async fn held(ingest: &Ingest, method: &Method, path: &str) -> Resp {
+    let not_found = |what: String| error(Api::V2, StatusCode::NOT_FOUND, "not found", &what);
+    let Some((name, tail)) = held_path(path) else {
+        return not_found(format!("path {} not found", shown(path)));
+    };
+    let name = decoded(name);
+    let Some(status) = ingest.routing().status(&name).cloned() else {
+        return not_found(format!("replication \"{}\" not found", shown(&name)));
+    };
+    let repl = status.queue.clone();
+    let (dest, action) = match tail.split_once('/') {
+        Some((d, a)) if !d.is_empty() => (decoded(d), a),
+        _ if tail.is_empty() => (String::new(), "list"),
+        _ => return not_found(format!("path {} not found", shown(path))),
+    };
+    let allowed = matches!(
+        (method, action),
+        (&Method::GET, "list") | (&Method::POST, "release" | "dead-letter")
+    );
+    if !matches!(action, "list" | "release" | "dead-letter") {
+        return not_found(format!("path {} not found", shown(path)));
+    }
+    if !allowed {
+        return error(
+            Api::V2,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            &format!("{method} is not allowed on {}", shown(path)),
+        );
+    }
+    if action == "list" {
+        let list: Vec<_> = repl.held().iter().map(status::held_report).collect();
+        return json_response(
+            StatusCode::OK,
+            &json!({ "replication": repl.name, "heldDestinations": list }),
+        );
+    }
+    if !repl.held().iter().any(|h| h.bucket == dest) {
+        return not_found(format!(
+            "destination \"{}\" of replication \"{}\" is not held",
+            shown(&dest),
+            shown(&name)
+        ));
+    }
+    if action == "release" {
+        repl.release(&dest);
+        return json_response(
+            StatusCode::OK,
+            &json!({ "replication": repl.name, "destination": dest, "released": true }),
+        );
+    }
+    let queue = ingest.queue.clone();
+    let d = dest.clone();
+    let result = tokio::task::spawn_blocking(move || queue.dead_letter_held(&repl, &d)).await;
+    match result {
+        Ok(Ok(n)) => json_response(
+            StatusCode::OK,
+            &json!({ "replication": name, "destination": dest, "deadLetteredLines": n }),
+        ),
+        Ok(Err(e)) => error(
+            Api::V2,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+            &e.to_string(),
+        ),
+        Err(e) => error(
+            Api::V2,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal error",
+            &e.to_string(),
+        ),
+    }
 }
 
 /// `GET .../dead-letter[?lines=true]` lists (with the refused lines),

@@ -1,13 +1,35 @@
 //! The durable queue: one LMDB environment holding, per replication, an
-//! append-only log of entries, its read position and its counters.
+//! append-only log of entries, its read position and its counters, and the
+//! lanes of its held destinations.
 //!
 //! # Layout
 //!
-//! Four databases in one environment under `<data_dir>/queue/`: `entries`
-//! (the logs), `meta` (names, ids, each replication's [`Meta`] record and
-//! the source checkpoints), `dead` (the dead-letter stores) and `windows`
-//! (open downsampling windows). Every key and record format, and the format
+//! Five databases in one environment under `<data_dir>/queue/`: `entries`
+//! (the main logs), `lanes` (the held lanes), `meta` (names, ids, each
+//! replication's [`Meta`] record, each lane's record and the source
+//! checkpoints), `dead` (the dead-letter stores) and `windows` (open
+//! downsampling windows). Every key and record format, and the format
 //! versions, are in [`schema`]; the entry format is in [`entry`].
+//!
+//! # Held lanes: settling out of order
+//!
+//! An entry holds the lines of one destination (one write's local bucket,
+//! `db` or `db/rp`), and a batch of a replication that sends each bucket to
+//! its own name holds one bucket. When the remote refuses one destination
+//! as a whole (404, a 403 on one bucket), [`Queue::hold`] moves that
+//! destination's entries from the main log, in one transaction, into a
+//! lane of their own: key `[id][lane][seq]` in `lanes`, with a record in
+//! `meta` (its head, next sequence, lines, bytes, since when and why). Later
+//! writes to it join the lane. Each log (the main log, every lane) has its
+//! own head and is settled in order from it; the logs settle independently
+//! of each other. The main log keeps its sequence numbers: the entries a
+//! hold moved leave gaps, which reading and removal skip. A lane is shipped
+//! again as it is (nothing moves back); it ends, record and all, once it is
+//! empty (delivered, evicted or expired) or moved to the dead-letter store.
+//! A lane's lines are queued lines: they count in the replication's queued
+//! lines and bytes (and the lane's own record), `drop_oldest` evicts the
+//! oldest head of any log, and `max_age` expires in every log, counted as
+//! for the main log.
 //!
 //! # Where things are
 //!
@@ -38,8 +60,14 @@
 //!   publishes after each commit, never a half applied group.
 //! - Entries are removed only by [`Queue::settle`] (after a 2xx, or with the
 //!   lines the remote refused), by `when_full = "drop_oldest"` eviction, by
-//!   `max_age` expiry (all three in `writer::log`), or when set aside as
-//!   corrupt (`writer::dead_letter`); each is counted.
+//!   `max_age` expiry (all three in `writer::log`), when set aside as
+//!   corrupt (`writer::dead_letter`), or when a held lane is moved to the
+//!   dead-letter store (`writer::lanes`); each is counted. A hold moves
+//!   entries without removing any: queued lines and bytes do not change.
+//! - Out-of-order settlement: within one log (the main log, or one lane)
+//!   entries leave in order, from its head; a replication's queued lines
+//!   are those of its main log plus those of its lanes, and a lane record
+//!   exists exactly while its lane holds an entry.
 //! - A source checkpoint ([`Write::checkpoint`]) commits in the transaction
 //!   that queues the lines read up to it, or not at all.
 //! - Start-up reads one `Meta` and one entry header per replication: its time
@@ -51,6 +79,18 @@
 //! commit. A batch shipped but not yet settled is shipped again after a
 //! restart; every queued line carries a timestamp, so the remote overwrites
 //! instead of duplicating.
+//!
+//! A hold commits with the move of its entries and the lane's record, or
+//! not at all: after a crash before it, the destination's lines are still
+//! in the main log and are held again at the next refusal; after it, the
+//! lane is tried again at once. A lane's settlement, like the main log's,
+//! commits with its removal; a batch of a lane delivered but not settled is
+//! sent again (an overwrite). Lane numbers are not reused while a
+//! replication has lanes, so a settlement that arrives for a lane moved to
+//! the dead-letter store meanwhile finds nothing to remove. The meta record
+//! says `version 3` while a replication has a lane, which older releases
+//! refuse (they would not see the lane's lines); once the lanes are gone it
+//! says `version 2` again.
 
 mod entry;
 mod mapguard;
@@ -74,7 +114,10 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, WithoutTls};
 use crate::config::{Durability, WhenFull};
 use crate::lineproto;
 use crate::transform::Transform;
-use schema::{checkpoint_key, entry_key, key_range, key_seq, meta_key, repl_keys, Meta};
+pub(crate) use schema::Log;
+use schema::{
+    checkpoint_key, key_range, key_seq, lane_meta_key, meta_key, repl_keys, LaneRecord, Meta,
+};
 
 /// A position in a replication's log: an entry and a byte offset in its payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -280,6 +323,9 @@ pub struct Batch {
     /// `split_buckets` was asked for).
     pub bucket: String,
     pub oldest_enqueued_ns: u64,
+    /// The log the batch was read from: 0 for the main log, else the held
+    /// lane's number; its settlement goes to the same log.
+    pub lane: u32,
 }
 
 /// A batch as stored: runs of lines, and deflate segments of lines that
@@ -469,12 +515,33 @@ impl Signal {
     }
 }
 
+/// A destination held in a lane of its own, as last committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    pub lane: u32,
+    /// The local bucket (`db` or `db/rp`) whose lines are held.
+    pub bucket: String,
+    /// The remote's answer, as last heard.
+    pub code: u16,
+    pub message: String,
+    /// When the destination was first held (ns since the epoch).
+    pub since_ns: u64,
+    pub lines: u64,
+    pub bytes: u64,
+    /// The lane's head (a worker notices eviction or expiry by it).
+    pub head: Pos,
+    pub oldest_enqueued_ns: Option<u64>,
+}
+
 /// A replication's live view of the queue: its id, counters and data signal.
 #[derive(Debug)]
 pub struct ReplHandle {
     pub id: u32,
     pub name: String,
     counters: Mutex<Counters>,
+    held: Mutex<Vec<Held>>,
+    /// Held buckets an operator asked to retry now.
+    release: Mutex<std::collections::BTreeSet<String>>,
     /// Notified after a commit that appended to this replication.
     pub data: Signal,
 }
@@ -482,6 +549,26 @@ pub struct ReplHandle {
 impl ReplHandle {
     pub fn counters(&self) -> Counters {
         *self.counters.lock().unwrap()
+    }
+
+    /// The held destinations, oldest hold first.
+    pub fn held(&self) -> Vec<Held> {
+        self.held.lock().unwrap().clone()
+    }
+
+    /// Asks the worker to retry held `bucket` now; false if it is not held.
+    pub fn release(&self, bucket: &str) -> bool {
+        if !self.held.lock().unwrap().iter().any(|h| h.bucket == bucket) {
+            return false;
+        }
+        self.release.lock().unwrap().insert(bucket.to_string());
+        self.data.notify();
+        true
+    }
+
+    /// Takes the request to retry `bucket` now, if an operator made one.
+    pub fn take_release(&self, bucket: &str) -> bool {
+        self.release.lock().unwrap().remove(bucket)
     }
 }
 
@@ -494,6 +581,8 @@ struct Shared {
     dead: Db,
     /// Downsampling state (see [`schema::window_key`]).
     windows: Db,
+    /// Held lanes' entries (see [`schema::lane_key`]).
+    lanes: Db,
     /// Writes that have started reading their body but not yet reached the
     /// writer: the writer lingers for them (bounded by `commit_interval`).
     preparing: AtomicUsize,
@@ -532,6 +621,14 @@ impl Drop for Preparing<'_> {
 const RELEASE_EVERY: usize = 256 << 10;
 
 impl Shared {
+    /// The database holding `log`'s entries.
+    fn db(&self, log: Log) -> Db {
+        match log {
+            Log::Main(_) => self.entries,
+            Log::Lane(..) => self.lanes,
+        }
+    }
+
     /// Counts bytes read from the map; now and then, and once a log is read
     /// to its end, unmaps what was read: memory must not grow with the
     /// backlog.
@@ -609,14 +706,17 @@ impl Queue {
             )
         })?;
         let map_guard = mapguard::guard(&qdir.join("data.mdb"));
-        let (entries, meta, dead, windows) = (|| {
+        let (entries, meta, dead, windows, lanes) = (|| {
             let mut wtxn = env.write_txn()?;
             let entries: Db = env.create_database(&mut wtxn, Some(schema::ENTRIES))?;
             let meta: Db = env.create_database(&mut wtxn, Some(schema::META))?;
             let dead: Db = env.create_database(&mut wtxn, Some(schema::DEAD))?;
             let windows: Db = env.create_database(&mut wtxn, Some(schema::WINDOWS))?;
+            // Absent from data dirs of releases before held lanes: created
+            // empty, which is what they hold.
+            let lanes: Db = env.create_database(&mut wtxn, Some(schema::LANES))?;
             wtxn.commit()?;
-            Ok((entries, meta, dead, windows))
+            Ok((entries, meta, dead, windows, lanes))
         })()
         .map_err(|e| opening(&qdir, e))?;
         let shared = Arc::new(Shared {
@@ -625,6 +725,7 @@ impl Queue {
             meta,
             dead,
             windows,
+            lanes,
             preparing: AtomicUsize::new(0),
             commits: AtomicU64::new(0),
             read_since_release: AtomicUsize::new(0),
@@ -807,22 +908,87 @@ impl Queue {
         else {
             return Ok(None);
         };
-        let start_pos = from.map_or(meta.head, |f| f.max(meta.head));
-        if start_pos.seq >= meta.next_seq {
-            drop(rtxn);
-            s.read_bytes(0, true);
+        let log = Log::Main(repl.id);
+        let batch = self.read_log(
+            &rtxn,
+            repl,
+            log,
+            (meta.head, meta.next_seq),
+            from,
+            max_bytes,
+            split_buckets,
+            out,
+        )?;
+        drop(rtxn);
+        s.read_bytes(out.buf.len(), batch.is_none());
+        Ok(batch)
+    }
+
+    /// Reads the next batch of held lane `lane` of `repl` as
+    /// [`read_shipment`](Self::read_shipment) reads the main log; `None`
+    /// when the lane is empty or gone.
+    pub fn read_lane(
+        &self,
+        repl: &ReplHandle,
+        lane: u32,
+        from: Option<Pos>,
+        max_bytes: usize,
+        out: &mut Shipment,
+    ) -> Result<Option<Batch>, QueueError> {
+        out.clear();
+        let s = &self.shared;
+        let rtxn = s.env.read_txn()?;
+        let Some(rec) = s
+            .meta
+            .get(&rtxn, &lane_meta_key(repl.id, lane))?
+            .and_then(LaneRecord::decode)
+        else {
+            return Ok(None);
+        };
+        let log = Log::Lane(repl.id, lane);
+        let batch = self.read_log(
+            &rtxn,
+            repl,
+            log,
+            (rec.head, rec.next_seq),
+            from,
+            max_bytes,
+            true,
+            out,
+        )?;
+        drop(rtxn);
+        s.read_bytes(out.buf.len(), batch.is_none());
+        Ok(batch)
+    }
+
+    /// Reads a batch from `log`, whose head and next sequence are `bounds`.
+    #[allow(clippy::too_many_arguments)]
+    fn read_log(
+        &self,
+        rtxn: &heed::RoTxn<WithoutTls>,
+        repl: &ReplHandle,
+        log: Log,
+        (head, next_seq): (Pos, u64),
+        from: Option<Pos>,
+        max_bytes: usize,
+        split_buckets: bool,
+        out: &mut Shipment,
+    ) -> Result<Option<Batch>, QueueError> {
+        let s = &self.shared;
+        let start_pos = from.map_or(head, |f| f.max(head));
+        if start_pos.seq >= next_seq {
             return Ok(None);
         }
-        let range = entry_key(repl.id, start_pos.seq)..entry_key(repl.id, meta.next_seq);
+        let range = log.key(start_pos.seq)..log.key(next_seq);
         let mut batch: Option<Batch> = None;
         let mut from_pos = start_pos;
         let mut taken = 0usize;
         for item in s
-            .entries
-            .range(&rtxn, &key_range(&range.start, &range.end))?
+            .db(log)
+            .range(rtxn, &key_range(&range.start, &range.end))?
         {
             let (key, raw) = item?;
-            let seq = key_seq(key);
+            let seq = log.seq(key);
             let e = match entry::decode(raw) {
                 Ok(e) => e,
                 // A damaged entry is reported when it is first in line, so
@@ -856,6 +1022,7 @@ impl Queue {
                 bytes: 0,
                 bucket: e.bucket.to_string(),
                 oldest_enqueued_ns: e.enqueued_ns,
+                lane: log.lane(),
             });
             if split_buckets && b.bucket != e.bucket {
                 break;
@@ -911,8 +1078,6 @@ impl Queue {
                 break;
             }
         }
-        drop(rtxn);
-        s.read_bytes(out.buf.len(), batch.is_none());
         Ok(batch)
     }
 
@@ -947,6 +1112,7 @@ impl Queue {
             to: batch.to,
             lines: batch.lines,
             bytes: batch.bytes,
+            lane: batch.lane,
             settlement: s,
             reply,
         });
@@ -958,9 +1124,59 @@ impl Queue {
 
     /// Moves a corrupt entry out of the log into the dead-letter store.
     pub fn set_aside(&self, repl: &Arc<ReplHandle>, seq: u64) -> Result<(), QueueError> {
+        self.set_aside_in(repl, 0, seq)
+    }
+
+    /// [`set_aside`](Self::set_aside) for an entry of log `lane` (0: the
+    /// main log, else a held lane).
+    pub fn set_aside_in(
+        &self,
+        repl: &Arc<ReplHandle>,
+        lane: u32,
+        seq: u64,
+    ) -> Result<(), QueueError> {
         self.call(|reply| writer::Command::SetAside {
             repl: repl.clone(),
+            lane,
             seq,
+            reply,
+        })
+    }
+
+    /// Holds destination `bucket` of `repl` (the local bucket, `db` or
+    /// `db/rp`, its lines are queued as) after the remote answered `code`
+    /// with `message` for it alone: its queued entries move, in one
+    /// transaction, from the main log into a lane of their own, as do its
+    /// later writes, so that the other destinations keep flowing. For a
+    /// destination already held, records the answer. Returns the lines
+    /// moved.
+    pub fn hold(
+        &self,
+        repl: &Arc<ReplHandle>,
+        bucket: &str,
+        code: u16,
+        message: &str,
+    ) -> Result<u64, QueueError> {
+        self.call_count(|reply| writer::Command::Hold {
+            repl: repl.clone(),
+            bucket: bucket.to_string(),
+            code,
+            message: message.to_string(),
+            reply,
+        })
+    }
+
+    /// Moves every line of held destination `bucket` of `repl` to the
+    /// dead-letter store (counted as dead-lettered) and ends its hold.
+    /// Returns the lines moved (0 if it is not held).
+    pub fn dead_letter_held(
+        &self,
+        repl: &Arc<ReplHandle>,
+        bucket: &str,
+    ) -> Result<u64, QueueError> {
+        self.call_count(|reply| writer::Command::HeldDeadLetter {
+            repl: repl.clone(),
+            bucket: bucket.to_string(),
             reply,
         })
     }

@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use schema::entry_key;
 use std::collections::VecDeque;
 
 fn opts() -> QueueOptions {
@@ -955,4 +956,574 @@ fn a_storage_error_keeps_its_cause() {
         "{err}"
     );
     assert!(err.to_string().contains("is not a regular file"), "{err}");
+}
+
+// ---- held lanes: out-of-order settlement, model-based ----
+
+#[derive(Debug, Clone)]
+enum LaneOp {
+    /// Lines of these lengths to bucket `b{0}`.
+    Push(u8, Vec<u16>),
+    /// Read a batch of the main log (one bucket at a time) and settle it.
+    Settle(u16),
+    /// Read a batch of the main log without settling it.
+    Read(u16),
+    /// The remote refused bucket `b{0}` alone: hold it.
+    Hold(u8),
+    /// Read a batch of held bucket `b{0}` and settle it (the remote took it).
+    SettleHeld(u8, u16),
+    /// Move held bucket `b{0}`'s lines to the dead-letter store.
+    DeadLetterHeld(u8),
+    Reopen,
+}
+
+fn lane_op() -> impl Strategy<Value = LaneOp> {
+    prop_oneof![
+        5 => (0u8..3, prop::collection::vec(0u16..80, 1..6)).prop_map(|(b, l)| LaneOp::Push(b, l)),
+        3 => (20u16..400).prop_map(LaneOp::Settle),
+        1 => (20u16..400).prop_map(LaneOp::Read),
+        2 => (0u8..3).prop_map(LaneOp::Hold),
+        3 => ((0u8..3), (20u16..400)).prop_map(|(b, m)| LaneOp::SettleHeld(b, m)),
+        1 => (0u8..3).prop_map(LaneOp::DeadLetterHeld),
+        1 => Just(LaneOp::Reopen),
+    ]
+}
+
+/// An entry of the model: its push order (its age), bucket and unsent lines.
+#[derive(Debug, Clone)]
+struct MEntry {
+    order: u64,
+    bucket: String,
+    lines: VecDeque<Vec<u8>>,
+}
+
+#[derive(Default)]
+struct LaneModel {
+    main: VecDeque<MEntry>,
+    /// Held buckets and their lanes, in the order they were held.
+    lanes: Vec<(String, VecDeque<MEntry>)>,
+    pushes: u64,
+    accepted: u64,
+    delivered: u64,
+    dropped: u64,
+    dead_lettered: u64,
+}
+
+const LANE_MAX_BYTES: u64 = 1500;
+
+fn entry_bytes(e: &MEntry) -> u64 {
+    e.lines.iter().map(|l| l.len() as u64).sum()
+}
+
+impl LaneModel {
+    fn all(&self) -> impl Iterator<Item = &MEntry> {
+        self.main
+            .iter()
+            .chain(self.lanes.iter().flat_map(|(_, l)| l.iter()))
+    }
+
+    fn queued_bytes(&self) -> u64 {
+        self.all().map(entry_bytes).sum()
+    }
+
+    fn queued_lines(&self) -> u64 {
+        self.all().map(|e| e.lines.len() as u64).sum()
+    }
+
+    fn lane(&mut self, bucket: &str) -> Option<&mut VecDeque<MEntry>> {
+        self.lanes
+            .iter_mut()
+            .find(|(b, _)| b == bucket)
+            .map(|(_, l)| l)
+    }
+
+    /// Greedy whole lines of `log`'s first entries of one bucket, up to `max`.
+    fn peek(log: &VecDeque<MEntry>, max: usize) -> (Option<String>, Vec<Vec<u8>>) {
+        let Some(bucket) = log.front().map(|e| e.bucket.clone()) else {
+            return (None, Vec::new());
+        };
+        let mut out = Vec::new();
+        let mut used = 0;
+        'entries: for e in log.iter().take_while(|e| e.bucket == bucket) {
+            for line in &e.lines {
+                if used + line.len() > max {
+                    if out.is_empty() {
+                        out.push(line.clone());
+                    }
+                    break 'entries;
+                }
+                used += line.len();
+                out.push(line.clone());
+            }
+        }
+        (Some(bucket), out)
+    }
+
+    fn pop(log: &mut VecDeque<MEntry>, n: usize) {
+        for _ in 0..n {
+            let front = log.front_mut().unwrap();
+            front.lines.pop_front();
+            if front.lines.is_empty() {
+                log.pop_front();
+            }
+        }
+    }
+
+    /// Eviction as the queue does it: whole entries, the oldest head first.
+    fn evict_for(&mut self, len: u64) {
+        while self.queued_bytes() + len > LANE_MAX_BYTES {
+            let main = self.main.front().map(|e| e.order);
+            let lane = self
+                .lanes
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (_, l))| l.front().map(|e| (e.order, i)))
+                .min();
+            let e = match (main, lane) {
+                (Some(m), Some((o, _))) if m <= o => self.main.pop_front().unwrap(),
+                (_, Some((_, i))) => {
+                    let e = self.lanes[i].1.pop_front().unwrap();
+                    if self.lanes[i].1.is_empty() {
+                        self.lanes.remove(i);
+                    }
+                    e
+                }
+                (Some(_), None) => self.main.pop_front().unwrap(),
+                (None, None) => return,
+            };
+            self.dropped += e.lines.len() as u64;
+        }
+    }
+}
+
+/// Every batch of `read` from the head on, without settling: (bucket, lines).
+fn read_all(
+    mut read: impl FnMut(Option<Pos>, &mut Shipment) -> Option<Batch>,
+) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    let mut from = None;
+    let mut shipment = Shipment::default();
+    while let Some(b) = read(from, &mut shipment) {
+        let mut lines = Vec::new();
+        shipment.lines_into(&mut lines).unwrap();
+        match out.last_mut() {
+            Some((bucket, l)) if *bucket == b.bucket => l.extend_from_slice(&lines),
+            _ => out.push((b.bucket.clone(), lines)),
+        }
+        from = Some(b.to);
+    }
+    out
+}
+
+/// A log of the model as [`read_all`] returns it.
+fn model_runs<'a>(log: impl Iterator<Item = &'a MEntry>) -> Vec<(String, Vec<u8>)> {
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for e in log {
+        let lines: Vec<u8> = e.lines.iter().flatten().copied().collect();
+        match out.last_mut() {
+            Some((bucket, l)) if *bucket == e.bucket => l.extend_from_slice(&lines),
+            _ => out.push((e.bucket.clone(), lines)),
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    /// Holds move a destination's entries to a lane; the main log and the
+    /// lanes settle independently, each in order; eviction takes the
+    /// oldest head of any of them; a reopen (every step is committed, so
+    /// it is what a crash after the step leaves) changes nothing. After
+    /// every step the counters, the held lanes and the exact contents of
+    /// every log match the model, and lines are conserved.
+    #[test]
+    fn held_lanes_match_a_model(ops in prop::collection::vec(lane_op(), 1..50)) {
+        let dir = tempfile::tempdir().unwrap();
+        let specs = [spec("r", LANE_MAX_BYTES, WhenFull::DropOldest)];
+        let mut q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+        let mut m = LaneModel::default();
+        let mut shipment = Shipment::default();
+        for op in ops {
+            let h = q.handles()[0].clone();
+            match op {
+                LaneOp::Push(b, lens) => {
+                    let bucket = format!("b{b}");
+                    let entry: VecDeque<Vec<u8>> = lens
+                        .iter()
+                        .map(|&n| {
+                            m.pushes += 1;
+                            let s = "x".repeat(n as usize);
+                            format!("m{} f=\"{s}\" {}\n", m.pushes, m.pushes).into_bytes()
+                        })
+                        .collect();
+                    let payload: Vec<u8> = entry.iter().flatten().copied().collect();
+                    let n = entry.len() as u64;
+                    let r = q.append_blocking(vec![h.clone()], bucket.clone(), payload.clone(), n);
+                    if payload.len() as u64 > LANE_MAX_BYTES {
+                        prop_assert!(matches!(r, Err(QueueError::TooLarge { .. })), "expected TooLarge");
+                    } else {
+                        r.unwrap();
+                        m.evict_for(payload.len() as u64);
+                        m.accepted += n;
+                        let e = MEntry { order: m.pushes, bucket: bucket.clone(), lines: entry };
+                        match m.lane(&bucket) {
+                            Some(l) => l.push_back(e),
+                            None => m.main.push_back(e),
+                        }
+                    }
+                }
+                LaneOp::Settle(max) | LaneOp::Read(max) => {
+                    let (bucket, expect) = LaneModel::peek(&m.main, max as usize);
+                    let got = q.read_shipment(&h, None, max as usize, true, &mut shipment).unwrap();
+                    prop_assert_eq!(got.is_none(), expect.is_empty());
+                    if let Some(b) = got {
+                        let mut lines = Vec::new();
+                        shipment.lines_into(&mut lines).unwrap();
+                        prop_assert_eq!(&lines, &expect.concat());
+                        prop_assert_eq!(Some(&b.bucket), bucket.as_ref());
+                        prop_assert_eq!(b.lane, 0);
+                        if matches!(op, LaneOp::Settle(_)) {
+                            q.settle(&h, &b, Settlement::default()).unwrap();
+                            LaneModel::pop(&mut m.main, expect.len());
+                            m.delivered += expect.len() as u64;
+                        }
+                    }
+                }
+                LaneOp::Hold(b) => {
+                    let bucket = format!("b{b}");
+                    let moved = q.hold(&h, &bucket, 404, "bucket not found").unwrap();
+                    if m.lane(&bucket).is_none() {
+                        let (take, keep): (VecDeque<MEntry>, VecDeque<MEntry>) =
+                            m.main.drain(..).partition(|e| e.bucket == bucket);
+                        m.main = keep;
+                        prop_assert_eq!(moved, take.iter().map(|e| e.lines.len() as u64).sum::<u64>());
+                        if !take.is_empty() {
+                            m.lanes.push((bucket, take));
+                        }
+                    } else {
+                        prop_assert_eq!(moved, 0);
+                    }
+                }
+                LaneOp::SettleHeld(b, max) => {
+                    let bucket = format!("b{b}");
+                    let lane = h.held().iter().find(|x| x.bucket == bucket).map(|x| x.lane);
+                    prop_assert_eq!(lane.is_some(), m.lane(&bucket).is_some());
+                    if let Some(lane) = lane {
+                        let log = m.lane(&bucket).unwrap();
+                        let (_, expect) = LaneModel::peek(log, max as usize);
+                        let b = q.read_lane(&h, lane, None, max as usize, &mut shipment).unwrap().unwrap();
+                        let mut lines = Vec::new();
+                        shipment.lines_into(&mut lines).unwrap();
+                        prop_assert_eq!(&lines, &expect.concat());
+                        prop_assert_eq!(b.lane, lane);
+                        q.settle(&h, &b, Settlement::default()).unwrap();
+                        LaneModel::pop(log, expect.len());
+                        let emptied = log.is_empty();
+                        m.delivered += expect.len() as u64;
+                        if emptied {
+                            m.lanes.retain(|(x, _)| *x != bucket);
+                        }
+                    }
+                }
+                LaneOp::DeadLetterHeld(b) => {
+                    let bucket = format!("b{b}");
+                    let n = q.dead_letter_held(&h, &bucket).unwrap();
+                    let expect = m.lane(&bucket).map_or(0, |l| l.iter().map(|e| e.lines.len() as u64).sum());
+                    prop_assert_eq!(n, expect);
+                    m.dead_lettered += n;
+                    m.lanes.retain(|(x, _)| *x != bucket);
+                }
+                LaneOp::Reopen => {
+                    drop(q);
+                    q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+                }
+            }
+            let h = q.handles()[0].clone();
+            let c = h.counters();
+            prop_assert_eq!(c.queued_bytes, m.queued_bytes());
+            prop_assert_eq!(c.queued_lines, m.queued_lines());
+            prop_assert_eq!(c.accepted_lines, m.accepted);
+            prop_assert_eq!(c.delivered_lines, m.delivered);
+            prop_assert_eq!(c.dropped_full_lines, m.dropped);
+            prop_assert_eq!(c.dead_lettered_lines, m.dead_lettered);
+            prop_assert_eq!(c.inflow_lines(), c.accounted_lines());
+            // The held lanes, in the order they were held, and their contents.
+            let held = h.held();
+            let names: Vec<&str> = held.iter().map(|x| x.bucket.as_str()).collect();
+            let expect: Vec<&str> = m.lanes.iter().map(|(b, _)| b.as_str()).collect();
+            prop_assert_eq!(names, expect);
+            for (x, (_, log)) in held.iter().zip(&m.lanes) {
+                prop_assert_eq!(x.lines, log.iter().map(|e| e.lines.len() as u64).sum::<u64>());
+                prop_assert_eq!(x.bytes, log.iter().map(entry_bytes).sum::<u64>());
+                let got = read_all(|from, s| q.read_lane(&h, x.lane, from, 100, s).unwrap());
+                prop_assert_eq!(got, model_runs(log.iter()));
+            }
+            let got = read_all(|from, s| q.read_shipment(&h, from, 100, true, s).unwrap());
+            prop_assert_eq!(got, model_runs(m.main.iter()));
+        }
+    }
+}
+
+/// The meta record's version as stored for replication `h`.
+fn stored_meta_version(q: &Queue, h: &ReplHandle) -> u64 {
+    let s = &q.shared;
+    let rtxn = s.env.read_txn().unwrap();
+    let raw = s.meta.get(&rtxn, &meta_key(h.id)).unwrap().unwrap();
+    u64::from_le_bytes(raw[..8].try_into().unwrap())
+}
+
+/// Writes a data dir as the release before held lanes did: four databases
+/// (no `lanes`), a version 2 meta record of 23 fields, and three entries
+/// of replication "r": buckets `a`, `typo`, `a`.
+fn previous_release_data_dir(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let qdir = dir.join("queue");
+    fs::create_dir_all(&qdir).unwrap();
+    let mut options = EnvOpenOptions::new().read_txn_without_tls();
+    options.map_size(64 << 20).max_dbs(8);
+    // SAFETY: a fresh directory of this test, opened once and closed below.
+    let env = unsafe { options.open(&qdir) }.unwrap();
+    let mut w = env.write_txn().unwrap();
+    let entries: Db = env.create_database(&mut w, Some("entries")).unwrap();
+    let meta: Db = env.create_database(&mut w, Some("meta")).unwrap();
+    env.create_database::<Bytes, Bytes>(&mut w, Some("dead"))
+        .unwrap();
+    env.create_database::<Bytes, Bytes>(&mut w, Some("windows"))
+        .unwrap();
+    meta.put(&mut w, b"Nr", &1u32.to_be_bytes()).unwrap();
+    meta.put(&mut w, b"I", &2u32.to_be_bytes()).unwrap();
+    let writes = vec![
+        ("a".to_string(), lines("a1", 3)),
+        ("typo".to_string(), lines("t1", 2)),
+        ("a".to_string(), lines("a2", 4)),
+    ];
+    let mut m = Meta::default();
+    for (seq, (bucket, payload)) in writes.iter().enumerate() {
+        let n = lineproto::count_points(payload) as u64;
+        let e = entry::encode(1_000 + seq as u64, n as u32, bucket, payload);
+        entries.put(&mut w, &entry_key(1, seq as u64), &e).unwrap();
+        m.c.accepted_lines += n;
+        m.c.accepted_bytes += payload.len() as u64;
+        m.c.queued_lines += n;
+        m.c.queued_bytes += payload.len() as u64;
+    }
+    m.next_seq = writes.len() as u64;
+    let record = m.encode();
+    assert_eq!(&record[..8], &2u64.to_le_bytes());
+    meta.put(&mut w, &meta_key(1), &record[..23 * 8]).unwrap();
+    w.commit().unwrap();
+    env.prepare_for_closing().wait();
+    writes
+}
+
+#[test]
+fn a_data_dir_of_the_previous_release_opens_holds_and_drains() {
+    let dir = tempfile::tempdir().unwrap();
+    let writes = previous_release_data_dir(dir.path());
+    let specs = [spec("r", 1 << 20, WhenFull::DropOldest)];
+    let q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+    let h = q.handles()[0].clone();
+    let c = h.counters();
+    assert_eq!(c.queued_lines, 9);
+    assert_eq!(c.oldest_enqueued_ns, Some(1_000));
+    // Read as it was written, one bucket per batch.
+    let all = read_all(|from, s| q.read_shipment(&h, from, 1 << 20, true, s).unwrap());
+    assert_eq!(all, writes);
+    assert_eq!(stored_meta_version(&q, &h), 2);
+
+    // The first batch goes; `typo` is refused alone and held.
+    let mut s = Shipment::default();
+    let b = q
+        .read_shipment(&h, None, 1 << 20, true, &mut s)
+        .unwrap()
+        .unwrap();
+    q.settle(&h, &b, Settlement::default()).unwrap();
+    assert_eq!(
+        q.hold(&h, "typo", 404, "database not found: \"typo\"")
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        stored_meta_version(&q, &h),
+        3,
+        "while a lane exists, the release before lanes refuses the data dir"
+    );
+    let held = h.held();
+    assert_eq!(held.len(), 1);
+    assert_eq!((held[0].lines, held[0].code), (2, 404));
+    let rest = read_all(|from, s| q.read_shipment(&h, from, 1 << 20, true, s).unwrap());
+    assert_eq!(rest, vec![writes[2].clone()]);
+
+    // After a restart, the hold is still there; the lane drains, in order.
+    drop(q);
+    let q = Queue::open(dir.path(), &opts(), &specs).unwrap();
+    let h = q.handles()[0].clone();
+    assert_eq!(h.held(), held);
+    assert_eq!(h.counters().queued_lines, 6);
+    assert_eq!(drain(&q, &h, 1 << 20), writes[2].1);
+    let b = q
+        .read_lane(&h, held[0].lane, None, 1 << 20, &mut s)
+        .unwrap()
+        .unwrap();
+    let mut got = Vec::new();
+    s.lines_into(&mut got).unwrap();
+    assert_eq!(got, writes[1].1);
+    q.settle(&h, &b, Settlement::default()).unwrap();
+    assert!(h.held().is_empty(), "an emptied lane ends its hold");
+    let c = h.counters();
+    assert_eq!(
+        (c.queued_lines, c.queued_bytes, c.delivered_lines),
+        (0, 0, 9)
+    );
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+    assert_eq!(
+        stored_meta_version(&q, &h),
+        2,
+        "without lanes, the release before lanes opens it again"
+    );
+    // Writes to the destination go to the main log again.
+    append(&q, &h, lines("t2", 1)).unwrap();
+    assert_eq!(
+        q.read_batch(&h, 1 << 20, true, &mut got)
+            .unwrap()
+            .unwrap()
+            .lane,
+        0
+    );
+}
+
+#[test]
+fn a_held_lane_moves_whole_to_the_dead_letter_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    q.append_blocking(vec![h.clone()], "typo/rp".into(), lines("t", 5), 5)
+        .unwrap();
+    q.append_blocking(vec![h.clone()], "ok".into(), lines("o", 2), 2)
+        .unwrap();
+    // Part of the held destination's first entry was delivered already.
+    let mut buf = Vec::new();
+    let b = q.read_batch(&h, 20, true, &mut buf).unwrap().unwrap();
+    assert_eq!(b.lines, 2);
+    q.settle(&h, &b, Settlement::default()).unwrap();
+    assert_eq!(
+        q.hold(&h, "typo/rp", 404, "retention policy not found")
+            .unwrap(),
+        3
+    );
+    // Later writes to it join the lane.
+    q.append_blocking(vec![h.clone()], "typo/rp".into(), lines("u", 1), 1)
+        .unwrap();
+    assert_eq!(h.held()[0].lines, 4);
+    assert_eq!(q.dead_letter_held(&h, "typo/rp").unwrap(), 4);
+    assert!(h.held().is_empty());
+    let dead = q.dead_letters(&h, true).unwrap();
+    let data: String = dead.iter().filter_map(|d| d.data.clone()).collect();
+    let expect = [&lines("t", 5)[b.bytes as usize..], &lines("u", 1)[..]].concat();
+    assert_eq!(data.as_bytes(), &expect[..]);
+    assert!(dead
+        .iter()
+        .all(|d| d.reason == "held: 404 retention policy not found"));
+    assert!(dead.iter().all(|d| d.bucket == "typo/rp"));
+    let c = h.counters();
+    assert_eq!(
+        (c.queued_lines, c.dead_lettered_lines, c.delivered_lines),
+        (2, 4, 2)
+    );
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+    assert_eq!(drain(&q, &h, 1 << 20), lines("o", 2));
+    // Nothing held: nothing moves.
+    assert_eq!(q.dead_letter_held(&h, "typo/rp").unwrap(), 0);
+}
+
+/// A damaged entry with a damaged header, last in the main log, is set
+/// aside with what the main log holds: never with a held lane's lines. A
+/// damaged entry in a lane is set aside from the lane.
+#[test]
+fn a_corrupt_entry_beside_a_held_lane_is_counted_in_its_own_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    q.append_blocking(vec![h.clone()], "held".into(), lines("x", 4), 4)
+        .unwrap();
+    q.append_blocking(vec![h.clone()], "held".into(), lines("y", 2), 2)
+        .unwrap();
+    assert_eq!(q.hold(&h, "held", 404, "bucket not found").unwrap(), 6);
+    append(&q, &h, lines("a", 3)).unwrap();
+    let lane = h.held()[0].lane;
+    {
+        // Damage the header of the main log's entry and the payload of the
+        // lane's first entry, behind the queue's back.
+        let s = &q.shared;
+        let mut wtxn = s.env.write_txn().unwrap();
+        let key = entry_key(h.id, 2);
+        let mut raw = s.entries.get(&wtxn, &key).unwrap().unwrap().to_vec();
+        raw.truncate(3);
+        s.entries.put(&mut wtxn, &key, &raw).unwrap();
+        let key = schema::lane_key(h.id, lane, 0);
+        let mut raw = s.lanes.get(&wtxn, &key).unwrap().unwrap().to_vec();
+        let last = raw.len() - 3;
+        raw[last] ^= 0x20;
+        s.lanes.put(&mut wtxn, &key, &raw).unwrap();
+        wtxn.commit().unwrap();
+    }
+    let mut buf = Vec::new();
+    let QueueError::Corrupt { seq, .. } = q.read_batch(&h, 1 << 20, true, &mut buf).unwrap_err()
+    else {
+        panic!("the main log's entry is damaged")
+    };
+    q.set_aside(&h, seq).unwrap();
+    let c = h.counters();
+    assert_eq!((c.dead_lettered_lines, c.queued_lines), (3, 6), "{c:?}");
+    let mut s = Shipment::default();
+    let QueueError::Corrupt { seq, .. } = q.read_lane(&h, lane, None, 1 << 20, &mut s).unwrap_err()
+    else {
+        panic!("the lane's first entry is damaged")
+    };
+    q.set_aside_in(&h, lane, seq).unwrap();
+    assert_eq!(h.held()[0].lines, 2);
+    let b = q
+        .read_lane(&h, lane, None, 1 << 20, &mut s)
+        .unwrap()
+        .unwrap();
+    let mut got = Vec::new();
+    s.lines_into(&mut got).unwrap();
+    assert_eq!(got, lines("y", 2));
+    q.settle(&h, &b, Settlement::default()).unwrap();
+    assert!(h.held().is_empty());
+    let c = h.counters();
+    assert_eq!(
+        (c.dead_lettered_lines, c.delivered_lines, c.queued_lines),
+        (7, 2, 0)
+    );
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+}
+
+/// `max_age` expires a held lane's entries as it does the main log's,
+/// counted as expired; the emptied lane ends its hold.
+#[test]
+fn held_lines_expire_like_any_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec("r", 1 << 20, WhenFull::DropOldest);
+    s.max_age = Some(Duration::from_millis(1500));
+    let q = Queue::open(dir.path(), &opts(), &[s]).unwrap();
+    let h = q.handles()[0].clone();
+    q.append_blocking(vec![h.clone()], "held".into(), lines("x", 4), 4)
+        .unwrap();
+    assert_eq!(q.hold(&h, "held", 404, "bucket not found").unwrap(), 4);
+    std::thread::sleep(Duration::from_millis(1200));
+    append(&q, &h, lines("a", 3)).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !h.held().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "housekeeping never expired the lane"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let c = h.counters();
+    assert!(c.expired_lines >= 4, "{c:?}");
+    // The main log's entry is younger: expired only if the check came late.
+    assert_eq!(c.expired_lines + c.queued_lines, 7, "{c:?}");
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+    if c.queued_lines == 3 {
+        assert_eq!(drain(&q, &h, 1 << 20), lines("a", 3));
+    }
 }

@@ -8,6 +8,15 @@
 //! say our token or bucket is wrong. The worker sleeps on a signal so that
 //! shutdown and config reloads interrupt any wait at once.
 //!
+//! A replication that sends each bucket to its own name (`local_bucket =
+//! "*"` without `remote_bucket`) has many destinations: an answer about one
+//! of them (404 bucket or database not found, 403 on a bucket) holds only
+//! that one ([`Queue::hold`] moves its lines to a lane of their own) and
+//! the worker goes on with the others. Each held lane is tried again every
+//! `max_backoff`, at once after a reload or an operator's release, one
+//! batch at a time between the main log's batches; once a batch of it is
+//! delivered, its lines flow again, in their order.
+//!
 //! A 400/422 sets lines aside only on evidence that they are at fault, read
 //! from the answer by [`answer`]: the InfluxDB family names refused lines,
 //! counts them, or says nothing usable (then the batch is bisected), and
@@ -21,12 +30,13 @@ pub mod client;
 pub mod link;
 pub mod transport;
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -163,7 +173,28 @@ enum Unsettled {
     /// Eviction or expiry removed lines of the batch while it waited for a
     /// retry: read it again rather than deliver lines already counted as dropped.
     Stale,
+    /// The remote refused the batch's destination alone (its code and
+    /// message): hold it, and go on with the others.
+    Held(u16, String),
 }
+
+/// Whether `answer` concerns the batch's destination alone: a 404 (bucket
+/// or database not found) or a 403 (no permission on that bucket), when
+/// the replication sends to more than one destination. A 401 concerns
+/// every destination; with a single destination, holding it is pausing.
+pub fn holds_destination(answer: &Answer, config: &ShipConfig) -> bool {
+    config.remote_bucket.is_none()
+        && matches!(
+            answer,
+            Answer::Status {
+                code: 403 | 404,
+                ..
+            }
+        )
+}
+
+/// When each held destination (by local bucket) is tried next.
+type HeldDue = HashMap<String, Instant>;
 
 /// How a 400/422 was read.
 enum Reading {
@@ -337,10 +368,23 @@ impl Worker {
         // to batch_size.
         let mut fit = usize::MAX;
         let mut carried = 0;
+        let mut due = HeldDue::new();
+        let mut reloads = self.control.wake.generation();
         debug!("replication \"{name}\": worker started");
         while !self.control.stopped() {
             self.control.beat();
             let seen = self.repl.data.generation();
+            let lane_shipped = match self.retry_held(
+                &mut due,
+                &mut reloads,
+                &mut settling,
+                &mut shipment,
+                &mut lines,
+                &mut fit,
+            ) {
+                Some(shipped) => shipped,
+                None => break,
+            };
             let t = self.target();
             let split = t.config.remote_bucket.is_none();
             let from = settling.as_ref().map(|s| s.to);
@@ -361,7 +405,9 @@ impl Worker {
                 }
                 Ok(None) => {
                     self.status.ship.lock().unwrap().next_retry = None;
-                    self.repl.data.wait_past(seen, Duration::from_secs(1));
+                    if !lane_shipped {
+                        self.repl.data.wait_past(seen, Duration::from_secs(1));
+                    }
                     continue;
                 }
                 Err(QueueError::Corrupt { seq, why, .. }) => {
@@ -386,6 +432,27 @@ impl Worker {
                 Ok(s) => s,
                 Err(Unsettled::Stale) => continue,
                 Err(Unsettled::Stopped) => break,
+                Err(Unsettled::Held(code, message)) => {
+                    // The batches before it settle first: the hold moves
+                    // what is left of this destination from the head on.
+                    if let Err(QueueError::Closed) = self.confirm(&mut settling) {
+                        break;
+                    }
+                    self.record_held(code, &message);
+                    match self.queue.hold(&self.repl, &batch.bucket, code, &message) {
+                        Ok(_) => {
+                            due.insert(batch.bucket.clone(), Instant::now() + t.config.max_backoff);
+                        }
+                        Err(e) => {
+                            error!(
+                                "replication \"{name}\": cannot hold destination \"{}\": {e}",
+                                batch.bucket
+                            );
+                            self.sleep(Duration::from_secs(1));
+                        }
+                    }
+                    continue;
+                }
             };
             if fit < limit {
                 carried = 0;
@@ -410,6 +477,128 @@ impl Worker {
         }
         let _ = self.confirm(&mut settling);
         debug!("replication \"{name}\": worker stopped");
+    }
+
+    /// Tries one batch of a held destination that is due: every
+    /// `max_backoff`, at once after a reload (`reloads` is the wake-up
+    /// generation last seen) or an operator's release, and again at once
+    /// after a batch of it was delivered. Returns whether a batch was
+    /// delivered, or `None` when the worker was told to stop.
+    fn retry_held(
+        &self,
+        due: &mut HeldDue,
+        reloads: &mut u64,
+        settling: &mut Option<Settling>,
+        shipment: &mut Shipment,
+        lines: &mut Vec<u8>,
+        fit: &mut usize,
+    ) -> Option<bool> {
+        let held = self.repl.held();
+        due.retain(|b, _| held.iter().any(|h| &h.bucket == b));
+        if held.is_empty() {
+            return Some(false);
+        }
+        let now = Instant::now();
+        let generation = self.control.wake.generation();
+        let reloaded = generation != *reloads;
+        *reloads = generation;
+        let t = self.target();
+        let name = &self.repl.name;
+        // Held before a restart: tried at once, as a paused remote is.
+        let mut pick = None;
+        for h in &held {
+            let released = self.repl.take_release(&h.bucket);
+            let at = *due.entry(h.bucket.clone()).or_insert(now);
+            if reloaded || released || at <= now {
+                due.insert(h.bucket.clone(), now);
+                pick = pick.or(Some(h.clone()));
+            }
+        }
+        let Some(h) = pick else {
+            return Some(false);
+        };
+        if let Err(QueueError::Closed) = self.confirm(settling) {
+            return None;
+        }
+        let max = (*fit).min(t.config.batch_size);
+        let batch = match self
+            .queue
+            .read_lane(&self.repl, h.lane, None, max, shipment)
+        {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                due.remove(&h.bucket);
+                return Some(false);
+            }
+            Err(QueueError::Corrupt { seq, why, .. }) => {
+                error!("replication \"{name}\": entry {seq} of held lane {} is corrupt ({why}); setting it aside", h.lane);
+                if let Err(e) = self.queue.set_aside_in(&self.repl, h.lane, seq) {
+                    error!("replication \"{name}\": cannot set entry {seq} aside: {e}");
+                    due.insert(h.bucket.clone(), now + Duration::from_secs(1));
+                }
+                return Some(false);
+            }
+            Err(e) => {
+                error!(
+                    "replication \"{name}\": cannot read held lane {}: {e}",
+                    h.lane
+                );
+                due.insert(h.bucket.clone(), now + Duration::from_secs(1));
+                return Some(false);
+            }
+        };
+        match self.deliver(&batch, shipment, lines, fit) {
+            Ok(settlement) => {
+                if let Err(e) = self.queue.settle(&self.repl, &batch, settlement) {
+                    error!("replication \"{name}\": cannot settle a delivered batch: {e}");
+                    due.insert(h.bucket.clone(), now + Duration::from_secs(1));
+                    return Some(false);
+                }
+                if !self.repl.held().iter().any(|x| x.lane == h.lane) {
+                    info!(
+                        "replication \"{name}\": held destination \"{}\" accepts writes again; its lines were delivered",
+                        h.bucket
+                    );
+                }
+                Some(true)
+            }
+            Err(Unsettled::Held(code, message)) => {
+                self.record_held(code, &message);
+                if let Err(e) = self.queue.hold(&self.repl, &h.bucket, code, &message) {
+                    error!(
+                        "replication \"{name}\": cannot record the hold of \"{}\": {e}",
+                        h.bucket
+                    );
+                }
+                due.insert(h.bucket.clone(), Instant::now() + t.config.max_backoff);
+                Some(false)
+            }
+            Err(Unsettled::Stale) => Some(false),
+            Err(Unsettled::Stopped) => None,
+        }
+    }
+
+    /// Records an answer that held a destination: counted as an error,
+    /// and shown as the latest answer, but the replication keeps running.
+    fn record_held(&self, code: u16, message: &str) {
+        let mut s = self.status.ship.lock().unwrap();
+        *s.errors.entry(code.to_string()).or_default() += 1;
+        s.latest_code = Some(code);
+        s.latest_error = answer::shorten(message);
+    }
+
+    /// Whether lines of `batch` left its log (eviction, expiry, a lane
+    /// moved to the dead-letter store) since it was read.
+    fn stale(&self, batch: &Batch) -> bool {
+        match batch.lane {
+            0 => self.repl.counters().head > batch.from,
+            lane => self
+                .repl
+                .held()
+                .iter()
+                .find(|h| h.lane == lane)
+                .is_none_or(|h| h.head > batch.from),
+        }
     }
 
     /// Waits until the settlement in flight (if any) is durable.
@@ -514,7 +703,7 @@ impl Worker {
             if self.control.stopped() {
                 return Err(Unsettled::Stopped);
             }
-            if self.repl.counters().head > batch.from {
+            if self.stale(batch) {
                 debug!("replication \"{}\": lines of the batch in hand were evicted or expired; reading again", self.repl.name);
                 return Err(Unsettled::Stale);
             }
@@ -610,6 +799,11 @@ impl Worker {
                     }
                     if d.cut != cut_before {
                         body = None;
+                    }
+                }
+                Verdict::Unauthorized if holds_destination(&answer, &t.config) => {
+                    if let Answer::Status { code, message, .. } = &answer {
+                        return Err(Unsettled::Held(*code, message.clone()));
                     }
                 }
                 Verdict::Throttled | Verdict::Retry | Verdict::Unauthorized => {

@@ -81,6 +81,38 @@ pub struct ReplicationReport {
     pub aggregate_lines: u64,
     /// Lines held in the dead-letter store now.
     pub dead_letter_lines: u64,
+    /// Destinations held apart after the remote refused them alone (their
+    /// lines count in `remainingLines` and the queue's bytes). Absent from
+    /// agents that predate holds: read as none.
+    #[serde(default)]
+    pub held_destinations: Vec<HeldReport>,
+}
+
+/// A held destination.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldReport {
+    /// The destination as `edge-replicator held` names it: the local
+    /// bucket its lines were written to (`db` or `db/rp`).
+    pub destination: String,
+    /// The bucket (or database) it is sent to, and the retention policy,
+    /// if the write named one.
+    pub bucket: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rp: Option<String>,
+    /// The remote's answer, as last heard.
+    pub code: u16,
+    pub message: String,
+    /// When it was first held.
+    pub since: Timestamp,
+    pub lines: u64,
+    pub bytes: u64,
+}
+
+impl Default for Timestamp {
+    fn default() -> Timestamp {
+        Timestamp(SystemTime::UNIX_EPOCH)
+    }
 }
 
 /// Progress of the request body under way.

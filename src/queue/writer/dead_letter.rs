@@ -5,10 +5,10 @@
 use heed::RwTxn;
 use log::{error, warn};
 
-use super::log::{head_enqueued, Stored};
+use super::log::{first_entry, head_enqueued, Stored};
 use super::{Pos, Writer};
 use crate::queue::entry;
-use crate::queue::schema::{dead_key, entry_key, key_range, key_seq, repl_keys};
+use crate::queue::schema::{dead_key, key_range, key_seq, repl_keys, Log};
 use crate::queue::{QueueError, Shared};
 
 /// A dead-letter store holds at most this much (or the replication's
@@ -16,27 +16,48 @@ use crate::queue::{QueueError, Shared};
 const DEAD_LETTER_MAX: u64 = 64 << 20;
 
 impl Writer {
-    /// Moves entry `seq` (expected at the head) to the dead-letter store.
+    /// Moves entry `seq` (expected at the head) of log `lane` (0: the main
+    /// log) to the dead-letter store.
     pub(super) fn set_aside(
         &mut self,
         wtxn: &mut RwTxn,
         id: u32,
+        lane: u32,
         seq: u64,
     ) -> Result<(), QueueError> {
         let shared = self.shared.clone();
-        let st = self.state_mut(id);
-        if seq < st.meta.head.seq || seq >= st.meta.next_seq {
+        let log = match lane {
+            0 => Log::Main(id),
+            l => Log::Lane(id, l),
+        };
+        let Some((head, next_seq)) = self.bounds(id, log) else {
+            return Ok(());
+        };
+        if seq < head.seq || seq >= next_seq {
             return Ok(());
         }
-        let key = entry_key(id, seq);
-        let raw = shared.entries.get(wtxn, &key)?.map(<[u8]>::to_vec);
+        let st = self.state(id);
+        // What the log holds: the lane's own count, or the replication's
+        // less its lanes'.
+        let (held_lines, held_bytes) = match log {
+            Log::Main(_) => st.lanes.values().fold(
+                (st.meta.c.queued_lines, st.meta.c.queued_bytes),
+                |(l, b), ln| {
+                    (
+                        l.saturating_sub(ln.rec.lines),
+                        b.saturating_sub(ln.rec.bytes),
+                    )
+                },
+            ),
+            Log::Lane(_, l) => (st.lanes[&l].rec.lines, st.lanes[&l].rec.bytes),
+        };
+        let key = log.key(seq);
+        let raw = shared.db(log).get(wtxn, &key)?.map(<[u8]>::to_vec);
         let (lines, bytes) = match raw.as_deref().map(entry::decode_unchecked) {
-            Some(Ok(e)) if (e.lines as u64) <= st.meta.c.queued_lines => {
-                (e.lines as u64, e.lines_len() as u64)
-            }
+            Some(Ok(e)) if (e.lines as u64) <= held_lines => (e.lines as u64, e.lines_len() as u64),
             // The header itself is damaged: the counts are unknown, so take
             // what is left when this is the last entry, else nothing.
-            _ if seq + 1 == st.meta.next_seq => (st.meta.c.queued_lines, st.meta.c.queued_bytes),
+            _ if seq + 1 == next_seq => (held_lines, held_bytes),
             _ => (0, raw.as_ref().map_or(0, |r| r.len() as u64)),
         };
         if let Some(raw) = raw {
@@ -45,23 +66,49 @@ impl Writer {
                 Ok(_) => "set aside".to_string(),
             };
             self.add_dead(wtxn, id, &reason, &raw, lines, bytes)?;
-            shared.entries.delete(wtxn, &key)?;
+            shared.db(log).delete(wtxn, &key)?;
         }
         let st = self.state_mut(id);
-        if seq == st.meta.head.seq {
-            st.meta.head = Pos {
-                seq: seq + 1,
-                off: 0,
-            };
-        }
         let c = &mut st.meta.c;
         let lines = lines.min(c.queued_lines);
         c.queued_lines -= lines;
         c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
         c.dead_lettered_lines += lines;
-        let meta = st.meta;
-        let oldest = head_enqueued(&shared, wtxn, id, &meta)?;
-        self.state_mut(id).meta.c.oldest_enqueued_ns = oldest;
+        match log {
+            Log::Main(_) => {
+                if seq == st.meta.head.seq {
+                    st.meta.head = Pos {
+                        seq: seq + 1,
+                        off: 0,
+                    };
+                }
+                let meta = st.meta;
+                let oldest = head_enqueued(&shared, wtxn, id, &meta)?;
+                self.state_mut(id).meta.c.oldest_enqueued_ns = oldest;
+            }
+            Log::Lane(_, l) => {
+                let ln = st.lanes.get_mut(&l).expect("bounds found it");
+                ln.rec.lines = ln.rec.lines.saturating_sub(lines);
+                ln.rec.bytes = ln.rec.bytes.saturating_sub(bytes);
+                if seq == ln.rec.head.seq {
+                    ln.rec.head = Pos {
+                        seq: seq + 1,
+                        off: 0,
+                    };
+                }
+                let (h, n) = (ln.rec.head.seq, ln.rec.next_seq);
+                let first = first_entry(&shared, wtxn, log, h, n)?;
+                let ln = self
+                    .state_mut(id)
+                    .lanes
+                    .get_mut(&l)
+                    .expect("bounds found it");
+                ln.oldest = first.and_then(|(_, t)| t);
+                if first.is_none() {
+                    self.drop_lane(wtxn, id, l)?;
+                }
+            }
+        }
         error!(
             "replication \"{}\": entry {seq} failed its checksum; {lines} lines set aside in the dead-letter store",
             self.state(id).spec.name

@@ -1,7 +1,9 @@
-//! The log of a replication: appending an entry, and the ways lines leave
-//! its head: settlement after the remote answered, eviction when the queue
-//! is full (`drop_oldest`), expiry (`max_age`). Each removal is counted
-//! under its cause, in the same transaction as the entries it deletes.
+//! The logs of a replication (its main log and its held lanes, see
+//! `writer::lanes`): appending an entry, and the ways lines leave a log's
+//! head: settlement after the remote answered, eviction when the queue is
+//! full (`drop_oldest`, oldest head first across the logs), expiry
+//! (`max_age`, in every log). Each removal is counted under its cause, in
+//! the same transaction as the entries it deletes.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::Write as _;
@@ -11,7 +13,7 @@ use log::{debug, warn};
 
 use super::{now_ns, Pos, Settle, Writer};
 use crate::queue::entry;
-use crate::queue::schema::{entry_key, key_range, Meta};
+use crate::queue::schema::{key_range, Log, Meta};
 use crate::queue::{QueueError, Segment, Shared};
 
 impl Writer {
@@ -34,11 +36,17 @@ impl Writer {
         let len = deflated.map_or(payload.len() as u64, |d| d.len as u64);
         self.evict_oldest(wtxn, id, len)?;
         let shared = self.shared.clone();
+        // A held destination's lines join its lane, behind those held.
+        let lane = self.lane_of(id, bucket);
         let st = self.state_mut(id);
         let header = entry::header(now, lines as u32, bucket, deflated);
-        shared.entries.put_reserved(
+        let (log, seq) = match lane {
+            Some(l) => (Log::Lane(id, l), st.lanes[&l].rec.next_seq),
+            None => (Log::Main(id), st.meta.next_seq),
+        };
+        shared.db(log).put_reserved(
             wtxn,
-            &entry_key(id, st.meta.next_seq),
+            &log.key(seq),
             header.len() + payload.len(),
             |space| {
                 space.write_all(&header)?;
@@ -47,38 +55,75 @@ impl Writer {
                 Ok(())
             },
         )?;
-        if st.meta.head.seq >= st.meta.next_seq {
-            st.meta.c.oldest_enqueued_ns = Some(now);
+        match lane {
+            Some(l) => {
+                let ln = st.lanes.get_mut(&l).expect("found above");
+                if ln.rec.head.seq >= ln.rec.next_seq {
+                    ln.oldest = Some(now);
+                }
+                ln.rec.next_seq += 1;
+                ln.rec.lines += lines;
+                ln.rec.bytes += len;
+            }
+            None => {
+                // No entry before it (the log may have gaps where a hold
+                // took entries away): it is the oldest.
+                if st.meta.c.oldest_enqueued_ns.is_none() {
+                    st.meta.c.oldest_enqueued_ns = Some(now);
+                }
+                st.meta.next_seq += 1;
+            }
         }
-        st.meta.next_seq += 1;
         st.meta.c.queued_bytes += len;
         st.meta.c.queued_lines += lines;
         Ok(())
     }
 
-    /// Eviction: removes whole entries from the head of `id`'s log, counted
-    /// as dropped_full, until `len` more bytes fit its bound or the log is
-    /// empty. This is what `when_full = "drop_oldest"` means; with `reject`,
-    /// callers refuse an entry that does not fit before it gets here.
+    /// Eviction: removes whole entries from the head of `id`'s logs, the
+    /// oldest head first (the main log's or a held lane's), counted as
+    /// dropped_full, until `len` more bytes fit its bound or the logs are
+    /// empty. This is what `when_full = "drop_oldest"` means; with
+    /// `reject`, callers refuse an entry that does not fit before it gets
+    /// here.
     fn evict_oldest(&mut self, wtxn: &mut RwTxn, id: u32, len: u64) -> Result<(), QueueError> {
         loop {
             let st = self.state(id);
-            if st.meta.c.queued_bytes + len <= st.spec.max_bytes
-                || st.meta.head.seq >= st.meta.next_seq
-            {
+            if st.meta.c.queued_bytes + len <= st.spec.max_bytes {
                 return Ok(());
             }
-            let head = st.meta.head.seq;
-            self.remove_head(
-                wtxn,
-                id,
-                Pos {
-                    seq: head,
-                    off: u32::MAX,
-                },
-                Removal::DroppedFull,
-            )?;
+            let mut pick = (st.meta.head.seq < st.meta.next_seq)
+                .then(|| (st.meta.c.oldest_enqueued_ns.unwrap_or(0), Log::Main(id)));
+            for (l, ln) in &st.lanes {
+                let o = ln.oldest.unwrap_or(0);
+                if pick.is_none_or(|(p, _)| o < p) {
+                    pick = Some((o, Log::Lane(id, *l)));
+                }
+            }
+            let Some((_, log)) = pick else {
+                return Ok(());
+            };
+            self.remove_first(wtxn, id, log, Removal::DroppedFull)?;
         }
+    }
+
+    /// Removes the first entry of `log` whole (skipping the sequence
+    /// numbers of entries a hold moved away); returns the lines removed.
+    fn remove_first(
+        &mut self,
+        wtxn: &mut RwTxn,
+        id: u32,
+        log: Log,
+        why: Removal,
+    ) -> Result<u64, QueueError> {
+        let Some((head, next_seq)) = self.bounds(id, log) else {
+            return Ok(0);
+        };
+        let first = first_entry(&self.shared, wtxn, log, head.seq, next_seq)?;
+        let to = Pos {
+            seq: first.map_or(next_seq, |(seq, _)| seq),
+            off: u32::MAX,
+        };
+        Ok(self.remove_head(wtxn, id, log, to, why)?.0)
     }
 
     pub(super) fn expire(
@@ -89,30 +134,28 @@ impl Writer {
     ) -> Result<(), QueueError> {
         let ids: Vec<u32> = self.states.keys().copied().collect();
         for id in ids {
-            loop {
-                let st = self.state(id);
-                let (Some(max_age), Some(oldest)) = (st.spec.max_age, st.meta.c.oldest_enqueued_ns)
-                else {
-                    break;
-                };
-                if now.saturating_sub(oldest) <= max_age.as_nanos() as u64 {
-                    break;
+            let mut logs = vec![Log::Main(id)];
+            logs.extend(self.state(id).lanes.keys().map(|l| Log::Lane(id, *l)));
+            for log in logs {
+                loop {
+                    let st = self.state(id);
+                    let oldest = match log {
+                        Log::Main(_) => st.meta.c.oldest_enqueued_ns,
+                        Log::Lane(_, l) => st.lanes.get(&l).and_then(|ln| ln.oldest),
+                    };
+                    let (Some(max_age), Some(oldest)) = (st.spec.max_age, oldest) else {
+                        break;
+                    };
+                    if now.saturating_sub(oldest) <= max_age.as_nanos() as u64 {
+                        break;
+                    }
+                    let lines = self.remove_first(wtxn, id, log, Removal::Expired)?;
+                    touched.insert(id);
+                    warn!(
+                        "replication \"{}\": {lines} lines older than max_age expired unsent",
+                        self.state(id).spec.name
+                    );
                 }
-                let head = st.meta.head.seq;
-                let (lines, _) = self.remove_head(
-                    wtxn,
-                    id,
-                    Pos {
-                        seq: head,
-                        off: u32::MAX,
-                    },
-                    Removal::Expired,
-                )?;
-                touched.insert(id);
-                warn!(
-                    "replication \"{}\": {lines} lines older than max_age expired unsent",
-                    self.state(id).spec.name
-                );
             }
         }
         Ok(())
@@ -120,7 +163,11 @@ impl Writer {
 
     pub(super) fn settle(&mut self, wtxn: &mut RwTxn, s: &Settle) -> Result<(), QueueError> {
         let id = s.repl.id;
-        let (lines, bytes) = self.remove_head(wtxn, id, s.to, Removal::Delivered)?;
+        let log = match s.lane {
+            0 => Log::Main(id),
+            l => Log::Lane(id, l),
+        };
+        let (lines, bytes) = self.remove_head(wtxn, id, log, s.to, Removal::Delivered)?;
         let set = &s.settlement;
         // Lines evicted while the batch was in flight were counted then; split
         // only what this settlement removed.
@@ -143,7 +190,12 @@ impl Writer {
         // aside above (they are gone, and stay counted as dropped).
         let removed = s.lines.saturating_sub(lines);
         let refused_gone = (set.dead_lines + set.dropped_lines).saturating_sub(dead + dropped);
-        let arrived = reclaim(&mut st.gone, s.from, s.to, removed, refused_gone);
+        // Lanes keep no runs: lines evicted or expired from a lane while in
+        // flight stay counted as dropped (an overstatement of loss).
+        let arrived = match log {
+            Log::Main(_) => reclaim(&mut st.gone, s.from, s.to, removed, refused_gone),
+            Log::Lane(..) => Arrived::default(),
+        };
         let c = &mut st.meta.c;
         c.delivered_lines -= dead + dropped;
         c.dead_lettered_lines += dead;
@@ -165,22 +217,33 @@ impl Writer {
         Ok(())
     }
 
-    /// Advances the head of `id` up to `to`, deleting entries passed whole;
-    /// counts the removed lines under `why`. Returns (lines, bytes) removed.
-    fn remove_head(
+    /// Advances the head of `log` of `id` up to `to`, deleting entries
+    /// passed whole, and skipping the sequence numbers of entries a hold
+    /// moved away; counts the removed lines under `why`. A lane left empty
+    /// is dropped (its hold ends). Returns (lines, bytes) removed.
+    pub(super) fn remove_head(
         &mut self,
         wtxn: &mut RwTxn,
         id: u32,
+        log: Log,
         to: Pos,
         why: Removal,
     ) -> Result<(u64, u64), QueueError> {
         let shared = self.shared.clone();
+        let db = shared.db(log);
         let st = self.state_mut(id);
-        let m = &mut st.meta;
+        let (head, next_seq) = match log {
+            Log::Main(_) => (&mut st.meta.head, st.meta.next_seq),
+            Log::Lane(_, l) => match st.lanes.get_mut(&l) {
+                Some(ln) => (&mut ln.rec.head, ln.rec.next_seq),
+                // Gone (dead-lettered, or emptied): nothing of it to remove.
+                None => return Ok((0, 0)),
+            },
+        };
         let (mut lines, mut bytes) = (0u64, 0u64);
-        while m.head < to && m.head.seq < m.next_seq {
-            let key = entry_key(id, m.head.seq);
-            let found = match shared.entries.get(wtxn, &key)? {
+        while *head < to && head.seq < next_seq {
+            let key = log.key(head.seq);
+            let found = match db.get(wtxn, &key)? {
                 None => None,
                 Some(raw) => {
                     // Lines of a deflated entry cannot be counted in part:
@@ -193,8 +256,8 @@ impl Writer {
                         ),
                         Err(_) => (0, 0, Some(&raw[..0])),
                     };
-                    let start = (m.head.off as usize).min(plen);
-                    let end = if to.seq == m.head.seq {
+                    let start = (head.off as usize).min(plen);
+                    let end = if to.seq == head.seq {
                         (to.off as usize).min(plen)
                     } else {
                         plen
@@ -209,32 +272,38 @@ impl Writer {
             };
             match found {
                 None => {
-                    m.head = Pos {
-                        seq: m.head.seq + 1,
-                        off: 0,
-                    }
+                    // Moved to a lane: go on at the next entry still here,
+                    // but not past `to`'s entry.
+                    let seq = if head.seq < to.seq {
+                        let hi = to.seq.min(next_seq);
+                        first_entry(&shared, wtxn, log, head.seq + 1, hi)?
+                            .map_or(hi, |(seq, _)| seq)
+                    } else {
+                        head.seq + 1
+                    };
+                    *head = Pos { seq, off: 0 }
                 }
                 Some((l, b, whole, end)) => {
                     lines += l;
                     bytes += b;
                     if whole {
-                        shared.entries.delete(wtxn, &key)?;
-                        m.head = Pos {
-                            seq: m.head.seq + 1,
+                        db.delete(wtxn, &key)?;
+                        *head = Pos {
+                            seq: head.seq + 1,
                             off: 0,
                         };
                     } else {
-                        m.head.off = end as u32;
+                        head.off = end as u32;
                     }
                 }
             }
         }
-        let c = &mut m.c;
+        let end = *head;
+        let c = &mut st.meta.c;
         let lines = lines.min(c.queued_lines);
         c.queued_lines -= lines;
         c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
-        if why != Removal::Delivered && lines > 0 {
-            let end = m.head;
+        if why != Removal::Delivered && lines > 0 && matches!(log, Log::Main(_)) {
             match st.gone.back_mut() {
                 Some(g) if g.why == why => {
                     g.end = end;
@@ -248,8 +317,7 @@ impl Writer {
                 }
             }
         }
-        let m = &mut st.meta;
-        let c = &mut m.c;
+        let c = &mut st.meta.c;
         match why {
             Removal::Delivered => {
                 c.delivered_lines += lines;
@@ -258,8 +326,22 @@ impl Writer {
             Removal::DroppedFull => c.dropped_full_lines += lines,
             Removal::Expired => c.expired_lines += lines,
         }
-        let meta = *m;
-        st.meta.c.oldest_enqueued_ns = head_enqueued(&shared, wtxn, id, &meta)?;
+        match log {
+            Log::Main(_) => {
+                let meta = st.meta;
+                st.meta.c.oldest_enqueued_ns = head_enqueued(&shared, wtxn, id, &meta)?;
+            }
+            Log::Lane(_, l) => {
+                let ln = st.lanes.get_mut(&l).expect("found above");
+                ln.rec.lines = ln.rec.lines.saturating_sub(lines);
+                ln.rec.bytes = ln.rec.bytes.saturating_sub(bytes);
+                let (head, next) = (ln.rec.head, ln.rec.next_seq);
+                ln.oldest = first_entry(&shared, wtxn, log, head.seq, next)?.and_then(|(_, t)| t);
+                if head.seq >= next {
+                    self.drop_lane(wtxn, id, l)?;
+                }
+            }
+        }
         Ok((lines, bytes))
     }
 }
@@ -288,7 +370,7 @@ const GONE_RUNS: usize = 32;
 
 /// Why lines leave the head of a log.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Removal {
+pub(super) enum Removal {
     Delivered,
     DroppedFull,
     Expired,
@@ -336,24 +418,38 @@ fn reclaim(gone: &mut VecDeque<Gone>, from: Pos, to: Pos, removed: u64, refused:
     arrived
 }
 
-/// Enqueue time of the head entry, if any.
+/// Enqueue time of the head entry of `id`'s main log, if any.
 pub(super) fn head_enqueued(
     s: &Shared,
     txn: &heed::RoTxn<heed::WithoutTls>,
     id: u32,
     m: &Meta,
 ) -> Result<Option<u64>, QueueError> {
-    if m.head.seq >= m.next_seq {
+    Ok(first_entry(s, txn, Log::Main(id), m.head.seq, m.next_seq)?.and_then(|(_, t)| t))
+}
+
+/// The sequence and enqueue time of the first entry of `log` in
+/// `[from, to)`, if any (no time when its header is damaged).
+pub(super) fn first_entry(
+    s: &Shared,
+    txn: &heed::RoTxn<heed::WithoutTls>,
+    log: Log,
+    from: u64,
+    to: u64,
+) -> Result<Option<(u64, Option<u64>)>, QueueError> {
+    if from >= to {
         return Ok(None);
     }
-    let lo = entry_key(id, m.head.seq);
-    let hi = entry_key(id, m.next_seq);
+    let (lo, hi) = (log.key(from), log.key(to));
     let first = s
-        .entries
+        .db(log)
         .range(txn, &key_range(&lo, &hi))?
         .next()
         .transpose()?;
-    Ok(first.and_then(|(_, raw)| entry::decode_unchecked(raw).ok().map(|e| e.enqueued_ns)))
+    Ok(first.map(|(k, raw)| {
+        let t = entry::decode_unchecked(raw).ok().map(|e| e.enqueued_ns);
+        (log.seq(k), t)
+    }))
 }
 
 /// What an entry stores.

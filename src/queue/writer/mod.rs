@@ -24,13 +24,17 @@
 //!   and its bound, replay and purge.
 //! - [`windows`]: downsampling windows, folded into by writes and closed by
 //!   housekeeping.
+//! - [`lanes`]: held destinations: a hold moves a destination's entries
+//!   into a lane of their own; a lane settles on its own and ends when
+//!   empty, or is moved whole to the dead-letter store.
 
 mod append;
 mod dead_letter;
+mod lanes;
 mod log;
 mod windows;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
@@ -72,6 +76,8 @@ pub(super) struct Settle {
     pub to: Pos,
     pub lines: u64,
     pub bytes: u64,
+    /// The log the batch came from: 0 the main log, else a held lane.
+    pub lane: u32,
     pub settlement: Settlement,
     pub reply: Reply,
 }
@@ -86,8 +92,24 @@ pub(super) enum Command {
     Settle(Settle),
     SetAside {
         repl: Arc<ReplHandle>,
+        lane: u32,
         seq: u64,
         reply: Reply,
+    },
+    /// Holds a destination: moves its entries into a lane of their own (or
+    /// records the latest answer of one already held).
+    Hold {
+        repl: Arc<ReplHandle>,
+        bucket: String,
+        code: u16,
+        message: String,
+        reply: oneshot::Sender<Result<u64, QueueError>>,
+    },
+    /// Moves a held destination's lines to the dead-letter store.
+    HeldDeadLetter {
+        repl: Arc<ReplHandle>,
+        bucket: String,
+        reply: oneshot::Sender<Result<u64, QueueError>>,
     },
     DeadLetter {
         repl: Arc<ReplHandle>,
@@ -113,7 +135,12 @@ struct ReplState {
     /// Lines removed from the head unsent (evicted or expired) since the
     /// last settlement, oldest first; see [`Gone`].
     gone: VecDeque<Gone>,
+    /// Held lanes, by number.
+    lanes: BTreeMap<u32, lanes::Lane>,
 }
+
+/// What a failed group restores of a replication's state.
+type Saved = (Meta, VecDeque<Gone>, BTreeMap<u32, lanes::Lane>);
 
 pub(super) struct Writer {
     shared: Arc<Shared>,
@@ -202,25 +229,27 @@ impl Writer {
             })?,
         };
         meta.c.oldest_enqueued_ns = head_enqueued(&s, &wtxn, id, &meta)?;
+        let lanes = lanes::load(&s, &wtxn, id)
+            .map_err(|e| e.context(format_args!("held lanes of replication \"{}\"", spec.name)))?;
+        meta.lanes = lanes.len() as u64;
         wtxn.commit()?;
         let handle = Arc::new(ReplHandle {
             id,
             name: spec.name.clone(),
-            counters: Mutex::new(Counters {
-                head: meta.head,
-                ..meta.c
-            }),
+            counters: Mutex::new(Counters::default()),
+            held: Mutex::new(Vec::new()),
+            release: Mutex::new(BTreeSet::new()),
             data: Signal::default(),
         });
-        self.states.insert(
-            id,
-            ReplState {
-                spec: spec.clone(),
-                meta,
-                handle: handle.clone(),
-                gone: VecDeque::new(),
-            },
-        );
+        let st = ReplState {
+            spec: spec.clone(),
+            meta,
+            handle: handle.clone(),
+            gone: VecDeque::new(),
+            lanes,
+        };
+        st.publish();
+        self.states.insert(id, st);
         Ok(handle)
     }
 
@@ -306,10 +335,10 @@ impl Writer {
     }
 
     fn process(&mut self, group: Vec<Command>, housekeeping: bool) {
-        let saved: HashMap<u32, (Meta, VecDeque<Gone>)> = self
+        let saved: HashMap<u32, Saved> = self
             .states
             .iter()
-            .map(|(k, v)| (*k, (v.meta, v.gone.clone())))
+            .map(|(k, v)| (*k, (v.meta, v.gone.clone(), v.lanes.clone())))
             .collect();
         let mut results: Vec<Result<u64, QueueError>> = Vec::with_capacity(group.len());
         let mut touched = BTreeSet::new();
@@ -366,10 +395,7 @@ impl Writer {
         // Publish counters of what is now durable, then answer.
         for id in &touched {
             if let Some(st) = self.states.get(id) {
-                *st.handle.counters.lock().unwrap() = Counters {
-                    head: st.meta.head,
-                    ..st.meta.c
-                };
+                st.publish();
             }
         }
         let mut results = results.into_iter();
@@ -388,7 +414,9 @@ impl Writer {
                 Command::SetAside { reply, .. } => {
                     let _ = reply.send(r.map(drop));
                 }
-                Command::DeadLetter { reply, .. } => {
+                Command::DeadLetter { reply, .. }
+                | Command::Hold { reply, .. }
+                | Command::HeldDeadLetter { reply, .. } => {
                     let _ = reply.send(r);
                 }
                 Command::Attach { .. } | Command::Detach { .. } | Command::Shutdown => {}
@@ -403,11 +431,12 @@ impl Writer {
         }
     }
 
-    fn restore(&mut self, saved: &HashMap<u32, (Meta, VecDeque<Gone>)>) {
-        for (id, (meta, gone)) in saved {
+    fn restore(&mut self, saved: &HashMap<u32, Saved>) {
+        for (id, (meta, gone, lanes)) in saved {
             if let Some(st) = self.states.get_mut(id) {
                 st.meta = *meta;
                 st.gone = gone.clone();
+                st.lanes = lanes.clone();
             }
         }
     }
@@ -441,10 +470,26 @@ impl Writer {
                     touched.insert(s.repl.id);
                     Ok(0)
                 }
-                Command::SetAside { repl, seq, .. } => {
-                    self.set_aside(&mut wtxn, repl.id, *seq)?;
+                Command::SetAside {
+                    repl, lane, seq, ..
+                } => {
+                    self.set_aside(&mut wtxn, repl.id, *lane, *seq)?;
                     touched.insert(repl.id);
                     Ok(0)
+                }
+                Command::Hold {
+                    repl,
+                    bucket,
+                    code,
+                    message,
+                    ..
+                } => {
+                    touched.insert(repl.id);
+                    Ok(self.hold(&mut wtxn, repl.id, bucket, *code, message, now)?)
+                }
+                Command::HeldDeadLetter { repl, bucket, .. } => {
+                    touched.insert(repl.id);
+                    Ok(self.dead_letter_lane(&mut wtxn, repl.id, bucket)?)
                 }
                 Command::DeadLetter { repl, op, .. }
                     if with_appends || matches!(op, DeadLetterOp::Purge) =>
@@ -468,6 +513,10 @@ impl Writer {
             shared
                 .meta
                 .put(&mut wtxn, &meta_key(*id), &st.meta.encode())?;
+            self.put_lanes(&mut wtxn, *id)?;
+        }
+        if group.iter().any(|c| matches!(c, Command::Hold { .. })) {
+            crate::fault::point("hold");
         }
         if group.iter().any(|c| matches!(c, Command::Settle(_))) {
             crate::fault::point("settle");
