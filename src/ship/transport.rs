@@ -8,7 +8,8 @@
 //! is carrying the body, and the remote would store a batch the agent then
 //! sends again. So while waiting for an answer, a send queue that is still
 //! shrinking (`SIOCOUTQ`: bytes not yet acknowledged by the peer) counts as
-//! progress, up to the request's own `timeout`. A connection given up on is
+//! progress, and the remote's `timeout` to answer runs from when the queue
+//! stopped shrinking. A connection given up on is
 //! closed with a reset (`SO_LINGER` 0), so that what the kernel still holds
 //! of the abandoned body does not go on using the link beside the retry.
 //!
@@ -173,7 +174,10 @@ impl Transport for Watched {
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, Error> {
-        let started = Instant::now();
+        // The request's own budget (`timeout`, for the answer) starts again
+        // while the body is still on its way: the remote cannot answer a
+        // body it has not received.
+        let mut started = Instant::now();
         // The per-read timeout is `stall_timeout`: no byte received and the
         // send queue not shrinking for that long is a stall. It is checked
         // in slices, so that a link that stops after some progress is
@@ -217,6 +221,7 @@ impl Transport for Watched {
                     if now < queued {
                         // The link still carries the body: not a stall.
                         moved = Instant::now();
+                        started = moved;
                     }
                     queued = now;
                     let overall_spent =
