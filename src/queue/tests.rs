@@ -1527,3 +1527,29 @@ fn held_lines_expire_like_any_other() {
         assert_eq!(drain(&q, &h, 1 << 20), lines("a", 3));
     }
 }
+
+/// A worker kept past a reload's join (a POST that hung) settles after its
+/// replication was detached: the settlement is refused with `Closed`, the
+/// writer goes on, and the queue and its counters are as they were when the
+/// replication is attached again.
+#[test]
+fn a_settlement_after_detach_is_refused_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    append(&q, &h, lines("a", 10)).unwrap();
+    let mut buf = Vec::new();
+    let batch = q.read_batch(&h, 10_000, false, &mut buf).unwrap().unwrap();
+    q.detach("r");
+    assert!(matches!(
+        q.settle(&h, &batch, Settlement::default()),
+        Err(QueueError::Closed)
+    ));
+    // The writer still serves: the replication comes back with its lines.
+    let h = q.attach(spec("r", 1 << 20, WhenFull::DropOldest)).unwrap();
+    let k = h.counters();
+    assert_eq!((k.queued_lines, k.delivered_lines), (10, 0));
+    let batch = q.read_batch(&h, 10_000, false, &mut buf).unwrap().unwrap();
+    q.settle(&h, &batch, Settlement::default()).unwrap();
+    assert_eq!(h.counters().delivered_lines, 10);
+}

@@ -128,6 +128,21 @@ pub(super) enum Command {
     Shutdown,
 }
 
+/// The replication a command changes, for those that change one.
+fn repl_of(cmd: &Command) -> Option<u32> {
+    match cmd {
+        Command::Settle(s) => Some(s.repl.id),
+        Command::SetAside { repl, .. }
+        | Command::Hold { repl, .. }
+        | Command::HeldDeadLetter { repl, .. }
+        | Command::DeadLetter { repl, .. } => Some(repl.id),
+        Command::Append(_)
+        | Command::Attach { .. }
+        | Command::Detach { .. }
+        | Command::Shutdown => None,
+    }
+}
+
 struct ReplState {
     spec: ReplSpec,
     meta: Meta,
@@ -460,6 +475,13 @@ impl Writer {
             self.close_windows(&mut wtxn, now, touched, appended)?;
         }
         for cmd in group {
+            // A replication stopped by a reload (detached) may still hear
+            // from its worker, which a stuck POST kept past the join: its
+            // settlement is refused, never applied to a state that is gone.
+            if repl_of(cmd).is_some_and(|id| !self.states.contains_key(&id)) {
+                results.push(Err(QueueError::Closed));
+                continue;
+            }
             let r = match cmd {
                 Command::Append(a) if with_appends => self
                     .append(&mut wtxn, a, now, touched, appended)?
