@@ -31,6 +31,7 @@ use crate::queue::{Queue, QueueError, QueueOptions, ReplSpec};
 use crate::ship::link::Link;
 use crate::ship::{Client, Control, SharedTarget, ShipConfig, Target, Worker};
 use crate::status::ReplStatus;
+use crate::sync::{Locked, RwLocked};
 use crate::transform::Transform;
 
 #[derive(Debug, thiserror::Error)]
@@ -183,7 +184,7 @@ impl Streams {
                 .streams
                 .values()
                 .map(|s| {
-                    let target = s.target.read().unwrap_or_else(|e| e.into_inner()).clone();
+                    let target = s.target.read_locked().clone();
                     Route {
                         config: s.config.clone(),
                         handle: s.status.queue.clone(),
@@ -248,7 +249,7 @@ impl Streams {
                     }) {
                         Ok(t) => {
                             let s = self.streams.get_mut(&name).expect("listed above");
-                            *s.target.write().unwrap() = Arc::new(t);
+                            *s.target.write_locked() = Arc::new(t);
                             s.config = r;
                             s.control.wake.notify();
                         }
@@ -460,7 +461,7 @@ pub fn run(
     let reloadable = streams.clone();
     let watched = streams.clone();
     let watchdog = crate::systemd::Watchdog::start(&queue, move || {
-        let guard = watched.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = watched.locked();
         let Some(s) = guard.as_ref() else {
             return Vec::new();
         };
@@ -505,7 +506,7 @@ pub fn run(
                         let streams = reloadable.clone();
                         let _ = tokio::task::spawn_blocking(move || match config::load(&path) {
                             Ok(new) => {
-                                if let Some(s) = streams.lock().unwrap().as_mut() {
+                                if let Some(s) = streams.locked().as_mut() {
                                     s.reload(new);
                                 }
                             }
@@ -528,7 +529,7 @@ pub fn run(
     // No reading is queued once the streams stop.
     drop(telemetry);
     let shutdown_started = Instant::now();
-    if let Some(s) = streams.lock().unwrap().take() {
+    if let Some(s) = streams.locked().take() {
         s.stop(deadline.saturating_sub(shutdown_started.elapsed()));
     }
     runtime.shutdown_timeout(Duration::from_millis(100));

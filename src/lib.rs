@@ -21,6 +21,7 @@ pub mod queue;
 pub mod ship;
 pub mod source;
 pub mod status;
+pub mod sync;
 pub mod systemd;
 pub mod telemetry;
 pub mod transform;

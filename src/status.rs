@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::queue::ReplHandle;
 use crate::ship::link::BudgetReading;
+use crate::sync::Locked;
 
 mod report;
 
@@ -215,7 +216,7 @@ impl ReplStatus {
     /// the answer.
     pub fn report(&self, now_ns: u64) -> ReplicationReport {
         let c = self.queue.counters();
-        let s = self.ship.lock().unwrap().clone();
+        let s = self.ship.locked().clone();
         ReplicationReport {
             name: self.name.clone(),
             remote: self.remote.clone(),
@@ -335,25 +336,25 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         "replications_queue_remote_write_bytes_sent",
         "counter",
         "Compressed request bodies the remote accepted (InfluxDB's name).",
-        per_repl(&|r| r.ship.lock().unwrap().bytes_accepted as f64),
+        per_repl(&|r| r.ship.locked().bytes_accepted as f64),
     );
     family(
         "replications_queue_remote_write_wire_bytes_sent",
         "counter",
         "Compressed request bodies put on the wire, accepted or not.",
-        per_repl(&|r| r.ship.lock().unwrap().wire_bytes_sent as f64),
+        per_repl(&|r| r.ship.locked().wire_bytes_sent as f64),
     );
     family(
         "replications_queue_remote_probes",
         "counter",
         "TCP connects made to see whether an unreachable remote is back.",
-        per_repl(&|r| r.ship.lock().unwrap().probes as f64),
+        per_repl(&|r| r.ship.locked().probes as f64),
     );
     family(
         "replications_queue_remote_link",
         "gauge",
         "The link to the remote as the last attempt showed it: 0 up, 1 stalled, 2 down.",
-        per_repl(&|r| r.ship.lock().unwrap().link as u8 as f64),
+        per_repl(&|r| r.ship.locked().link as u8 as f64),
     );
     let per_held = |f: &dyn Fn(&crate::queue::Held) -> u64| -> Vec<(String, f64)> {
         list.iter()
@@ -476,7 +477,7 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         "1 for the replication's current state.",
         list.iter()
             .flat_map(|r| {
-                let cur = r.ship.lock().unwrap().state;
+                let cur = r.ship.locked().state;
                 State::ALL.map(|s| {
                     (
                         format!("{{replication=\"{}\",state=\"{}\"}}", r.name, s.as_str()),
@@ -634,17 +635,17 @@ impl SourceStatus {
     pub fn error(&self, msg: String) {
         log::warn!("{}: {msg}", self.name);
         self.errors.fetch_add(1, Ordering::Relaxed);
-        self.detail.lock().unwrap().latest_error = msg;
+        self.detail.locked().latest_error = msg;
     }
 
     fn lag_bytes(&self) -> u64 {
-        let d = self.detail.lock().unwrap();
+        let d = self.detail.locked();
         d.followed.iter().map(|f| f.lag_bytes).sum()
     }
 
     /// This source as the status shows it.
     pub fn report(&self) -> SourceReport {
-        let d = self.detail.lock().unwrap().clone();
+        let d = self.detail.locked().clone();
         let followed: Vec<FollowedReport> = d
             .followed
             .iter()
@@ -807,7 +808,7 @@ mod tests {
         });
         let tail = Arc::new(SourceStatus::new("tail", "tail /a".into(), "b"));
         {
-            let mut d = tail.detail.lock().unwrap();
+            let mut d = tail.detail.locked();
             d.state = SourceState::Blocked;
             d.latest_error = "queue full".into();
             d.last_queued = Some(at(1_772_366_398_125));
@@ -824,7 +825,7 @@ mod tests {
             "db",
         ));
         wal.segments_missed.store(1, Ordering::Relaxed);
-        wal.detail.lock().unwrap().followed = vec![Followed {
+        wal.detail.locked().followed = vec![Followed {
             path: "autogen/3".into(),
             segment: Some(4),
             offset: 9,

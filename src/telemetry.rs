@@ -40,6 +40,7 @@ use crate::lineproto::{self, Precision};
 use crate::queue::{Queue, Write};
 use crate::source::Stopper;
 use crate::status::ReplStatus;
+use crate::sync::Locked;
 
 /// One replication's reading.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -63,7 +64,7 @@ pub struct ReplReading {
 impl ReplReading {
     pub fn of(r: &ReplStatus, now_ns: u64) -> ReplReading {
         let c = r.queue.counters();
-        let s = r.ship.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let s = r.ship.locked().clone();
         ReplReading {
             name: r.name.clone(),
             remote: r.remote.clone(),

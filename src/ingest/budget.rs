@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::sync::Locked;
 use tokio::sync::Notify;
 
 /// Longest a request waits for memory, at each charge, before its 503.
@@ -78,7 +79,7 @@ impl Budget {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Charges `n` to `ticket` if it fits under `limit`, or if `ticket` is

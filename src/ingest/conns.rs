@@ -17,6 +17,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use crate::sync::Locked;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 /// The connections being served, and the permits that cap them.
@@ -101,7 +102,7 @@ impl Slots {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Arc<Conn>>> {
-        self.open.lock().unwrap_or_else(|e| e.into_inner())
+        self.open.locked()
     }
 
     /// Closes the least useful idle connection (see the module doc) to make

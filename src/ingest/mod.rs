@@ -18,6 +18,7 @@ use crate::lineproto::{self, Precision, Summary};
 use crate::queue::{self, Preparing, Queue, QueueError, ReplHandle, Segment, Write};
 use crate::ship::link::Link;
 use crate::status::{IngestStats, ReplStatus, SourceStatus};
+use crate::sync::RwLocked;
 
 /// Bodies above this size are validated on a blocking thread so one large
 /// write does not stall the runtime's other connections.
@@ -195,22 +196,22 @@ impl Ingest {
 
     /// The routing in force now.
     pub fn routing(&self) -> Arc<Routing> {
-        self.routing.read().unwrap().clone()
+        self.routing.read_locked().clone()
     }
 
     /// The running sources, for status and metrics.
     pub fn sources(&self) -> Vec<Arc<SourceStatus>> {
-        self.sources.read().unwrap().clone()
+        self.sources.read_locked().clone()
     }
 
     /// Publishes the sources now running.
     pub fn set_sources(&self, sources: Vec<Arc<SourceStatus>>) {
-        *self.sources.write().unwrap() = sources;
+        *self.sources.write_locked() = sources;
     }
 
     /// Replaces the routing (config reload); writes in progress finish with the old one.
     pub fn set_routing(&self, routing: Routing) {
-        *self.routing.write().unwrap() = Arc::new(routing);
+        *self.routing.write_locked() = Arc::new(routing);
     }
 
     /// Validates `body`, stamps and normalises it, and queues the valid

@@ -113,6 +113,7 @@ use heed::{Database, Env, EnvFlags, EnvOpenOptions, WithoutTls};
 
 use crate::config::{Durability, WhenFull};
 use crate::lineproto;
+use crate::sync::Locked;
 use crate::transform::Transform;
 pub(crate) use schema::Log;
 use schema::{
@@ -495,22 +496,22 @@ pub struct Signal {
 
 impl Signal {
     pub fn notify(&self) {
-        *self.generation.lock().unwrap() += 1;
+        *self.generation.locked() += 1;
         self.cv.notify_all();
     }
 
     pub fn generation(&self) -> u64 {
-        *self.generation.lock().unwrap()
+        *self.generation.locked()
     }
 
     /// Waits until the generation moves past `seen` or `timeout` passes;
     /// returns the generation seen last.
     pub fn wait_past(&self, seen: u64, timeout: Duration) -> u64 {
-        let guard = self.generation.lock().unwrap();
+        let guard = self.generation.locked();
         let (guard, _) = self
             .cv
             .wait_timeout_while(guard, timeout, |g| *g == seen)
-            .unwrap();
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *guard
     }
 }
@@ -548,27 +549,27 @@ pub struct ReplHandle {
 
 impl ReplHandle {
     pub fn counters(&self) -> Counters {
-        *self.counters.lock().unwrap()
+        *self.counters.locked()
     }
 
     /// The held destinations, oldest hold first.
     pub fn held(&self) -> Vec<Held> {
-        self.held.lock().unwrap().clone()
+        self.held.locked().clone()
     }
 
     /// Asks the worker to retry held `bucket` now; false if it is not held.
     pub fn release(&self, bucket: &str) -> bool {
-        if !self.held.lock().unwrap().iter().any(|h| h.bucket == bucket) {
+        if !self.held.locked().iter().any(|h| h.bucket == bucket) {
             return false;
         }
-        self.release.lock().unwrap().insert(bucket.to_string());
+        self.release.locked().insert(bucket.to_string());
         self.data.notify();
         true
     }
 
     /// Takes the request to retry `bucket` now, if an operator made one.
     pub fn take_release(&self, bucket: &str) -> bool {
-        self.release.lock().unwrap().remove(bucket)
+        self.release.locked().remove(bucket)
     }
 }
 
@@ -1262,7 +1263,7 @@ impl Queue {
     /// get [`QueueError::Closed`].
     pub fn close(&self) {
         let _ = self.tx.send(writer::Command::Shutdown);
-        if let Some(w) = self.writer.lock().unwrap().take() {
+        if let Some(w) = self.writer.locked().take() {
             let _ = w.join();
         }
     }

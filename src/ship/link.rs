@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::sync::Locked;
 use log::warn;
 use serde::{Deserialize, Serialize};
 
@@ -344,7 +345,7 @@ impl Link {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// Takes new settings (a config reload); the usage counted so far stays.

@@ -44,6 +44,7 @@ use log::{debug, error, info, warn};
 
 use crate::queue::{Batch, Pos, Queue, QueueError, ReplHandle, Settlement, Shipment, Signal};
 use crate::status::{Link, ReplStatus, State};
+use crate::sync::{Locked, RwLocked};
 pub use client::{Answer, Client};
 
 /// The gzip level of batches sent over a capped or budgeted link.
@@ -353,7 +354,7 @@ impl Worker {
     }
 
     fn target(&self) -> Arc<Target> {
-        self.target.read().unwrap().clone()
+        self.target.read_locked().clone()
     }
 
     fn run(self) {
@@ -389,7 +390,7 @@ impl Worker {
             let split = t.config.remote_bucket.is_none();
             let from = settling.as_ref().map(|s| s.to);
             fit = fit.min(t.config.batch_size);
-            self.status.ship.lock().unwrap().batch_limit = fit as u64;
+            self.status.ship.locked().batch_limit = fit as u64;
             let read = self
                 .queue
                 .read_shipment(&self.repl, from, fit, split, &mut shipment);
@@ -404,7 +405,7 @@ impl Worker {
                     continue;
                 }
                 Ok(None) => {
-                    self.status.ship.lock().unwrap().next_retry = None;
+                    self.status.ship.locked().next_retry = None;
                     if !lane_shipped {
                         self.repl.data.wait_past(seen, Duration::from_secs(1));
                     }
@@ -581,7 +582,7 @@ impl Worker {
     /// Records an answer that held a destination: counted as an error,
     /// and shown as the latest answer, but the replication keeps running.
     fn record_held(&self, code: u16, message: &str) {
-        let mut s = self.status.ship.lock().unwrap();
+        let mut s = self.status.ship.locked();
         *s.errors.entry(code.to_string()).or_default() += 1;
         s.latest_code = Some(code);
         s.latest_error = answer::shorten(message);
@@ -838,7 +839,7 @@ impl Worker {
                             if half < *fit {
                                 debug!("replication \"{}\": the link did not carry {} bytes of lines; sending at most {half} at a time", self.repl.name, part.len());
                                 *fit = half;
-                                self.status.ship.lock().unwrap().batch_limit = half as u64;
+                                self.status.ship.locked().batch_limit = half as u64;
                             }
                         }
                     }
@@ -1092,7 +1093,7 @@ impl Worker {
     /// what went on the wire and what the answer says of the link.
     fn post(&self, client: &Client, url: &str, gz: &[u8]) -> Answer {
         let total = gz.len() as u64;
-        self.status.ship.lock().unwrap().sending = Some((0, total));
+        self.status.ship.locked().sending = Some((0, total));
         let mut sent = 0;
         let priority = self.target().config.priority;
         let answer = client.post(
@@ -1103,13 +1104,13 @@ impl Worker {
                 sent = done;
                 // A slow link may take long over one body: it is progress.
                 self.control.beat();
-                self.status.ship.lock().unwrap().sending = Some((done, total));
+                self.status.ship.locked().sending = Some((done, total));
             },
         );
         self.link
             .charge(link::REQUEST_OVERHEAD + message(&answer).len() as u64);
         self.link.save(false);
-        let mut s = self.status.ship.lock().unwrap();
+        let mut s = self.status.ship.locked();
         s.sending = None;
         s.wire_bytes_sent += sent;
         let link = match &answer {
@@ -1130,7 +1131,7 @@ impl Worker {
     }
 
     fn record_success(&self, sent_bytes: usize) {
-        let mut s = self.status.ship.lock().unwrap();
+        let mut s = self.status.ship.locked();
         if s.state != State::Running {
             info!(
                 "replication \"{}\": remote accepts writes again",
@@ -1153,7 +1154,7 @@ impl Worker {
             Answer::Transport(_) => None,
         };
         let text = message(answer);
-        let mut s = self.status.ship.lock().unwrap();
+        let mut s = self.status.ship.locked();
         let changed = s.latest_error != text || s.state != state;
         *s.errors
             .entry(code.map_or("transport".into(), |c| c.to_string()))
@@ -1190,7 +1191,7 @@ impl Worker {
         let wait = resets
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
-        let mut s = self.status.ship.lock().unwrap();
+        let mut s = self.status.ship.locked();
         if s.state != State::Budget {
             info!(
                 "replication \"{}\": the {} data budget is spent; sending again at {}",
@@ -1238,7 +1239,7 @@ impl Worker {
             }
             let reached = t.client.probe();
             self.link.charge(link::PROBE_BYTES);
-            let mut s = self.status.ship.lock().unwrap();
+            let mut s = self.status.ship.locked();
             s.probes += 1;
             if reached {
                 s.next_retry = None;

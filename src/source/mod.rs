@@ -47,6 +47,7 @@ use crate::ingest::{now_ns, Ingest};
 use crate::lineproto::{self, LineError, Precision, Summary};
 use crate::queue::{Checkpoint, Queue, QueueError, Write};
 use crate::status::{SourceState, SourceStatus};
+use crate::sync::Locked;
 
 /// Most payload bytes one write of a source carries (less when a target's
 /// `max_queue_size` is small).
@@ -61,18 +62,21 @@ pub struct Stopper {
 
 impl Stopper {
     pub fn stop(&self) {
-        *self.stopped.lock().unwrap() = true;
+        *self.stopped.locked() = true;
         self.cv.notify_all();
     }
 
     pub fn is_stopped(&self) -> bool {
-        *self.stopped.lock().unwrap()
+        *self.stopped.locked()
     }
 
     /// Sleeps up to `d`; true when the source was told to stop.
     pub fn sleep(&self, d: Duration) -> bool {
-        let guard = self.stopped.lock().unwrap();
-        let (guard, _) = self.cv.wait_timeout_while(guard, d, |s| !*s).unwrap();
+        let guard = self.stopped.locked();
+        let (guard, _) = self
+            .cv
+            .wait_timeout_while(guard, d, |s| !*s)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         *guard
     }
 }
@@ -250,7 +254,7 @@ impl Sink for QueueSink {
                 match self.queue.write_blocking(w) {
                     Ok(()) => {
                         self.status.lines.fetch_add(lines, Ordering::Relaxed);
-                        let mut d = self.status.detail.lock().unwrap();
+                        let mut d = self.status.detail.locked();
                         if lines > 0 {
                             d.last_queued = Some(SystemTime::now());
                         }
@@ -269,7 +273,7 @@ impl Sink for QueueSink {
             };
             self.status.retries.fetch_add(1, Ordering::Relaxed);
             {
-                let mut d = self.status.detail.lock().unwrap();
+                let mut d = self.status.detail.locked();
                 d.state = SourceState::Blocked;
                 d.latest_error = why.clone();
             }

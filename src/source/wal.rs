@@ -53,6 +53,7 @@ use super::{validate, write_whole, Sink, SinkError, Written};
 use crate::config::InfluxdbWal;
 use crate::lineproto::Precision;
 use crate::status::{Followed, SourceState, SourceStatus};
+use crate::sync::Locked;
 
 /// A shard's read position.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -452,7 +453,7 @@ impl WalFollower {
         }
         if p.damaged > 0 {
             self.status.errors.fetch_add(p.damaged, Ordering::Relaxed);
-            self.status.detail.lock().unwrap().latest_error =
+            self.status.detail.locked().latest_error =
                 format!("shard {name}: {} damaged entries skipped", p.damaged);
         }
     }
@@ -493,7 +494,7 @@ impl WalFollower {
                 }
             })
             .collect();
-        let mut d = self.status.detail.lock().unwrap();
+        let mut d = self.status.detail.locked();
         d.state = if followed.is_empty() {
             SourceState::Waiting
         } else {

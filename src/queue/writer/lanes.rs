@@ -18,6 +18,7 @@ use super::{ReplState, Writer};
 use crate::queue::entry;
 use crate::queue::schema::{key_range, lane_meta_key, lane_meta_keys, LaneRecord, Log};
 use crate::queue::{Counters, Held, Pos, QueueError, Shared};
+use crate::sync::Locked;
 
 /// A lane as the writer keeps it.
 #[derive(Debug, Clone)]
@@ -63,8 +64,8 @@ impl ReplState {
                 (a, b) => a.or(b),
             };
         }
-        *self.handle.counters.lock().unwrap() = c;
-        *self.handle.held.lock().unwrap() = self
+        *self.handle.counters.locked() = c;
+        *self.handle.held.locked() = self
             .lanes
             .iter()
             .map(|(l, ln)| Held {

@@ -6,6 +6,7 @@ use tempfile::TempDir;
 use super::*;
 use crate::lineproto::Precision;
 use crate::source::testing::{status, MemorySink};
+use crate::sync::Locked;
 
 fn cfg(path: PathBuf) -> Tail {
     Tail {
@@ -589,7 +590,7 @@ fn symbolic_links_are_not_followed_by_default() {
     assert_eq!(w.got(), line(1), "only the regular file is read");
     assert_eq!(w.status.errors.load(Ordering::Relaxed), 1, "reported once");
     assert_eq!(w.status.invalid_lines.load(Ordering::Relaxed), 0);
-    let latest = w.status.detail.lock().unwrap().latest_error.clone();
+    let latest = w.status.detail.locked().latest_error.clone();
     assert!(
         latest.contains("x.lp") && latest.contains("symbolic link"),
         "{latest}"

@@ -6,6 +6,7 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::source::testing::{status, MemorySink};
+use crate::sync::Locked;
 
 /// A value of the WAL's write payload.
 enum V<'a> {
@@ -161,7 +162,7 @@ fn all_value_types_are_rebuilt_into_grouped_lines() {
             "cpu,host=a b=true,f=-2,u=7u 2",
         ]
     );
-    let d = w.status.detail.lock().unwrap().clone();
+    let d = w.status.detail.locked().clone();
     assert_eq!(d.followed.len(), 1);
     assert_eq!(d.followed[0].path, "autogen/1");
     assert_eq!(d.followed[0].segment, Some(1));
@@ -372,7 +373,7 @@ fn a_tag_value_holding_the_separator_keeps_it() {
 fn a_missing_database_directory_is_waited_for() {
     let mut w = World::new();
     w.poll();
-    assert_eq!(w.status.detail.lock().unwrap().state, SourceState::Waiting);
+    assert_eq!(w.status.detail.locked().state, SourceState::Waiting);
     w.append("autogen/1", 1, &point(1));
     w.poll();
     assert_eq!(w.sink.lines, vec![line(1)]);
