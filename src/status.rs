@@ -631,6 +631,18 @@ impl SourceStatus {
         }
     }
 
+    /// What the source follows now: `waiting` while nothing, else
+    /// `following`.
+    pub fn set_followed(&self, followed: Vec<Followed>) {
+        let mut d = self.detail.locked();
+        d.state = if followed.is_empty() {
+            SourceState::Waiting
+        } else {
+            SourceState::Following
+        };
+        d.followed = followed;
+    }
+
     /// A read error: logged, counted, and shown as the latest error.
     pub fn error(&self, msg: String) {
         log::warn!("{}: {msg}", self.name);

@@ -480,18 +480,8 @@ async fn held(ingest: &Ingest, method: &Method, path: &str) -> Resp {
             StatusCode::OK,
             &json!({ "replication": name, "destination": dest, "deadLetteredLines": n }),
         ),
-        Ok(Err(e)) => error(
-            Api::V2,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error",
-            &e.to_string(),
-        ),
-        Err(e) => error(
-            Api::V2,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error",
-            &e.to_string(),
-        ),
+        Ok(Err(e)) => internal_error(e),
+        Err(e) => internal_error(e),
     }
 }
 
@@ -562,18 +552,8 @@ async fn dead_letter(ingest: &Ingest, method: &Method, path: &str, with_lines: b
     .await;
     match result {
         Ok(Ok(v)) => json_response(StatusCode::OK, &v),
-        Ok(Err(e)) => error(
-            Api::V2,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error",
-            &e.to_string(),
-        ),
-        Err(e) => error(
-            Api::V2,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal error",
-            &e.to_string(),
-        ),
+        Ok(Err(e)) => internal_error(e),
+        Err(e) => internal_error(e),
     }
 }
 
@@ -937,6 +917,17 @@ fn no_content() -> Resp {
 }
 
 /// An error in the API's shape: v2 `{"code","message"}`, v1 `{"error"}`.
+/// 500 in the v2 shape, for a queue operation that failed or whose task
+/// did.
+fn internal_error(e: impl std::fmt::Display) -> Resp {
+    error(
+        Api::V2,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "internal error",
+        &e.to_string(),
+    )
+}
+
 fn error(api: Api, status: StatusCode, code: &str, message: &str) -> Resp {
     let body = match api {
         Api::V2 => json!({ "code": code, "message": message }),

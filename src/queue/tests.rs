@@ -1535,7 +1535,12 @@ fn held_lines_expire_like_any_other() {
 #[test]
 fn a_settlement_after_detach_is_refused_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let q = Queue::open(dir.path(), &opts(), &[spec("r", 1 << 20, WhenFull::DropOldest)]).unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 1 << 20, WhenFull::DropOldest)],
+    )
+    .unwrap();
     let h = q.handles()[0].clone();
     append(&q, &h, lines("a", 10)).unwrap();
     let mut buf = Vec::new();

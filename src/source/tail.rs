@@ -64,8 +64,7 @@ use serde::{Deserialize, Serialize};
 use super::{validate, write_whole, Sink, SinkError, Written, DEFAULT_RP};
 use crate::config::Tail;
 use crate::lineproto;
-use crate::status::{Followed as FollowedStatus, SourceState, SourceStatus};
-use crate::sync::Locked;
+use crate::status::{Followed as FollowedStatus, SourceStatus};
 
 /// Bytes at the start of a file whose checksum tells a rewritten file from
 /// an appended one.
@@ -811,13 +810,7 @@ impl Tailer {
                 lag_bytes: f.size.saturating_sub(f.pos.off),
             })
             .collect::<Vec<_>>();
-        let mut d = self.status.detail.locked();
-        d.state = if followed.is_empty() {
-            SourceState::Waiting
-        } else {
-            SourceState::Following
-        };
-        d.followed = followed;
+        self.status.set_followed(followed);
     }
 }
 

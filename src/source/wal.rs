@@ -52,7 +52,7 @@ use super::wal_format::{self, HEADER_LEN};
 use super::{validate, write_whole, Sink, SinkError, Written};
 use crate::config::InfluxdbWal;
 use crate::lineproto::Precision;
-use crate::status::{Followed, SourceState, SourceStatus};
+use crate::status::{Followed, SourceStatus};
 use crate::sync::Locked;
 
 /// A shard's read position.
@@ -494,13 +494,7 @@ impl WalFollower {
                 }
             })
             .collect();
-        let mut d = self.status.detail.locked();
-        d.state = if followed.is_empty() {
-            SourceState::Waiting
-        } else {
-            SourceState::Following
-        };
-        d.followed = followed;
+        self.status.set_followed(followed);
     }
 }
 

@@ -373,7 +373,10 @@ fn a_tag_value_holding_the_separator_keeps_it() {
 fn a_missing_database_directory_is_waited_for() {
     let mut w = World::new();
     w.poll();
-    assert_eq!(w.status.detail.locked().state, SourceState::Waiting);
+    assert_eq!(
+        w.status.detail.locked().state,
+        crate::status::SourceState::Waiting
+    );
     w.append("autogen/1", 1, &point(1));
     w.poll();
     assert_eq!(w.sink.lines, vec![line(1)]);
