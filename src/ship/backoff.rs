@@ -29,6 +29,18 @@ pub fn retry_after(value: &str, now: SystemTime, max: Duration) -> Option<Durati
     Some(d.min(max))
 }
 
+/// Most that is added to a `Retry-After`, at random: a fleet the remote
+/// told to come back in the same second then comes back spread over the
+/// next one, not all in it.
+pub const RETRY_AFTER_SPREAD: Duration = Duration::from_secs(1);
+
+/// The wait after a `Retry-After` of `d` (already at least `min_backoff`):
+/// `d` plus up to [`RETRY_AFTER_SPREAD`] (`r` in `[0, 1)`), at most `max`.
+/// Never sooner than the remote asked.
+pub fn after_retry_after(d: Duration, max: Duration, r: f64) -> Duration {
+    d.max((d + RETRY_AFTER_SPREAD.mul_f64(r.clamp(0.0, 1.0))).min(max))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,5 +89,16 @@ mod tests {
         assert_eq!(retry_after(&past, now, max), Some(Duration::ZERO));
         assert_eq!(retry_after("soon", now, max), None);
         assert_eq!(retry_after("-3", now, max), None);
+    }
+
+    #[test]
+    fn a_retry_after_is_spread_but_never_shortened() {
+        let max = Duration::from_secs(60);
+        assert_eq!(after_retry_after(2 * S, max, 0.0), 2 * S);
+        assert_eq!(after_retry_after(2 * S, max, 0.5), 2 * S + S / 2);
+        assert!(after_retry_after(2 * S, max, 0.999) < 3 * S);
+        // At max_backoff already: no more than max, and never less than asked.
+        assert_eq!(after_retry_after(max, max, 0.9), max);
+        assert_eq!(after_retry_after(59 * S + S / 2, max, 0.9), max);
     }
 }

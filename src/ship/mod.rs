@@ -1276,7 +1276,13 @@ pub fn wait_for(c: &ShipConfig, verdict: Verdict, answer: &Answer, attempt: u32)
         ) => backoff::retry_after(v, SystemTime::now(), c.max_backoff)
             // Never sooner than min_backoff: "0" or a date already past (a
             // gateway clock ahead of the server's) must not become a busy loop.
-            .map_or(jittered, |d| d.max(c.min_backoff)),
+            .map_or(jittered, |d| {
+                backoff::after_retry_after(
+                    d.max(c.min_backoff),
+                    c.max_backoff,
+                    rand::random::<f64>(),
+                )
+            }),
         // Credentials or bucket wrong: nothing changes until someone fixes
         // the config, so retry at the slowest pace (a reload wakes us).
         (Verdict::Unauthorized, _) => c.max_backoff,
@@ -1519,23 +1525,20 @@ mod tests {
             retry_after: Some(v.into()),
             detail: answer::Detail::default(),
         };
-        assert_eq!(
-            wait_for(&c, Verdict::Throttled, &throttled("7"), 1),
-            Duration::from_secs(7)
-        );
+        // What the remote asked, plus up to a second at random.
+        let within =
+            |d: Duration, asked: Duration| d >= asked && d < asked + backoff::RETRY_AFTER_SPREAD;
+        let d = wait_for(&c, Verdict::Throttled, &throttled("7"), 1);
+        assert!(within(d, Duration::from_secs(7)), "{d:?}");
         assert_eq!(
             wait_for(&c, Verdict::Throttled, &throttled("7000"), 1),
             Duration::from_secs(60)
         );
-        assert_eq!(
-            wait_for(&c, Verdict::Throttled, &throttled("0"), 1),
-            c.min_backoff
-        );
+        let d = wait_for(&c, Verdict::Throttled, &throttled("0"), 1);
+        assert!(within(d, c.min_backoff), "{d:?}");
         let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(30));
-        assert_eq!(
-            wait_for(&c, Verdict::Throttled, &throttled(&past), 1),
-            c.min_backoff
-        );
+        let d = wait_for(&c, Verdict::Throttled, &throttled(&past), 1);
+        assert!(within(d, c.min_backoff), "{d:?}");
         assert_eq!(
             wait_for(&c, Verdict::Unauthorized, &status(401), 1),
             Duration::from_secs(60)
