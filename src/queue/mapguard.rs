@@ -263,7 +263,21 @@ mod tests {
     #[test]
     fn a_foreign_sigbus_is_passed_on_and_the_guard_stays() {
         let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        // Under `make test-cross` this binary runs under qemu-user, named by
+        // EDGE_REPLICATOR_TEST_RUNNER: without binfmt_misc it cannot be
+        // exec'd directly, so the child goes through the same emulator.
+        let runner = std::env::var("EDGE_REPLICATOR_TEST_RUNNER").unwrap_or_default();
+        let mut words = runner.split_whitespace();
+        let exe = std::env::current_exe().unwrap();
+        let mut child = match words.next() {
+            Some(emulator) => {
+                let mut c = std::process::Command::new(emulator);
+                c.args(words).arg(exe);
+                c
+            }
+            None => std::process::Command::new(exe),
+        };
+        let out = child
             .args([
                 "--exact",
                 "queue::mapguard::tests::guarded_process",
