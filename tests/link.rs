@@ -438,10 +438,10 @@ fn lines_evicted_on_a_slow_link_are_counted_once() {
     );
 }
 
-/// A 12 kbit/s link carries a 10 kB body in about 7 s, longer than
-/// `stall_timeout` (3 s). The body fits in the kernel's send buffer, so the
-/// socket takes it at once and the agent then waits for the answer while
-/// TCP still sends it: a send queue that keeps shrinking is progress, not a
+/// A 12 kbit/s link carries a 20 kB body in about 13 s, longer than
+/// `stall_timeout` (10 s here) and than the remote's `timeout` (5 s). The
+/// body fits in the kernel's send buffer, so the socket takes it at once and
+/// the agent then waits for the answer while TCP still sends it: a send queue that keeps shrinking is progress, not a
 /// stall. The batch goes once (`wireBytesSent` equals `wireBytesAccepted`),
 /// the link is never reported `stalled`, and every point arrives once.
 /// (Before the send queue was watched, this link was reported stalled and
@@ -455,13 +455,17 @@ fn a_12_kbit_link_carries_a_batch_without_a_stall() {
     lab.shape("12kbit", "4kb");
     let agent = agent_for(&vm.url(), |c| {
         c.replications[0].batch_size = "200kB".into();
+        // The default: a shaper this thin drops packets, and TCP's
+        // retransmission backoff alone can leave the send queue still for
+        // the 3 s the other tests use.
+        c.remotes[0].stall_timeout = Some("10s".into());
     });
     let watch = Watch::start(&agent);
-    let body = lines("slow", 10, 800, ts_ago(Duration::from_secs(3_600)));
+    let body = lines("slow", 10, 1_600, ts_ago(Duration::from_secs(3_600)));
     let written = keys_of(&body);
     write(&agent, &body);
 
-    let rep = agent.wait_drained_within("r1", Duration::from_secs(90));
+    let rep = agent.wait_drained_within("r1", Duration::from_secs(120));
     let seen = watch.finish();
     eprintln!(
         "over 12 kbit/s: {} wire bytes sent, {} accepted; link states seen: {:?}",
