@@ -186,12 +186,7 @@ pub fn memory(
 /// memory the process itself holds, without the file pages (the queue's
 /// map, the binary) that the kernel can take back. VmHWM has no such
 /// counterpart, hence the sampling.
-fn anon_sampler(
-    pid: u32,
-) -> (
-    Arc<std::sync::atomic::AtomicBool>,
-    thread::JoinHandle<f64>,
-) {
+fn anon_sampler(pid: u32) -> (Arc<std::sync::atomic::AtomicBool>, thread::JoinHandle<f64>) {
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
