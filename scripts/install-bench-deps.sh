@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Installs what `make bench` compares against and drives: vmagent and
-# VictoriaMetrics (Debian's victoria-metrics package) and the hey load client.
+# VictoriaMetrics (Debian's victoria-metrics package), the hey load client, and
+# iproute2 and iptables for the link phase's network lab.
 # Idempotent and silent when everything is in place; needs root otherwise.
 set -euo pipefail
 
 missing=()
 command -v vmagent >/dev/null && command -v victoria-metrics >/dev/null || missing+=(victoria-metrics)
 command -v hey >/dev/null || missing+=(hey)
+# The link phase: a network namespace, shaping and a black hole.
+command -v ip >/dev/null && command -v tc >/dev/null || missing+=(iproute2)
+command -v iptables >/dev/null || missing+=(iptables)
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
 if [[ "$(id -u)" -ne 0 ]]; then

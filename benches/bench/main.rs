@@ -13,7 +13,10 @@
 //! 4. an outage and recovery of the remote under steady load, plotted;
 //! 5. idle cost: wakeups per second and CPU per hour with nothing to do
 //!    (empty queue, data queued for a dead remote, a polled `[[tail]]`);
-//! 6. peak RSS while 16 and 64 clients post one large body each at once.
+//! 6. peak RSS while 16 and 64 clients post one large body each at once;
+//! 7. links: a steady load over a 256 kbit/s and a 1 Mbit/s link, a 600 ms
+//!    round trip, a link flapping 5 s down, 5 s up, and a black hole, to
+//!    VictoriaMetrics in a network namespace (`link.rs`; needs root).
 //!
 //! Results: a markdown table (medians, with min–max over the runs, and
 //! ratios taken run by run) printed and written to `target/bench/`, with a
@@ -22,6 +25,7 @@
 //! data generator is checked.
 
 mod gen;
+mod link;
 mod load;
 mod procs;
 mod quiet;
@@ -298,7 +302,7 @@ fn main() {
     eprintln!("bench: {machine}");
     let mut rows = Vec::new();
     let mut raw = serde_json::Map::new();
-    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory runs some phases only.
+    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory,link runs some phases only.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
     let ingest_rate = if run("ingest") {
@@ -325,6 +329,11 @@ fn main() {
     if run("memory") {
         quiet::memory(&ctx, &mut rows, &mut raw);
     }
+    let links = if run("link") {
+        link::link(&ctx, &mut rows, &mut raw)
+    } else {
+        String::new()
+    };
 
     let table = report::table(&rows, other_name());
     let mode = if ctx.sizes.quick {
@@ -334,7 +343,7 @@ fn main() {
     };
     let md = format!(
         "Machine: {machine}.{mode}\n\nMedians over the runs, (min–max) beside them; ratios are taken run by run, \
-each agent measured in the same run, one after the other.\n\n{table}\n{outage}\n"
+each agent measured in the same run, one after the other.\n\n{table}\n{outage}\n\n{links}\n"
     );
     println!("\n{md}");
     fs::write(out.join("results.md"), &md).expect("write results.md");
