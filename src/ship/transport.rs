@@ -50,8 +50,14 @@ impl<In: Transport> Connector<In> for WatchedTcpConnector {
         let budget = details.timeout.not_zero().map(|d| *d);
         let mut last = None;
         let mut stream = None;
-        for addr in details.addrs.iter() {
-            let left = budget.map(|b| b.saturating_sub(started.elapsed()));
+        let count = details.addrs.len();
+        for (i, addr) in details.addrs.iter().enumerate() {
+            // Half of what is left for each address but the last, so that
+            // one that does not answer (IPv6 on a network without it) leaves
+            // time for the next, as ureq's own connector does.
+            let left = budget
+                .map(|b| b.saturating_sub(started.elapsed()))
+                .map(|l| if i + 1 < count { l / 2 } else { l });
             let attempt = match left {
                 Some(left) if left.is_zero() => break,
                 Some(left) => TcpStream::connect_timeout(addr, left),
