@@ -239,20 +239,36 @@ fn concurrent_large_writes_share_one_memory_budget() {
 
     let body = std::sync::Arc::new(lines("big", 8, LINES, ts));
     eprintln!("{WRITERS} writers of {} MiB each at once", body.len() >> 20);
+    // Each writer sends 3 MiB of its body at once and the rest after HOLD:
+    // the first few hold the whole budget for longer than a request may
+    // wait for memory (5 s), so the others are refused however fast the
+    // machine is, and the test does not depend on how long a write takes.
+    const FIRST: usize = 3 << 20;
+    const HOLD: Duration = Duration::from_secs(10);
+    let port = agent.port;
     let writers: Vec<_> = (0..WRITERS)
         .map(|i| {
-            let (body, url) = (body.clone(), agent.url());
+            let body = body.clone();
             std::thread::spawn(move || {
-                let r = http()
-                    .post(format!("{url}/api/v2/write"))
-                    .query("bucket", "b")
-                    .send(body.as_bytes())
-                    .map(|mut r| {
-                        let retry = r.headers().get("retry-after").is_some();
-                        let text = r.body_mut().read_to_string().unwrap_or_default();
-                        (r.status().as_u16(), retry, text)
-                    });
-                (i, r)
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                let head = format!(
+                    "POST /api/v2/write?bucket=b HTTP/1.1\r\nHost: localhost\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                s.write_all(head.as_bytes()).unwrap();
+                s.write_all(&body.as_bytes()[..FIRST]).unwrap();
+                std::thread::sleep(HOLD);
+                s.write_all(&body.as_bytes()[FIRST..]).unwrap();
+                let answer = read_full_answer(&mut s).map(|(status, head, text)| {
+                    (
+                        status,
+                        head.to_ascii_lowercase().contains("retry-after:"),
+                        text,
+                    )
+                });
+                (i, answer.ok_or("no answer"))
             })
         })
         .collect();
