@@ -487,7 +487,11 @@ fn a_data_dir_of_the_previous_release_drains_exactly() {
     agent.restart();
     let rep = agent.wait_drained("r1");
     let expected = previous_release_lines();
-    assert_eq!(field(&rep, "deliveredLines"), expected.len() as u64, "{rep:#}");
+    assert_eq!(
+        field(&rep, "deliveredLines"),
+        expected.len() as u64,
+        "{rep:#}"
+    );
     let mut got: Vec<String> = sink
         .lines_accepted()
         .into_iter()
@@ -508,5 +512,8 @@ fn a_data_dir_of_the_previous_release_drains_exactly() {
                 .map(str::to_string)
         })
         .collect();
-    assert!(buckets.contains("a") && buckets.contains("b"), "{buckets:?}");
+    assert!(
+        buckets.contains("a") && buckets.contains("b"),
+        "{buckets:?}"
+    );
 }
