@@ -393,6 +393,44 @@ pub fn wait_eq<T: PartialEq + std::fmt::Debug>(
 // HTTP
 // ---------------------------------------------------------------------------
 
+/// Spawns `cmd`; under an emulator, makes sure the child got past its exec.
+///
+/// qemu-user can deadlock a child forked from a multi-threaded program
+/// before it execs (seen in `tests/tls.rs` under `make test-cross`: the
+/// child asleep on a futex inside the emulator, its command line still the
+/// test binary's). Such a child is killed and the command spawned again; a
+/// native run never waits here.
+pub fn spawn_past_exec(cmd: &mut Command) -> Child {
+    // Before its exec the child's command line (as the kernel shows it:
+    // the emulator's) still names this test binary.
+    let me = std::env::current_exe().unwrap_or_default();
+    let me = me.to_string_lossy().into_owned().into_bytes();
+    for attempt in 1..=5 {
+        let mut child = cmd.spawn().expect("spawn");
+        if slowdown() == 1 {
+            return child;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let cmdline = fs::read(format!("/proc/{}/cmdline", child.id())).unwrap_or_default();
+            let forked_only = !me.is_empty() && cmdline.windows(me.len()).any(|w| w == me);
+            if !forked_only || child.try_wait().ok().flatten().is_some() {
+                return child;
+            }
+            if Instant::now() >= deadline {
+                eprintln!(
+                    "spawn attempt {attempt}: the child did not exec within 10 s (emulator); again"
+                );
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    panic!("the child never got past its exec in 5 attempts");
+}
+
 /// How many times slower than native the agent may run: 10 when it runs
 /// under an emulator (`EDGE_REPLICATOR_TEST_RUNNER`, set by `make
 /// test-cross`), else 1. It stretches how long a client waits for an answer;
@@ -1394,7 +1432,7 @@ impl Agent {
                 });
             }
         }
-        self.child = Some(cmd.spawn().expect("spawn edge-replicator run"));
+        self.child = Some(spawn_past_exec(&mut cmd));
         // The child holds it now (spawn returns once the child has exec'd).
         drop(listener);
     }
