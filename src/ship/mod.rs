@@ -657,20 +657,25 @@ impl Worker {
         // also compressed ordered by series at the highest level, and the
         // smaller of the two goes (series order helps some mixes and not
         // others; see `make bench`).
-        let mut thrifty = None;
+        // The first body, when one was already compressed to choose it.
+        let mut first = None;
         if self.link.limited() {
             self.inflated(shipment, lines, &mut have_lines)?;
             let mut ordered = Vec::with_capacity(lines.len());
             crate::lineproto::order_by_series(lines, &mut ordered);
             let gz = gzip(&ordered, THRIFTY_GZIP_LEVEL);
-            let stored = shipment.gzip(self.target().config.gzip_level, Vec::new());
+            let level = self.target().config.gzip_level;
+            let stored = shipment.gzip(level, Vec::new());
             if gz.len() < stored.len() {
                 *lines = ordered;
                 // The lines, not the entries as stored, are what goes.
                 d.cut = true;
-                thrifty = Some(gz);
+                first = Some((THRIFTY_GZIP_LEVEL, gz));
+            } else {
+                first = Some((level, stored));
             }
         }
+        let thrifty = d.cut;
         if batch.bytes as usize > *fit && *fit < self.target().config.batch_size {
             // Entries compressed when queued are taken whole, however large
             // (and so shipped as stored while the link carries them): after
@@ -681,11 +686,10 @@ impl Worker {
         } else {
             d.pending.push(d.whole.clone());
         }
-        let mut body: Option<(Range<usize>, u32, Vec<u8>)> = thrifty
-            .take()
+        // Compressed once to choose it: sent as it is, not compressed again.
+        let mut body: Option<(Range<usize>, u32, Vec<u8>)> = first
             .filter(|_| d.pending.last() == Some(&d.whole))
-            .map(|gz| (d.whole.clone(), THRIFTY_GZIP_LEVEL, gz));
-        let thrifty = body.is_some() || d.cut && self.link.limited();
+            .map(|(level, gz)| (d.whole.clone(), level, gz));
         let mut attempt: u32 = 0;
         loop {
             let Some(part) = d.pending.last().cloned() else {
