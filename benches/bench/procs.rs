@@ -265,14 +265,19 @@ gzip_level = 6
         max_backoff = spec.max_backoff,
     );
     fs::write(&config, text).expect("write the agent's config");
+    spawn_agent(bin, &config, spec.dir.join("agent.log"))
+}
+
+/// `edge-replicator run --config CONFIG`, its output in `log`.
+pub fn spawn_agent(bin: &Path, config: &Path, log: PathBuf) -> Proc {
     Proc::spawn(
         "edge-replicator",
         Command::new(bin)
             .arg("run")
             .arg("--config")
-            .arg(&config)
+            .arg(config)
             .env_remove("RUST_LOG"),
-        spec.dir.join("agent.log"),
+        log,
     )
 }
 

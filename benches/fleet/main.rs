@@ -34,7 +34,6 @@ mod proxy;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -158,15 +157,7 @@ batch_size = "{batch_size}"
         data = dir.join("data").display(),
     );
     fs::write(&config, text).expect("write an agent's config");
-    let proc = Proc::spawn(
-        "edge-replicator",
-        Command::new(bin)
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .env_remove("RUST_LOG"),
-        dir.join("agent.log"),
-    );
+    let proc = procs::spawn_agent(bin, &config, dir.join("agent.log"));
     Agent { proc, port }
 }
 
