@@ -301,14 +301,47 @@ impl Client {
             .any(|a| TcpStream::connect_timeout(&a, self.connect_timeout).is_ok())
     }
 
-    fn redact(&self, mut text: String) -> String {
-        for s in &self.secrets {
-            if text.contains(s.as_str()) {
-                text = text.replace(s.as_str(), "<redacted>");
-            }
-        }
-        text
+    fn redact(&self, text: String) -> String {
+        redact(text, &self.secrets)
     }
+}
+
+/// Secrets shorter than this are redacted only where they stand alone.
+const SHORT_SECRET: usize = 8;
+
+/// `text` with every occurrence of each secret replaced by `<redacted>`.
+///
+/// A short secret (a test token like `abc`) would otherwise cut letters out
+/// of every word that holds it ("connec<redacted>ion"), hiding the message
+/// it was meant to protect: such a secret is replaced only where neither
+/// neighbour is a letter, a digit or `_`.
+fn redact(mut text: String, secrets: &[String]) -> String {
+    let word = |c: char| c.is_alphanumeric() || c == '_';
+    for s in secrets.iter().filter(|s| !s.is_empty()) {
+        if !text.contains(s.as_str()) {
+            continue;
+        }
+        if s.len() >= SHORT_SECRET {
+            text = text.replace(s.as_str(), "<redacted>");
+            continue;
+        }
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find(s.as_str()) {
+            out.push_str(&rest[..at]);
+            let before = out.chars().next_back();
+            let after = rest[at + s.len()..].chars().next();
+            if before.is_some_and(word) || after.is_some_and(word) {
+                out.push_str(s);
+            } else {
+                out.push_str("<redacted>");
+            }
+            rest = &rest[at + s.len()..];
+        }
+        out.push_str(rest);
+        text = out;
+    }
+    text
 }
 
 /// An agent on ureq's own connector chain (HTTP CONNECT proxy, TCP, TLS)
@@ -413,5 +446,25 @@ mod tests {
         assert_eq!(probe_addr("http://[::1]:8181"), Some(("::1".into(), 8181)));
         assert_eq!(probe_addr("http://gw"), Some(("gw".into(), 80)));
         assert_eq!(probe_addr("not a url"), None);
+    }
+
+    #[test]
+    fn short_secrets_are_redacted_where_they_stand_alone() {
+        let secrets = ["t".to_string(), "s3cret-token-1234".to_string()];
+        assert_eq!(
+            redact("connection reset; token t refused".into(), &secrets),
+            "connection reset; token <redacted> refused"
+        );
+        assert_eq!(redact("t".into(), &secrets), "<redacted>");
+        assert_eq!(redact("auth=t,".into(), &secrets), "auth=<redacted>,");
+        // A long secret goes wherever it appears, even inside a word.
+        assert_eq!(
+            redact("xs3cret-token-1234y and s3cret-token-1234".into(), &secrets),
+            "x<redacted>y and <redacted>"
+        );
+        assert_eq!(
+            redact("nothing here".into(), &[String::new()]),
+            "nothing here"
+        );
     }
 }
