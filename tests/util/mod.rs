@@ -977,13 +977,12 @@ impl AgentConfig {
 
 /// Runs `edge-replicator` with `args` to completion (60 s deadline).
 pub fn run_cli(args: &[&str]) -> Output {
-    let mut child = agent_command()
-        .args(args)
+    let mut cmd = agent_command();
+    cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn edge-replicator");
+        .stderr(Stdio::piped());
+    let mut child = spawn_past_exec(&mut cmd);
     // Drain the pipes in threads so a chatty child cannot block on them.
     let mut out = child.stdout.take().unwrap();
     let mut err = child.stderr.take().unwrap();

@@ -60,7 +60,7 @@ pub fn spawn_server(
     log: &Path,
     mut ready: impl FnMut() -> bool,
 ) -> Spawned {
-    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+    let mut child = super::spawn_past_exec(cmd);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Some(status) = child.try_wait().unwrap() {
