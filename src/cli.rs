@@ -422,6 +422,7 @@ fn show_status(config: &Config, json: bool) -> ExitCode {
             print!("{}", table::replications(&report));
             print!("{}", table::held(&report));
             print!("{}", table::sources(&report));
+            print!("{}", table::clock(&report));
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod deflate;
 pub mod fault;

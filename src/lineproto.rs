@@ -897,6 +897,8 @@ pub struct Summary {
     pub errors: Vec<LineError>,
     /// All invalid lines.
     pub error_count: u64,
+    /// Valid lines that had no timestamp and were given `now_ns`.
+    pub stamped: u64,
 }
 
 impl Summary {
@@ -1012,7 +1014,10 @@ pub fn normalize_with(
         match scanned {
             Ok(Scanned::Point(p)) => {
                 let ns = match p.line.timestamp {
-                    None => Some(now_ns),
+                    None => {
+                        summary.stamped += 1;
+                        Some(now_ns)
+                    }
                     Some(ts) => precision.to_nanos(ts),
                 };
                 match ns {

@@ -22,8 +22,8 @@ use crate::sync::Locked;
 mod report;
 
 pub use report::{
-    BudgetReport, FollowedReport, HeldReport, ReplicationReport, Sending, SourceReport,
-    StatusReport, Timestamp,
+    BudgetReport, ClockReport, FollowedReport, HeldReport, ReplicationReport, Sending,
+    SourceReport, StatusReport, Timestamp,
 };
 
 /// Where a replication's worker stands.
@@ -166,6 +166,11 @@ pub fn report(
         replications: replications.iter().map(|r| r.report(now)).collect(),
         sources: sources.iter().map(|s| s.report()).collect(),
         budgets: budgets.iter().map(budget_report).collect(),
+        clock: Some(ClockReport {
+            state: crate::clock::state().as_str().to_string(),
+            not_before: Timestamp(crate::clock::not_before()),
+            lines_stamped_unsynchronised: crate::clock::stamped_untrusted(),
+        }),
     }
 }
 
@@ -535,6 +540,25 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         "counter",
         "Requests refused with 403: an Origin not in listen.allowed_origins, or (without tokens) a Host neither loopback nor in listen.allowed_hosts.",
         g(&ingest.refused_browser),
+    );
+    let clock = crate::clock::state();
+    family(
+        "edge_replicator_clock_state",
+        "gauge",
+        "1 for what the agent knows of the system clock: synchronised by a time service, unsynchronised, before-build (earlier than the agent's build: wrong), unknown.",
+        crate::clock::ClockState::ALL
+            .iter()
+            .map(|s| {
+                let v = if *s == clock { 1.0 } else { 0.0 };
+                (format!("{{state=\"{}\"}}", s.as_str()), v)
+            })
+            .collect(),
+    );
+    family(
+        "edge_replicator_lines_stamped_unsynchronised_total",
+        "counter",
+        "Lines without a timestamp that the agent stamped while the system clock was not synchronised.",
+        vec![(String::new(), crate::clock::stamped_untrusted() as f64)],
     );
     family(
         "edge_replicator_write_refused_memory_total",
@@ -971,7 +995,11 @@ mod tests {
         ];
         assert_eq!(
             keys(&v),
-            BTreeSet::from(["replications", "sources", "budgets"])
+            BTreeSet::from(["replications", "sources", "budgets", "clock"])
+        );
+        assert_eq!(
+            keys(&v["clock"]),
+            BTreeSet::from(["state", "notBefore", "linesStampedUnsynchronised"])
         );
         let budget = [
             "period",

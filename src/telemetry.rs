@@ -18,7 +18,8 @@
 //!   status code, and compressed bytes sent;
 //! - `edge_replicator_agent`: uptime, version, bytes free on the file system
 //!   of `data_dir`, the size of the queue file and the map it may grow to,
-//!   resident memory and CPU seconds.
+//!   resident memory, CPU seconds, the clock's state (`crate::clock`) and
+//!   the lines stamped while it was not synchronised.
 //!
 //! The readings count in the counters of the replication that carries them,
 //! like any other lines. A reading the queue refuses (full, with
@@ -94,6 +95,11 @@ pub struct AgentReading {
     pub map_size_bytes: u64,
     pub rss_bytes: Option<u64>,
     pub cpu_seconds: Option<f64>,
+    /// [`crate::clock::ClockState`] by name: a reading stamped while the
+    /// clock was not synchronised says so itself.
+    pub clock: &'static str,
+    /// Lines stamped while the clock was not synchronised, since the start.
+    pub lines_stamped_unsynchronised: u64,
 }
 
 /// Escapes a tag value: `,`, `=`, ` ` and `\` take a backslash.
@@ -140,10 +146,13 @@ pub fn lines(instance: &str, ts_ns: i64, agent: &AgentReading, repls: &[ReplRead
     }
     let _ = write!(
         out,
-        "edge_replicator_agent,instance={inst} uptime_seconds={}i,version=\"{}\",map_size_bytes={}i",
+        "edge_replicator_agent,instance={inst} uptime_seconds={}i,version=\"{}\",map_size_bytes={}i,\
+         clock=\"{}\",lines_stamped_unsynchronised={}i",
         agent.uptime_seconds,
         env!("CARGO_PKG_VERSION"),
-        agent.map_size_bytes
+        agent.map_size_bytes,
+        agent.clock,
+        agent.lines_stamped_unsynchronised,
     );
     for (k, v) in [
         ("disk_free_bytes", agent.disk_free_bytes),
@@ -246,6 +255,8 @@ pub fn start(
                     map_size_bytes: map_size,
                     rss_bytes: rss(),
                     cpu_seconds: cpu_seconds(),
+                    clock: crate::clock::state().as_str(),
+                    lines_stamped_unsynchronised: crate::clock::stamped_untrusted(),
                 };
                 let text = lines(&config.instance_id, now, &agent, &repls);
                 let mut payload = Vec::with_capacity(text.len());
@@ -305,6 +316,8 @@ mod tests {
             map_size_bytes: 64 << 20,
             rss_bytes: Some(9 << 20),
             cpu_seconds: Some(1.25),
+            clock: "unsynchronised",
+            lines_stamped_unsynchronised: 12,
         };
         let repl = ReplReading {
             name: "r1".into(),
@@ -347,6 +360,8 @@ mod tests {
             "disk_free_bytes=1073741824i",
             "rss_bytes=9437184i",
             "cpu_seconds=1.25",
+            "clock=\"unsynchronised\"",
+            "lines_stamped_unsynchronised=12i",
             concat!("version=\"", env!("CARGO_PKG_VERSION"), "\""),
         ] {
             assert!(agent_line.contains(f), "{f} in {agent_line}");

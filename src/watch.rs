@@ -421,6 +421,7 @@ mod tests {
     fn status(accepted: u64, delivered: u64, remaining: u64, sent: u64) -> StatusReport {
         StatusReport {
             budgets: Vec::new(),
+            clock: None,
             replications: vec![ReplicationReport {
                 name: "r1".into(),
                 remote: "cloud".into(),
@@ -536,6 +537,7 @@ mod tests {
     fn hostile_text_is_escaped_and_cut() {
         let v = StatusReport {
             budgets: Vec::new(),
+            clock: None,
             replications: vec![ReplicationReport {
                 name: "r\u{1b}[2J".into(),
                 remote: "x".into(),

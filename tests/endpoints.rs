@@ -134,3 +134,77 @@ fn a_star_replication_logs_where_each_write_goes() {
     assert!(log.contains(&want), "no {want:?} in:\n{log}");
     assert!(!log.contains("same+as+local"), "{log}");
 }
+
+/// A board without a real-time clock: while the clock is not synchronised
+/// (here read from the test's clock file, as the agent's debug builds allow),
+/// status, metrics and the `status` command say so, lines the agent stamps
+/// are counted, and the log warns once; once synchronised, the count stops
+/// and the log says the time is confirmed again. Lines with their own
+/// timestamps are never counted.
+#[test]
+fn an_unsynchronised_clock_is_shown_and_the_lines_stamped_with_it_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "unsynchronised").unwrap();
+    let sink = Sink::accept_all();
+    let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    let launch = Launch::new().env("EDGE_REPLICATOR_CLOCK_FILE", clock.to_str().unwrap());
+    let agent = Agent::start_with(config, &launch);
+    let clock_of = |agent: &Agent| agent.replications()["clock"].clone();
+
+    let v = clock_of(&agent);
+    assert_eq!(v["state"], "unsynchronised", "{v}");
+    assert_eq!(v["linesStampedUnsynchronised"], 0, "{v}");
+    let not_before = humantime::parse_rfc3339(v["notBefore"].as_str().unwrap()).unwrap();
+    assert!(not_before <= std::time::SystemTime::now(), "{v}");
+
+    // Two lines without a timestamp, one with: two counted.
+    let (status, text) = agent.write_v2(
+        "b",
+        "m v=1\nm v=2\nm v=3 1700000000000000000\n",
+        &Opts::new(),
+    );
+    assert_eq!(status, 204, "{text}");
+    let (status, text) = agent.write_v2("b", "m v=4\n", &Opts::new());
+    assert_eq!(status, 204, "{text}");
+    assert_eq!(clock_of(&agent)["linesStampedUnsynchronised"], 3);
+    let metrics = agent.metrics();
+    assert!(
+        metrics.contains("edge_replicator_lines_stamped_unsynchronised_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("edge_replicator_clock_state{state=\"unsynchronised\"} 1")
+            && metrics.contains("edge_replicator_clock_state{state=\"synchronised\"} 0"),
+        "{metrics}"
+    );
+    let out = agent.cli(&["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("clock: unsynchronised (no time service has set it); 3 lines without a timestamp were stamped with it"),
+        "{stdout}"
+    );
+    let log = agent.log();
+    assert_eq!(
+        log.matches("the system clock is unsynchronised").count(),
+        1,
+        "one warning, not one per write:\n{log}"
+    );
+
+    // The time service sets the clock.
+    std::fs::write(&clock, "synchronised").unwrap();
+    let (status, text) = agent.write_v2("b", "m v=5\n", &Opts::new());
+    assert_eq!(status, 204, "{text}");
+    let v = clock_of(&agent);
+    assert_eq!(v["state"], "synchronised", "{v}");
+    assert_eq!(v["linesStampedUnsynchronised"], 3, "{v}");
+    assert!(agent.log().contains("the system clock is synchronised"));
+    let out = agent.cli(&["status"]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("clock:"),
+        "a synchronised clock needs no line"
+    );
+    // Every line arrives, counted or not.
+    agent.wait_drained("r1");
+    assert_eq!(sink.lines_accepted().len(), 5);
+}

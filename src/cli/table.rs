@@ -142,10 +142,29 @@ pub fn sources(status: &StatusReport) -> String {
     format!("\n{}", layout(&SOURCE_COLUMNS, &status.sources))
 }
 
+/// A line about the system clock, after a blank line, when it is not known
+/// to be right: lines the agent stamps then may carry a wrong time.
+pub fn clock(status: &StatusReport) -> String {
+    let Some(c) = &status.clock else {
+        return String::new();
+    };
+    let why = match c.state.as_str() {
+        "synchronised" => return String::new(),
+        "before-build" => format!("earlier than this agent's build ({})", c.not_before),
+        "unsynchronised" => "no time service has set it".to_string(),
+        _ => "its synchronisation cannot be read".to_string(),
+    };
+    format!(
+        "\nclock: {} ({why}); {} lines without a timestamp were stamped with it\n",
+        text(&c.state),
+        c.lines_stamped_unsynchronised
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::{SourceState, State};
+    use crate::status::{ClockReport, SourceState, State, Timestamp};
 
     fn cells(line: &str) -> Vec<&str> {
         line.split("  ")
@@ -158,6 +177,7 @@ mod tests {
     fn replications_show_absent_values_as_dashes() {
         let status = StatusReport {
             budgets: Vec::new(),
+            clock: None,
             replications: vec![ReplicationReport {
                 name: "r1".into(),
                 remote: "cloud".into(),
@@ -207,6 +227,7 @@ mod tests {
     fn held_destinations_get_their_own_table() {
         let status = StatusReport {
             budgets: Vec::new(),
+            clock: None,
             replications: vec![ReplicationReport {
                 name: "all".into(),
                 held_destinations: vec![HeldReport {
@@ -248,6 +269,7 @@ mod tests {
     fn sources_get_their_own_table() {
         let status = StatusReport {
             budgets: Vec::new(),
+            clock: None,
             replications: vec![],
             sources: vec![
                 SourceReport {
@@ -301,5 +323,37 @@ mod tests {
                 "queue full"
             ]
         );
+    }
+
+    #[test]
+    fn the_clock_line_shows_only_a_clock_not_known_right() {
+        let mut status = StatusReport::default();
+        assert_eq!(
+            clock(&status),
+            "",
+            "an agent that predates the clock report"
+        );
+        let report = |state: &str| ClockReport {
+            state: state.into(),
+            not_before: Timestamp(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_780_000_000),
+            ),
+            lines_stamped_unsynchronised: 42,
+        };
+        status.clock = Some(report("synchronised"));
+        assert_eq!(clock(&status), "");
+        status.clock = Some(report("unsynchronised"));
+        assert_eq!(
+            clock(&status),
+            "\nclock: unsynchronised (no time service has set it); 42 lines without a timestamp were stamped with it\n"
+        );
+        status.clock = Some(report("before-build"));
+        assert!(
+            clock(&status).contains("before-build (earlier than this agent's build (2026-05-28T"),
+            "{}",
+            clock(&status)
+        );
+        status.clock = Some(report("unknown"));
+        assert!(clock(&status).contains("cannot be read"));
     }
 }

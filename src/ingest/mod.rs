@@ -257,6 +257,7 @@ impl Ingest {
         self.stats
             .lines_invalid
             .fetch_add(summary.error_count, Ordering::Relaxed);
+        crate::clock::note_stamped(summary.stamped);
         let lines = summary.lines;
         if lines > 0 {
             let w = Write {

@@ -1107,3 +1107,12 @@ fn ordering_by_series_keeps_every_point_and_the_last_one_wins() {
         prop_assert_eq!(a, b);
     });
 }
+
+#[test]
+fn lines_given_the_agents_time_are_counted() {
+    let body = b"a v=1\nb v=2 17\nbad\nc v=3\n# comment\n\nd v=4 18\n";
+    let mut out = Vec::new();
+    let s = normalize(body, Precision::Nanoseconds, 99, &mut out);
+    assert_eq!((s.lines, s.error_count, s.stamped), (4, 1, 2));
+    assert_eq!(out, b"a v=1 99\nb v=2 17\nc v=3 99\nd v=4 18\n");
+}

@@ -106,6 +106,7 @@ fn validate(
     status
         .invalid_lines
         .fetch_add(summary.error_count, Ordering::Relaxed);
+    crate::clock::note_stamped(summary.stamped);
     summary.errors.iter().for_each(log);
     (out, summary)
 }

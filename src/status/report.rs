@@ -23,6 +23,22 @@ pub struct StatusReport {
     /// The data budgets of `[link]`, when any is set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub budgets: Vec<BudgetReport>,
+    /// The system clock; absent from agents that predate it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockReport>,
+}
+
+/// What the agent knows of the system clock (`crate::clock`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClockReport {
+    /// `synchronised`, `unsynchronised`, `before-build` or `unknown`.
+    pub state: String,
+    /// The build date of the agent: a clock earlier than this is wrong.
+    pub not_before: Timestamp,
+    /// Lines without a timestamp stamped while the clock was not
+    /// synchronised, since the agent started.
+    pub lines_stamped_unsynchronised: u64,
 }
 
 /// One data budget of `[link]`: all remotes' bytes on the wire in the
