@@ -16,7 +16,9 @@
 //! 6. peak RSS while 16 and 64 clients post one large body each at once;
 //! 7. links: a steady load over a 256 kbit/s and a 1 Mbit/s link, a 600 ms
 //!    round trip, a link flapping 5 s down, 5 s up, and a black hole, to
-//!    VictoriaMetrics in a network namespace (`link.rs`; needs root).
+//!    VictoriaMetrics in a network namespace (`link.rs`; needs root);
+//! 8. the bandwidth cap: bytes per second at the remote against a cap of
+//!    32 and 128 kB/s, draining a backlog over loopback (`cap.rs`).
 //!
 //! Results: a markdown table (medians, with min–max over the runs, and
 //! ratios taken run by run) printed and written to `target/bench/`, with a
@@ -24,6 +26,7 @@
 //! to a smoke test. Without `--bench` (as `cargo test` starts it) only the
 //! data generator is checked.
 
+mod cap;
 mod gen;
 mod link;
 mod load;
@@ -302,7 +305,7 @@ fn main() {
     eprintln!("bench: {machine}");
     let mut rows = Vec::new();
     let mut raw = serde_json::Map::new();
-    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory,link runs some phases only.
+    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory,link,cap runs some phases only.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
     let ingest_rate = if run("ingest") {
@@ -334,6 +337,9 @@ fn main() {
     } else {
         String::new()
     };
+    if run("cap") {
+        cap::cap(&ctx, &mut rows, &mut raw);
+    }
 
     let table = report::table(&rows, other_name());
     let mode = if ctx.sizes.quick {

@@ -283,6 +283,11 @@ pub fn spawn_agent(bin: &Path, config: &Path, log: PathBuf) -> Proc {
 
 /// Starts vmagent with its disk buffer under `dir`.
 pub fn start_vmagent(dir: &Path, port: u16, remote_url: &str) -> Proc {
+    start_vmagent_with(dir, port, remote_url, &[])
+}
+
+/// [`start_vmagent`] with more flags.
+pub fn start_vmagent_with(dir: &Path, port: u16, remote_url: &str, flags: &[String]) -> Proc {
     fs::create_dir_all(dir).expect("create vmagent's directory");
     Proc::spawn(
         "vmagent",
@@ -293,7 +298,8 @@ pub fn start_vmagent(dir: &Path, port: u16, remote_url: &str) -> Proc {
                 "-remoteWrite.tmpDataPath={}",
                 dir.join("data").display()
             ))
-            .arg("-loggerLevel=WARN"),
+            .arg("-loggerLevel=WARN")
+            .args(flags),
         dir.join("vmagent.log"),
     )
 }
