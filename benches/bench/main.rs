@@ -342,11 +342,14 @@ fn main() {
     }
 
     let table = report::table(&rows, other_name());
-    let mode = if ctx.sizes.quick {
-        " (BENCH_QUICK=1: small sizes, not representative)"
+    let mut mode = if ctx.sizes.quick {
+        " (BENCH_QUICK=1: small sizes, not representative)".to_string()
     } else {
-        ""
+        String::new()
     };
+    if let Some(cpus) = procs::pinned_cpus_spec() {
+        mode += &format!(" Both agents pinned to CPU {cpus} (BENCH_CPUS).");
+    }
     let md = format!(
         "Machine: {machine}.{mode}\n\nMedians over the runs, (min–max) beside them; ratios are taken run by run, \
 each agent measured in the same run, one after the other.\n\n{table}\n{outage}\n\n{links}\n"

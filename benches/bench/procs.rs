@@ -43,6 +43,40 @@ pub struct Mem {
     pub file: u64,
 }
 
+/// `BENCH_CPUS` (e.g. `0`, `0,1` or `0-1`): the CPUs the agents under test
+/// are pinned to, as `taskset -c` would, to measure them on as many cores as
+/// a small board has. The servers and clients of the bench are not pinned.
+pub fn pinned_cpus_spec() -> Option<String> {
+    std::env::var("BENCH_CPUS")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+}
+
+fn pinned_cpus() -> Option<libc::cpu_set_t> {
+    let spec = pinned_cpus_spec()?;
+    // SAFETY: an all-zero cpu_set_t is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for part in spec.split(',') {
+        let (lo, hi) = match part.trim().split_once('-') {
+            Some((a, b)) => (a.trim().parse::<usize>(), b.trim().parse::<usize>()),
+            None => (part.trim().parse(), part.trim().parse()),
+        };
+        let (Ok(lo), Ok(hi)) = (lo, hi) else {
+            panic!("BENCH_CPUS={spec}: expected CPU numbers like 0, 0,1 or 0-1");
+        };
+        let cpus = std::mem::size_of::<libc::cpu_set_t>() * 8;
+        assert!(
+            hi < cpus,
+            "BENCH_CPUS={spec}: CPU {hi} is past the {cpus} a set holds"
+        );
+        for cpu in lo..=hi {
+            // SAFETY: `cpu` is within the set (checked above).
+            unsafe { libc::CPU_SET(cpu, &mut set) };
+        }
+    }
+    Some(set)
+}
+
 /// A child process killed when dropped.
 pub struct Proc {
     pub name: &'static str,
@@ -59,11 +93,23 @@ impl Proc {
             .open(&log)
             .expect("open a log file");
         let started = Instant::now();
-        // SAFETY: prctl is async-signal-safe; the child dies with the
+        let cpus = if matches!(name, "edge-replicator" | "vmagent") {
+            pinned_cpus()
+        } else {
+            None
+        };
+        // SAFETY: prctl and sched_setaffinity are async-signal-safe, and
+        // the CPU set is built before the fork; the child dies with the
         // harness, even when the harness is killed.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(set) = &cpus {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 Ok(())
             });
         }
