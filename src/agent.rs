@@ -559,12 +559,25 @@ fn check_reload(bound: SocketAddr, new: &Config) -> Result<(), String> {
 /// freed in it. Two heaps are plenty for a 2-worker runtime and a few
 /// threads (measured with `make bench`: peak RSS while ingesting down by a
 /// fifth to a quarter, CPU unchanged).
+///
+/// Blocks of 1 MiB and more (large bodies, their normalised lines, large
+/// queue entries) are mapped on their own and unmapped when freed. glibc
+/// would otherwise raise that threshold to the size of each large block
+/// freed, up to 32 MiB, and serve the next ones from the heaps, where freed
+/// memory stays resident. Fixing it fixes the trim threshold too, which
+/// would then stay at 128 KiB and hand back, and fault in again, the top of
+/// a heap after every ordinary request: it is set to 16 MiB. Measured
+/// (`make bench`, three runs against the build before): 64 concurrent 24 MB
+/// bodies peak at 237 MB instead of 278; ingest of 5,000-line bodies 1.13×,
+/// 0.94× (1.25 MB bodies, now mapped) and 1.03× the lines per second.
 fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator parameters; glibc serialises it
     // with allocations in other threads.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 << 20);
     }
 }
 
