@@ -68,6 +68,16 @@ bench: ## edge-replicator vs vmagent and the hardware limits (BENCH_QUICK=1: smo
 	$(CARGO) bench --bench bench
 	$(CARGO) bench --bench lineproto
 
+# Where ingest time goes: the agent built with its symbols (the release
+# profile strips them) under perf, one flame graph per mix in target/bench/.
+.PHONY: profile
+profile: ## perf profile of ingest per mix: target/bench/flame-<mix>.svg and the share of each stage
+	./scripts/install-bench-deps.sh
+	command -v inferno-flamegraph >/dev/null || $(CARGO) install --locked inferno
+	CARGO_PROFILE_RELEASE_STRIP=none CARGO_PROFILE_RELEASE_DEBUG=line-tables-only \
+		$(CARGO) build --release --target-dir target/profile
+	BENCH_AGENT=target/profile/release/edge-replicator BENCH_ONLY=profile $(CARGO) bench --bench bench
+
 # A fleet of agents through an outage of their one remote (README.md,
 # "Running a fleet"); several minutes at the default 200 agents.
 .PHONY: fleet-sim

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what `make bench` compares against and drives: vmagent and
-# VictoriaMetrics (Debian's victoria-metrics package), the hey load client, and
-# iproute2 and iptables for the link phase's network lab.
+# VictoriaMetrics (Debian's victoria-metrics package), the hey load client,
+# iproute2 and iptables for the link phase's network lab, and perf for `make
+# profile`.
 # Idempotent and silent when everything is in place; needs root otherwise.
 set -euo pipefail
 
@@ -11,6 +12,8 @@ command -v hey >/dev/null || missing+=(hey)
 # The link phase: a network namespace, shaping and a black hole.
 command -v ip >/dev/null && command -v tc >/dev/null || missing+=(iproute2)
 command -v iptables >/dev/null || missing+=(iptables)
+# make profile (which installs inferno, from crates.io, itself).
+command -v perf >/dev/null || missing+=(linux-perf)
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
 if [[ "$(id -u)" -ne 0 ]]; then

@@ -18,7 +18,10 @@
 //!    round trip, a link flapping 5 s down, 5 s up, and a black hole, to
 //!    VictoriaMetrics in a network namespace (`link.rs`; needs root);
 //! 8. the bandwidth cap: bytes per second at the remote against a cap of
-//!    32 and 128 kB/s, draining a backlog over loopback (`cap.rs`).
+//!    32 and 128 kB/s, draining a backlog over loopback (`cap.rs`);
+//! 9. with `BENCH_ONLY=profile` only (`make profile`): the agent under
+//!    `perf` while it ingests each mix, a flame graph each, and the share of
+//!    each stage (`profile.rs`).
 //!
 //! Results: a markdown table (medians, with min–max over the runs, and
 //! ratios taken run by run) printed and written to `target/bench/`, with a
@@ -31,6 +34,7 @@ mod gen;
 mod link;
 mod load;
 mod procs;
+mod profile;
 mod quiet;
 mod report;
 mod sink;
@@ -253,7 +257,10 @@ fn write_url(port: u16) -> String {
 fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         gen::self_check();
-        println!("bench: data generator checked; `make bench` runs the benchmarks");
+        profile::self_check();
+        println!(
+            "bench: data generator and profile stages checked; `make bench` runs the benchmarks"
+        );
         return;
     }
     let sizes = Sizes::from_env();
@@ -340,6 +347,12 @@ fn main() {
     if run("cap") {
         cap::cap(&ctx, &mut rows, &mut raw);
     }
+    // Not part of a plain `make bench`: `make profile` asks for it.
+    let profiled = if only.split(',').any(|p| p.trim() == "profile") {
+        profile::profile(&ctx, &out)
+    } else {
+        String::new()
+    };
 
     let table = report::table(&rows, other_name());
     let mut mode = if ctx.sizes.quick {
@@ -352,7 +365,7 @@ fn main() {
     }
     let md = format!(
         "Machine: {machine}.{mode}\n\nMedians over the runs, (min–max) beside them; ratios are taken run by run, \
-each agent measured in the same run, one after the other.\n\n{table}\n{outage}\n\n{links}\n"
+each agent measured in the same run, one after the other.\n\n{table}\n{outage}\n\n{links}\n\n{profiled}\n"
     );
     println!("\n{md}");
     fs::write(out.join("results.md"), &md).expect("write results.md");
