@@ -137,12 +137,7 @@ impl Lab {
             return Err("needs root (network namespaces)".into());
         }
         for program in ["ip", "tc", "iptables"] {
-            let found = Command::new("sh")
-                .arg("-c")
-                .arg(format!("command -v {program}"))
-                .output()
-                .is_ok_and(|o| o.status.success());
-            if !found {
+            if !procs::have(program) {
                 return Err(format!(
                     "{program} is missing (scripts/install-bench-deps.sh)"
                 ));

@@ -270,13 +270,8 @@ fn main() {
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work).expect("create target/bench/work");
     for tool in ["vmagent", "victoria-metrics", "hey"] {
-        let found = std::process::Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .is_ok_and(|o| o.status.success());
         assert!(
-            found,
+            procs::have(tool),
             "{tool} is missing: run scripts/install-bench-deps.sh (as root)"
         );
     }

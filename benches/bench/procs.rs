@@ -77,6 +77,15 @@ fn pinned_cpus() -> Option<libc::cpu_set_t> {
     Some(set)
 }
 
+/// Whether `program` is on the PATH.
+pub fn have(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// A child process killed when dropped.
 pub struct Proc {
     pub name: &'static str,

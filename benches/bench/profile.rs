@@ -62,14 +62,9 @@ const RUNTIME: (&str, &[&str]) = (
 /// Runs the phase; the markdown section for the results.
 pub fn profile(ctx: &Ctx, out_dir: &Path) -> String {
     for tool in ["perf", "inferno-collapse-perf", "inferno-flamegraph"] {
-        let found = Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .is_ok_and(|o| o.status.success());
         assert!(
-            found,
-            "{tool} is missing: run scripts/install-bench-deps.sh"
+            procs::have(tool),
+            "{tool} is missing: `make profile` installs it"
         );
     }
     let mut md = String::from(
