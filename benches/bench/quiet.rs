@@ -110,8 +110,12 @@ pub fn memory(
     raw: &mut serde_json::Map<String, serde_json::Value>,
 ) {
     let s = &ctx.sizes;
-    // Below both agents' largest body (32 MiB by default for each).
-    let body_bytes: usize = if s.quick { 4 << 20 } else { 24 << 20 };
+    // Below both agents' largest body (32 MiB by default for each);
+    // BENCH_MEMORY_BODY_MIB sets it (ours alone takes up to 32 MiB).
+    let body_bytes: usize = std::env::var("BENCH_MEMORY_BODY_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .map_or(if s.quick { 4 << 20 } else { 24 << 20 }, |mib| mib << 20);
     let mut g = Generator::new(Mix::Metrics, 45);
     let mut body = Vec::with_capacity(body_bytes + (1 << 20));
     while body.len() < body_bytes {

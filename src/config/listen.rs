@@ -21,10 +21,10 @@ const DEFAULT_MAX_BODY_SIZE: u64 = 32 * MIB;
 const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// `listen.body_timeout` when the key is left out.
 const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
-/// `listen.max_request_memory` when the key is left out: about two largest (32 MiB)
-/// bodies with their normalised lines at once, and a peak well under 256 MiB on a 1 GB
-/// board.
-const DEFAULT_MAX_REQUEST_MEMORY: u64 = 128 * MIB;
+/// `listen.max_request_memory` when the key is left out: one largest (32 MiB) body with
+/// its normalised lines and a good part of a second, and a peak under 256 MB on a 1 GB
+/// board (64 concurrent 31 MiB bodies: 224 MB, against 257 MB with 128 MiB).
+const DEFAULT_MAX_REQUEST_MEMORY: u64 = 96 * MIB;
 
 /// The local write API: `[listen]`.
 #[derive(Debug, Clone, PartialEq, Eq)]

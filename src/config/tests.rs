@@ -458,7 +458,7 @@ fn empty_config_gives_defaults() {
     assert_eq!(c.listen.address, "127.0.0.1:8086".parse().unwrap());
     assert!(c.listen.tokens.is_empty());
     assert_eq!(c.listen.max_body_size, 32 * MIB);
-    assert_eq!(c.listen.max_request_memory, 128 * MIB);
+    assert_eq!(c.listen.max_request_memory, 96 * MIB);
     assert_eq!(c.listen.header_timeout, Duration::from_secs(10));
     assert_eq!(c.listen.body_timeout, Duration::from_secs(60));
     assert_eq!(c.queue.commit_interval, Duration::from_millis(10));
