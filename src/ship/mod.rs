@@ -651,13 +651,11 @@ impl Worker {
         };
         // The batch's lines, inflated only when a part must be cut out.
         let mut have_lines = false;
-        // On a metered or capped link, bytes cost more than CPU: the batch
-        // goes ordered by series and compressed at the highest level.
         // On a metered or capped link, bytes cost more than CPU: the batch is
         // also compressed ordered by series at the highest level, and the
         // smaller of the two goes (series order helps some mixes and not
-        // others; see `make bench`).
-        // The first body, when one was already compressed to choose it.
+        // others; see `make bench`). `first` keeps the body compressed to
+        // choose, so that the first attempt sends it as it is.
         let mut first = None;
         if self.link.limited() {
             self.inflated(shipment, lines, &mut have_lines)?;
@@ -675,6 +673,8 @@ impl Worker {
                 first = Some((level, stored));
             }
         }
+        // Whether the series-ordered form won: parts cut out of it later
+        // are compressed at its level too. (`d.cut` changes as parts are cut.)
         let thrifty = d.cut;
         if batch.bytes as usize > *fit && *fit < self.target().config.batch_size {
             // Entries compressed when queued are taken whole, however large
