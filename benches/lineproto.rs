@@ -152,6 +152,44 @@ fn main() {
         multi.len() as f64 / 1e6 / best
     );
     series_ordering();
+    levels();
+}
+
+/// What each gzip level costs and saves on a 500 kB batch: the agent
+/// compresses at a low level when it queues (ingest CPU) and at the
+/// replication's `gzip_level` when it ships over a slow link.
+fn levels() {
+    use gen::{Generator, Mix};
+    use std::time::Instant;
+    println!("\ngzip levels, one 500 kB batch in arrival order (best of 5):");
+    println!("| mix | level | B/line | ratio to level 6 | CPU µs/line | MB/s in |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for mix in [Mix::Metrics, Mix::Logs, Mix::Small] {
+        let mut g = Generator::new(mix, 11);
+        let mut batch = Vec::new();
+        while batch.len() < 500_000 {
+            batch.extend_from_slice(&g.body(100));
+        }
+        let n = count_points(&batch) as f64;
+        let six = edge_replicator::ship::gzip(&batch, 6).len() as f64;
+        for level in [1, 2, 3, 4, 6, 9] {
+            let mut best = f64::MAX;
+            let mut bytes = 0;
+            for _ in 0..5 {
+                let t = Instant::now();
+                bytes = edge_replicator::ship::gzip(&batch, level).len();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!(
+                "| {} | {level} | {:.1} | {:.2} | {:.2} | {:.0} |",
+                mix.name(),
+                bytes as f64 / n,
+                bytes as f64 / six,
+                best / n * 1e6,
+                batch.len() as f64 / best / 1e6,
+            );
+        }
+    }
 }
 
 /// Wire bytes per line and ship-side CPU per line of one 500 kB batch:

@@ -161,6 +161,7 @@ impl Streams {
             target: target.clone(),
             control: control.clone(),
             link: self.ingest.link.clone(),
+            reencode: Default::default(),
         }
         .spawn()
         .map_err(|e| AgentError::Setup(format!("cannot start a worker thread: {e}")))?;

@@ -71,3 +71,91 @@ fn large_and_small_writes_arrive_whole_in_single_member_batches() {
     assert_conserved(&rep);
     assert_eq!(field(&rep, "deliveredLines"), sent.len() as u64);
 }
+
+/// The body the agent sends when it compresses a batch's lines again: one
+/// gzip member at the default `gzip_level`.
+fn gzip6(lines: &[u8]) -> usize {
+    use std::io::Write as _;
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+    enc.write_all(lines).unwrap();
+    enc.finish().unwrap().len()
+}
+
+/// Writes large enough to be deflated when queued (at a low level, for the
+/// writers' sake) while the remote is down, then lets it answer with
+/// `answer`; returns the requests it answered 2xx, having checked that every
+/// line arrived once, in single-member bodies.
+fn drain_large_writes(
+    answer: impl Fn(&SinkRequest) -> (u16, String) + Send + Sync + 'static,
+) -> Vec<std::sync::Arc<SinkRequest>> {
+    let sink = Sink::start(|_| (503, String::new()));
+    let agent = Agent::start(AgentConfig::single(
+        RemoteConfig::v2("sink", &sink.url()),
+        "b",
+        None,
+    ));
+    let base = ts_ago(std::time::Duration::from_secs(600));
+    let mut sent = 0;
+    for i in 0..8 {
+        let body = lines("z", 50, 3000, base + i * 100_000_000_000);
+        let (status, text) = agent.write_v2("b", &body, &Opts::new());
+        assert_eq!(status, 204, "{text}");
+        sent += 3000;
+    }
+    sink.set_handler(answer);
+    wait_until(DEADLINE, "queue drained", || {
+        field(&agent.replication("r1"), "remainingLines") == 0
+    });
+    let requests: Vec<_> = sink
+        .requests()
+        .into_iter()
+        .filter(|r| r.answered_2xx())
+        .collect();
+    let mut got = 0;
+    for r in &requests {
+        assert_eq!(first_member(&r.wire), r.body, "one gzip member");
+        got += r.lines().len();
+    }
+    assert_eq!(got, sent, "every line once");
+    assert_conserved(&agent.replication("r1"));
+    requests
+}
+
+/// How the body compares with the lines compressed at level 6: 1.0 when
+/// compressed again, more when sent as stored.
+fn against_gzip6(r: &SinkRequest) -> f64 {
+    r.wire.len() as f64 / gzip6(&r.body) as f64
+}
+
+#[test]
+fn where_the_link_is_slow_writes_deflated_when_queued_go_compressed_again() {
+    // Answers a third of a second after each request: the link, not the
+    // agent's CPU, bounds the drain.
+    let requests = drain_large_writes(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        (204, String::new())
+    });
+    assert!(requests.len() >= 2, "{} requests", requests.len());
+    for r in &requests {
+        let ratio = against_gzip6(r);
+        assert!(
+            ratio < 1.01,
+            "a {}-byte body is {ratio:.3}× the lines at level 6: sent as stored",
+            r.wire.len()
+        );
+    }
+}
+
+#[test]
+fn where_the_link_is_fast_writes_deflated_when_queued_go_as_stored() {
+    let requests = drain_large_writes(|_| (204, String::new()));
+    let ratios: Vec<f64> = requests.iter().map(|r| against_gzip6(r)).collect();
+    // The first batch is compressed again (the link's cost is not known
+    // yet); once the remote has answered as fast as compressing takes, the
+    // stored segments go as they are: more bytes, no CPU.
+    assert!(ratios[0] < 1.01, "first body {:.3}× level 6", ratios[0]);
+    assert!(
+        ratios[1..].iter().any(|&r| r > 1.05),
+        "every body compressed again: {ratios:.3?}"
+    );
+}

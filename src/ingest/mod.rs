@@ -160,15 +160,21 @@ impl Routing {
         self.taking(dest).map(|r| r.handle.clone()).collect()
     }
 
-    /// How writes to `dest` are compressed when queued: the gzip level
-    /// and segment size of the first replication taking them unchanged
-    /// (without filters, tags or downsampling), if any.
+    /// How writes to `dest` are compressed when queued: the segment size
+    /// and gzip level (at most [`crate::ship::reencode::INGEST_LEVEL`]) of
+    /// the first replication taking them unchanged (without filters, tags
+    /// or downsampling), if any.
     pub fn deflate(&self, dest: &Destination) -> Option<Deflate> {
         let mut taking = self.taking(dest);
         let plain = taking.clone().find(|r| !r.config.transforms())?;
         let batch = plain.config.batch_size as usize;
         Some(Deflate {
-            level: plain.config.gzip_level,
+            // A low level: compression is most of the write path's CPU,
+            // and the shipper compresses again where the link is slow.
+            level: plain
+                .config
+                .gzip_level
+                .min(crate::ship::reencode::INGEST_LEVEL),
             // A quarter of a batch: batches fill to at least 3/4.
             chunk: (batch / 4).max(DEFLATE_MIN).min(batch.max(1)),
             lines_needed: taking.any(|r| r.config.transforms()),

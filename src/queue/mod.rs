@@ -378,6 +378,11 @@ impl Shipment {
         body.finish()
     }
 
+    /// Whether any of the batch's entries were stored deflated.
+    pub fn has_segments(&self) -> bool {
+        self.pieces.iter().any(|p| matches!(p, Piece::Segment(..)))
+    }
+
     /// Appends the batch's lines to `out`, inflating segments.
     pub fn lines_into(&self, out: &mut Vec<u8>) -> Result<(), Corruption> {
         for p in &self.pieces {

@@ -28,8 +28,10 @@ pub mod answer;
 pub mod backoff;
 pub mod client;
 pub mod link;
+pub mod reencode;
 pub mod transport;
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::Write as _;
 use std::ops::Range;
@@ -158,6 +160,8 @@ pub struct Worker {
     pub control: Arc<Control>,
     /// The uplink all workers share: its cap and budgets.
     pub link: Arc<link::Link>,
+    /// Whether entries deflated when queued are compressed again.
+    pub reencode: Cell<reencode::Reencode>,
 }
 
 /// A settlement sent to the queue and not yet confirmed durable.
@@ -651,6 +655,13 @@ impl Worker {
         };
         // The batch's lines, inflated only when a part must be cut out.
         let mut have_lines = false;
+        let level = self.target().config.gzip_level;
+        // Entries deflated when queued were compressed at a low level for
+        // the writers' sake: they are compressed again at `gzip_level` where
+        // the link, not this worker, bounds the drain (see [`reencode`]).
+        let again = level > reencode::INGEST_LEVEL
+            && shipment.has_segments()
+            && (self.link.limited() || self.reencode.get().wanted());
         // On a metered or capped link, bytes cost more than CPU: the batch is
         // also compressed ordered by series at the highest level, and the
         // smaller of the two goes (series order helps some mixes and not
@@ -662,15 +673,18 @@ impl Worker {
             let mut ordered = Vec::with_capacity(lines.len());
             crate::lineproto::order_by_series(lines, &mut ordered);
             let gz = gzip(&ordered, THRIFTY_GZIP_LEVEL);
-            let level = self.target().config.gzip_level;
-            let stored = shipment.gzip(level, Vec::new());
-            if gz.len() < stored.len() {
+            let arrival = if again {
+                self.compress_again(lines, level)
+            } else {
+                shipment.gzip(level, Vec::new())
+            };
+            if gz.len() < arrival.len() {
                 *lines = ordered;
                 // The lines, not the entries as stored, are what goes.
                 d.cut = true;
                 first = Some((THRIFTY_GZIP_LEVEL, gz));
             } else {
-                first = Some((level, stored));
+                first = Some((level, arrival));
             }
         }
         // Whether the series-ordered form won: parts cut out of it later
@@ -735,8 +749,11 @@ impl Worker {
             // Compress each part once, not once per retry.
             if !matches!(&body, Some((r, l, _)) if *r == part && *l == level) {
                 let reuse = body.take().map(|(_, _, b)| b).unwrap_or_default();
-                let gz = if part == d.whole && !d.cut {
+                let gz = if part == d.whole && !d.cut && !again {
                     shipment.gzip(level, reuse)
+                } else if part == d.whole && !d.cut {
+                    self.inflated(shipment, lines, &mut have_lines)?;
+                    self.compress_again(lines, level)
                 } else {
                     self.inflated(shipment, lines, &mut have_lines)?;
                     gzip(&lines[part.clone()], level)
@@ -749,10 +766,13 @@ impl Worker {
                 continue;
             }
             let bucket = t.config.remote_bucket.as_deref().unwrap_or(&batch.bucket);
+            let posted = Instant::now();
             let answer = self.post(&t.client, &t.client.write_url(bucket), gz);
             let verdict = classify(&answer);
             match verdict {
                 Verdict::Delivered => {
+                    let took = posted.elapsed();
+                    self.reencode_note(|r| r.requested(part.len(), took));
                     d.pending.pop();
                     attempt = 0;
                     d.evidence.accepted = true;
@@ -1034,6 +1054,30 @@ impl Worker {
         );
         d.drop_finished();
         Reading::AboutLines
+    }
+
+    /// Compresses a whole batch's `lines` again at `level`, timing it.
+    fn compress_again(&self, lines: &[u8], level: u32) -> Vec<u8> {
+        let started = Instant::now();
+        let gz = gzip(lines, level);
+        let took = started.elapsed();
+        self.reencode_note(|r| r.compressed(lines.len(), took));
+        gz
+    }
+
+    fn reencode_note(&self, note: impl FnOnce(&mut reencode::Reencode)) {
+        let mut r = self.reencode.get();
+        let was = r.wanted();
+        note(&mut r);
+        if r.wanted() != was {
+            let share = r.share().unwrap_or(0.0) * 100.0;
+            if r.wanted() {
+                debug!("replication \"{}\": the link bounds the drain (compressing again would take {share:.0} % of a batch's time): entries deflated when queued go compressed again", self.repl.name);
+            } else {
+                debug!("replication \"{}\": this worker bounds the drain (compressing again would take {share:.0} % of a batch's time): entries deflated when queued go as stored", self.repl.name);
+            }
+        }
+        self.reencode.set(r);
     }
 
     /// Puts the batch's lines in `lines` (once).
