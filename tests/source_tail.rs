@@ -430,3 +430,86 @@ fn a_string_holding_newlines_arrives_whole_at_influx16() {
     assert_eq!(status["invalidLines"], 0, "{status:#}");
     assert_eq!(accepted(&agent), 2);
 }
+
+/// Times the agent's source thread has gone to sleep and been woken
+/// (voluntary context switches), from /proc.
+fn source_wakeups(agent: &Agent) -> u64 {
+    let tasks = format!("/proc/{}/task", agent.pid());
+    let mut found = None;
+    for task in fs::read_dir(&tasks).unwrap().flatten() {
+        let comm = fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim() != "source" {
+            continue;
+        }
+        let status = fs::read_to_string(task.path().join("status")).unwrap();
+        let n = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("voluntary_ctxt_switches in /proc status");
+        assert!(found.is_none(), "one source thread expected");
+        found = Some(n);
+    }
+    found.expect("the source thread")
+}
+
+/// A tailed file wakes its source when written (a new file, an append, a
+/// file in a directory made after the start), and an idle source sleeps:
+/// the rescan is set to an hour, so every line below arrives because the
+/// kernel reported a change, and the thread wakes a few times in two idle
+/// seconds where polling every 20 ms would wake it a hundred times (under
+/// an emulator, the emulator's own signals add a dozen or so).
+#[test]
+fn tailed_files_wake_their_source_and_an_idle_source_sleeps() {
+    let sink = Sink::accept_all();
+    let files = tempfile::tempdir().unwrap();
+    let pattern = files.path().join("*").join("*.lp");
+    let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "files", None);
+    let launch = Launch::new()
+        .env("EDGE_REPLICATOR_TAIL_RESCAN_MS", "3600000")
+        .append(&format!(
+            "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"20ms\"\nfrom_beginning = true\n",
+            toml_str(&pattern.display().to_string())
+        ));
+    let agent = Agent::start_with(config, &launch);
+    let start = ts_ago(Duration::from_secs(3600));
+    let all = lines("wake", 3, 300, start);
+    let parts: Vec<&str> = all.lines().collect();
+    let chunk = |r: std::ops::Range<usize>| parts[r].join("\n") + "\n";
+
+    // A directory, then a file in it, after the source started.
+    fs::create_dir(files.path().join("a")).unwrap();
+    let a = files.path().join("a").join("1.lp");
+    append(&a, &chunk(0..100));
+    wait_eq(DEADLINE, "accepted from a new file", 100, || {
+        accepted(&agent)
+    });
+
+    let before = source_wakeups(&agent);
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = source_wakeups(&agent) - before;
+    assert!(
+        idle < 30,
+        "the idle source woke {idle} times in 2 s (polling every 20 ms: about 100)"
+    );
+
+    append(&a, &chunk(100..200));
+    wait_eq(DEADLINE, "accepted after an append", 200, || {
+        accepted(&agent)
+    });
+    fs::create_dir(files.path().join("b")).unwrap();
+    append(&files.path().join("b").join("2.lp"), &chunk(200..300));
+    wait_eq(DEADLINE, "accepted from a second directory", 300, || {
+        accepted(&agent)
+    });
+    wait_until(DEADLINE, "delivered", || {
+        field(&agent.replication("r1"), "remainingLines") == 0
+    });
+    let got: usize = sink
+        .requests()
+        .iter()
+        .filter(|r| r.answered_2xx())
+        .map(|r| r.lines().len())
+        .sum();
+    assert_eq!(got, 300, "every line once");
+}

@@ -31,6 +31,7 @@
 //! streams, restarts the ones whose config changed on reload (their
 //! checkpoints make that exact), and stops them all before the queue closes.
 
+mod notify;
 pub mod tail;
 pub mod wal;
 pub mod wal_format;
@@ -53,16 +54,23 @@ use crate::sync::Locked;
 /// `max_queue_size` is small).
 pub const MAX_WRITE_BYTES: usize = 1 << 20;
 
-/// A stop flag a source thread can sleep on.
+/// A stop flag a source thread can sleep on, or wait on through a
+/// [`notify::Watcher`].
 #[derive(Debug, Default)]
 pub struct Stopper {
     stopped: Mutex<bool>,
     cv: Condvar,
+    /// Written when stopping: ends a wait on a watcher.
+    wake: Mutex<Option<std::os::fd::OwnedFd>>,
 }
 
 impl Stopper {
     pub fn stop(&self) {
-        *self.stopped.locked() = true;
+        let mut stopped = self.stopped.locked();
+        *stopped = true;
+        if let Some(fd) = self.wake.locked().as_ref() {
+            notify::signal(fd);
+        }
         self.cv.notify_all();
     }
 
@@ -78,6 +86,16 @@ impl Stopper {
             .wait_timeout_while(guard, d, |s| !*s)
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         *guard
+    }
+
+    /// Stopping also writes `fd` (a watcher's stop descriptor), at once if
+    /// the source was told to stop already.
+    fn wake_on_stop(&self, fd: std::os::fd::OwnedFd) {
+        let stopped = self.stopped.locked();
+        if *stopped {
+            notify::signal(&fd);
+        }
+        *self.wake.locked() = Some(fd);
     }
 }
 
@@ -115,11 +133,20 @@ fn validate(
 /// position after it, and returns; `Err` when the source is stopping.
 trait Follow {
     fn poll(&mut self, sink: &mut dyn Sink) -> Result<(), SinkError>;
+
+    /// Directories whose changes should wake the source; `None`: it polls.
+    fn watch_dirs(&self) -> Option<std::collections::BTreeSet<std::path::PathBuf>> {
+        None
+    }
 }
 
 impl Follow for tail::Tailer {
     fn poll(&mut self, sink: &mut dyn Sink) -> Result<(), SinkError> {
         tail::Tailer::poll(self, sink)
+    }
+
+    fn watch_dirs(&self) -> Option<std::collections::BTreeSet<std::path::PathBuf>> {
+        tail::Tailer::watch_dirs(self)
     }
 }
 
@@ -435,23 +462,55 @@ fn start(config: SourceConfig, queue: Arc<Queue>, ingest: Arc<Ingest>) -> std::i
 
 fn run(config: SourceConfig, mut sink: QueueSink, status: Arc<SourceStatus>, stop: Arc<Stopper>) {
     let saved = sink.checkpoint();
-    let (bucket, poll, mut follower): (_, _, Box<dyn Follow>) = match config {
+    let (bucket, poll, watching, mut follower): (_, _, _, Box<dyn Follow>) = match config {
         SourceConfig::Tail(t) => (
             t.bucket.clone(),
             t.poll_interval,
+            true,
             Box::new(tail::Tailer::new(t, status.clone(), saved)),
         ),
         SourceConfig::Wal(w) => (
             w.bucket.clone(),
             w.poll_interval,
+            false,
             Box::new(wal::WalFollower::new(w, status.clone(), saved)),
         ),
     };
+    // Tailed files wake their source when they change; the WAL is polled.
+    let mut watcher = match watching {
+        true => notify::Watcher::new()
+            .and_then(|w| {
+                stop.wake_on_stop(w.stop_fd()?);
+                Ok(w)
+            })
+            .map_err(|e| warn!("{}: cannot watch for changes ({e}); polling", status.name))
+            .ok(),
+        false => None,
+    };
     info!(
-        "{}: following into bucket \"{bucket}\" (poll every {poll:?})",
-        status.name
+        "{}: following into bucket \"{bucket}\" ({})",
+        status.name,
+        match watcher {
+            Some(_) => format!("woken by changes, at most every {poll:?}"),
+            None => format!("poll every {poll:?}"),
+        }
     );
-    while follower.poll(&mut sink).is_ok() && !stop.sleep(poll) {}
+    let rescan = notify::rescan();
+    while follower.poll(&mut sink).is_ok() {
+        let watched = watcher
+            .as_mut()
+            .map_or(notify::Watched::No, |w| w.watch(follower.watch_dirs()));
+        // Polls stay `poll` apart; changes meanwhile are pending on the watcher.
+        if stop.sleep(poll) {
+            break;
+        }
+        if watched == notify::Watched::Same {
+            let w = watcher.as_ref().expect("watched");
+            if w.wait(rescan.saturating_sub(poll)) == notify::Woke::Stopped {
+                break;
+            }
+        }
+    }
     info!("{}: stopped", status.name);
 }
 

@@ -72,6 +72,10 @@ const FINGERPRINT_LEN: u64 = 1024;
 /// Why a line no queue can take is skipped.
 const TOO_LARGE: &str = "line larger than a replication's max_queue_size";
 
+/// Most directories one source watches for changes; a pattern matching more
+/// is polled every `poll_interval` instead.
+pub const MAX_WATCHED: usize = 256;
+
 /// A line longer than this is skipped (and counted invalid).
 pub const MAX_LINE: usize = 4 << 20;
 /// Smallest read window, whatever the queue budget.
@@ -302,6 +306,40 @@ impl Tailer {
             failed: HashSet::new(),
             cfg,
         }
+    }
+
+    /// The directories whose changes should wake the source: the pattern's
+    /// fixed part, every directory its wildcard directories match (where
+    /// new files can appear), and those of the files it follows. `None`
+    /// when there are more than [`MAX_WATCHED`]: the source polls.
+    pub fn watch_dirs(&self) -> Option<std::collections::BTreeSet<PathBuf>> {
+        let parts: Vec<_> = self.cfg.path.components().collect();
+        let mut dirs = std::collections::BTreeSet::new();
+        for k in self.fixed..parts.len() {
+            let prefix: PathBuf = parts[..k].iter().collect();
+            if prefix.as_os_str().is_empty() {
+                continue;
+            }
+            if k == self.fixed {
+                dirs.insert(prefix);
+                continue;
+            }
+            let Ok(found) = glob::glob(&prefix.to_string_lossy()) else {
+                continue;
+            };
+            for dir in found.flatten().filter(|d| d.is_dir()) {
+                dirs.insert(dir);
+                if dirs.len() > MAX_WATCHED {
+                    return None;
+                }
+            }
+        }
+        dirs.extend(
+            self.files
+                .iter()
+                .filter_map(|f| f.path.parent().map(Path::to_path_buf)),
+        );
+        (dirs.len() <= MAX_WATCHED).then_some(dirs)
     }
 
     /// One round: find files, read what was appended, finish rotated files.
@@ -633,13 +671,20 @@ impl Tailer {
                 self.files[i].pos = Pos::default();
             }
             let f = &mut self.files[i];
-            if f.size != size {
+            let changed = f.size != size;
+            if changed {
                 f.idle_since = None;
             }
             f.size = size;
-            if size == f.pos.off {
+            let done = size == f.pos.off;
+            if changed {
+                // The lag shows while the write below waits on a full queue.
+                self.publish();
+            }
+            if done {
                 return Ok(());
             }
+            let f = &mut self.files[i];
             let chunk = match Self::next_chunk(f, size, window) {
                 Ok(c) => c,
                 Err(e) => {
