@@ -611,6 +611,87 @@ fn a_restart_during_an_outage_loses_nothing() {
     assert_delivered_exactly(&vm, "rs_value", &written, &rep);
 }
 
+/// A daily budget on a real link, spent by attempts into a black hole as
+/// much as by deliveries: once it is spent nothing more crosses the link (no
+/// request, no probe, no reconnect: the veth's own counters stand still),
+/// the lines wait, and a larger budget on reload lets every one of them
+/// through, once. The budget's count is checked against the IP bytes that
+/// crossed the veth, both ways: never less, and for a delivery at most a
+/// fifth more.
+#[test]
+fn a_budget_spent_into_a_black_hole_stops_all_traffic_until_raised() {
+    let Some(lab) = NetLab::new() else { return };
+    let Some(vm) = VictoriaMetrics::start_in(&lab) else {
+        return;
+    };
+    let config = AgentConfig::single(remote(&vm.url()), "sensors", Some("edge"));
+    let agent = Agent::start_with(
+        config,
+        &Launch::new().append("[link]\ndaily_budget = \"12kB\"\n"),
+    );
+    // A first write goes while the link is up, so that the next request is
+    // under way on an open connection when the link goes dark.
+    let base = ts_ago(Duration::from_secs(3_600));
+    let first = lines("bud", 10, 10, base);
+    write(&agent, &first);
+    wait_status(&agent, DEADLINE, "the first lines delivered", |rep| {
+        field(rep, "deliveredLines") == 10
+    });
+    lab.black_hole();
+    let before = lab.wire_bytes();
+    let body = lines("bud", 10, 3_000, base + 1_000_000_000);
+    write(&agent, &body);
+    let mut written = keys_of(&first);
+    written.extend(keys_of(&body));
+    let rep = wait_status(&agent, DEADLINE + MARGIN, "the budget spent", |rep| {
+        str_field(rep, "state") == "budget"
+    });
+    assert_eq!(field(&rep, "deliveredLines"), 10, "{rep:#}");
+    assert_eq!(field(&rep, "remainingLines"), 3_000, "{rep:#}");
+    let budget = &agent.replications()["budgets"][0];
+    let used = budget["budgetUsed"].as_u64().unwrap();
+    assert!(used >= 12_000, "{budget:#}");
+    let spent_on_link = lab.wire_bytes() - before;
+    eprintln!("budget: {used} bytes counted, {spent_on_link} IP bytes crossed the veth");
+    assert!(
+        spent_on_link > 0 && field(&rep, "wireBytesSent") > 0,
+        "nothing was attempted: {rep:#}"
+    );
+    assert!(
+        used >= spent_on_link,
+        "{spent_on_link} bytes crossed the link, {used} counted"
+    );
+
+    // Spent: longer than a probe interval and a backoff, nothing moves.
+    let still = lab.wire_bytes();
+    std::thread::sleep(Duration::from_secs(6));
+    let moved = lab.wire_bytes() - still;
+    assert!(
+        moved < 1_000,
+        "{moved} bytes crossed the link with the budget spent"
+    );
+    assert_eq!(str_field(&agent.replication("r1"), "state"), "budget");
+
+    lab.restore();
+    let (before, used_before) = (lab.wire_bytes(), used);
+    agent.write_config_with(&Launch::new().append("[link]\ndaily_budget = \"50MB\"\n"));
+    agent.sighup();
+    let rep = agent.wait_drained("r1");
+    let crossed = lab.wire_bytes() - before;
+    let used = agent.replications()["budgets"][0]["budgetUsed"]
+        .as_u64()
+        .unwrap()
+        - used_before;
+    eprintln!("delivery: {used} bytes counted, {crossed} IP bytes crossed the veth");
+    // What the budget counts covers what a carrier would, without
+    // overstating it much.
+    assert!(
+        used >= crossed && used <= crossed + crossed / 5,
+        "{used} bytes counted for {crossed} that crossed the link"
+    );
+    assert_delivered_exactly(&vm, "bud_value", &written, &rep);
+}
+
 /// The lab itself: its namespace and veth pair exist while it lives, its
 /// black hole stops connections to the remote and lets them through again
 /// once restored, and nothing of it is left after it is dropped.

@@ -42,6 +42,16 @@ pub const PROBE_BYTES: u64 = 360;
 /// (about 150); the answer's body is charged as read.
 pub const REQUEST_OVERHEAD: u64 = 400;
 
+/// A body's bytes as a carrier counts them: with the TCP/IP framing of its
+/// segments (52 bytes of IPv4 and TCP headers, with timestamps, on each of
+/// up to 1,448 bytes) and of the acknowledgements coming back (52 bytes for
+/// every two segments): about 5 %, charged to the budgets on top of the
+/// body. (Measured in the link lab: without it a delivered body's count fell
+/// 3 % short of what crossed the link.)
+pub fn framed(body: u64) -> u64 {
+    body + body.div_ceil(20)
+}
+
 /// How often the usage file is rewritten at most.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -374,12 +384,12 @@ impl Link {
 
     /// Takes up to `want` body bytes for a replication of `priority`,
     /// waiting for the cap (and for workers of a higher priority) as long
-    /// as needed; counts them in the budget.
+    /// as needed; counts them in the budget, [`framed`].
     pub fn take(&self, want: usize, priority: u8) -> usize {
         let p = usize::from(priority.min(9));
         let mut s = self.lock();
         if s.bucket.is_none() {
-            Self::add(&mut s, want as u64);
+            Self::add(&mut s, framed(want as u64));
             return want;
         }
         s.waiting[p] += 1;
@@ -393,7 +403,7 @@ impl Link {
             match wait {
                 Ok(n) => {
                     s.waiting[p] -= 1;
-                    Self::add(&mut s, n as u64);
+                    Self::add(&mut s, framed(n as u64));
                     drop(s);
                     self.cv.notify_all();
                     return n;

@@ -279,6 +279,24 @@ impl NetLab {
         self.in_ns("tc", &["qdisc", "del", "dev", &self.ns_if, "root"]);
     }
 
+    /// IP bytes the host's end of the veth pair sent and received so far
+    /// (its byte counters less 14 bytes of Ethernet header a packet): what a
+    /// carrier counts, whether the namespace dropped the packets (a black
+    /// hole) or not.
+    pub fn wire_bytes(&self) -> u64 {
+        let counter = |c: &str| -> u64 {
+            let path = format!("/sys/class/net/{}/statistics/{c}", self.host_if);
+            std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+                .trim()
+                .parse()
+                .unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        let bytes = counter("tx_bytes") + counter("rx_bytes");
+        let packets = counter("tx_packets") + counter("rx_packets");
+        bytes - 14 * packets
+    }
+
     /// `http://<ns_ip>:<port>`.
     pub fn url(&self, port: u16) -> String {
         format!("http://{}:{port}", self.ns_ip)

@@ -182,7 +182,16 @@ fn usage_survives_a_restart() {
     assert_eq!(link.take(766, 5), 766);
     link.save(true);
     let again = Link::new(c, Some(dir.path()));
-    assert_eq!(again.readings()[0].used, 2_000);
+    // A body is counted with its framing; other charges as they are.
+    assert_eq!(again.readings()[0].used, 1_234 + framed(766));
+}
+
+#[test]
+fn a_body_is_counted_with_its_tcp_ip_framing() {
+    assert_eq!(framed(0), 0);
+    assert_eq!(framed(1), 2);
+    assert_eq!(framed(1_448), 1_448 + 73);
+    assert_eq!(framed(1_000_000), 1_050_000);
 }
 
 #[test]
