@@ -692,6 +692,51 @@ fn a_budget_spent_into_a_black_hole_stops_all_traffic_until_raised() {
     assert_delivered_exactly(&vm, "bud_value", &written, &rep);
 }
 
+/// A cap of 16 kB/s on a real link: while a backlog drains, the IP bytes
+/// that cross the veth (bodies, HTTP, TCP/IP framing, both ways) come no
+/// faster than the cap allows: its one second's worth at the start, the cap
+/// after, and a fifth on top for what the cap does not count (framing: 7 %
+/// with full segments). A slow machine can only make the drain slower, so
+/// the bound holds however busy it is. Every line arrives. (The cap once
+/// granted the bytes that trickled in since the last grant, a few at a
+/// time, each written as a packet of its own: 1.4 MB crossed the link for
+/// 50 kB of bodies.)
+#[test]
+fn a_capped_link_carries_no_more_than_the_cap_across_the_veth() {
+    const CAP: f64 = 16_000.0;
+    let Some(lab) = NetLab::new() else { return };
+    let Some(vm) = VictoriaMetrics::start_in(&lab) else {
+        return;
+    };
+    let mut config = AgentConfig::single(remote(&vm.url()), "sensors", Some("edge"));
+    config.replications[0].batch_size = "64kB".into();
+    let agent = Agent::start_with(
+        config,
+        &Launch::new().append("[link]\nmax_bandwidth = \"16kB/s\"\n"),
+    );
+    let body = lines("cap", 10, 4_000, ts_ago(Duration::from_secs(3_600)));
+    let before = lab.wire_bytes();
+    let started = Instant::now();
+    write(&agent, &body);
+    let rep = agent.wait_drained("r1");
+    let took = started.elapsed().as_secs_f64();
+    let crossed = (lab.wire_bytes() - before) as f64;
+    eprintln!(
+        "{crossed} IP bytes in {took:.1} s: {:.0} bytes/s against a cap of {CAP}; bodies {}",
+        crossed / took,
+        field(&rep, "wireBytesSent")
+    );
+    assert!(
+        crossed > 3.0 * CAP,
+        "too little to measure a cap: {crossed} bytes"
+    );
+    assert!(
+        crossed <= 1.2 * CAP * (took + 1.0),
+        "{crossed} bytes crossed in {took:.1} s under a cap of {CAP} bytes/s"
+    );
+    assert_delivered_exactly(&vm, "cap_value", &keys_of(&body), &rep);
+}
+
 /// The lab itself: its namespace and veth pair exist while it lives, its
 /// black hole stops connections to the remote and lets them through again
 /// once restored, and nothing of it is left after it is dropped.

@@ -55,9 +55,14 @@ pub fn framed(body: u64) -> u64 {
 /// How often the usage file is rewritten at most.
 const SAVE_EVERY: Duration = Duration::from_secs(5);
 
-/// The longest a single grant of the cap covers: a body moves in slices of
-/// at most a twentieth of a second's worth, which keeps the rate smooth.
+/// A body moves through the cap in slices of a twentieth of a second's
+/// worth, which keeps the rate smooth ...
 const SLICES_PER_SECOND: f64 = 20.0;
+/// ... but never smaller than a full TCP segment (a 1,500-byte MTU's
+/// payload), unless the cap itself is: each slice is written to the socket
+/// as it is granted, and a slice of a few bytes would go as a packet of its
+/// own, its 52 bytes of headers costing more than its payload.
+const MIN_SLICE: f64 = 1_448.0;
 
 /// The `[link]` settings.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -274,18 +279,21 @@ impl Bucket {
         self.at = now;
     }
 
-    /// Takes up to `want` bytes at `now`: how many may go (at least one
-    /// when any may), or how long to wait before asking again.
+    /// Takes a slice of `want` bytes at `now`: a whole slice (or all of
+    /// `want`, if less) once the bucket holds it, else how long to wait
+    /// before asking again. Never a few bytes at a time as they trickle in.
     pub fn take(&mut self, want: usize, now: Instant) -> Result<usize, Duration> {
         self.refill(now);
-        if self.tokens < 1.0 {
-            let deficit = 1.0 - self.tokens;
-            return Err(Duration::from_secs_f64(deficit / self.rate));
+        let slice = (self.rate / SLICES_PER_SECOND)
+            .max(MIN_SLICE)
+            .min(self.rate)
+            .floor();
+        let n = (want as f64).min(slice).max(1.0);
+        if self.tokens < n {
+            return Err(Duration::from_secs_f64((n - self.tokens) / self.rate));
         }
-        let slice = (self.rate / SLICES_PER_SECOND).max(1.0);
-        let n = (want as f64).min(self.tokens).min(slice).max(1.0) as usize;
-        self.tokens -= n as f64;
-        Ok(n.min(want))
+        self.tokens -= n;
+        Ok((n as usize).min(want.max(1)))
     }
 
     /// Bytes that went without asking (headers, answers, probes).

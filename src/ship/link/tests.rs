@@ -133,12 +133,13 @@ fn the_last_tenth_of_a_budget_is_kept_for_the_top_priority() {
 fn the_bucket_holds_the_rate_without_bursts() {
     let t0 = Instant::now();
     let mut b = Bucket::new(1_000, t0);
-    // A second's worth at most, in slices of a twentieth of it.
-    assert_eq!(b.take(10_000, t0), Ok(50));
-    let mut sent = 50;
+    // A second's worth at most, in slices of a twentieth of it, or a whole
+    // TCP segment when that is more (here: the whole second's worth).
+    assert_eq!(b.take(10_000, t0), Ok(1_000));
+    let mut sent = 1_000;
     let mut now = t0;
     let mut largest_second = 0;
-    let mut this_second = 50;
+    let mut this_second = 1_000;
     let mut second = 0;
     while now < t0 + Duration::from_secs(60) {
         match b.take(4_096, now) {
@@ -161,6 +162,35 @@ fn the_bucket_holds_the_rate_without_bursts() {
     // 60 s at 1000 B/s, plus the one second's worth the bucket starts with.
     assert!((60_000..=61_100).contains(&sent), "{sent}");
     assert!(largest_second <= 2_050, "{largest_second} in one second");
+}
+
+#[test]
+fn slices_are_whole_segments_not_what_trickled_in() {
+    let t0 = Instant::now();
+    let mut b = Bucket::new(16_000, t0);
+    // The first second's worth goes in whole segments.
+    let mut first = 0;
+    while let Ok(n) = b.take(100_000, t0) {
+        assert_eq!(n, 1_448);
+        first += n;
+    }
+    assert!(first > 16_000 - 1_448, "{first}");
+    // Then every grant is a whole segment, however often it is asked for:
+    // asked every millisecond, the bucket answers "wait" until one is there.
+    let mut now = t0;
+    let mut grants = Vec::new();
+    while now < t0 + Duration::from_secs(2) {
+        now += Duration::from_millis(1);
+        if let Ok(n) = b.take(100_000, now) {
+            grants.push(n);
+        }
+    }
+    assert!(grants.iter().all(|&n| n == 1_448), "{grants:?}");
+    assert!((20..=23).contains(&grants.len()), "{} grants", grants.len());
+    // The end of a body is the rest of it; a fast cap slices a twentieth.
+    assert_eq!(b.take(10, now + Duration::from_secs(1)), Ok(10));
+    let mut fast = Bucket::new(1_000_000, t0);
+    assert_eq!(fast.take(1 << 20, t0), Ok(50_000));
 }
 
 #[test]
@@ -199,10 +229,10 @@ fn a_higher_priority_goes_first_on_a_thin_link() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     let mut c = cfg(None, None);
-    c.max_bandwidth = Some(2_000);
+    c.max_bandwidth = Some(40_000);
     let link = Arc::new(Link::new(c, None));
     // Empty the bucket, so both must wait.
-    while link.take(10_000, 5) >= 100 {}
+    link.charge(40_000);
     let got = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
     let workers: Vec<_> = [(0usize, 2u8), (1, 8)]
         .into_iter()
