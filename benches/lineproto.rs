@@ -155,31 +155,41 @@ fn main() {
     levels();
 }
 
+/// One 500 kB batch of `mix`, in arrival order.
+fn batch_of(mix: gen::Mix) -> Vec<u8> {
+    let mut g = gen::Generator::new(mix, 11);
+    let mut batch = Vec::new();
+    while batch.len() < 500_000 {
+        batch.extend_from_slice(&g.body(100));
+    }
+    batch
+}
+
+/// What `f` returns (a size) and the best of five timings of it, in seconds.
+fn best_of_5(f: &dyn Fn() -> usize) -> (usize, f64) {
+    let mut best = f64::MAX;
+    let mut bytes = 0;
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        bytes = f();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    (bytes, best)
+}
+
 /// What each gzip level costs and saves on a 500 kB batch: the agent
 /// compresses at a low level when it queues (ingest CPU) and at the
 /// replication's `gzip_level` when it ships over a slow link.
 fn levels() {
-    use gen::{Generator, Mix};
-    use std::time::Instant;
     println!("\ngzip levels, one 500 kB batch in arrival order (best of 5):");
     println!("| mix | level | B/line | ratio to level 6 | CPU µs/line | MB/s in |");
     println!("| --- | --- | --- | --- | --- | --- |");
-    for mix in [Mix::Metrics, Mix::Logs, Mix::Small] {
-        let mut g = Generator::new(mix, 11);
-        let mut batch = Vec::new();
-        while batch.len() < 500_000 {
-            batch.extend_from_slice(&g.body(100));
-        }
+    for mix in [gen::Mix::Metrics, gen::Mix::Logs, gen::Mix::Small] {
+        let batch = batch_of(mix);
         let n = count_points(&batch) as f64;
         let six = edge_replicator::ship::gzip(&batch, 6).len() as f64;
         for level in [1, 2, 3, 4, 6, 9] {
-            let mut best = f64::MAX;
-            let mut bytes = 0;
-            for _ in 0..5 {
-                let t = Instant::now();
-                bytes = edge_replicator::ship::gzip(&batch, level).len();
-                best = best.min(t.elapsed().as_secs_f64());
-            }
+            let (bytes, best) = best_of_5(&|| edge_replicator::ship::gzip(&batch, level).len());
             println!(
                 "| {} | {level} | {:.1} | {:.2} | {:.2} | {:.0} |",
                 mix.name(),
@@ -196,35 +206,19 @@ fn levels() {
 /// arrival order at gzip 6 (what goes by default) against series order at
 /// gzip 6 and 9.
 fn series_ordering() {
-    use gen::{Generator, Mix};
-    use std::time::Instant;
     println!("\nseries ordering of a 500 kB batch (best of 5):");
     println!("| mix | lines | arrival, gzip 6 (B/line) | series, gzip 6 | series, gzip 9 | ratio 9/arrival | CPU µs/line arrival 6 | CPU µs/line series 9 |");
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    for mix in [Mix::Metrics, Mix::Logs, Mix::Small] {
-        let mut g = Generator::new(mix, 11);
-        let mut batch = Vec::new();
-        while batch.len() < 500_000 {
-            batch.extend_from_slice(&g.body(100));
-        }
+    for mix in [gen::Mix::Metrics, gen::Mix::Logs, gen::Mix::Small] {
+        let batch = batch_of(mix);
         let n = count_points(&batch) as f64;
-        let time = |f: &dyn Fn() -> usize| -> (usize, f64) {
-            let mut best = f64::MAX;
-            let mut bytes = 0;
-            for _ in 0..5 {
-                let t = Instant::now();
-                bytes = f();
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            (bytes, best)
-        };
-        let (arrival6, cpu_a) = time(&|| edge_replicator::ship::gzip(&batch, 6).len());
-        let (series6, _) = time(&|| {
+        let (arrival6, cpu_a) = best_of_5(&|| edge_replicator::ship::gzip(&batch, 6).len());
+        let (series6, _) = best_of_5(&|| {
             let mut out = Vec::new();
             order_by_series(&batch, &mut out);
             edge_replicator::ship::gzip(&out, 6).len()
         });
-        let (series9, cpu_s) = time(&|| {
+        let (series9, cpu_s) = best_of_5(&|| {
             let mut out = Vec::new();
             order_by_series(&batch, &mut out);
             edge_replicator::ship::gzip(&out, 9).len()
