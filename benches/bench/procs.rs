@@ -157,6 +157,29 @@ impl Proc {
         ticks as f64 / hz
     }
 
+    /// Seconds its threads have run so far, to the nanosecond (the first
+    /// field of each thread's `schedstat`): what an idle process uses is a
+    /// tick or two of `cpu_seconds` in minutes, too coarse to compare. A
+    /// thread that ended meanwhile takes its time with it, so this is for
+    /// processes at rest, falling back to `cpu_seconds` where the kernel
+    /// keeps no `schedstat`.
+    pub fn run_seconds(&self) -> f64 {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0.0;
+        };
+        let mut ns = 0u64;
+        for t in tasks.flatten() {
+            let Some(run) = fs::read_to_string(t.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            else {
+                return self.cpu_seconds();
+            };
+            ns += run;
+        }
+        ns as f64 / 1e9
+    }
+
     /// Bytes this process caused to be sent to storage (`write_bytes`).
     pub fn write_bytes(&self) -> u64 {
         self.proc_file("io")

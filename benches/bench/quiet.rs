@@ -2,7 +2,9 @@
 //! once cost in memory:
 //!
 //! - idle: wakeups (context switches of all threads) per second and CPU
-//!   seconds per hour with an empty queue and a dead remote, with data
+//!   seconds per hour (the threads' run time from `schedstat`, to the
+//!   nanosecond: an idle agent uses a clock tick or two in two minutes)
+//!   with an empty queue and a dead remote, with data
 //!   queued for a dead remote, and (edge-replicator alone, against vmagent's
 //!   empty idle) with a `[[tail]]` source on its defaults (woken by changes
 //!   to its files, looking again every 10 s);
@@ -78,9 +80,9 @@ pub fn idle(ctx: &Ctx, rows: &mut Vec<Row>, raw: &mut serde_json::Map<String, se
                 }
                 // Start-up and the first retries are not idle.
                 thread::sleep(Duration::from_secs(5));
-                let (cs0, cpu0) = (p.context_switches(), p.cpu_seconds());
+                let (cs0, cpu0) = (p.context_switches(), p.run_seconds());
                 thread::sleep(window);
-                let (cs1, cpu1) = (p.context_switches(), p.cpu_seconds());
+                let (cs1, cpu1) = (p.context_switches(), p.run_seconds());
                 let secs = window.as_secs_f64();
                 m.wakeups.push(who, (cs1 - cs0) as f64 / secs);
                 m.cpu_per_hour.push(who, (cpu1 - cpu0) / secs * 3600.0);
