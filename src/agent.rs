@@ -96,6 +96,20 @@ struct Stream {
     worker: thread::JoinHandle<()>,
 }
 
+impl Stream {
+    /// Wakes the worker wherever it waits: on its control signal (backoff)
+    /// or on its queue (idle, between looks at an empty queue).
+    fn wake(&self) {
+        self.control.wake.notify();
+        self.status.queue.data.notify();
+    }
+
+    fn stop(&self) {
+        self.control.stop();
+        self.status.queue.data.notify();
+    }
+}
+
 /// The agent's moving parts, as far as a reload can change them.
 struct Streams {
     queue: Arc<Queue>,
@@ -252,7 +266,7 @@ impl Streams {
                             let s = self.streams.get_mut(&name).expect("listed above");
                             *s.target.write_locked() = Arc::new(t);
                             s.config = r;
-                            s.control.wake.notify();
+                            s.wake();
                         }
                         Err(e) => error!(
                             "reload: {e}; replication \"{name}\" keeps its previous settings"
@@ -263,7 +277,7 @@ impl Streams {
                     // Removed, or routed differently: stop it; a changed one
                     // starts again below with its queue as it was.
                     let s = self.streams.remove(&name).expect("listed above");
-                    s.control.stop();
+                    s.stop();
                     join_until(vec![s.worker], Duration::from_secs(5));
                     self.queue.detach(&name);
                     info!("reload: replication \"{name}\" stopped; its queue stays on disk");
@@ -294,7 +308,7 @@ impl Streams {
         // Sources write into the queue: they stop before it closes.
         self.sources.stop();
         for s in self.streams.values() {
-            s.control.stop();
+            s.stop();
         }
         join_until(
             self.streams.into_values().map(|s| s.worker).collect(),

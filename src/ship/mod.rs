@@ -52,6 +52,10 @@ pub use client::{Answer, Client};
 /// The gzip level of batches sent over a capped or budgeted link.
 const THRIFTY_GZIP_LEVEL: u32 = 9;
 
+/// How long a worker with an empty queue waits for a write before it looks
+/// again anyway: looking every second was a third of an idle agent's CPU.
+const IDLE_LOOK: Duration = Duration::from_secs(5);
+
 /// Deliveries in a row after which a batch limit lowered by stalls doubles.
 /// Growing after every delivery would send every other batch too large for
 /// a link that carries only the smaller one, and each costs a stall.
@@ -411,7 +415,14 @@ impl Worker {
                 Ok(None) => {
                     self.status.ship.locked().next_retry = None;
                     if !lane_shipped {
-                        self.repl.data.wait_past(seen, Duration::from_secs(1));
+                        // Appends, releases, replays, reloads and stopping
+                        // all notify `data`: the timeout is a safety net, and
+                        // the pace of held lanes' retries while any is held.
+                        let look = match self.repl.held().is_empty() {
+                            true => IDLE_LOOK,
+                            false => Duration::from_secs(1),
+                        };
+                        self.repl.data.wait_past(seen, look);
                     }
                     continue;
                 }
