@@ -543,19 +543,24 @@ fn ingest(
 }
 
 /// Samples VmRSS of `pid` every 100 ms until stopped.
-fn rss_sampler(pid: u32) -> (Arc<AtomicBool>, thread::JoinHandle<Vec<f64>>) {
+fn rss_sampler(pid: u32) -> (Arc<AtomicBool>, thread::JoinHandle<Vec<[f64; 3]>>) {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
     let h = thread::spawn(move || {
         let mut v = Vec::new();
         while !s.load(Ordering::Acquire) {
             let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            if let Some(kb) = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|x| x.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            let mb = |key: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key))
+                    .and_then(|x| x.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+                    .map(|kb| kb * 1024.0 / MB)
+            };
+            if let (Some(rss), Some(anon), Some(file)) =
+                (mb("VmRSS:"), mb("RssAnon:"), mb("RssFile:"))
             {
-                v.push(kb * 1024.0 / MB);
+                v.push([rss, anon, file]);
             }
             thread::sleep(Duration::from_millis(100));
         }
@@ -573,7 +578,7 @@ fn end_to_end(
 ) {
     let s = &ctx.sizes;
     let file = &ctx.body_files[0].1;
-    let [mut ingest, mut e2e, mut steady, mut peak, mut cpu] =
+    let [mut ingest, mut e2e, mut steady, mut steady_anon, mut steady_file, mut peak, mut cpu] =
         std::array::from_fn(|_| Samples::default());
     for run in 0..s.runs {
         for who in Who::order(run) {
@@ -599,7 +604,10 @@ fn end_to_end(
             let lines = (h.ok * LINES_PER_BODY) as f64;
             ingest.push(who, lines / h.seconds);
             e2e.push(who, lines / t);
-            steady.push(who, median(&rss));
+            let part = |i: usize| median(&rss.iter().map(|r| r[i]).collect::<Vec<_>>());
+            steady.push(who, part(0));
+            steady_anon.push(who, part(1));
+            steady_file.push(who, part(2));
             peak.push(who, p.mem().peak as f64 / MB);
             cpu.push(who, (cpu1 - cpu0) / (lines / 1e6));
             p.stop(Duration::from_secs(60));
@@ -613,11 +621,17 @@ fn end_to_end(
     ));
     rows.push(cpu.row("CPU s per million lines, ingest + delivery", Target::None));
     rows.push(steady.row("steady RSS under load, remote up (MB)", Target::AtMost(0.5)));
+    rows.push(steady_anon.row("  of which anonymous (MB)", Target::None));
+    rows.push(steady_file.row(
+        "  of which file-backed: the queue's map, the binary (MB)",
+        Target::None,
+    ));
     rows.push(peak.row("peak RSS, remote up (MB)", Target::AtMost(0.5)));
     raw.insert(
         "endToEnd".into(),
         json!({"ingestLinesPerSecond": ingest.json(), "endToEndLinesPerSecond": e2e.json(),
-               "cpuSecondsPerMillionLines": cpu.json(), "steadyRssMB": steady.json(), "peakRssMB": peak.json()}),
+               "cpuSecondsPerMillionLines": cpu.json(), "steadyRssMB": steady.json(), "steadyRssAnonMB": steady_anon.json(),
+               "steadyRssFileMB": steady_file.json(), "peakRssMB": peak.json()}),
     );
 }
 
