@@ -961,8 +961,37 @@ pub fn normalize_with(
     refuse_unsigned: bool,
     out: &mut Vec<u8>,
 ) -> Summary {
+    normalize_chunked(
+        body,
+        precision,
+        now_ns,
+        refuse_unsigned,
+        out,
+        usize::MAX,
+        |_| {},
+    )
+}
+
+/// As [`normalize_with`], handing the lines on as they are made instead of
+/// holding them all: whenever `out` would pass `chunk` bytes, the longest
+/// run of whole points in it of at most `chunk` bytes (a longer point alone)
+/// goes to `emit` and leaves `out`, as [`crate::queue::deflate_lines`] would
+/// cut the whole output. What is left in `out` at the end is the last run.
+/// A body is thus compressed while it is read, and its normalised copy never
+/// exists whole beside it.
+pub fn normalize_chunked(
+    body: &[u8],
+    precision: Precision,
+    now_ns: i64,
+    refuse_unsigned: bool,
+    out: &mut Vec<u8>,
+    chunk: usize,
+    mut emit: impl FnMut(&[u8]),
+) -> Summary {
     let mut summary = Summary::default();
-    out.reserve(body.len() + 1);
+    // A timestamp more per line, for a run of the size of a chunk: the body's
+    // ratio is not known, so the vector grows to what the runs need.
+    out.reserve(body.len().min(chunk.saturating_add(chunk / 8)) + 1);
     let mut pos = 0;
     let mut line_no = 0;
     let mut newlines_before = 0;
@@ -1023,6 +1052,7 @@ pub fn normalize_with(
                 match ns {
                     Some(ns) => {
                         summary.lines += 1;
+                        let start = out.len();
                         let fast = precision == Precision::Nanoseconds
                             && p.line.timestamp.is_some()
                             && p.start == 0
@@ -1039,6 +1069,18 @@ pub fn normalize_with(
                             out.push(b' ');
                             push_i64(out, ns);
                             out.push(b'\n');
+                        }
+                        if out.len() > chunk {
+                            // The run before this point fits; this point
+                            // starts the next run, or is a run of its own.
+                            if start > 0 {
+                                emit(&out[..start]);
+                                out.drain(..start);
+                            }
+                            if out.len() > chunk {
+                                emit(out);
+                                out.clear();
+                            }
                         }
                     }
                     None => summary.record(

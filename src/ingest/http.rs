@@ -815,8 +815,9 @@ async fn write_unclosed(
             return error(api, status, code, &e.to_string());
         }
     };
-    // The normalised lines: at most a timestamp more per line, as
-    // `prepare` allocates them.
+    // The normalised lines: at most a timestamp more per line. A write
+    // queued compressed holds one segment's lines and the segments made
+    // from them instead, which incompressible lines take as many bytes as.
     let normalised = body.len() as u64 + body.len() as u64 / 8 + 32;
     if charge.grow(normalised, limit).await.is_err() {
         return memory_busy(ingest, api, &BodyError::Busy(limit));

@@ -302,7 +302,10 @@ impl Ingest {
 
 /// Validates and normalises a body; with `deflate` (level, segment size),
 /// also compresses the lines once, here, where writes are handled in
-/// parallel, instead of in the single shipping worker at every send.
+/// parallel, instead of in the single shipping worker at every send. When
+/// only the compressed segments are queued, each is made as soon as its
+/// lines are, so the body's normalised copy is never held whole beside it:
+/// under concurrent writes that was a second copy of every body.
 fn prepare(
     body: bytes::Bytes,
     precision: Precision,
@@ -310,18 +313,176 @@ fn prepare(
     refuse_unsigned: bool,
     deflate: Option<Deflate>,
 ) -> (Vec<u8>, Summary, Option<Vec<Segment>>) {
-    // Normalised lines grow by at most a timestamp each; most already have one.
-    let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
-    let summary = lineproto::normalize_with(&body, precision, now, refuse_unsigned, &mut out);
-    // The body is not needed past here: free it before compressing.
-    drop(body);
-    let Some(d) = deflate.filter(|_| out.len() >= DEFLATE_MIN) else {
+    let mut out = Vec::new();
+    let Some(d) = deflate else {
+        let summary = lineproto::normalize_with(&body, precision, now, refuse_unsigned, &mut out);
         return (out, summary, None);
     };
-    let segments = queue::deflate_lines(&out, d.chunk, d.level);
-    if !d.lines_needed {
-        // Only the segments are queued: free the lines before the commit.
-        out = Vec::new();
+    // Some replication transforms the lines (they are queued whole too), or
+    // segments are smaller than a write worth compressing (a tiny
+    // `batch_size`): the lines are made whole first.
+    if d.lines_needed || d.chunk < DEFLATE_MIN {
+        let summary = lineproto::normalize_with(&body, precision, now, refuse_unsigned, &mut out);
+        // The body is not needed past here: free it before compressing.
+        drop(body);
+        if out.len() < DEFLATE_MIN {
+            return (out, summary, None);
+        }
+        let segments = queue::deflate_lines(&out, d.chunk, d.level);
+        if !d.lines_needed {
+            out = Vec::new();
+        }
+        return (out, summary, Some(segments));
     }
-    (out, summary, Some(segments))
+    let mut segments = Vec::new();
+    let summary = lineproto::normalize_chunked(
+        &body,
+        precision,
+        now,
+        refuse_unsigned,
+        &mut out,
+        d.chunk,
+        |run| segments.push(queue::deflate_segment(run, d.level)),
+    );
+    drop(body);
+    // Nothing went out as a segment (one goes only once the lines made pass
+    // `d.chunk`, at least DEFLATE_MIN): `out` holds all the lines, and a
+    // write too small to be worth compressing is queued as lines.
+    if segments.is_empty() && out.len() < DEFLATE_MIN {
+        return (out, summary, None);
+    }
+    if !out.is_empty() {
+        segments.push(queue::deflate_segment(&out, d.level));
+    }
+    (Vec::new(), summary, Some(segments))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    const NOW: i64 = 1_700_000_000_000_000_000;
+
+    /// A body of `n` points of every kind a writer sends: timestamped and
+    /// not, strings holding newlines, blank and comment lines, invalid
+    /// lines, and now and then one point longer than a segment.
+    fn body(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed.max(1);
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut b = Vec::new();
+        for i in 0..n {
+            let line = match next() % 10 {
+                0 => format!("cpu,host=h{i} v={i}i"),
+                1 => format!("log,app=a msg=\"first\nsecond {i}\" {}", NOW + i as i64),
+                2 => String::new(),
+                3 => "# a comment".to_string(),
+                4 => format!("bad line {i}"),
+                5 if next() % 50 == 0 => {
+                    format!("big,k=v s=\"{}\" {}", "x".repeat(40_000), NOW + i as i64)
+                }
+                _ => format!(
+                    "m,host=gw{},site=s{} v={},n={}i {}",
+                    next() % 7,
+                    next() % 3,
+                    next() % 1000,
+                    i,
+                    NOW + i as i64
+                ),
+            };
+            b.extend_from_slice(line.as_bytes());
+            b.push(b'\n');
+        }
+        b
+    }
+
+    /// The lines made whole, then cut and compressed: what `prepare` did
+    /// before it compressed as it went.
+    fn whole(b: &[u8], d: Deflate) -> (Summary, Option<Vec<Segment>>) {
+        let mut out = Vec::new();
+        let summary = lineproto::normalize_with(b, Precision::Nanoseconds, NOW, false, &mut out);
+        let segments =
+            (out.len() >= DEFLATE_MIN).then(|| queue::deflate_lines(&out, d.chunk, d.level));
+        (summary, segments)
+    }
+
+    #[test]
+    fn segments_made_as_lines_are_made_are_those_of_the_whole_lines() {
+        for (seed, n, chunk) in [
+            (1, 20, DEFLATE_MIN),
+            (2, 600, DEFLATE_MIN),
+            (3, 3_000, DEFLATE_MIN),
+            (4, 3_000, 125_000),
+            (5, 20_000, 125_000),
+            (6, 9_000, 40_000),
+        ] {
+            let b = body(seed, n);
+            let d = Deflate {
+                level: 2,
+                chunk,
+                lines_needed: false,
+            };
+            let (summary, segments) = whole(&b, d);
+            let (payload, got, got_segments) = prepare(
+                Bytes::from(b.clone()),
+                Precision::Nanoseconds,
+                NOW,
+                false,
+                Some(d),
+            );
+            assert_eq!(got, summary, "seed {seed}");
+            assert!(
+                summary.error_count > 0 || n < 50,
+                "seed {seed}: the body has bad lines"
+            );
+            match (segments, got_segments) {
+                (None, None) => {
+                    let mut out = Vec::new();
+                    lineproto::normalize(&b, Precision::Nanoseconds, NOW, &mut out);
+                    assert_eq!(
+                        payload, out,
+                        "seed {seed}: a small write is queued as lines"
+                    );
+                }
+                (Some(want), Some(got)) => {
+                    assert!(payload.is_empty(), "seed {seed}: only segments are queued");
+                    assert!(want.len() > 1 || n < 1000, "seed {seed}: several segments");
+                    assert_eq!(got.len(), want.len(), "seed {seed}");
+                    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert_eq!(g.lines, w.lines, "seed {seed} segment {k}");
+                        assert_eq!(g.deflated, w.deflated, "seed {seed} segment {k}");
+                        assert_eq!(g.data, w.data, "seed {seed} segment {k}");
+                    }
+                }
+                (w, g) => panic!(
+                    "seed {seed}: segments {:?} against {:?}",
+                    w.map(|s| s.len()),
+                    g.map(|s| s.len())
+                ),
+            }
+        }
+    }
+
+    #[test]
+    fn lines_a_transform_needs_are_queued_whole_beside_their_segments() {
+        let b = body(7, 3_000);
+        let d = Deflate {
+            level: 2,
+            chunk: DEFLATE_MIN,
+            lines_needed: true,
+        };
+        let mut out = Vec::new();
+        lineproto::normalize(&b, Precision::Nanoseconds, NOW, &mut out);
+        let (payload, _, segments) =
+            prepare(Bytes::from(b), Precision::Nanoseconds, NOW, false, Some(d));
+        assert_eq!(payload, out);
+        let segments = segments.expect("compressed too");
+        let lines: u32 = segments.iter().map(|s| s.lines).sum();
+        assert_eq!(lines as usize, lineproto::count_points(&out));
+    }
 }

@@ -421,20 +421,24 @@ pub fn deflate_lines(lines: &[u8], chunk: usize, level: u32) -> Vec<Segment> {
                 .or_else(|| lineproto::point_end(rest).map(|i| i + 1))
                 .unwrap_or(rest.len())
         };
-        let part = &rest[..cut];
-        let mut data = Vec::new();
-        let crc = crate::deflate::segment(part, level, &mut data);
-        out.push(Segment {
-            data,
-            lines: lineproto::count_points(part) as u32,
-            deflated: Deflated {
-                len: part.len() as u32,
-                crc,
-            },
-        });
+        out.push(deflate_segment(&rest[..cut], level));
         rest = &rest[cut..];
     }
     out
+}
+
+/// One segment of whole points, compressed at `level`.
+pub fn deflate_segment(part: &[u8], level: u32) -> Segment {
+    let mut data = Vec::new();
+    let crc = crate::deflate::segment(part, level, &mut data);
+    Segment {
+        data,
+        lines: lineproto::count_points(part) as u32,
+        deflated: Deflated {
+            len: part.len() as u32,
+            crc,
+        },
+    }
 }
 
 /// How a shipped batch ended. Lines of the batch not named here were delivered.
