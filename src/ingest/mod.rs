@@ -313,8 +313,10 @@ fn prepare(
     refuse_unsigned: bool,
     deflate: Option<Deflate>,
 ) -> (Vec<u8>, Summary, Option<Vec<Segment>>) {
-    let mut out = Vec::new();
+    // Normalised lines grow by at most a timestamp each; most already have one.
+    let whole = || Vec::with_capacity(body.len() + body.len() / 8 + 32);
     let Some(d) = deflate else {
+        let mut out = whole();
         let summary = lineproto::normalize_with(&body, precision, now, refuse_unsigned, &mut out);
         return (out, summary, None);
     };
@@ -322,6 +324,7 @@ fn prepare(
     // segments are smaller than a write worth compressing (a tiny
     // `batch_size`): the lines are made whole first.
     if d.lines_needed || d.chunk < DEFLATE_MIN {
+        let mut out = whole();
         let summary = lineproto::normalize_with(&body, precision, now, refuse_unsigned, &mut out);
         // The body is not needed past here: free it before compressing.
         drop(body);
@@ -334,7 +337,7 @@ fn prepare(
         }
         return (out, summary, Some(segments));
     }
-    let mut segments = Vec::new();
+    let (mut out, mut segments) = (Vec::new(), Vec::new());
     let summary = lineproto::normalize_chunked(
         &body,
         precision,
