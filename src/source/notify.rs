@@ -21,6 +21,7 @@
 //! The stop signal reaches a waiting source through an eventfd registered
 //! with its [`super::Stopper`].
 
+use std::cell::Cell;
 use std::collections::BTreeSet;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -84,6 +85,9 @@ pub struct Watcher {
     stop: OwnedFd,
     /// The directories watched by `inotify`.
     dirs: BTreeSet<PathBuf>,
+    /// The kernel dropped a watch (its directory was deleted or moved, or
+    /// events overflowed): the same set must be watched anew.
+    stale: Cell<bool>,
 }
 
 impl Watcher {
@@ -100,6 +104,7 @@ impl Watcher {
             // SAFETY: `fd` is a new descriptor owned by nobody else.
             stop: unsafe { OwnedFd::from_raw_fd(fd) },
             dirs: BTreeSet::new(),
+            stale: Cell::new(false),
         })
     }
 
@@ -112,9 +117,10 @@ impl Watcher {
     /// (too many to watch) or an empty set: nothing.
     pub fn watch(&mut self, dirs: Option<BTreeSet<PathBuf>>) -> Watched {
         let dirs = dirs.unwrap_or_default();
-        if dirs == self.dirs && self.inotify.is_some() {
+        if dirs == self.dirs && self.inotify.is_some() && !self.stale.get() {
             return Watched::Same;
         }
+        self.stale.set(false);
         // A new instance rather than removing stale watches one by one:
         // the set changes only when files or directories come and go.
         self.inotify = None;
@@ -179,23 +185,47 @@ impl Watcher {
             return Woke::Stopped;
         }
         if let Some(fd) = &self.inotify {
-            drain(fd.as_raw_fd());
+            if drain(fd.as_raw_fd()) {
+                self.stale.set(true);
+            }
         }
         Woke::Changed
     }
 }
 
-/// Reads every pending event: the events themselves do not matter, only
-/// that something changed.
-fn drain(fd: RawFd) {
-    let mut buf = [0u8; 4096];
+/// Reads every pending event: what changed does not matter, only that
+/// something did. True if the kernel dropped a watch (`IN_IGNORED`: a
+/// watched directory was deleted, or moved out of the file system) or lost
+/// events (`IN_Q_OVERFLOW`). A directory deleted and made again under the
+/// same name is then watched anew, instead of only at every rescan.
+fn drain(fd: RawFd) -> bool {
+    const HEADER: usize = std::mem::size_of::<libc::inotify_event>();
+    // Aligned for the events' header, as the kernel writes them.
+    let mut buf = [0u64; 512];
+    let mut dropped = false;
     loop {
-        // SAFETY: `buf` is valid for writes of its length.
-        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: `buf` is valid for writes of its length in bytes.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), std::mem::size_of_val(&buf)) };
         if n <= 0 {
             break;
         }
+        let bytes = &buf_bytes(&buf)[..n as usize];
+        let mut at = 0;
+        while at + HEADER <= bytes.len() {
+            // SAFETY: the kernel wrote a whole event header at `at`; the
+            // read is unaligned-safe.
+            let ev: libc::inotify_event =
+                unsafe { std::ptr::read_unaligned(bytes[at..].as_ptr().cast()) };
+            dropped |= ev.mask & (libc::IN_IGNORED | libc::IN_Q_OVERFLOW) != 0;
+            at += HEADER + ev.len as usize;
+        }
     }
+    dropped
+}
+
+fn buf_bytes(buf: &[u64]) -> &[u8] {
+    // SAFETY: any initialised u64 array is valid as bytes, same lifetime.
+    unsafe { std::slice::from_raw_parts(buf.as_ptr().cast(), std::mem::size_of_val(buf)) }
 }
 
 /// Ends a wait on the watcher `fd` came from.
@@ -233,6 +263,23 @@ mod tests {
             .open(dir.path().join("a.lp"))
             .unwrap();
         f.write_all(b"m v=2\n").unwrap();
+        assert_eq!(w.wait(Duration::from_secs(10)), Woke::Changed);
+    }
+
+    #[test]
+    fn a_directory_deleted_and_made_again_is_watched_anew() {
+        let top = tempfile::tempdir().unwrap();
+        let dir = top.path().join("logs");
+        std::fs::create_dir(&dir).unwrap();
+        let mut w = Watcher::new().unwrap();
+        assert_eq!(w.watch(Some([dir.clone()].into())), Watched::New);
+        std::fs::remove_dir(&dir).unwrap();
+        assert_eq!(w.wait(Duration::from_secs(10)), Woke::Changed);
+        std::fs::create_dir(&dir).unwrap();
+        // The same set, but the kernel dropped its watch with the directory.
+        assert_eq!(w.watch(Some([dir.clone()].into())), Watched::New);
+        assert_eq!(w.watch(Some([dir.clone()].into())), Watched::Same);
+        std::fs::write(dir.join("a.lp"), "m v=1\n").unwrap();
         assert_eq!(w.wait(Duration::from_secs(10)), Woke::Changed);
     }
 
