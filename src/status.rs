@@ -86,6 +86,9 @@ pub struct ShipStatus {
     pub state: State,
     pub latest_code: Option<u16>,
     pub latest_error: String,
+    /// The cause of failure last logged, so that a warning is logged once
+    /// per change of cause, not once per attempt.
+    pub logged_cause: String,
     pub next_retry: Option<SystemTime>,
     /// Failed attempts by status code, or "transport" for no answer.
     pub errors: BTreeMap<String, u64>,
@@ -830,6 +833,7 @@ mod tests {
                 state: State::Backoff,
                 latest_code: Some(503),
                 latest_error: "HTTP 503: busy".into(),
+                logged_cause: "HTTP 503: busy".into(),
                 next_retry: Some(at(1_772_366_400_250)),
                 errors: BTreeMap::from([("503".to_string(), 2)]),
                 bytes_accepted: 10,

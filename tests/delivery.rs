@@ -852,6 +852,49 @@ fn reload_with_a_new_url_takes_effect_at_once() {
     assert_eq!(field(&rep, "deliveredLines"), 300, "{rep:#}");
 }
 
+/// A remote whose port refuses connections: every attempt fails alike, the
+/// warning is logged once and not once per attempt, and every reading of
+/// status that shows the link down also shows why (no HTTP code, the
+/// transport's message), never the link's state beside an older answer.
+#[test]
+fn a_refusing_port_is_logged_once_and_status_says_why_with_the_link() {
+    let closed = closed_port();
+    let mut r = remote_at("cloud", &closed.url());
+    r.min_backoff = "50ms".into();
+    r.max_backoff = "100ms".into();
+    r.probe_interval = Some("100ms".into());
+    let agent = Agent::start(single(r, |_| {}));
+    let all = split(&lines("rp", 3, 30, ts_ago(Duration::from_secs(600))));
+    assert_eq!(agent.write_v2("b", join(&all), &Opts::new()).0, 204);
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let rep = status(&agent, "r1");
+        if str_field(&rep, "link") == "down" {
+            assert!(rep["latestResponseCode"].is_null(), "{rep:#}");
+            assert!(
+                !str_field(&rep, "latestErrorMessage").is_empty(),
+                "the link is down and status does not say why: {rep:#}"
+            );
+        }
+        let attempts = agent
+            .metrics()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("replications_queue_remote_write_errors{replication=\"r1\",code=\"transport\"} ")
+            })
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if attempts >= 4.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "4 failed attempts: {rep:#}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let log = agent.log();
+    let warned = log.lines().filter(|l| l.contains("retrying in")).count();
+    assert_eq!(warned, 1, "logged once per cause, not per attempt:\n{log}");
+}
+
 /// SIGHUP adds and removes replications: an added one starts at once; a
 /// removed one stops but keeps its queue, which it delivers when added back.
 /// Lines written while it was absent are not its business.

@@ -1190,6 +1190,12 @@ impl Worker {
             a if client::stalled(a) => Link::Stalled,
             Answer::Transport(_) => Link::Down,
         };
+        if link != Link::Up {
+            // Shown with the link's state, not a moment later: status must
+            // not say `stalled` beside the last success's code.
+            s.latest_code = None;
+            s.latest_error = message(&answer);
+        }
         if link != s.link {
             let name = &self.repl.name;
             match link {
@@ -1213,6 +1219,7 @@ impl Worker {
         s.state = State::Running;
         s.latest_code = Some(204);
         s.latest_error.clear();
+        s.logged_cause.clear();
         s.next_retry = None;
         s.bytes_accepted += sent_bytes as u64;
         s.batches_sent += 1;
@@ -1227,7 +1234,8 @@ impl Worker {
         };
         let text = message(answer);
         let mut s = self.status.ship.locked();
-        let changed = s.latest_error != text || s.state != state;
+        let changed = s.logged_cause != text || s.state != state;
+        s.logged_cause = text.clone();
         *s.errors
             .entry(code.map_or("transport".into(), |c| c.to_string()))
             .or_default() += 1;
