@@ -876,14 +876,12 @@ fn a_refusing_port_is_logged_once_and_status_says_why_with_the_link() {
                 "the link is down and status does not say why: {rep:#}"
             );
         }
-        let attempts = agent
-            .metrics()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("replications_queue_remote_write_errors{replication=\"r1\",code=\"transport\"} ")
-            })
-            .and_then(|n| n.trim().parse::<f64>().ok())
-            .unwrap_or(0.0);
+        let attempts = metric_value(
+            &agent.metrics(),
+            "replications_queue_remote_write_errors",
+            "code=\"transport\"",
+        )
+        .unwrap_or(0.0);
         if attempts >= 4.0 {
             break;
         }

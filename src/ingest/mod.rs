@@ -313,30 +313,26 @@ fn prepare(
     refuse_unsigned: bool,
     deflate: Option<Deflate>,
 ) -> (Vec<u8>, Summary, Option<Vec<Segment>>) {
-    // Normalised lines grow by at most a timestamp each; most already have one.
-    let whole = || Vec::with_capacity(body.len() + body.len() / 8 + 32);
-    let Some(d) = deflate else {
-        let mut out = whole();
-        let summary = lineproto::normalize_with(&body, precision, now, refuse_unsigned, &mut out);
-        return (out, summary, None);
-    };
-    // Some replication transforms the lines (they are queued whole too), or
-    // segments are smaller than a write worth compressing (a tiny
-    // `batch_size`): the lines are made whole first.
-    if d.lines_needed || d.chunk < DEFLATE_MIN {
-        let mut out = whole();
+    // Only segments are queued, each at least a write worth compressing:
+    // they are made as the lines are. Otherwise (nothing to compress, a
+    // replication that transforms the lines and needs them whole too, or a
+    // tiny `batch_size`) the lines are made whole first.
+    let Some(d) = deflate.filter(|d| !d.lines_needed && d.chunk >= DEFLATE_MIN) else {
+        // Normalised lines grow by at most a timestamp each; most already have one.
+        let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
         let summary = lineproto::normalize_with(&body, precision, now, refuse_unsigned, &mut out);
         // The body is not needed past here: free it before compressing.
         drop(body);
-        if out.len() < DEFLATE_MIN {
+        let Some(d) = deflate.filter(|_| out.len() >= DEFLATE_MIN) else {
             return (out, summary, None);
-        }
+        };
         let segments = queue::deflate_lines(&out, d.chunk, d.level);
         if !d.lines_needed {
+            // Only the segments are queued: free the lines before the commit.
             out = Vec::new();
         }
         return (out, summary, Some(segments));
-    }
+    };
     let (mut out, mut segments) = (Vec::new(), Vec::new());
     let summary = lineproto::normalize_chunked(
         &body,

@@ -418,9 +418,10 @@ impl Worker {
                         // Appends, releases, replays, reloads and stopping
                         // all notify `data`: the timeout is a safety net, and
                         // the pace of held lanes' retries while any is held.
-                        let look = match self.repl.held().is_empty() {
-                            true => IDLE_LOOK,
-                            false => Duration::from_secs(1),
+                        let look = if self.repl.held().is_empty() {
+                            IDLE_LOOK
+                        } else {
+                            Duration::from_secs(1)
                         };
                         self.repl.data.wait_past(seen, look);
                     }

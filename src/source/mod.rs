@@ -477,16 +477,17 @@ fn run(config: SourceConfig, mut sink: QueueSink, status: Arc<SourceStatus>, sto
         ),
     };
     // Tailed files wake their source when they change; the WAL is polled.
-    let mut watcher = match watching {
-        true => notify::Watcher::new()
-            .and_then(|w| {
-                stop.wake_on_stop(w.stop_fd()?);
-                Ok(w)
-            })
-            .map_err(|e| warn!("{}: cannot watch for changes ({e}); polling", status.name))
-            .ok(),
-        false => None,
-    };
+    let mut watcher = watching
+        .then(|| {
+            notify::Watcher::new()
+                .and_then(|w| {
+                    stop.wake_on_stop(w.stop_fd()?);
+                    Ok(w)
+                })
+                .map_err(|e| warn!("{}: cannot watch for changes ({e}); polling", status.name))
+                .ok()
+        })
+        .flatten();
     info!(
         "{}: following into bucket \"{bucket}\" ({})",
         status.name,
