@@ -84,6 +84,7 @@ fn ship_config(r: &Replication, remote: &Remote) -> ShipConfig {
         probe_interval: remote.probe_interval,
         drop_non_retryable_data: r.drop_non_retryable_data,
         priority: r.priority,
+        max_in_flight: remote.max_in_flight,
     }
 }
 
@@ -176,6 +177,7 @@ impl Streams {
             control: control.clone(),
             link: self.ingest.link.clone(),
             reencode: Default::default(),
+            answer_wait: Default::default(),
         }
         .spawn()
         .map_err(|e| AgentError::Setup(format!("cannot start a worker thread: {e}")))?;

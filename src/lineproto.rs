@@ -1242,6 +1242,19 @@ pub fn series_key(point: &[u8]) -> &[u8] {
     &point[..scan_key(point, 0, C_SPACE)]
 }
 
+/// What names a normalised point at the remote: its series key and its
+/// timestamp (`i64::MIN` if it has none). Two writes of the same series and
+/// time are one point there, whose fields the later write overwrites.
+pub fn series_and_time(point: &[u8]) -> (&[u8], i64) {
+    let body = point.strip_suffix(b"\n").unwrap_or(point);
+    let ts = body
+        .iter()
+        .rposition(|&c| c == b' ')
+        .and_then(|k| std::str::from_utf8(&body[k + 1..]).ok()?.parse().ok())
+        .unwrap_or(i64::MIN);
+    (series_key(point), ts)
+}
+
 /// The points of `lines` (whole, normalised, each ending in `\n`) reordered
 /// by series, then by timestamp, into `out`. The sort is stable, so points
 /// of one series and time keep their order and the last still wins at the
@@ -1250,13 +1263,8 @@ pub fn series_key(point: &[u8]) -> &[u8] {
 pub fn order_by_series(lines: &[u8], out: &mut Vec<u8>) {
     let mut pts: Vec<(&[u8], i64, &[u8])> = points(lines)
         .map(|p| {
-            let body = p.strip_suffix(b"\n").unwrap_or(p);
-            let ts = body
-                .iter()
-                .rposition(|&c| c == b' ')
-                .and_then(|k| std::str::from_utf8(&body[k + 1..]).ok()?.parse().ok())
-                .unwrap_or(i64::MIN);
-            (series_key(p), ts, p)
+            let (series, ts) = series_and_time(p);
+            (series, ts, p)
         })
         .collect();
     pts.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));

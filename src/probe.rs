@@ -505,6 +505,7 @@ mod tests {
             max_backoff: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(10),
             probe_interval: Duration::from_secs(10),
+            max_in_flight: 2,
         }
     }
 

@@ -2553,3 +2553,170 @@ fn unauthorized_still_pauses_a_replication_of_every_bucket() {
     assert!(held(&agent, "r1").is_empty(), "{rep:#}");
     assert_eq!(field(&rep, "remainingLines"), 20, "{rep:#}");
 }
+
+/// A point's identity at the remote: its series key and timestamp (the
+/// test's lines hold no escaped spaces).
+fn point_of(line: &str) -> (String, String) {
+    let series = line.split(' ').next().unwrap_or_default();
+    let ts = line.rsplit(' ').next().unwrap_or_default();
+    (series.into(), ts.into())
+}
+
+/// Pairs of requests (by arrival) that were at the remote together: the
+/// later one had arrived whole before the earlier one's answer began.
+fn in_flight_together(reqs: &[Arc<Request>]) -> Vec<(usize, usize)> {
+    let mut pairs = Vec::new();
+    for (i, a) in reqs.iter().enumerate() {
+        let Some(done) = a.answer_began.get() else {
+            continue;
+        };
+        for (j, b) in reqs.iter().enumerate().skip(i + 1) {
+            if b.at < *done {
+                pairs.push((i, j));
+            }
+        }
+    }
+    pairs
+}
+
+/// Writes `rounds` small writes of 20 points each over 8 series, then the
+/// last round's points again with other values: lines the remote must
+/// apply after the first ones, in the batch right after them. Returns every
+/// line, in order.
+fn write_with_rewrites(agent: &Agent, rounds: usize) -> Vec<String> {
+    let base = ts_ago(Duration::from_secs(600));
+    let round = |r: usize, value: usize| -> Vec<String> {
+        (0..20)
+            .map(|i| {
+                let n = r * 20 + i;
+                format!("ahead,k=s{} v={value}i {}", n % 8, base + n as i64)
+            })
+            .collect()
+    };
+    let mut all = Vec::new();
+    for r in 0..rounds {
+        all.extend(round(r, r));
+    }
+    all.extend(round(rounds - 1, 1_000));
+    for chunk in all.chunks(20) {
+        assert_eq!(agent.write_v2("b", join(chunk), &Opts::new()).0, 204);
+    }
+    all
+}
+
+/// `max_in_flight`: with answers slow to come back (a link's round trip),
+/// the batches after the one at the head go at the same time, and the
+/// answers come back out of order; every line is delivered and counted
+/// once, two requests at the remote together never hold the same point, and
+/// a point written again reaches the remote only after the first write was
+/// answered. With `max_in_flight = 1` no two requests are ever there together.
+#[test]
+fn slow_answers_send_batches_ahead_and_settle_each_line_once() {
+    for max_in_flight in [4, 1] {
+        // Even requests wait 400 ms, odd ones 100 ms: answers overtake.
+        let server = FaultServer::with_rule(|req| {
+            let wait = if req.seq % 2 == 0 { 400 } else { 100 };
+            Action::stall(Duration::from_millis(wait), Action::ok())
+        });
+        let mut r = remote("cloud", &server);
+        r.max_in_flight = Some(max_in_flight);
+        let agent = Agent::start(single(r, |r| r.batch_size = "1kB".into()));
+        let all = write_with_rewrites(&agent, 16);
+        let rep = agent.wait_drained("r1");
+        assert_conserved(&rep);
+        assert_eq!(field(&rep, "deliveredLines"), all.len() as u64, "{rep:#}");
+        let expected: HashSet<String> = all.iter().cloned().collect();
+        assert_accepted_exactly(&server, &expected);
+
+        let reqs = server.requests();
+        let together = in_flight_together(&reqs);
+        eprintln!(
+            "max_in_flight {max_in_flight}: {} requests, {} pairs at the remote together",
+            reqs.len(),
+            together.len()
+        );
+        if max_in_flight == 1 {
+            assert!(together.is_empty(), "{together:?}");
+            continue;
+        }
+        assert!(
+            !together.is_empty(),
+            "no two of {} requests were in flight together",
+            reqs.len()
+        );
+        let mut overtaken = 0;
+        for &(i, j) in &together {
+            let (a, b) = (&reqs[i], &reqs[j]);
+            let pa: HashSet<_> = a.lines().map(point_of).collect();
+            let shared: Vec<_> = b.lines().map(point_of).filter(|p| pa.contains(p)).collect();
+            assert!(
+                shared.is_empty(),
+                "requests #{i} and #{j} were in flight together with the same points {shared:?}"
+            );
+            if b.answered.get() < a.answered.get() {
+                overtaken += 1;
+            }
+        }
+        assert!(overtaken > 0, "no answer overtook another: {together:?}");
+        // The second write of each point arrived after the first's answer
+        // began (the agent cannot have read it before), unless both went
+        // in one request, in their order.
+        let n = all.len();
+        for line in &all[n - 40..n - 20] {
+            let again = all[n - 20..]
+                .iter()
+                .find(|l| point_of(l) == point_of(line))
+                .expect("written again");
+            for first in reqs.iter().filter(|q| q.lines().any(|l| l == line)) {
+                for second in reqs.iter().filter(|q| q.lines().any(|l| l == again)) {
+                    if first.seq == second.seq {
+                        continue;
+                    }
+                    let began = first.answer_began.get().expect("answered");
+                    assert!(
+                        second.at > *began,
+                        "{again} (request #{}) arrived before {line} (request #{}) was answered",
+                        second.seq,
+                        first.seq
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A batch sent ahead that fails, or follows one that did, is sent again
+/// the ordinary way: nothing is lost or counted twice, and the failures
+/// are counted.
+#[test]
+fn a_batch_sent_ahead_that_fails_goes_again_in_order() {
+    let server = FaultServer::with_rule(|req| {
+        let then = match req.seq % 5 {
+            2 => Action::influx_error(500, "internal error (fault remote)"),
+            4 => Action::Reset,
+            _ => Action::ok(),
+        };
+        Action::stall(Duration::from_millis(150), then)
+    });
+    let mut r = remote("cloud", &server);
+    r.max_in_flight = Some(3);
+    let agent = Agent::start(single(r, |r| r.batch_size = "1kB".into()));
+    let all = write_with_rewrites(&agent, 40);
+    let rep = agent.wait_drained("r1");
+    assert_conserved(&rep);
+    assert_eq!(field(&rep, "deliveredLines"), all.len() as u64, "{rep:#}");
+    assert_eq!(field(&rep, "droppedNonRetryableLines"), 0, "{rep:#}");
+    let expected: HashSet<String> = all.iter().cloned().collect();
+    assert_accepted_exactly(&server, &expected);
+    let reqs = server.requests();
+    assert!(!in_flight_together(&reqs).is_empty(), "nothing went ahead");
+    let errors = agent.metrics();
+    let counted = metric_value(
+        &errors,
+        "replications_queue_remote_write_errors",
+        "code=\"500\"",
+    )
+    .unwrap_or(0.0);
+    let failed = reqs.iter().filter(|q| q.seq % 5 == 2).count();
+    assert_eq!(counted as usize, failed, "every 500 counted once");
+}

@@ -25,6 +25,11 @@ const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(10);
 const DEFAULT_MIN_BACKOFF: Duration = Duration::from_secs(1);
 /// `max_backoff` when the key is left out.
 const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(300);
+/// `max_in_flight` when the key is left out.
+const DEFAULT_MAX_IN_FLIGHT: usize = 2;
+/// The most requests a worker keeps in flight: past a few, a long round trip
+/// is covered and more only multiplies what a failure sends again.
+pub const MAX_IN_FLIGHT: usize = 8;
 
 /// Which write API a remote speaks: InfluxDB 2.x/Cloud (`"v2"`) or 1.x (`"v1"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -70,6 +75,9 @@ pub struct Remote {
     pub probe_interval: Duration,
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Requests a replication's worker may have in flight to this remote at
+    /// once, when the answers are slow to come back (`ship`, "sent ahead").
+    pub max_in_flight: usize,
 }
 
 // Written by hand so a proxy URL's credentials stay out of logs and panics.
@@ -92,6 +100,7 @@ impl fmt::Debug for Remote {
             .field("probe_interval", &self.probe_interval)
             .field("min_backoff", &self.min_backoff)
             .field("max_backoff", &self.max_backoff)
+            .field("max_in_flight", &self.max_in_flight)
             .finish()
     }
 }
@@ -117,6 +126,7 @@ pub(super) struct RawRemote {
     probe_interval: Option<Scalar>,
     min_backoff: Option<Scalar>,
     max_backoff: Option<Scalar>,
+    max_in_flight: Option<i64>,
 }
 
 impl Validator<'_> {
@@ -247,6 +257,16 @@ impl Validator<'_> {
                 format!("must not be less than min_backoff ({min_backoff:?})"),
             ));
         }
+        let max_in_flight = match r.max_in_flight {
+            None => DEFAULT_MAX_IN_FLIGHT,
+            Some(n) if (1..=MAX_IN_FLIGHT as i64).contains(&n) => n as usize,
+            Some(n) => {
+                return Err(invalid(
+                    key("max_in_flight"),
+                    format!("{n} is not a number of requests from 1 to {MAX_IN_FLIGHT}"),
+                ))
+            }
+        };
         Ok(Remote {
             name: r.name,
             url,
@@ -264,6 +284,7 @@ impl Validator<'_> {
             probe_interval,
             min_backoff,
             max_backoff,
+            max_in_flight,
         })
     }
 }

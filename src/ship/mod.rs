@@ -24,6 +24,7 @@
 //! answer saves a bisection and the resending of lines already written,
 //! which Cloud Serverless bills as data-in.
 
+pub mod ahead;
 pub mod answer;
 pub mod backoff;
 pub mod client;
@@ -145,6 +146,8 @@ pub struct ShipConfig {
     pub drop_non_retryable_data: bool,
     /// 1 to 9, higher first, on a capped link or the last of a budget.
     pub priority: u8,
+    /// Requests in flight at once when answers are slow (`max_in_flight`).
+    pub max_in_flight: usize,
 }
 
 /// Where and how a worker ships; replaced as a whole on a config reload.
@@ -166,6 +169,19 @@ pub struct Worker {
     pub link: Arc<link::Link>,
     /// Whether entries deflated when queued are compressed again.
     pub reencode: Cell<reencode::Reencode>,
+    /// How long the last delivered request waited for its answer after its
+    /// body had gone; `None` after a failed one. Decides sending ahead.
+    pub answer_wait: Cell<Option<Duration>>,
+}
+
+/// What a POST touches besides its body. Shared by reference with the
+/// threads that send batches ahead ([`ahead`]), so it holds nothing of the
+/// worker's own cells.
+struct Wire<'a> {
+    name: &'a str,
+    status: &'a ReplStatus,
+    link: &'a link::Link,
+    control: &'a Control,
 }
 
 /// A settlement sent to the queue and not yet confirmed durable.
@@ -380,7 +396,7 @@ impl Worker {
         let mut due = HeldDue::new();
         let mut reloads = self.control.wake.generation();
         debug!("replication \"{name}\": worker started");
-        while !self.control.stopped() {
+        'work: while !self.control.stopped() {
             self.control.beat();
             let seen = self.repl.data.generation();
             let lane_shipped = match self.retry_held(
@@ -445,7 +461,44 @@ impl Worker {
                 }
             };
             let limit = fit;
-            let settlement = match self.deliver(&batch, &shipment, &mut lines, &mut fit) {
+            // On a link whose answers are slow, the batches that follow go
+            // at the same time, one attempt each; they settle after this one.
+            let ahead = if ahead::wanted(
+                t.config.max_in_flight,
+                self.link.limited(),
+                self.answer_wait.get(),
+            ) {
+                self.read_ahead(&t, &batch, &shipment, fit, split)
+            } else {
+                Vec::new()
+            };
+            let again =
+                t.config.gzip_level > reencode::INGEST_LEVEL && self.reencode.get().wanted();
+            let wire = self.wire();
+            let (delivered, answers) = thread::scope(|scope| {
+                let sent: Vec<_> = ahead
+                    .iter()
+                    .map(|(b, sh)| {
+                        let (wire, t) = (&wire, &t);
+                        thread::Builder::new()
+                            .name(format!("ahead-{name}"))
+                            .spawn_scoped(scope, move || wire.send_ahead(t, b, sh, again))
+                            .ok()
+                    })
+                    .collect();
+                let delivered = self.deliver(&batch, &shipment, &mut lines, &mut fit);
+                let answers: Vec<_> = sent
+                    .into_iter()
+                    .map(|h| h.and_then(|h| h.join().ok().flatten()))
+                    .collect();
+                (delivered, answers)
+            });
+            for (answer, _) in answers.iter().flatten() {
+                if !ahead::accepted_whole(answer) {
+                    self.count_error(answer);
+                }
+            }
+            let settlement = match delivered {
                 Ok(s) => s,
                 Err(Unsettled::Stale) => continue,
                 Err(Unsettled::Stopped) => break,
@@ -491,6 +544,29 @@ impl Worker {
                 to: batch.to,
                 reply: self.queue.settle_async(&self.repl, &batch, settlement),
             });
+            // The batches sent ahead, in queue order, up to the first whose
+            // attempt was not accepted whole: it and those after it are read
+            // and sent again.
+            for ((b, _), answer) in ahead.iter().zip(answers) {
+                let Some((answer, sent)) = answer else { break };
+                if !ahead::accepted_whole(&answer) {
+                    break;
+                }
+                self.record_success(sent);
+                match self.confirm(&mut settling) {
+                    Ok(()) => {}
+                    Err(QueueError::Closed) => break 'work,
+                    Err(_) => break,
+                }
+                let whole = Settlement {
+                    bucket: b.bucket.clone(),
+                    ..Settlement::default()
+                };
+                settling = Some(Settling {
+                    to: b.to,
+                    reply: self.queue.settle_async(&self.repl, b, whole),
+                });
+            }
         }
         let _ = self.confirm(&mut settling);
         debug!("replication \"{name}\": worker stopped");
@@ -593,6 +669,55 @@ impl Worker {
             Err(Unsettled::Stale) => Some(false),
             Err(Unsettled::Stopped) => None,
         }
+    }
+
+    /// The batches after `first` (read from where it ends) that go ahead
+    /// of it, up to `max_in_flight - 1`: each no larger than `fit`, and none
+    /// holding a point that `first` or another of them holds.
+    fn read_ahead(
+        &self,
+        t: &Target,
+        first: &Batch,
+        shipment: &Shipment,
+        fit: usize,
+        split: bool,
+    ) -> Vec<(Batch, Shipment)> {
+        let mut in_flight = ahead::InFlight::default();
+        let mut lines = Vec::new();
+        if shipment.lines_into(&mut lines).is_err() || !in_flight.admit(&first.bucket, &lines) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let mut from = first.to;
+        while out.len() + 1 < t.config.max_in_flight {
+            let mut sh = Shipment::default();
+            let Ok(Some(b)) = self
+                .queue
+                .read_shipment(&self.repl, Some(from), fit, split, &mut sh)
+            else {
+                break;
+            };
+            lines.clear();
+            if b.bytes as usize > fit
+                || sh.lines_into(&mut lines).is_err()
+                || !in_flight.admit(&b.bucket, &lines)
+            {
+                break;
+            }
+            from = b.to;
+            out.push((b, sh));
+        }
+        out
+    }
+
+    /// Counts a failed attempt of a batch sent ahead: the batch goes again
+    /// the ordinary way, whose attempts say what the remote answers.
+    fn count_error(&self, answer: &Answer) {
+        let code = match answer {
+            Answer::Status { code, .. } => code.to_string(),
+            Answer::Transport(_) => "transport".into(),
+        };
+        *self.status.ship.locked().errors.entry(code).or_default() += 1;
     }
 
     /// Records an answer that held a destination: counted as an error,
@@ -779,8 +904,10 @@ impl Worker {
             }
             let bucket = t.config.remote_bucket.as_deref().unwrap_or(&batch.bucket);
             let posted = Instant::now();
-            let answer = self.post(&t.client, &t.client.write_url(bucket), gz);
+            let (answer, waited) = self.post(&t.client, &t.client.write_url(bucket), gz);
             let verdict = classify(&answer);
+            self.answer_wait
+                .set(waited.filter(|_| verdict == Verdict::Delivered));
             match verdict {
                 Verdict::Delivered => {
                     let took = posted.elapsed();
@@ -1162,51 +1289,19 @@ impl Worker {
         }
     }
 
-    /// POSTs `gz`, showing in status how much of it has gone, and counting
-    /// what went on the wire and what the answer says of the link.
-    fn post(&self, client: &Client, url: &str, gz: &[u8]) -> Answer {
-        let total = gz.len() as u64;
-        self.status.ship.locked().sending = Some((0, total));
-        let mut sent = 0;
+    fn wire(&self) -> Wire<'_> {
+        Wire {
+            name: &self.repl.name,
+            status: &self.status,
+            link: &self.link,
+            control: &self.control,
+        }
+    }
+
+    /// POSTs `gz` (see [`Wire::post`]), showing its progress in status.
+    fn post(&self, client: &Client, url: &str, gz: &[u8]) -> (Answer, Option<Duration>) {
         let priority = self.target().config.priority;
-        let answer = client.post(
-            url,
-            gz,
-            &mut |want| self.link.take(want, priority),
-            &mut |done| {
-                sent = done;
-                // A slow link may take long over one body: it is progress.
-                self.control.beat();
-                self.status.ship.locked().sending = Some((done, total));
-            },
-        );
-        self.link
-            .charge(link::REQUEST_OVERHEAD + message(&answer).len() as u64);
-        self.link.save(false);
-        let mut s = self.status.ship.locked();
-        s.sending = None;
-        s.wire_bytes_sent += sent;
-        let link = match &answer {
-            Answer::Status { .. } => Link::Up,
-            a if client::stalled(a) => Link::Stalled,
-            Answer::Transport(_) => Link::Down,
-        };
-        if link != Link::Up {
-            // Shown with the link's state, not a moment later: status must
-            // not say `stalled` beside the last success's code.
-            s.latest_code = None;
-            s.latest_error = message(&answer);
-        }
-        if link != s.link {
-            let name = &self.repl.name;
-            match link {
-                Link::Up => info!("replication \"{name}\": the link to the remote is up again"),
-                Link::Stalled => warn!("replication \"{name}\": the link to the remote stalls; abandoned a request after {sent} of {total} body bytes"),
-                Link::Down => {}
-            }
-        }
-        s.set_link(link);
-        answer
+        self.wire().post(client, url, gz, priority, true)
     }
 
     fn record_success(&self, sent_bytes: usize) {
@@ -1341,6 +1436,103 @@ impl Worker {
         if !self.control.stopped() {
             self.control.wake.wait_past(seen, d);
         }
+    }
+}
+
+impl Wire<'_> {
+    /// POSTs `gz`, counting what went on the wire and what the answer says
+    /// of the link; with `show`, how much of it has gone, in status (a batch
+    /// sent ahead does not show: the batch at the head does). Returns the
+    /// answer and, when the whole body went, how long the answer took after.
+    fn post(
+        &self,
+        client: &Client,
+        url: &str,
+        gz: &[u8],
+        priority: u8,
+        show: bool,
+    ) -> (Answer, Option<Duration>) {
+        let total = gz.len() as u64;
+        if show {
+            self.status.ship.locked().sending = Some((0, total));
+        }
+        let mut sent = 0;
+        let mut body_gone = None;
+        let answer = client.post(
+            url,
+            gz,
+            &mut |want| self.link.take(want, priority),
+            &mut |done| {
+                sent = done;
+                if done == total {
+                    body_gone = Some(Instant::now());
+                }
+                // A slow link may take long over one body: it is progress.
+                self.control.beat();
+                if show {
+                    self.status.ship.locked().sending = Some((done, total));
+                }
+            },
+        );
+        let waited = body_gone.map(|t| t.elapsed());
+        self.link
+            .charge(link::REQUEST_OVERHEAD + message(&answer).len() as u64);
+        self.link.save(false);
+        let mut s = self.status.ship.locked();
+        if show {
+            s.sending = None;
+        }
+        s.wire_bytes_sent += sent;
+        let link = match &answer {
+            Answer::Status { .. } => Link::Up,
+            a if client::stalled(a) => Link::Stalled,
+            Answer::Transport(_) => Link::Down,
+        };
+        if link != Link::Up {
+            // Shown with the link's state, not a moment later: status must
+            // not say `stalled` beside the last success's code.
+            s.latest_code = None;
+            s.latest_error = message(&answer);
+        }
+        if link != s.link {
+            let name = &self.name;
+            match link {
+                Link::Up => info!("replication \"{name}\": the link to the remote is up again"),
+                Link::Stalled => warn!("replication \"{name}\": the link to the remote stalls; abandoned a request after {sent} of {total} body bytes"),
+                Link::Down => {}
+            }
+        }
+        s.set_link(link);
+        (answer, waited)
+    }
+
+    /// One attempt at a batch sent ahead ([`ahead`]): compressed as its
+    /// first attempt would be (`again`: its deflated entries at
+    /// `gzip_level`), POSTed once. Returns the answer and the body's size,
+    /// or `None` when it was not sent (a stop, a spent budget, a batch that
+    /// cannot be read back).
+    fn send_ahead(
+        &self,
+        t: &Target,
+        batch: &Batch,
+        shipment: &Shipment,
+        again: bool,
+    ) -> Option<(Answer, usize)> {
+        if self.control.stopped() || self.link.spent(t.config.priority).is_some() {
+            return None;
+        }
+        let level = t.config.gzip_level;
+        let gz = if again && shipment.has_segments() {
+            let mut lines = Vec::new();
+            shipment.lines_into(&mut lines).ok()?;
+            gzip(&lines, level)
+        } else {
+            shipment.gzip(level, Vec::new())
+        };
+        let bucket = t.config.remote_bucket.as_deref().unwrap_or(&batch.bucket);
+        let url = t.client.write_url(bucket);
+        let (answer, _) = self.post(&t.client, &url, &gz, t.config.priority, false);
+        Some((answer, gz.len()))
     }
 }
 
@@ -1599,6 +1791,7 @@ mod tests {
             probe_interval: Duration::from_secs(10),
             drop_non_retryable_data: false,
             priority: 5,
+            max_in_flight: 1,
         };
         let throttled = |v: &str| Answer::Status {
             code: 429,

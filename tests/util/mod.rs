@@ -780,6 +780,8 @@ pub struct RemoteConfig {
     pub stall_timeout: Option<String>,
     /// `probe_interval`, when a test sets it (else the agent's default).
     pub probe_interval: Option<String>,
+    /// `max_in_flight`, when a test sets it (else the agent's default).
+    pub max_in_flight: Option<u32>,
 }
 
 impl RemoteConfig {
@@ -799,6 +801,7 @@ impl RemoteConfig {
             connect_timeout: "1s".into(),
             stall_timeout: None,
             probe_interval: None,
+            max_in_flight: None,
         }
     }
 
@@ -950,6 +953,9 @@ impl AgentConfig {
             }
             if let Some(v) = &r.probe_interval {
                 t += &format!("probe_interval = {}\n", toml_str(v));
+            }
+            if let Some(n) = r.max_in_flight {
+                t += &format!("max_in_flight = {n}\n");
             }
         }
         for r in &self.replications {
