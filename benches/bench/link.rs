@@ -39,7 +39,7 @@ const POOL_WRITES: usize = 256;
 /// How often the agent, vmagent, the remote and the veth are sampled.
 const POLL: Duration = Duration::from_millis(100);
 /// The one-way delay of the delaying proxy (600 ms round trip).
-const ONE_WAY: Duration = Duration::from_millis(300);
+pub const ONE_WAY: Duration = Duration::from_millis(300);
 /// The range the bench's lab takes a /30 from (the tests use 10.213/16).
 const RANGE: (u8, u8) = (10, 214);
 const BLOCKS: u32 = 1 << 14;
@@ -403,15 +403,15 @@ fn at<T: Copy>(samples: &[(f64, T)], t: f64) -> Option<T> {
 /// A TCP proxy on loopback that delays every chunk by [`ONE_WAY`] in each
 /// direction, in order, and a new connection by a round trip: a 600 ms RTT
 /// link without netem.
-struct DelayProxy {
-    port: u16,
+pub struct DelayProxy {
+    pub port: u16,
     stop: Arc<AtomicBool>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl DelayProxy {
-    fn start(upstream: SocketAddr) -> DelayProxy {
+    pub fn start(upstream: SocketAddr) -> DelayProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind the delaying proxy");
         listener
             .set_nonblocking(true)

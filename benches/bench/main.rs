@@ -19,9 +19,11 @@
 //!    VictoriaMetrics in a network namespace (`link.rs`; needs root);
 //! 8. the bandwidth cap: bytes per second at the remote against a cap of
 //!    32 and 128 kB/s, draining a backlog over loopback (`cap.rs`);
-//! 9. with `BENCH_ONLY=profile` only (`make profile`): the agent under
-//!    `perf` while it ingests each mix, a flame graph each, and the share of
-//!    each stage (`profile.rs`).
+//! 9. a long round trip: a backlog drained through a 600 ms round trip with
+//!    `max_in_flight` 1, 2 and 4, and by vmagent (`rtt.rs`);
+//! 10. with `BENCH_ONLY=profile` only (`make profile`): the agent under
+//!     `perf` while it ingests each mix, a flame graph each, and the share of
+//!     each stage (`profile.rs`).
 //!
 //! Results: a markdown table (medians, with min–max over the runs, and
 //! ratios taken run by run) printed and written to `target/bench/`, with a
@@ -37,6 +39,7 @@ mod procs;
 mod profile;
 mod quiet;
 mod report;
+mod rtt;
 mod sink;
 
 use std::fs;
@@ -185,6 +188,7 @@ impl Who {
                     remote_url: remote,
                     max_backoff,
                     extra,
+                    remote_extra: "",
                 },
             ),
             None => procs::start_vmagent(dir, port, &format!("{remote}/api/v1/write")),
@@ -307,7 +311,7 @@ fn main() {
     eprintln!("bench: {machine}");
     let mut rows = Vec::new();
     let mut raw = serde_json::Map::new();
-    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory,link,cap runs some phases only.
+    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory,link,cap,rtt runs some phases only.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
     let ingest_rate = if run("ingest") {
@@ -341,6 +345,9 @@ fn main() {
     };
     if run("cap") {
         cap::cap(&ctx, &mut rows, &mut raw);
+    }
+    if run("rtt") {
+        rtt::rtt(&ctx, &mut rows, &mut raw);
     }
     // Not part of a plain `make bench`: `make profile` asks for it.
     let profiled = if only.split(',').any(|p| p.trim() == "profile") {

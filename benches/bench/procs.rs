@@ -300,6 +300,8 @@ pub struct AgentSpec<'a> {
     pub max_backoff: &'a str,
     /// TOML appended to the config (e.g. a `[[tail]]` table).
     pub extra: &'a str,
+    /// TOML appended to the `[[remote]]` table (e.g. `max_in_flight`).
+    pub remote_extra: &'a str,
 }
 
 /// Writes a config under `spec.dir` and starts the agent on it.
@@ -325,7 +327,7 @@ url = "{url}"
 api = "v2"
 org = "bench"
 max_backoff = "{max_backoff}"
-
+{remote_extra}
 [[replication]]
 name = "bench"
 remote = "remote"
@@ -337,6 +339,7 @@ batch_size = "500kB"
 gzip_level = 6
 {extra}"#,
         extra = spec.extra,
+        remote_extra = spec.remote_extra,
         dir = spec.dir.join("data").display(),
         port = spec.port,
         url = spec.remote_url,

@@ -20,13 +20,14 @@
 //! before its settlement commits.
 //!
 //! The remote may apply requests in flight together in any order, so two
-//! of them never hold the same point (bucket, series, timestamp), which
-//! the later write must win: a batch that shares one with a batch in flight
-//! is not sent ahead ([`InFlight`]). Nothing is sent ahead on a capped or
+//! of them never write the same point (bucket, series, timestamp) with
+//! different lines, where the later write must win: a batch that does so
+//! with a batch in flight is not sent ahead ([`InFlight`]). The same line
+//! twice (a writer that resent it) may arrive in either order. Nothing is sent ahead on a capped or
 //! budgeted link: its bytes are what is scarce, and a batch sent ahead of
 //! one that then fails goes twice.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
@@ -52,19 +53,22 @@ pub fn accepted_whole(answer: &Answer) -> bool {
     matches!(answer, Answer::Status { code: 200..=299, message, .. } if message.is_empty())
 }
 
-/// The points of the batches in flight together, as hashes of (bucket,
-/// series, timestamp). Two distinct points that hash alike only keep a
-/// batch from going ahead.
+/// The points of the batches in flight together: by a hash of (bucket,
+/// series, timestamp), a hash of the line that wrote it, or `None` once
+/// lines differing for it were seen. The same line sent twice (a writer
+/// that resends) may go in any order; a different one may not. Two
+/// distinct points or lines that hash alike only keep a batch from going
+/// ahead.
 pub struct InFlight {
     hasher: RandomState,
-    keys: HashSet<u64>,
+    points: HashMap<u64, Option<u64>>,
 }
 
 impl Default for InFlight {
     fn default() -> Self {
         InFlight {
             hasher: RandomState::new(),
-            keys: HashSet::new(),
+            points: HashMap::new(),
         }
     }
 }
@@ -72,18 +76,30 @@ impl Default for InFlight {
 impl InFlight {
     /// Admits the batch of `bucket` holding `lines` (whole, normalised) to
     /// be in flight beside those admitted before: false, and nothing
-    /// recorded, if it holds a point one of them holds.
+    /// recorded, if it writes a point one of them writes, with another line.
     pub fn admit(&mut self, bucket: &str, lines: &[u8]) -> bool {
-        let mine: Vec<u64> = lineproto::points(lines)
+        let mine: Vec<(u64, u64)> = lineproto::points(lines)
             .map(|p| {
-                self.hasher
-                    .hash_one((bucket, lineproto::series_and_time(p)))
+                let point = (bucket, lineproto::series_and_time(p));
+                (self.hasher.hash_one(point), self.hasher.hash_one(p))
             })
             .collect();
-        if mine.iter().any(|k| self.keys.contains(k)) {
+        let clash = mine
+            .iter()
+            .any(|(k, line)| self.points.get(k).is_some_and(|had| *had != Some(*line)));
+        if clash {
             return false;
         }
-        self.keys.extend(mine);
+        for (k, line) in mine {
+            self.points
+                .entry(k)
+                .and_modify(|had| {
+                    if *had != Some(line) {
+                        *had = None;
+                    }
+                })
+                .or_insert(Some(line));
+        }
         true
     }
 }
@@ -140,5 +156,19 @@ mod tests {
         // A string value holding a newline is one point.
         assert!(f.admit("a", b"s v=\"a\nb\" 1\n"));
         assert!(!f.admit("a", b"s v=\"c\" 1\n"));
+    }
+
+    #[test]
+    fn the_same_line_again_may_go_in_any_order() {
+        let mut f = InFlight::default();
+        assert!(f.admit("a", b"m v=1 100\nm v=1 200\n"));
+        assert!(f.admit("a", b"m v=1 100\n"), "a resent line");
+        assert!(!f.admit("a", b"m v=2 100\n"));
+        // A batch that writes a point twice, differently: its last line
+        // wins there, so a batch with either line must wait.
+        let mut f = InFlight::default();
+        assert!(f.admit("a", b"m v=1 5\nm v=2 5\n"));
+        assert!(!f.admit("a", b"m v=1 5\n"));
+        assert!(!f.admit("a", b"m v=2 5\n"));
     }
 }

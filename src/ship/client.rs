@@ -116,7 +116,11 @@ impl Client {
             .timeout_recv_response(Some(remote.timeout))
             .timeout_recv_body(Some(remote.timeout))
             .user_agent(concat!("edge-replicator/", env!("CARGO_PKG_VERSION")))
-            .max_idle_connections_per_host(2)
+            // A connection kept for each request a worker has in flight:
+            // one opened anew costs a round trip or two (TCP, TLS) on
+            // exactly the links where requests go ahead.
+            .max_idle_connections_per_host(remote.max_in_flight.max(2))
+            .max_idle_connections(remote.max_in_flight.max(2) + 8)
             .max_idle_age(Duration::from_secs(50))
             .proxy(proxy)
             .tls_config(tls.build())

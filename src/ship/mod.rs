@@ -672,8 +672,9 @@ impl Worker {
     }
 
     /// The batches after `first` (read from where it ends) that go ahead
-    /// of it, up to `max_in_flight - 1`: each no larger than `fit`, and none
-    /// holding a point that `first` or another of them holds.
+    /// of it, up to `max_in_flight - 1`: none larger than a limit stalls
+    /// lowered, and none writing a point that `first` or another of them
+    /// writes with another line.
     fn read_ahead(
         &self,
         t: &Target,
@@ -698,7 +699,10 @@ impl Worker {
                 break;
             };
             lines.clear();
-            if b.bytes as usize > fit
+            // A batch larger than a limit the link lowered would go in
+            // pieces: that is the ordinary path's work.
+            let lowered = fit < t.config.batch_size;
+            if (lowered && b.bytes as usize > fit)
                 || sh.lines_into(&mut lines).is_err()
                 || !in_flight.admit(&b.bucket, &lines)
             {
