@@ -248,6 +248,9 @@ fn error_cases_name_the_key() {
             "remote \"cloud\": max_backoff: must not be less than min_backoff (2s)",
         ),
         (remote("max_backoff = \"forever\""), "remote \"cloud\": max_backoff: invalid duration \"forever\""),
+        (remote("max_in_flight = 0"), "remote \"cloud\": max_in_flight: 0 is not a number of requests from 1 to 8"),
+        (remote("max_in_flight = 9"), "remote \"cloud\": max_in_flight: 9 is not a number of requests from 1 to 8"),
+        (remote("max_in_flight = \"2\""), "max_in_flight: invalid type: string"),
         // [[replication]]
         (repl("").replace("\"sensors\"\nremote", "\"s/1\"\nremote"), "replication[0].name: invalid name \"s/1\""),
         (
@@ -488,6 +491,7 @@ fn minimal_remote_and_replication_get_defaults() {
     assert_eq!(r.probe_interval, Duration::from_secs(10));
     assert_eq!(r.min_backoff, Duration::from_secs(1));
     assert_eq!(r.max_backoff, Duration::from_secs(300));
+    assert_eq!(r.max_in_flight, 2);
     let s = &c.replications[0];
     assert_eq!(s.name, "sensors");
     assert_eq!(s.remote, "cloud");

@@ -8,6 +8,10 @@
 //! say our token or bucket is wrong. The worker sleeps on a signal so that
 //! shutdown and config reloads interrupt any wait at once.
 //!
+//! Where answers are slow to come back, the batches after the head batch go
+//! at the same time on threads of their own, one attempt each, and settle
+//! after it, in queue order ([`ahead`]).
+//!
 //! A replication that sends each bucket to its own name (`local_bucket =
 //! "*"` without `remote_bucket`) has many destinations: an answer about one
 //! of them (404 bucket or database not found, 403 on a bucket) holds only
