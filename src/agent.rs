@@ -85,6 +85,7 @@ fn ship_config(r: &Replication, remote: &Remote) -> ShipConfig {
         drop_non_retryable_data: r.drop_non_retryable_data,
         priority: r.priority,
         max_in_flight: remote.max_in_flight,
+        live_window: r.live_window,
     }
 }
 

@@ -105,6 +105,8 @@ pub struct ShipStatus {
     pub sending: Option<(u64, u64)>,
     /// TCP connects made to see whether an unreachable remote is back.
     pub probes: u64,
+    /// Lines delivered ahead of an older backlog (`send_order = "live_first"`).
+    pub live_first_lines: u64,
     /// The byte limit of the next batch: `batch_size`, or less after
     /// stalls (see the ship module).
     pub batch_limit: u64,
@@ -351,6 +353,12 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         "counter",
         "Compressed request bodies put on the wire, accepted or not.",
         per_repl(&|r| r.ship.locked().wire_bytes_sent as f64),
+    );
+    family(
+        "replications_queue_remote_live_first_lines",
+        "counter",
+        "Lines delivered ahead of an older backlog (send_order = \"live_first\").",
+        per_repl(&|r| r.ship.locked().live_first_lines as f64),
     );
     family(
         "replications_queue_remote_probes",
@@ -843,6 +851,7 @@ mod tests {
                 link_since: Some(at(1_772_366_399_000)),
                 sending: Some((5, 20)),
                 probes: 3,
+                live_first_lines: 0,
                 batch_limit: 4096,
             }),
         });

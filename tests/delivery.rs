@@ -2720,3 +2720,105 @@ fn a_batch_sent_ahead_that_fails_goes_again_in_order() {
     let failed = reqs.iter().filter(|q| q.seq % 5 == 2).count();
     assert_eq!(counted as usize, failed, "every 500 counted once");
 }
+
+/// `send_order`: after an outage, with `live_first` (the default) the lines
+/// queued within `live_window` reach the remote right after the batch that
+/// found the link back, ahead of the backlog, which drains after them; with
+/// `oldest_first` they come last. Either way every line arrives once and is
+/// counted once.
+#[test]
+fn after_an_outage_fresh_lines_go_before_the_backlog() {
+    for order in ["live_first", "oldest_first"] {
+        let server = FaultServer::with_rule(|_| Action::status(503));
+        let mut r = remote("cloud", &server);
+        r.max_backoff = "200ms".into();
+        let agent = Agent::start(single(r, |r| {
+            r.batch_size = "1kB".into();
+            r.extra = format!("send_order = \"{order}\"\nlive_window = \"3s\"\n");
+        }));
+        let base = ts_ago(Duration::from_secs(600));
+        let batch = |tag: &str, from: usize, n: usize| -> Vec<String> {
+            (from..from + n)
+                .map(|i| format!("{tag},k=s{} v={i}i {}", i % 4, base + i as i64))
+                .collect()
+        };
+        let mut old = Vec::new();
+        for w in 0..20 {
+            let lines = batch("old", w * 25, 25);
+            assert_eq!(agent.write_v2("b", join(&lines), &Opts::new()).0, 204);
+            old.extend(lines);
+        }
+        // The backlog grows older than the window; then a writer backfills
+        // a point of it with another value, and fresh lines come.
+        std::thread::sleep(Duration::from_millis(3_500));
+        let rewrite = format!("old,k=s3 v=999999i {}", base + 7);
+        assert_eq!(agent.write_v2("b", &rewrite, &Opts::new()).0, 204);
+        old.push(rewrite.clone());
+        // Later than the backfill was queued (ts_ago rounds down to the ms).
+        let now = ts_ago(Duration::ZERO) + 1_000_000;
+        let fresh: Vec<String> = (0..10)
+            .map(|i| format!("fresh,k=s{} v={i}i {}", i % 4, now + i))
+            .collect();
+        assert_eq!(agent.write_v2("b", join(&fresh), &Opts::new()).0, 204);
+        let back = server.request_count();
+        server.set_rule(|_| Action::stall(Duration::from_millis(60), Action::ok()));
+        let rep = agent.wait_drained("r1");
+        assert_conserved(&rep);
+        let total = old.len() + fresh.len();
+        assert_eq!(field(&rep, "deliveredLines"), total as u64, "{rep:#}");
+        let expected: HashSet<String> = old.iter().chain(&fresh).cloned().collect();
+        assert_accepted_exactly(&server, &expected);
+
+        let first_fresh = server
+            .requests()
+            .iter()
+            .filter(|q| q.lines().any(|l| l.starts_with("fresh")))
+            .map(|q| q.seq)
+            .min()
+            .expect("fresh lines sent");
+        let last_old = server
+            .requests()
+            .iter()
+            .filter(|q| q.lines().any(|l| l.starts_with("old")))
+            .map(|q| q.seq)
+            .max()
+            .expect("old lines sent");
+        let live = metric_value(
+            &agent.metrics(),
+            "replications_queue_remote_live_first_lines",
+            "r1",
+        )
+        .unwrap_or(-1.0);
+        eprintln!(
+            "{order}: {} requests, the first after the outage #{back}; first with a fresh line #{first_fresh}, last with an old one #{last_old}; {live} lines live first",
+            server.request_count(),
+        );
+        // The backfilled value went after the one it rewrites: it is the
+        // one the remote keeps.
+        let point = format!("old,k=s3 v=7i {}", base + 7);
+        let last_write = |line: &str| {
+            server
+                .requests()
+                .iter()
+                .filter(|q| q.lines().any(|l| l == line))
+                .map(|q| q.seq)
+                .max()
+        };
+        assert!(
+            last_write(&point) < last_write(&rewrite),
+            "{rewrite} went before {point}"
+        );
+        if order == "live_first" {
+            // The batch in hand when the remote came back, then the fresh
+            // lines (a request or two of 503 may straddle the change).
+            assert!(
+                first_fresh <= back + 3 && first_fresh + 10 < last_old,
+                "fresh lines went at #{first_fresh}: the remote was back at #{back}, the backlog drained until #{last_old}"
+            );
+            assert_eq!(live, fresh.len() as f64);
+        } else {
+            assert!(first_fresh >= last_old, "#{first_fresh} before #{last_old}");
+            assert_eq!(live, 0.0);
+        }
+    }
+}

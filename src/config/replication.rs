@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use super::units::{duration_value, size_value, Scalar, MIB};
+use super::units::{duration_value, positive, size_value, Scalar, MIB};
 use super::{check_name, invalid, non_empty, Api, ConfigError, Remote, Validator};
 
 /// `max_queue_size` when the key is left out.
@@ -24,6 +24,8 @@ const DEFAULT_BATCH_SIZE: u64 = 500_000;
 const MIN_BATCH_SIZE: u64 = 1_000;
 /// `gzip_level` when the key is left out.
 const DEFAULT_GZIP_LEVEL: u32 = 6;
+/// `live_window` when the key is left out.
+const DEFAULT_LIVE_WINDOW: Duration = Duration::from_secs(60);
 /// `downsample.allowed_lateness` when the key is left out.
 const DEFAULT_ALLOWED_LATENESS: Duration = Duration::from_secs(30);
 
@@ -70,6 +72,9 @@ pub struct Replication {
     /// 1 to 9, higher first: who gets a capped link, and the last tenth of
     /// a data budget (`[link]`).
     pub priority: u8,
+    /// `send_order = "live_first"`: lines queued within this window before
+    /// now go ahead of a backlog older than it; `None` for `"oldest_first"`.
+    pub live_window: Option<Duration>,
     /// Measurement globs (`*`, `?`) a line must match to be sent; empty: all.
     pub include_measurements: Vec<String>,
     /// Measurement globs whose lines are not sent.
@@ -144,6 +149,8 @@ pub(super) struct RawReplication {
     batch_size: Option<Scalar>,
     gzip_level: Option<i64>,
     priority: Option<i64>,
+    send_order: Option<String>,
+    live_window: Option<Scalar>,
     include_measurements: Option<Vec<String>>,
     exclude_measurements: Option<Vec<String>>,
     add_tags: Option<BTreeMap<String, String>>,
@@ -251,6 +258,20 @@ impl Validator<'_> {
                 return Err(invalid(
                     key("when_full"),
                     format!("invalid value {other:?} (use \"drop_oldest\" or \"reject\")"),
+                ))
+            }
+        };
+        let live_window = positive(
+            &key("live_window"),
+            duration_value(&key("live_window"), r.live_window, DEFAULT_LIVE_WINDOW)?,
+        )?;
+        let live_window = match r.send_order.as_deref() {
+            None | Some("live_first") => Some(live_window),
+            Some("oldest_first") => None,
+            Some(other) => {
+                return Err(invalid(
+                    key("send_order"),
+                    format!("invalid value {other:?} (use \"live_first\" or \"oldest_first\")"),
                 ))
             }
         };
@@ -365,6 +386,7 @@ impl Validator<'_> {
             batch_size,
             gzip_level,
             priority,
+            live_window,
             include_measurements,
             exclude_measurements,
             add_tags,

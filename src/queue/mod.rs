@@ -327,6 +327,10 @@ pub struct Batch {
     /// The log the batch was read from: 0 for the main log, else the held
     /// lane's number; its settlement goes to the same log.
     pub lane: u32,
+    /// Whole entries read from the middle of the main log, ahead of its
+    /// head ([`Queue::read_live`]): settling it removes those entries and
+    /// leaves the head where it is.
+    pub live: bool,
 }
 
 /// A batch as stored: runs of lines, and deflate segments of lines that
@@ -934,6 +938,105 @@ impl Queue {
         Ok(batch)
     }
 
+    /// Where the newest lines of `repl`'s main log begin, for sending them
+    /// before a backlog (`send_order = "live_first"`): the first of the
+    /// entries queued at or after `since_ns` that follow both the head entry
+    /// and `after`, taking from the newest back no more than `max_bytes` of
+    /// lines (at least one entry). `None` when no entry qualifies.
+    ///
+    /// The remote keeps the last write of a point (series and time), and
+    /// these lines will arrive before the older ones. So an entry is taken
+    /// only if each of its lines is stamped later than the entry before it
+    /// was queued: then no older line (stamped, clocks permitting, before
+    /// it was queued) writes the same point. Lines a writer backfills with
+    /// old timestamps, and everything before them, go in their turn.
+    pub fn live_start(
+        &self,
+        repl: &ReplHandle,
+        since_ns: u64,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Option<u64>, QueueError> {
+        let s = &self.shared;
+        let rtxn = s.env.read_txn()?;
+        let Some(meta) = s
+            .meta
+            .get(&rtxn, &meta_key(repl.id))?
+            .and_then(Meta::decode)
+        else {
+            return Ok(None);
+        };
+        let log = Log::Main(repl.id);
+        let lo = meta.head.seq.max(after) + 1;
+        if lo >= meta.next_seq {
+            return Ok(None);
+        }
+        let (head, hi) = (log.key(meta.head.seq), log.key(meta.next_seq));
+        // Entries taken, newest first, and the earliest stamp of the last.
+        let mut taken: Vec<u64> = Vec::new();
+        let mut earliest = i64::MAX;
+        let mut bytes = 0usize;
+        let mut lines = Vec::new();
+        for item in s.db(log).rev_range(&rtxn, &key_range(&head, &hi))? {
+            let (key, raw) = item?;
+            let seq = log.seq(key);
+            let Ok(e) = entry::decode_unchecked(raw) else {
+                // When it was queued is not known.
+                taken.pop();
+                break;
+            };
+            // This entry was queued before the one taken last: is every
+            // line of that one stamped later?
+            if i64::try_from(e.enqueued_ns).map_or(true, |q| earliest <= q) {
+                taken.pop();
+                break;
+            }
+            let len = e.deflated.map_or(e.payload.len(), |d| d.len as usize);
+            let fits = taken.is_empty() || bytes + len <= max_bytes;
+            if seq < lo || e.enqueued_ns < since_ns || !fits {
+                break;
+            }
+            lines.clear();
+            let read = match e.deflated {
+                None => {
+                    lines.extend_from_slice(e.payload);
+                    Ok(())
+                }
+                Some(d) => crate::deflate::inflate_segment(e.payload, d.len as usize, &mut lines),
+            };
+            if read.is_err() {
+                break;
+            }
+            earliest = lineproto::points(&lines)
+                .map(|p| lineproto::series_and_time(p).1)
+                .min()
+                .unwrap_or(i64::MAX);
+            bytes += len;
+            taken.push(seq);
+        }
+        Ok(taken.last().copied())
+    }
+
+    /// Reads whole entries of `repl`'s main log from entry `start` on (as
+    /// [`live_start`](Self::live_start) found it), up to a change of bucket
+    /// when `split_buckets`: a batch that settles out of order, ahead of the
+    /// head.
+    pub fn read_live(
+        &self,
+        repl: &ReplHandle,
+        start: u64,
+        split_buckets: bool,
+        out: &mut Shipment,
+    ) -> Result<Option<Batch>, QueueError> {
+        let from = Pos { seq: start, off: 0 };
+        let batch = self.read_shipment(repl, Some(from), usize::MAX, split_buckets, out)?;
+        // Only a batch that starts where it was asked starts an entry: the
+        // head may have passed it meanwhile.
+        Ok(batch
+            .filter(|b| b.from == from)
+            .map(|b| Batch { live: true, ..b }))
+    }
+
     /// Reads the next batch of held lane `lane` of `repl` as
     /// [`read_shipment`](Self::read_shipment) reads the main log; `None`
     /// when the lane is empty or gone.
@@ -1033,6 +1136,7 @@ impl Queue {
                 bucket: e.bucket.to_string(),
                 oldest_enqueued_ns: e.enqueued_ns,
                 lane: log.lane(),
+                live: false,
             });
             if split_buckets && b.bucket != e.bucket {
                 break;
@@ -1123,6 +1227,7 @@ impl Queue {
             lines: batch.lines,
             bytes: batch.bytes,
             lane: batch.lane,
+            live: batch.live,
             settlement: s,
             reply,
         });

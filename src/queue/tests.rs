@@ -892,6 +892,7 @@ fn a_transforming_replication_gets_lines_back_from_segments() {
         batch_size: 1000,
         gzip_level: 6,
         priority: 5,
+        live_window: None,
         include_measurements: Vec::new(),
         exclude_measurements: Vec::new(),
         add_tags: [("gw".to_string(), "1".to_string())].into_iter().collect(),
@@ -1557,4 +1558,124 @@ fn a_settlement_after_detach_is_refused_not_a_panic() {
     let batch = q.read_batch(&h, 10_000, false, &mut buf).unwrap().unwrap();
     q.settle(&h, &batch, Settlement::default()).unwrap();
     assert_eq!(h.counters().delivered_lines, 10);
+}
+
+#[test]
+fn a_live_batch_settles_ahead_of_the_head_and_the_backlog_skips_it() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (q, h) = one_replication(dir.path());
+        for p in ["a", "b", "c", "d"] {
+            append(&q, &h, stamped(p, 30)).unwrap();
+        }
+        // The newest entry alone (at least one, whatever the bound).
+        let start = q.live_start(&h, 0, 0, 1).unwrap().expect("an entry");
+        let mut sh = Shipment::default();
+        let batch = q.read_live(&h, start, false, &mut sh).unwrap().unwrap();
+        let mut got = Vec::new();
+        sh.lines_into(&mut got).unwrap();
+        assert_eq!(got, stamped("d", 30));
+        assert!(batch.live);
+        // Nothing past the last entry, nor past a batch being settled.
+        assert_eq!(q.live_start(&h, 0, start, 1 << 20).unwrap(), None);
+        let oldest = h.counters().oldest_enqueued_ns;
+        q.settle(&h, &batch, Settlement::default()).unwrap();
+        let k = h.counters();
+        assert_eq!((k.delivered_lines, k.queued_lines), (30, 90));
+        assert_eq!(k.inflow_lines(), k.accounted_lines());
+        assert_eq!(k.oldest_enqueued_ns, oldest, "the head did not move");
+        // Up to the bound, newest first, never the head entry.
+        let two = stamped("b", 30).len() + stamped("c", 30).len();
+        let start = q.live_start(&h, 0, 0, two).unwrap().expect("entries");
+        let batch = q.read_live(&h, start, false, &mut sh).unwrap().unwrap();
+        got.clear();
+        sh.lines_into(&mut got).unwrap();
+        assert_eq!(got, [stamped("b", 30), stamped("c", 30)].concat());
+        // Entries queued before `since` are not live.
+        let newest = now_ns_for_tests();
+        assert_eq!(q.live_start(&h, newest, 0, 1 << 20).unwrap(), None);
+        q.settle(&h, &batch, Settlement::default()).unwrap();
+        assert_eq!(q.live_start(&h, 0, 0, 1 << 20).unwrap(), None, "head alone");
+    }
+    // Durable: after a restart the backlog holds what was not settled.
+    let (q, h) = one_replication(dir.path());
+    let k = h.counters();
+    assert_eq!((k.delivered_lines, k.queued_lines), (90, 30));
+    assert_eq!(drain(&q, &h, 10_000), stamped("a", 30));
+    let k = h.counters();
+    assert_eq!((k.delivered_lines, k.queued_lines), (120, 0));
+    assert_eq!(k.inflow_lines(), k.accounted_lines());
+}
+
+#[test]
+fn eviction_passes_over_entries_settled_live() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(
+        dir.path(),
+        &opts(),
+        &[spec("r", 2_000, WhenFull::DropOldest)],
+    )
+    .unwrap();
+    let h = q.handles()[0].clone();
+    for p in ["a", "b", "c"] {
+        append(&q, &h, stamped(p, 20)).unwrap();
+    }
+    let start = q.live_start(&h, 0, 0, 1).unwrap().unwrap();
+    let mut sh = Shipment::default();
+    let batch = q.read_live(&h, start, false, &mut sh).unwrap().unwrap();
+    q.settle(&h, &batch, Settlement::default()).unwrap();
+    // Room for the new entry is made from the head, over the gap.
+    for p in ["d", "e", "f"] {
+        append(&q, &h, stamped(p, 20)).unwrap();
+    }
+    let k = h.counters();
+    assert_eq!(k.inflow_lines(), k.accounted_lines());
+    assert_eq!(k.delivered_lines, 20);
+    assert!(k.dropped_full_lines > 0);
+    let left = drain(&q, &h, 10_000);
+    assert!(!String::from_utf8_lossy(&left).contains("c f="), "{left:?}");
+    assert!(left.ends_with(&stamped("f", 20)));
+}
+
+/// `lines`, stamped a day from now: later than any entry was queued.
+fn stamped(prefix: &str, n: usize) -> Vec<u8> {
+    let day = 86_400_000_000_000u64;
+    (0..n)
+        .map(|i| format!("{prefix} f={i}i {}\n", *LATER + day + i as u64))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// A fixed time after now, so that `stamped` gives the same lines twice.
+static LATER: std::sync::LazyLock<u64> = std::sync::LazyLock::new(now_ns_for_tests);
+
+#[test]
+fn a_line_stamped_before_the_backlog_keeps_its_entry_and_older_ones_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    append(&q, &h, stamped("a", 10)).unwrap();
+    append(&q, &h, stamped("b", 10)).unwrap();
+    // A backfilled line: it may rewrite a point of "a" or "b".
+    append(&q, &h, b"c f=1i 5\n".to_vec()).unwrap();
+    append(&q, &h, stamped("d", 10)).unwrap();
+    append(&q, &h, stamped("e", 10)).unwrap();
+    let start = q.live_start(&h, 0, 0, 1 << 20).unwrap().expect("d and e");
+    let mut sh = Shipment::default();
+    q.read_live(&h, start, false, &mut sh).unwrap().unwrap();
+    let mut got = Vec::new();
+    sh.lines_into(&mut got).unwrap();
+    assert_eq!(got, [stamped("d", 10), stamped("e", 10)].concat());
+    // Lines stamped before the entry ahead of them was queued.
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    append(&q, &h, stamped("a", 10)).unwrap();
+    append(&q, &h, lines("b", 10)).unwrap();
+    assert_eq!(q.live_start(&h, 0, 0, 1 << 20).unwrap(), None);
+}
+
+fn now_ns_for_tests() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
 }

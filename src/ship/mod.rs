@@ -152,6 +152,9 @@ pub struct ShipConfig {
     pub priority: u8,
     /// Requests in flight at once when answers are slow (`max_in_flight`).
     pub max_in_flight: usize,
+    /// `send_order = "live_first"`: lines queued this recently go ahead of
+    /// an older backlog ([`Worker::send_live`]); `None`: oldest first.
+    pub live_window: Option<Duration>,
 }
 
 /// Where and how a worker ships; replaced as a whole on a config reload.
@@ -416,6 +419,17 @@ impl Worker {
             };
             let t = self.target();
             let split = t.config.remote_bucket.is_none();
+            // Lines queued within `live_window` go ahead of an older
+            // backlog, one batch between two of the backlog's.
+            if let Some(window) = t.config.live_window {
+                let after = settling.as_ref().map_or(0, |s| s.to.seq);
+                if self
+                    .send_live(&t, window, after, &mut shipment, &mut lines, &mut fit)
+                    .is_none()
+                {
+                    break;
+                }
+            }
             let from = settling.as_ref().map(|s| s.to);
             fit = fit.min(t.config.batch_size);
             self.status.ship.locked().batch_limit = fit as u64;
@@ -726,6 +740,70 @@ impl Worker {
             Answer::Transport(_) => "transport".into(),
         };
         *self.status.ship.locked().errors.entry(code).or_default() += 1;
+    }
+
+    /// `send_order = "live_first"`: while the remote takes writes and the
+    /// main log's head is older than `window`, delivers the lines queued
+    /// within `window` (up to `batch_size`, the newest; past entry `after`,
+    /// the end of the batch whose settlement is on its way; only lines that
+    /// cannot rewrite a point of the backlog, see [`Queue::live_start`]) and
+    /// settles them out of order, leaving the head where it is. Returns
+    /// whether a batch went; `None` when the worker was told to stop.
+    fn send_live(
+        &self,
+        t: &Target,
+        window: Duration,
+        after: u64,
+        shipment: &mut Shipment,
+        lines: &mut Vec<u8>,
+        fit: &mut usize,
+    ) -> Option<bool> {
+        // After a failure the head batch finds the link back first.
+        if self.answer_wait.get().is_none() {
+            return Some(false);
+        }
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let since = now.saturating_sub(window.as_nanos() as u64);
+        if self
+            .repl
+            .counters()
+            .oldest_enqueued_ns
+            .is_none_or(|oldest| oldest >= since)
+        {
+            return Some(false);
+        }
+        let max = (*fit).min(t.config.batch_size);
+        let name = &self.repl.name;
+        let split = t.config.remote_bucket.is_none();
+        let read = match self.queue.live_start(&self.repl, since, after, max) {
+            Ok(Some(start)) => self.queue.read_live(&self.repl, start, split, shipment),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        let batch = match read {
+            Ok(Some(b)) => b,
+            Ok(None) => return Some(false),
+            Err(e) => {
+                debug!("replication \"{name}\": cannot read the newest lines: {e}");
+                return Some(false);
+            }
+        };
+        match self.deliver(&batch, shipment, lines, fit) {
+            Ok(settlement) => {
+                if let Err(e) = self.queue.settle(&self.repl, &batch, settlement) {
+                    // Delivered, not settled: sent again in its turn.
+                    error!("replication \"{name}\": cannot settle a delivered batch: {e}");
+                    return Some(false);
+                }
+                self.status.ship.locked().live_first_lines += batch.lines;
+                Some(true)
+            }
+            // Held, stale: the head's batch finds it again in its turn.
+            Err(Unsettled::Held(..) | Unsettled::Stale) => Some(false),
+            Err(Unsettled::Stopped) => None,
+        }
     }
 
     /// Records an answer that held a destination: counted as an error,
@@ -1800,6 +1878,7 @@ mod tests {
             drop_non_retryable_data: false,
             priority: 5,
             max_in_flight: 1,
+            live_window: None,
         };
         let throttled = |v: &str| Answer::Status {
             code: 429,

@@ -181,6 +181,7 @@ mod tests {
             batch_size: 1000,
             gzip_level: 6,
             priority: 5,
+            live_window: None,
             include_measurements: include.iter().map(|s| s.to_string()).collect(),
             exclude_measurements: exclude.iter().map(|s| s.to_string()).collect(),
             add_tags: tags

@@ -167,7 +167,11 @@ impl Writer {
             0 => Log::Main(id),
             l => Log::Lane(id, l),
         };
-        let (lines, bytes) = self.remove_head(wtxn, id, log, s.to, Removal::Delivered)?;
+        let (lines, bytes) = if s.live {
+            self.remove_live(wtxn, id, s.from.seq, s.to.seq)?
+        } else {
+            self.remove_head(wtxn, id, log, s.to, Removal::Delivered)?
+        };
         let set = &s.settlement;
         // Lines evicted while the batch was in flight were counted then; split
         // only what this settlement removed.
@@ -192,9 +196,11 @@ impl Writer {
         let refused_gone = (set.dead_lines + set.dropped_lines).saturating_sub(dead + dropped);
         // Lanes keep no runs: lines evicted or expired from a lane while in
         // flight stay counted as dropped (an overstatement of loss).
+        // Nor do live batches: eviction reaches them only after the whole
+        // backlog before them.
         let arrived = match log {
-            Log::Main(_) => reclaim(&mut st.gone, s.from, s.to, removed, refused_gone),
-            Log::Lane(..) => Arrived::default(),
+            Log::Main(_) if !s.live => reclaim(&mut st.gone, s.from, s.to, removed, refused_gone),
+            _ => Arrived::default(),
         };
         let c = &mut st.meta.c;
         c.delivered_lines -= dead + dropped;
@@ -215,6 +221,43 @@ impl Writer {
             );
         }
         Ok(())
+    }
+
+    /// Removes the entries `first..=last` of `id`'s main log that are still
+    /// there (a live batch, read whole from past the head), counting them
+    /// delivered; the head stays where it is. Returns (lines, bytes) removed.
+    fn remove_live(
+        &mut self,
+        wtxn: &mut RwTxn,
+        id: u32,
+        first: u64,
+        last: u64,
+    ) -> Result<(u64, u64), QueueError> {
+        let shared = self.shared.clone();
+        let log = Log::Main(id);
+        let db = shared.db(log);
+        let (mut lines, mut bytes) = (0u64, 0u64);
+        for seq in first..=last {
+            let key = log.key(seq);
+            let Some(raw) = db.get(wtxn, &key)? else {
+                continue;
+            };
+            if let Ok(e) = entry::decode_unchecked(raw) {
+                lines += e.lines as u64;
+                bytes += e.lines_len() as u64;
+            }
+            db.delete(wtxn, &key)?;
+        }
+        let st = self.state_mut(id);
+        let c = &mut st.meta.c;
+        let lines = lines.min(c.queued_lines);
+        c.queued_lines -= lines;
+        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        c.delivered_lines += lines;
+        c.delivered_bytes += bytes;
+        let meta = st.meta;
+        st.meta.c.oldest_enqueued_ns = head_enqueued(&shared, wtxn, id, &meta)?;
+        Ok((lines, bytes))
     }
 
     /// Advances the head of `log` of `id` up to `to`, deleting entries

@@ -78,6 +78,8 @@ pub(super) struct Settle {
     pub bytes: u64,
     /// The log the batch came from: 0 the main log, else a held lane.
     pub lane: u32,
+    /// Whole entries from the middle of the main log (`Batch::live`).
+    pub live: bool,
     pub settlement: Settlement,
     pub reply: Reply,
 }
