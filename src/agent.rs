@@ -86,6 +86,8 @@ fn ship_config(r: &Replication, remote: &Remote) -> ShipConfig {
         priority: r.priority,
         max_in_flight: remote.max_in_flight,
         live_window: r.live_window,
+        evict_above: (r.when_full == config::WhenFull::DropOldest).then_some(r.max_queue_size),
+        max_age: r.max_age,
     }
 }
 

@@ -2732,6 +2732,9 @@ fn after_an_outage_fresh_lines_go_before_the_backlog() {
         let server = FaultServer::with_rule(|_| Action::status(503));
         let mut r = remote("cloud", &server);
         r.max_backoff = "200ms".into();
+        // One request at a time: requests in flight together may arrive in
+        // either order, and arrival is what this test reads.
+        r.max_in_flight = Some(1);
         let agent = Agent::start(single(r, |r| {
             r.batch_size = "1kB".into();
             r.extra = format!("send_order = \"{order}\"\nlive_window = \"3s\"\n");

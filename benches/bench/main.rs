@@ -21,7 +21,10 @@
 //!    32 and 128 kB/s, draining a backlog over loopback (`cap.rs`);
 //! 9. a long round trip: a backlog drained through a 600 ms round trip with
 //!    `max_in_flight` 1, 2 and 4, and by vmagent (`rtt.rs`);
-//! 10. with `BENCH_ONLY=profile` only (`make profile`): the agent under
+//! 10. live first: after an outage on a 1 Mbit/s cap, how soon a fresh line
+//!     reaches the remote through a backlog, and the drain's length, with
+//!     `send_order` `live_first` and `oldest_first` (`live.rs`);
+//! 11. with `BENCH_ONLY=profile` only (`make profile`): the agent under
 //!     `perf` while it ingests each mix, a flame graph each, and the share of
 //!     each stage (`profile.rs`).
 //!
@@ -34,6 +37,7 @@
 mod cap;
 mod gen;
 mod link;
+mod live;
 mod load;
 mod procs;
 mod profile;
@@ -311,7 +315,7 @@ fn main() {
     eprintln!("bench: {machine}");
     let mut rows = Vec::new();
     let mut raw = serde_json::Map::new();
-    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory,link,cap,rtt runs some phases only.
+    // BENCH_ONLY=ingest,e2e,backlog,outage,idle,memory,link,cap,rtt,live runs some phases only.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |phase: &str| only.is_empty() || only.split(',').any(|p| p.trim() == phase);
     let ingest_rate = if run("ingest") {
@@ -348,6 +352,9 @@ fn main() {
     }
     if run("rtt") {
         rtt::rtt(&ctx, &mut rows, &mut raw);
+    }
+    if run("live") {
+        live::live(&ctx, &mut rows, &mut raw);
     }
     // Not part of a plain `make bench`: `make profile` asks for it.
     let profiled = if only.split(',').any(|p| p.trim() == "profile") {

@@ -1,12 +1,16 @@
 //! A remote that discards: answers every request 204 after reading its body
 //! (or 503 while "down"), counting requests and bytes. Small on purpose, so
-//! that a drain measures the agent, not the remote.
+//! that a drain measures the agent, not the remote. When asked to watch for
+//! lines of a measurement ([`Stats::watch`]), it gunzips the bodies it
+//! accepts and notes when each such line (by its `n=` tag) first arrived.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Instant;
 
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -16,6 +20,10 @@ pub struct Stats {
     /// While set, requests are answered 503 (an outage behind a proxy).
     pub down: AtomicBool,
     stop: AtomicBool,
+    /// Lines of this measurement (`m,n=<i> ...`) are looked for in the
+    /// bodies accepted, and when each `n` first arrived kept in `seen`.
+    pub watch: Mutex<Option<String>>,
+    pub seen: Mutex<HashMap<u64, Instant>>,
 }
 
 pub struct Sink {
@@ -138,9 +146,22 @@ fn serve(conn: TcpStream, st: &Stats) {
                 let _ = r.read_line(&mut line);
             }
         } else {
-            if !discard(&mut r, length, &mut sink) {
-                st.inflight.fetch_sub(1, Ordering::AcqRel);
-                return;
+            let watching = st.watch.lock().unwrap().clone();
+            match watching {
+                Some(m) if !st.down.load(Ordering::Acquire) => {
+                    let mut raw = vec![0u8; length as usize];
+                    if r.read_exact(&mut raw).is_err() {
+                        st.inflight.fetch_sub(1, Ordering::AcqRel);
+                        return;
+                    }
+                    note_watched(st, &m, &raw);
+                }
+                _ => {
+                    if !discard(&mut r, length, &mut sink) {
+                        st.inflight.fetch_sub(1, Ordering::AcqRel);
+                        return;
+                    }
+                }
             }
             body = length;
         }
@@ -155,6 +176,28 @@ fn serve(conn: TcpStream, st: &Stats) {
         st.inflight.fetch_sub(1, Ordering::AcqRel);
         if !ok {
             return;
+        }
+    }
+}
+
+/// Notes the first arrival of each line of measurement `m` in a gzip body.
+fn note_watched(st: &Stats, m: &str, gz: &[u8]) {
+    let mut text = String::new();
+    if flate2::read::MultiGzDecoder::new(gz)
+        .read_to_string(&mut text)
+        .is_err()
+    {
+        return;
+    }
+    let now = Instant::now();
+    let prefix = format!("{m},n=");
+    let mut seen = st.seen.lock().unwrap();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix(&prefix) {
+            let n = rest.split([' ', ',']).next().and_then(|v| v.parse().ok());
+            if let Some(n) = n {
+                seen.entry(n).or_insert(now);
+            }
         }
     }
 }

@@ -31,6 +31,14 @@
 //! oldest head of any log, and `max_age` expires in every log, counted as
 //! for the main log.
 //!
+//! A live batch (`send_order = "live_first"`) is the other way the main log
+//! gets gaps: whole entries past the head, and past the batch whose
+//! settlement is on its way, read by [`Queue::read_live`] from where
+//! [`Queue::live_start`] says the newest lines begin, and deleted by their
+//! settlement without moving the head. An entry is live only if each of its
+//! lines is stamped later than the entry before it was queued, so that no
+//! older line, sent after it, rewrites one of its points at the remote.
+//!
 //! # Where things are
 //!
 //! - This file: opening the environment, and the read path (batches,

@@ -155,6 +155,10 @@ pub struct ShipConfig {
     /// `send_order = "live_first"`: lines queued this recently go ahead of
     /// an older backlog ([`Worker::send_live`]); `None`: oldest first.
     pub live_window: Option<Duration>,
+    /// The queue's bounds (`max_queue_size` when `drop_oldest` evicts,
+    /// `max_age`): how far eviction and expiry are from the lines in flight.
+    pub evict_above: Option<u64>,
+    pub max_age: Option<Duration>,
 }
 
 /// Where and how a worker ships; replaced as a whole on a config reload.
@@ -485,7 +489,8 @@ impl Worker {
                 t.config.max_in_flight,
                 self.link.limited(),
                 self.answer_wait.get(),
-            ) {
+            ) && self.removal_far(&t)
+            {
                 self.read_ahead(&t, &batch, &shipment, fit, split)
             } else {
                 Vec::new()
@@ -730,6 +735,27 @@ impl Worker {
             out.push((b, sh));
         }
         out
+    }
+
+    /// Whether eviction and expiry are far from the head: the queue at most
+    /// half full (when `drop_oldest` evicts) and its oldest line younger
+    /// than half `max_age`. A batch sent ahead settles only after the one
+    /// before it: if that one's lines were removed meanwhile, the lines sent
+    /// ahead would be at the remote yet counted dropped when removed in turn.
+    fn removal_far(&self, t: &Target) -> bool {
+        let c = self.repl.counters();
+        let room = t
+            .config
+            .evict_above
+            .is_none_or(|max| c.queued_bytes <= max / 2);
+        let now = SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        let young = match (t.config.max_age, c.oldest_enqueued_ns) {
+            (Some(age), Some(oldest)) => now.saturating_sub(oldest) < (age / 2).as_nanos() as u64,
+            _ => true,
+        };
+        room && young
     }
 
     /// Counts a failed attempt of a batch sent ahead: the batch goes again
@@ -1879,6 +1905,8 @@ mod tests {
             priority: 5,
             max_in_flight: 1,
             live_window: None,
+            evict_above: None,
+            max_age: None,
         };
         let throttled = |v: &str| Answer::Status {
             code: 429,
