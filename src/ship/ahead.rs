@@ -23,9 +23,14 @@
 //! of them never write the same point (bucket, series, timestamp) with
 //! different lines, where the later write must win: a batch that does so
 //! with a batch in flight is not sent ahead ([`InFlight`]). The same line
-//! twice (a writer that resent it) may arrive in either order. Nothing is sent ahead on a capped or
-//! budgeted link: its bytes are what is scarce, and a batch sent ahead of
-//! one that then fails goes twice.
+//! twice (a writer that resent it) may arrive in either order.
+//!
+//! Nothing is sent ahead on a capped or budgeted link: its bytes are what
+//! is scarce, and a batch sent ahead of one that then fails goes twice. Nor
+//! while eviction or expiry is near the head (the worker's `removal_far`):
+//! a batch sent ahead of one whose lines were removed meanwhile is
+//! forgotten, and its own lines, removed in turn, would count as dropped
+//! though the remote has them.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
