@@ -923,11 +923,7 @@ impl Queue {
         out.clear();
         let s = &self.shared;
         let rtxn = s.env.read_txn()?;
-        let Some(meta) = s
-            .meta
-            .get(&rtxn, &meta_key(repl.id))?
-            .and_then(Meta::decode)
-        else {
+        let Some(meta) = self.meta_of(&rtxn, repl)? else {
             return Ok(None);
         };
         let log = Log::Main(repl.id);
@@ -944,6 +940,19 @@ impl Queue {
         drop(rtxn);
         s.read_bytes(out.buf.len(), batch.is_none());
         Ok(batch)
+    }
+
+    /// `repl`'s meta record, as of `rtxn`.
+    fn meta_of(
+        &self,
+        rtxn: &heed::RoTxn<WithoutTls>,
+        repl: &ReplHandle,
+    ) -> Result<Option<Meta>, QueueError> {
+        Ok(self
+            .shared
+            .meta
+            .get(rtxn, &meta_key(repl.id))?
+            .and_then(Meta::decode))
     }
 
     /// Where the newest lines of `repl`'s main log begin, for sending them
@@ -967,11 +976,7 @@ impl Queue {
     ) -> Result<Option<u64>, QueueError> {
         let s = &self.shared;
         let rtxn = s.env.read_txn()?;
-        let Some(meta) = s
-            .meta
-            .get(&rtxn, &meta_key(repl.id))?
-            .and_then(Meta::decode)
-        else {
+        let Some(meta) = self.meta_of(&rtxn, repl)? else {
             return Ok(None);
         };
         let log = Log::Main(repl.id);
