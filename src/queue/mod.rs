@@ -36,8 +36,9 @@
 //! settlement is on its way, read by [`Queue::read_live`] from where
 //! [`Queue::live_start`] says the newest lines begin, and deleted by their
 //! settlement without moving the head. An entry is live only if each of its
-//! lines is stamped later than the entry before it was queued, so that no
-//! older line, sent after it, rewrites one of its points at the remote.
+//! lines is stamped later than the entry before it was queued (less
+//! [`STAMP_SLACK_NS`]), so that no older line, sent after it, rewrites one
+//! of its points at the remote.
 //!
 //! # Where things are
 //!
@@ -340,6 +341,11 @@ pub struct Batch {
     /// leaves the head where it is.
     pub live: bool,
 }
+
+/// How much earlier than the entry before it was queued a line may be
+/// stamped and still go live ([`Queue::live_start`]): the time from a
+/// write's arrival, when the agent stamps it, to its commit.
+pub const STAMP_SLACK_NS: i64 = 5_000_000_000;
 
 /// A batch as stored: runs of lines, and deflate segments of lines that
 /// were compressed when they were queued, in order.
@@ -964,9 +970,13 @@ impl Queue {
     /// The remote keeps the last write of a point (series and time), and
     /// these lines will arrive before the older ones. So an entry is taken
     /// only if each of its lines is stamped later than the entry before it
-    /// was queued: then no older line (stamped, clocks permitting, before
-    /// it was queued) writes the same point. Lines a writer backfills with
-    /// old timestamps, and everything before them, go in their turn.
+    /// was queued, less [`STAMP_SLACK_NS`]: then no older line (stamped,
+    /// clocks permitting, before it was queued) writes the same point, but
+    /// for one stamped in those last seconds. The slack lets through lines
+    /// the agent stamped on arrival that were queued in the same group
+    /// commit as the entry before them, or just after it. Lines a writer
+    /// backfills with old timestamps, and everything before them, go in
+    /// their turn.
     pub fn live_start(
         &self,
         repl: &ReplHandle,
@@ -1000,7 +1010,8 @@ impl Queue {
             };
             // This entry was queued before the one taken last: is every
             // line of that one stamped later?
-            if i64::try_from(e.enqueued_ns).map_or(true, |q| earliest <= q) {
+            let bound = i64::try_from(e.enqueued_ns).map(|q| q.saturating_sub(STAMP_SLACK_NS));
+            if bound.map_or(true, |q| earliest <= q) {
                 taken.pop();
                 break;
             }

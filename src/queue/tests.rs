@@ -1671,6 +1671,21 @@ fn a_line_stamped_before_the_backlog_keeps_its_entry_and_older_ones_in_turn() {
     append(&q, &h, stamped("a", 10)).unwrap();
     append(&q, &h, lines("b", 10)).unwrap();
     assert_eq!(q.live_start(&h, 0, 0, 1 << 20).unwrap(), None);
+    // Within the slack (stamped on arrival, queued in the group commit of
+    // the entry before), a line goes; beyond it, not.
+    let ago = |s: u64| {
+        let ts = now_ns_for_tests() - s * 1_000_000_000;
+        format!("x f=1i {ts}\n").into_bytes()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    append(&q, &h, stamped("a", 10)).unwrap();
+    append(&q, &h, ago(0)).unwrap();
+    append(&q, &h, ago(1)).unwrap();
+    let start = q.live_start(&h, 0, 0, 1 << 20).unwrap();
+    assert!(start.is_some());
+    append(&q, &h, ago(10)).unwrap();
+    assert_eq!(q.live_start(&h, 0, 0, 1 << 20).unwrap(), None);
 }
 
 fn now_ns_for_tests() -> u64 {
