@@ -2825,3 +2825,60 @@ fn after_an_outage_fresh_lines_go_before_the_backlog() {
         }
     }
 }
+
+/// A batch sent first after an outage (`live_first`) to a bucket the remote
+/// lacks holds that bucket once, as the backlog's batch would: its lines
+/// (and any of the backlog's) wait in a lane, and the 404 is not asked for
+/// again between every two batches of the backlog.
+#[test]
+fn a_fresh_batch_for_a_missing_bucket_holds_it_once() {
+    let server = FaultServer::with_rule(|_| Action::status(503));
+    let mut r = remote("cloud", &server);
+    r.max_backoff = "60s".into();
+    r.min_backoff = "100ms".into();
+    r.max_in_flight = Some(1);
+    let mut config = AgentConfig::single(r, "*", None);
+    config.replications[0].batch_size = "1kB".into();
+    config.replications[0].extra = "live_window = \"2s\"\n".into();
+    let agent = Agent::start(config);
+    let base = ts_ago(Duration::from_secs(600));
+    let mut good = Vec::new();
+    for w in 0..15 {
+        let lines: Vec<String> = (0..25)
+            .map(|i| format!("good,k=s{} v={i}i {}", i % 4, base + (w * 25 + i) as i64))
+            .collect();
+        assert_eq!(agent.write_v2("good", join(&lines), &Opts::new()).0, 204);
+        good.extend(lines);
+    }
+    std::thread::sleep(Duration::from_millis(2_500));
+    let now = ts_ago(Duration::ZERO) + 1_000_000;
+    let typo: Vec<String> = (0..5).map(|i| format!("typo v={i}i {}", now + i)).collect();
+    assert_eq!(agent.write_v2("typo", join(&typo), &Opts::new()).0, 204);
+    server.set_rule(|req| {
+        if req.query("bucket").as_deref() == Some("typo") {
+            Action::influx_error(404, "bucket \"typo\" not found (fault remote)")
+        } else {
+            Action::stall(Duration::from_millis(30), Action::ok())
+        }
+    });
+    let expected: HashSet<String> = good.iter().cloned().collect();
+    wait_until(DEADLINE, "the backlog at the remote", || {
+        server.accepted_len() == expected.len()
+    });
+    assert_accepted_exactly(&server, &expected);
+    let mut rep = Value::Null;
+    wait_until(DEADLINE, "typo held with its 5 lines", || {
+        rep = status(&agent, "r1");
+        rep["heldDestinations"][0]["lines"] == 5 && field(&rep, "deliveredLines") == 375
+    });
+    let refused = server
+        .requests()
+        .iter()
+        .filter(|q| q.query("bucket").as_deref() == Some("typo"))
+        .count();
+    assert!(
+        (1..=2).contains(&refused),
+        "{refused} requests to the missing bucket: {}",
+        server.summary(10)
+    );
+}

@@ -826,8 +826,20 @@ impl Worker {
                 self.status.ship.locked().live_first_lines += batch.lines;
                 Some(true)
             }
-            // Held, stale: the head's batch finds it again in its turn.
-            Err(Unsettled::Held(..) | Unsettled::Stale) => Some(false),
+            // The destination is held as when the head's batch finds it
+            // refused: its entries, these and the backlog's, move to a lane.
+            Err(Unsettled::Held(code, message)) => {
+                self.record_held(code, &message);
+                if let Err(e) = self.queue.hold(&self.repl, &batch.bucket, code, &message) {
+                    error!(
+                        "replication \"{name}\": cannot hold destination \"{}\": {e}",
+                        batch.bucket
+                    );
+                }
+                Some(false)
+            }
+            // Its lines were evicted: the newest are looked for again.
+            Err(Unsettled::Stale) => Some(false),
             Err(Unsettled::Stopped) => None,
         }
     }
