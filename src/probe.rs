@@ -485,7 +485,6 @@ fn bucket_name(bucket: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ship::answer::Detail;
 
     fn remote(api: Api) -> Remote {
         Remote {
@@ -510,12 +509,7 @@ mod tests {
     }
 
     fn status(code: u16, message: &str) -> Answer {
-        Answer::Status {
-            code,
-            message: message.into(),
-            retry_after: None,
-            detail: Detail::default(),
-        }
+        Answer::with_status(code, message)
     }
 
     fn failure(v: Verdict) -> Failure {

@@ -2772,18 +2772,21 @@ fn after_an_outage_fresh_lines_go_before_the_backlog() {
         let expected: HashSet<String> = old.iter().chain(&fresh).cloned().collect();
         assert_accepted_exactly(&server, &expected);
 
-        let first_fresh = server
-            .requests()
+        // Arrival numbers of the requests holding a line that `matches`.
+        let sent = |matches: &dyn Fn(&str) -> bool| -> Vec<usize> {
+            server
+                .requests()
+                .iter()
+                .filter(|q| q.lines().any(matches))
+                .map(|q| q.seq)
+                .collect()
+        };
+        let first_fresh = *sent(&|l| l.starts_with("fresh"))
             .iter()
-            .filter(|q| q.lines().any(|l| l.starts_with("fresh")))
-            .map(|q| q.seq)
             .min()
             .expect("fresh lines sent");
-        let last_old = server
-            .requests()
+        let last_old = *sent(&|l| l.starts_with("old"))
             .iter()
-            .filter(|q| q.lines().any(|l| l.starts_with("old")))
-            .map(|q| q.seq)
             .max()
             .expect("old lines sent");
         let live = metric_value(
@@ -2799,14 +2802,7 @@ fn after_an_outage_fresh_lines_go_before_the_backlog() {
         // The backfilled value went after the one it rewrites: it is the
         // one the remote keeps.
         let point = format!("old,k=s3 v=7i {}", base + 7);
-        let last_write = |line: &str| {
-            server
-                .requests()
-                .iter()
-                .filter(|q| q.lines().any(|l| l == line))
-                .map(|q| q.seq)
-                .max()
-        };
+        let last_write = |line: &str| sent(&|l| l == line).into_iter().max();
         assert!(
             last_write(&point) < last_write(&rewrite),
             "{rewrite} went before {point}"

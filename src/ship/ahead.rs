@@ -113,15 +113,9 @@ impl InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ship::answer::Detail;
 
     fn status(code: u16, message: &str) -> Answer {
-        Answer::Status {
-            code,
-            message: message.into(),
-            retry_after: None,
-            detail: Detail::default(),
-        }
+        Answer::with_status(code, message)
     }
 
     #[test]

@@ -42,6 +42,19 @@ pub enum Answer {
     Transport(String),
 }
 
+#[cfg(test)]
+impl Answer {
+    /// An answer with `code` and `message`, no `Retry-After` nor detail.
+    pub fn with_status(code: u16, message: &str) -> Answer {
+        Answer::Status {
+            code,
+            message: message.into(),
+            retry_after: None,
+            detail: Detail::default(),
+        }
+    }
+}
+
 pub struct Client {
     agent: ureq::Agent,
     base: String,

@@ -531,18 +531,10 @@ impl Worker {
                     if let Err(QueueError::Closed) = self.confirm(&mut settling) {
                         break;
                     }
-                    self.record_held(code, &message);
-                    match self.queue.hold(&self.repl, &batch.bucket, code, &message) {
-                        Ok(_) => {
-                            due.insert(batch.bucket.clone(), Instant::now() + t.config.max_backoff);
-                        }
-                        Err(e) => {
-                            error!(
-                                "replication \"{name}\": cannot hold destination \"{}\": {e}",
-                                batch.bucket
-                            );
-                            self.sleep(Duration::from_secs(1));
-                        }
+                    if self.hold(&batch.bucket, code, &message) {
+                        due.insert(batch.bucket.clone(), Instant::now() + t.config.max_backoff);
+                    } else {
+                        self.sleep(Duration::from_secs(1));
                     }
                     continue;
                 }
@@ -679,13 +671,7 @@ impl Worker {
                 Some(true)
             }
             Err(Unsettled::Held(code, message)) => {
-                self.record_held(code, &message);
-                if let Err(e) = self.queue.hold(&self.repl, &h.bucket, code, &message) {
-                    error!(
-                        "replication \"{name}\": cannot record the hold of \"{}\": {e}",
-                        h.bucket
-                    );
-                }
+                self.hold(&h.bucket, code, &message);
                 due.insert(h.bucket.clone(), Instant::now() + t.config.max_backoff);
                 Some(false)
             }
@@ -748,9 +734,7 @@ impl Worker {
             .config
             .evict_above
             .is_none_or(|max| c.queued_bytes <= max / 2);
-        let now = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let now = unix_ns();
         let young = match (t.config.max_age, c.oldest_enqueued_ns) {
             (Some(age), Some(oldest)) => now.saturating_sub(oldest) < (age / 2).as_nanos() as u64,
             _ => true,
@@ -788,9 +772,7 @@ impl Worker {
         if self.answer_wait.get().is_none() {
             return Some(false);
         }
-        let now = SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos() as u64);
+        let now = unix_ns();
         let since = now.saturating_sub(window.as_nanos() as u64);
         if self
             .repl
@@ -829,18 +811,29 @@ impl Worker {
             // The destination is held as when the head's batch finds it
             // refused: its entries, these and the backlog's, move to a lane.
             Err(Unsettled::Held(code, message)) => {
-                self.record_held(code, &message);
-                if let Err(e) = self.queue.hold(&self.repl, &batch.bucket, code, &message) {
-                    error!(
-                        "replication \"{name}\": cannot hold destination \"{}\": {e}",
-                        batch.bucket
-                    );
-                }
+                self.hold(&batch.bucket, code, &message);
                 Some(false)
             }
             // Its lines were evicted: the newest are looked for again.
             Err(Unsettled::Stale) => Some(false),
             Err(Unsettled::Stopped) => None,
+        }
+    }
+
+    /// Holds destination `bucket` after the remote refused it alone
+    /// (`code`, `message`): recorded in status, and its entries moved to a
+    /// lane. False, and logged, when the queue could not.
+    fn hold(&self, bucket: &str, code: u16, message: &str) -> bool {
+        self.record_held(code, message);
+        match self.queue.hold(&self.repl, bucket, code, message) {
+            Ok(_) => true,
+            Err(e) => {
+                error!(
+                    "replication \"{}\": cannot hold destination \"{bucket}\": {e}",
+                    self.repl.name
+                );
+                false
+            }
         }
     }
 
@@ -1660,6 +1653,13 @@ impl Wire<'_> {
     }
 }
 
+/// Nanoseconds since the Unix epoch, as the queue stamps entries.
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
 /// How long to wait before retrying after `verdict`.
 pub fn wait_for(c: &ShipConfig, verdict: Verdict, answer: &Answer, attempt: u32) -> Duration {
     let jittered = backoff::delay(attempt, c.min_backoff, c.max_backoff, rand::random::<f64>());
@@ -1742,12 +1742,7 @@ mod tests {
     use super::*;
 
     fn status(code: u16) -> Answer {
-        Answer::Status {
-            code,
-            message: String::new(),
-            retry_after: None,
-            detail: answer::Detail::default(),
-        }
+        Answer::with_status(code, "")
     }
 
     #[test]
