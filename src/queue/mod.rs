@@ -176,6 +176,16 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Takes `lines` and `bytes` that left the queue out of the queued
+    /// counts (never below zero); returns the lines taken, to be counted
+    /// under why they left.
+    fn unqueue(&mut self, lines: u64, bytes: u64) -> u64 {
+        let lines = lines.min(self.queued_lines);
+        self.queued_lines -= lines;
+        self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
+        lines
+    }
+
     /// Lines that came in: accepted from writers, plus the aggregates that
     /// closed windows produced.
     pub fn inflow_lines(&self) -> u64 {

@@ -70,9 +70,7 @@ impl Writer {
         }
         let st = self.state_mut(id);
         let c = &mut st.meta.c;
-        let lines = lines.min(c.queued_lines);
-        c.queued_lines -= lines;
-        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        let lines = c.unqueue(lines, bytes);
         c.dead_lettered_lines += lines;
         match log {
             Log::Main(_) => {

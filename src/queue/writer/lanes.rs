@@ -278,9 +278,7 @@ impl Writer {
             self.add_dead(wtxn, id, &reason, &bytes, lines, len)?;
         }
         let c = &mut self.state_mut(id).meta.c;
-        let lines = rec.lines.min(c.queued_lines);
-        c.queued_lines -= lines;
-        c.queued_bytes = c.queued_bytes.saturating_sub(rec.bytes);
+        let lines = c.unqueue(rec.lines, rec.bytes);
         c.dead_lettered_lines += lines;
         self.drop_lane(wtxn, id, lane)?;
         warn!(

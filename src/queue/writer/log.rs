@@ -250,9 +250,7 @@ impl Writer {
         }
         let st = self.state_mut(id);
         let c = &mut st.meta.c;
-        let lines = lines.min(c.queued_lines);
-        c.queued_lines -= lines;
-        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        let lines = c.unqueue(lines, bytes);
         c.delivered_lines += lines;
         c.delivered_bytes += bytes;
         let meta = st.meta;
@@ -343,9 +341,7 @@ impl Writer {
         }
         let end = *head;
         let c = &mut st.meta.c;
-        let lines = lines.min(c.queued_lines);
-        c.queued_lines -= lines;
-        c.queued_bytes = c.queued_bytes.saturating_sub(bytes);
+        let lines = c.unqueue(lines, bytes);
         if why != Removal::Delivered && lines > 0 && matches!(log, Log::Main(_)) {
             match st.gone.back_mut() {
                 Some(g) if g.why == why => {
