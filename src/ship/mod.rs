@@ -1607,9 +1607,14 @@ impl Wire<'_> {
         };
         if link != Link::Up {
             // Shown with the link's state, not a moment later: status must
-            // not say `stalled` beside the last success's code.
+            // not say `stalled` beside the last success's code, nor
+            // `running` beside a transport error (the worker backs off after
+            // any; `record_answer` then adds when it retries).
             s.latest_code = None;
             s.latest_error = message(&answer);
+            if show {
+                s.state = State::Backoff;
+            }
         }
         if link != s.link {
             let name = &self.name;
