@@ -251,6 +251,7 @@ impl Streams {
             warn!("{w}");
         }
         self.ingest.link.configure(new.link.clone());
+        crate::clock::configure(new.clock.wait_for_sync, new.clock.send_before_build);
         let names: Vec<String> = self.streams.keys().cloned().collect();
         for name in names {
             let keep = new.replications.iter().find(|r| r.name == name).cloned();
@@ -423,6 +424,7 @@ pub fn run(
         &specs,
     )?);
     let link = Arc::new(Link::new(config.link.clone(), Some(&config.data_dir)));
+    crate::clock::configure(config.clock.wait_for_sync, config.clock.send_before_build);
     let ingest = Arc::new(Ingest::new(
         queue.clone(),
         Routing {

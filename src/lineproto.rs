@@ -889,7 +889,7 @@ pub fn parse_line(line: &[u8]) -> Result<Line<'_>, ParseError> {
 }
 
 /// The outcome of [`normalize`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     /// Valid lines appended to `out`.
     pub lines: u64,
@@ -899,6 +899,21 @@ pub struct Summary {
     pub error_count: u64,
     /// Valid lines that had no timestamp and were given `now_ns`.
     pub stamped: u64,
+    /// The earliest timestamp a valid line came with (ns; `i64::MAX` when
+    /// none came with one).
+    pub earliest: i64,
+}
+
+impl Default for Summary {
+    fn default() -> Summary {
+        Summary {
+            lines: 0,
+            errors: Vec::new(),
+            error_count: 0,
+            stamped: 0,
+            earliest: i64::MAX,
+        }
+    }
 }
 
 impl Summary {
@@ -1052,6 +1067,9 @@ pub fn normalize_chunked(
                 match ns {
                     Some(ns) => {
                         summary.lines += 1;
+                        if p.line.timestamp.is_some() {
+                            summary.earliest = summary.earliest.min(ns);
+                        }
                         let start = out.len();
                         let fast = precision == Precision::Nanoseconds
                             && p.line.timestamp.is_some()

@@ -40,10 +40,19 @@ pub enum State {
     /// A data budget of `[link]` is spent: nothing is sent until it starts
     /// again.
     Budget,
+    /// The next lines are held by the clock guard until the system clock
+    /// is synchronised (see [`crate::clock`]).
+    Clock,
 }
 
 impl State {
-    pub const ALL: [State; 4] = [State::Running, State::Backoff, State::Paused, State::Budget];
+    pub const ALL: [State; 5] = [
+        State::Running,
+        State::Backoff,
+        State::Paused,
+        State::Budget,
+        State::Clock,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -51,6 +60,7 @@ impl State {
             State::Backoff => "backoff",
             State::Paused => "paused",
             State::Budget => "budget",
+            State::Clock => "clock",
         }
     }
 }
@@ -175,6 +185,8 @@ pub fn report(
             state: crate::clock::state().as_str().to_string(),
             not_before: Timestamp(crate::clock::not_before()),
             lines_stamped_unsynchronised: crate::clock::stamped_untrusted(),
+            holding: crate::clock::holds(),
+            lines_restamped: crate::clock::restamped(),
         }),
     }
 }
@@ -572,6 +584,18 @@ pub fn metrics_text(list: &[Arc<ReplStatus>], ingest: &IngestStats) -> String {
         vec![(String::new(), crate::clock::stamped_untrusted() as f64)],
     );
     family(
+        "edge_replicator_clock_holding",
+        "gauge",
+        "1 while the clock guard holds writes until the system clock is synchronised.",
+        vec![(String::new(), f64::from(u8::from(crate::clock::holds())))],
+    );
+    family(
+        "edge_replicator_lines_restamped_total",
+        "counter",
+        "Lines stamped while the clock was not synchronised that were given the time they arrived once it was.",
+        vec![(String::new(), crate::clock::restamped() as f64)],
+    );
+    family(
         "edge_replicator_write_refused_memory_total",
         "counter",
         "Writes refused with 503 because requests in progress held listen.max_request_memory.",
@@ -648,6 +672,10 @@ pub struct SourceStatus {
     /// WAL delete entries passed over (deletes are not replicated).
     pub deletes_skipped: AtomicU64,
     pub detail: Mutex<SourceDetail>,
+    /// The clock guard's anchor for the lines the source validated last
+    /// (`None`: not held), taken by the write that queues them: a source's
+    /// one thread validates a read, then writes it.
+    pub anchor: Mutex<Option<crate::clock::Anchor>>,
 }
 
 impl SourceStatus {
@@ -663,6 +691,7 @@ impl SourceStatus {
             segments_missed: AtomicU64::new(0),
             deletes_skipped: AtomicU64::new(0),
             detail: Mutex::new(SourceDetail::default()),
+            anchor: Mutex::new(None),
         }
     }
 
@@ -1012,7 +1041,13 @@ mod tests {
         );
         assert_eq!(
             keys(&v["clock"]),
-            BTreeSet::from(["state", "notBefore", "linesStampedUnsynchronised"])
+            BTreeSet::from([
+                "state",
+                "notBefore",
+                "linesStampedUnsynchronised",
+                "holding",
+                "linesRestamped"
+            ])
         );
         let budget = [
             "period",

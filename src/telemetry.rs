@@ -283,6 +283,9 @@ pub fn start(
                     payload,
                     lines: summary.lines,
                     checkpoint: None,
+                    // A reading is stamped with the clock: while the guard
+                    // holds, it waits for the clock's true time too.
+                    clock: crate::clock::anchor(now, summary.earliest.min(now)),
                 };
                 match queue.write_blocking(w) {
                     Ok(()) => {

@@ -154,8 +154,13 @@ pub fn clock(status: &StatusReport) -> String {
         "unsynchronised" => "no time service has set it".to_string(),
         _ => "its synchronisation cannot be read".to_string(),
     };
+    let held = if c.holding {
+        "; the queue holds what is written until it is synchronised"
+    } else {
+        ""
+    };
     format!(
-        "\nclock: {} ({why}); {} lines without a timestamp were stamped with it\n",
+        "\nclock: {} ({why}); {} lines without a timestamp were stamped with it{held}\n",
         text(&c.state),
         c.lines_stamped_unsynchronised
     )
@@ -339,6 +344,8 @@ mod tests {
                 std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_780_000_000),
             ),
             lines_stamped_unsynchronised: 42,
+            holding: false,
+            lines_restamped: 0,
         };
         status.clock = Some(report("synchronised"));
         assert_eq!(clock(&status), "");
@@ -355,5 +362,15 @@ mod tests {
         );
         status.clock = Some(report("unknown"));
         assert!(clock(&status).contains("cannot be read"));
+        status.clock = Some(ClockReport {
+            holding: true,
+            ..report("before-build")
+        });
+        assert!(
+            clock(&status)
+                .ends_with("; the queue holds what is written until it is synchronised\n"),
+            "{}",
+            clock(&status)
+        );
     }
 }

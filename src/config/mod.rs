@@ -27,6 +27,7 @@
 //! - `sources`: `[[tail]]` and `[[influxdb_wal]]`, data the agent follows itself.
 //! - `telemetry`: `[telemetry]`, the agent's own health as line protocol.
 //! - `link`: `[link]`, the bandwidth cap and data budgets all remotes share.
+//! - `clock`: `[clock]`, the clock guard for boards without a real-time clock.
 //!
 //! What several sections share has a module of its own: `units` (sizes, durations),
 //! `env` (`${VAR}` substitution, done on the TOML tree before the raw layer is read) and
@@ -40,6 +41,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod clock;
 mod env;
 mod link;
 mod listen;
@@ -54,6 +56,7 @@ mod tests;
 mod units;
 
 pub use crate::ship::link::LinkConfig;
+pub use clock::ClockConfig;
 pub use listen::{is_loopback, BrowserGuard, Listen};
 pub use queue::{Durability, QueueConfig};
 pub use remote::{Api, Remote};
@@ -63,6 +66,7 @@ pub use sources::{InfluxdbWal, Tail};
 pub use telemetry::{Telemetry, MIN_TELEMETRY_INTERVAL};
 pub use units::{parse_duration, parse_rate, parse_size};
 
+use clock::RawClock;
 use link::RawLink;
 use listen::RawListen;
 use queue::RawQueue;
@@ -107,6 +111,8 @@ pub struct Config {
     pub telemetry: Option<Telemetry>,
     /// `[link]`: the bandwidth cap and data budgets all remotes share.
     pub link: LinkConfig,
+    /// `[clock]`: the clock guard.
+    pub clock: ClockConfig,
     /// Non-fatal findings, one line each, for the caller to log.
     pub warnings: Vec<String>,
 }
@@ -185,6 +191,7 @@ struct RawConfig {
     influxdb_wal: Vec<RawInfluxdbWal>,
     telemetry: Option<RawTelemetry>,
     link: Option<RawLink>,
+    clock: Option<RawClock>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -456,6 +463,7 @@ impl Validator<'_> {
             .map(|t| telemetry::telemetry(t, &replications))
             .transpose()?;
         let link = link::link(raw.link, &replications)?;
+        let clock = clock::clock(raw.clock)?;
         Ok(Config {
             data_dir,
             shutdown_timeout,
@@ -468,6 +476,7 @@ impl Validator<'_> {
             influxdb_wals,
             telemetry,
             link,
+            clock,
             warnings: self.warnings,
         })
     }

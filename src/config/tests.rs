@@ -1204,3 +1204,29 @@ fn link_errors_name_the_key() {
         assert!(e.contains(key), "{lines}: {e}");
     }
 }
+
+#[test]
+fn clock_takes_a_wait_and_whether_to_send_old_lines() {
+    let c = ok(&repl(""));
+    assert_eq!(c.clock.wait_for_sync, Duration::from_secs(600));
+    assert!(!c.clock.send_before_build);
+    let c = ok(&repl(
+        "[clock]\nwait_for_sync = \"0\"\nsend_before_build = true",
+    ));
+    assert_eq!(c.clock.wait_for_sync, Duration::ZERO);
+    assert!(c.clock.send_before_build);
+    assert_eq!(
+        ok(&repl("[clock]\nwait_for_sync = \"90s\""))
+            .clock
+            .wait_for_sync,
+        Duration::from_secs(90)
+    );
+    for (lines, key) in [
+        ("[clock]\nwait_for_sync = \"soon\"", "clock.wait_for_sync"),
+        ("[clock]\nsend_before_build = \"yes\"", "send_before_build"),
+        ("[clock]\nntp = true", "ntp"),
+    ] {
+        let e = err(&repl(lines));
+        assert!(e.contains(key), "{lines}: {e}");
+    }
+}

@@ -11,7 +11,7 @@ pub mod http;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::{BrowserGuard, Replication, Secret};
 use crate::lineproto::{self, Precision, Summary};
@@ -95,11 +95,9 @@ pub enum WriteError {
     Queue(#[from] QueueError),
 }
 
+/// The wall time lines without a timestamp are given (see [`crate::clock`]).
 pub fn now_ns() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    crate::clock::wall_ns()
 }
 
 /// Where a write goes: the local bucket its lines are queued as, and for a
@@ -272,6 +270,7 @@ impl Ingest {
                 payload,
                 lines,
                 checkpoint: None,
+                clock: crate::clock::anchor(now, summary.earliest),
             };
             let committed = self.queue.write_deflated(w, segments);
             drop(preparing);

@@ -15,7 +15,16 @@
 //!   19+N    4 length of the lines, little endian
 //!   23+N    4 CRC32 of the lines (for the gzip trailer of a batch)
 //!   27+N    * payload: the lines as a deflate segment ([`crate::deflate`])
+//! version 3 (held by the clock guard, see [`crate::clock`]):
+//!   19+N   16 boot id the write arrived in
+//!   35+N    8 time since that boot when it arrived, ns, little endian
+//!   43+N    8 the wall time given to its lines without a timestamp, ns, i64 LE
+//!   51+N    * payload: whole lines, each ending in '\n', ns timestamps
 //! ```
+//!
+//! A version 3 entry is never sent as it is: the queue rewrites it as a
+//! version 1 entry when the guard lets it go (`queue::writer::clock`). Its
+//! enqueue time is the wall clock's at arrival, which the guard distrusts.
 //!
 //! The CRC covers the header fields as well as the payload, so a damaged line
 //! count or bucket name is caught, not just damaged lines. Version 2 entries
@@ -25,7 +34,9 @@ use std::fmt;
 
 const VERSION: u8 = 1;
 const VERSION_DEFLATED: u8 = 2;
+const VERSION_HELD: u8 = 3;
 const FIXED_HEADER: usize = 19;
+const ANCHOR_LEN: usize = 32;
 
 /// A decoded entry borrowing the stored bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,6 +47,8 @@ pub struct Entry<'a> {
     /// The lines, or their deflate segment when `deflated` is set.
     pub payload: &'a [u8],
     pub deflated: Option<Deflated>,
+    /// Set for an entry the clock guard holds.
+    pub clock: Option<crate::clock::Anchor>,
 }
 
 /// What a deflated payload holds.
@@ -123,6 +136,21 @@ pub fn seal(entry: &mut [u8]) {
     entry[1..5].copy_from_slice(&crc.to_le_bytes());
 }
 
+/// The header of an entry the clock guard holds (raw lines follow).
+pub fn header_held(
+    enqueued_ns: u64,
+    lines: u32,
+    bucket: &str,
+    anchor: &crate::clock::Anchor,
+) -> Vec<u8> {
+    let mut h = header(enqueued_ns, lines, bucket, None);
+    h[0] = VERSION_HELD;
+    h.extend_from_slice(&anchor.boot);
+    h.extend_from_slice(&anchor.boot_ns.to_le_bytes());
+    h.extend_from_slice(&anchor.stamp_ns.to_le_bytes());
+    h
+}
+
 /// Encodes into a fresh vector (tests and the dead-letter store).
 pub fn encode(enqueued_ns: u64, lines: u32, bucket: &str, payload: &[u8]) -> Vec<u8> {
     encode_with(enqueued_ns, lines, bucket, payload, None)
@@ -147,7 +175,7 @@ pub fn decode(bytes: &[u8]) -> Result<Entry<'_>, Corruption> {
     if bytes.len() < FIXED_HEADER {
         return Err(Corruption::TooShort);
     }
-    if bytes[0] != VERSION && bytes[0] != VERSION_DEFLATED {
+    if ![VERSION, VERSION_DEFLATED, VERSION_HELD].contains(&bytes[0]) {
         return Err(Corruption::UnknownVersion(bytes[0]));
     }
     let stored = u32::from_le_bytes(bytes[1..5].try_into().unwrap());
@@ -187,6 +215,25 @@ pub fn decode_unchecked(bytes: &[u8]) -> Result<Entry<'_>, Corruption> {
                 len: u32_at(at),
                 crc: u32_at(at + 4),
             }),
+            clock: None,
+        });
+    }
+    if bytes[0] == VERSION_HELD {
+        if bytes.len() < at + ANCHOR_LEN {
+            return Err(Corruption::TooShort);
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(bytes[i..i + 8].try_into().unwrap());
+        return Ok(Entry {
+            enqueued_ns,
+            lines,
+            bucket,
+            payload: &bytes[at + ANCHOR_LEN..],
+            deflated: None,
+            clock: Some(crate::clock::Anchor {
+                boot: bytes[at..at + 16].try_into().unwrap(),
+                boot_ns: u64_at(at + 16),
+                stamp_ns: u64_at(at + 24) as i64,
+            }),
         });
     }
     Ok(Entry {
@@ -195,6 +242,7 @@ pub fn decode_unchecked(bytes: &[u8]) -> Result<Entry<'_>, Corruption> {
         bucket,
         payload: &bytes[at..],
         deflated: None,
+        clock: None,
     })
 }
 
@@ -286,6 +334,37 @@ mod tests {
         for len in 0..bytes.len() {
             assert!(decode(&bytes[..len]).is_err(), "truncation to {len}");
         }
+    }
+
+    #[test]
+    fn held_entries_round_trip_and_damage_is_caught() {
+        let anchor = crate::clock::Anchor {
+            boot: [7; 16],
+            boot_ns: 123_456_789,
+            stamp_ns: -5,
+        };
+        let lines = b"m f=1 -5\n";
+        let mut bytes = header_held(11, 1, "b", &anchor);
+        bytes.extend_from_slice(lines);
+        seal(&mut bytes);
+        assert_eq!(bytes[0], 3);
+        let e = decode(&bytes).unwrap();
+        assert_eq!((e.enqueued_ns, e.lines, e.bucket), (11, 1, "b"));
+        assert_eq!(
+            (e.payload, e.deflated, e.clock),
+            (&lines[..], None, Some(anchor))
+        );
+        assert_eq!(e.lines_len(), lines.len());
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x04;
+            assert!(decode(&damaged).is_err(), "flip in byte {i} not caught");
+        }
+        // Ordinary entries hold no anchor.
+        assert_eq!(
+            decode(&encode(1, 1, "b", b"m f=1 1\n")).unwrap().clock,
+            None
+        );
     }
 
     #[test]

@@ -496,6 +496,9 @@ pub struct Write {
     /// segment's), committed in the same transaction: after a crash the
     /// source resumes exactly after the lines that were queued.
     pub checkpoint: Option<Checkpoint>,
+    /// Set when the clock guard holds the write ([`crate::clock::anchor`]):
+    /// its entries wait, untransformed, until released.
+    pub clock: Option<crate::clock::Anchor>,
 }
 
 /// A source position stored beside the queue.
@@ -843,6 +846,7 @@ impl Queue {
             payload,
             lines,
             checkpoint: None,
+            clock: None,
         })
     }
 
@@ -1001,7 +1005,8 @@ impl Queue {
         };
         let log = Log::Main(repl.id);
         let lo = meta.head.seq.max(after) + 1;
-        if lo >= meta.next_seq {
+        // Nothing goes ahead of lines the clock guard holds.
+        if lo >= meta.next_seq || meta.clock_held > 0 {
             return Ok(None);
         }
         let (head, hi) = (log.key(meta.head.seq), log.key(meta.next_seq));
@@ -1149,6 +1154,11 @@ impl Queue {
                 }
                 Err(_) => break,
             };
+            if e.clock.is_some() {
+                // Held by the clock guard: nothing from here on goes until
+                // it is released.
+                break;
+            }
             let start = if seq == start_pos.seq {
                 start_pos.off as usize
             } else {
@@ -1311,6 +1321,27 @@ impl Queue {
             bucket: bucket.to_string(),
             code,
             message: message.to_string(),
+            reply,
+        })
+    }
+
+    /// Whether `repl`'s main log holds entries the clock guard holds.
+    pub fn clock_held(&self, repl: &ReplHandle) -> bool {
+        let Ok(rtxn) = self.shared.env.read_txn() else {
+            return false;
+        };
+        self.meta_of(&rtxn, repl)
+            .ok()
+            .flatten()
+            .is_some_and(|m| m.clock_held > 0)
+    }
+
+    /// Releases the entries at the head of `repl`'s main log that the clock
+    /// guard no longer holds (see `writer::clock`). Returns 0 when none could
+    /// go: the guard still holds the first of them.
+    pub fn release_clock(&self, repl: &Arc<ReplHandle>) -> Result<u64, QueueError> {
+        self.call_count(|reply| writer::Command::ReleaseClock {
+            repl: repl.clone(),
             reply,
         })
     }

@@ -35,7 +35,11 @@
 //!     present exactly while the lane holds an entry;
 //!   - [`checkpoint_key`] `S<source key>` → a source's position (a tailed
 //!     file's offset, a WAL segment's), opaque bytes that the source reads
-//!     back; written in the same transaction as the lines read up to it.
+//!     back; written in the same transaction as the lines read up to it;
+//!   - [`boot_key`] `B<boot id: 16 bytes>` → the clock's offset learnt in
+//!     that boot (wall time less time since boot, ns, `i64` little endian),
+//!     kept while an entry held by the clock guard (entry version 3) may
+//!     still need it; deleted once no replication holds one.
 //! - `dead` ([`DEAD`]): the dead-letter store, lines set aside (refused by
 //!   the remote, or failing their CRC). Key [`dead_key`], shaped like an entry
 //!   key, with a record number counting up per replication; value
@@ -58,6 +62,11 @@
 //!   than lose sight of the lane's lines. Without lanes the record is
 //!   version 2 again, with two more fields (next lane, lanes) that those
 //!   releases ignore.
+//!   [`META_VERSION_CLOCK`], 4, is written while the main log holds entries
+//!   the clock guard holds (entry version 3, counted in the field after
+//!   lanes): releases before the guard would set them aside as damaged, so
+//!   they refuse the record instead. Once released, the record is version 2
+//!   or 3 again.
 
 use std::ops::Bound;
 
@@ -76,6 +85,9 @@ pub(super) const META_VERSION: u64 = 2;
 /// Version of the meta record written while a replication has held lanes:
 /// an agent that knows no lanes refuses it.
 pub(super) const META_VERSION_LANES: u64 = 3;
+/// Version of the meta record written while the main log holds entries the
+/// clock guard holds: an agent that knows no guard refuses it.
+pub(super) const META_VERSION_CLOCK: u64 = 4;
 
 /// Key of entry `seq` of replication `id` in `entries`.
 pub(super) fn entry_key(id: u32, seq: u64) -> [u8; 12] {
@@ -213,6 +225,16 @@ pub(super) fn lane_meta_keys(id: u32) -> ([u8; 9], [u8; 9]) {
     (lane_meta_key(id, 0), lane_meta_key(id, u32::MAX))
 }
 
+/// Key of a boot's clock offset in `meta`: `B[boot id]`.
+pub(super) fn boot_key(boot: &crate::clock::BootId) -> [u8; 17] {
+    let mut k = [b'B'; 17];
+    k[1..].copy_from_slice(boot);
+    k
+}
+
+/// Bounds `[lo, hi)` of every boot record in `meta`.
+pub(super) const BOOT_KEYS: (&[u8], &[u8]) = (b"B", b"C");
+
 /// Key of a source checkpoint in `meta`.
 pub(super) fn checkpoint_key(key: &str) -> Vec<u8> {
     [b"S".as_slice(), key.as_bytes()].concat()
@@ -245,10 +267,11 @@ pub(super) fn split_window_key(k: &[u8]) -> Option<(i64, &str, &[u8])> {
 /// accepted lines, accepted bytes, delivered lines, delivered bytes,
 /// dropped_full, expired, dropped_non_retryable, dead_lettered, rejected
 /// lines, rejected bytes, dead-letter lines, dead-letter bytes, dead-letter
-/// purged, filtered, late, downsampled, aggregate, next lane, lanes.
-/// Fields are only ever added at the end; those missing from an older
-/// record read as zero. The version is [`META_VERSION_LANES`] while
-/// `lanes > 0`, else [`META_VERSION`].
+/// purged, filtered, late, downsampled, aggregate, next lane, lanes, held
+/// by the clock. Fields are only ever added at the end; those missing from
+/// an older record read as zero. The version is [`META_VERSION_CLOCK`]
+/// while `clock_held > 0`, else [`META_VERSION_LANES`] while `lanes > 0`,
+/// else [`META_VERSION`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) struct Meta {
     pub head: Pos,
@@ -260,6 +283,8 @@ pub(crate) struct Meta {
     pub next_lane: u64,
     /// Held lanes that exist now (each has a [`LaneRecord`]).
     pub lanes: u64,
+    /// Entries of the main log the clock guard holds (entry version 3).
+    pub clock_held: u64,
 }
 
 /// A held lane: the entries of one destination that the remote refused as
@@ -342,7 +367,9 @@ impl LaneRecord {
 impl Meta {
     pub(super) fn encode(&self) -> Vec<u8> {
         let c = &self.c;
-        let version = if self.lanes > 0 {
+        let version = if self.clock_held > 0 {
+            META_VERSION_CLOCK
+        } else if self.lanes > 0 {
             META_VERSION_LANES
         } else {
             META_VERSION
@@ -373,6 +400,7 @@ impl Meta {
             c.aggregate_lines,
             self.next_lane,
             self.lanes,
+            self.clock_held,
         ];
         fields.iter().flat_map(|f| f.to_le_bytes()).collect()
     }
@@ -385,7 +413,7 @@ impl Meta {
         let mut f = bytes
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()));
-        if !(1..=META_VERSION_LANES).contains(&f.next()?) {
+        if !(1..=META_VERSION_CLOCK).contains(&f.next()?) {
             return None;
         }
         // Fields added later read as zero from older metas.
@@ -419,12 +447,14 @@ impl Meta {
         c.aggregate_lines = next();
         let next_lane = next();
         let lanes = next();
+        let clock_held = next();
         Some(Meta {
             head,
             next_seq,
             c,
             next_lane,
             lanes,
+            clock_held,
         })
     }
 }
@@ -450,6 +480,11 @@ mod tests {
         assert_eq!(decode_id(&[1, 2, 3]), None);
         assert_eq!(meta_key(0x0102_0304), *b"R\x01\x02\x03\x04");
         assert_eq!(checkpoint_key("tail:/var/log/a"), b"Stail:/var/log/a");
+        assert_eq!(
+            boot_key(&[9; 16]),
+            *b"B\x09\x09\x09\x09\x09\x09\x09\x09\x09\x09\x09\x09\x09\x09\x09\x09"
+        );
+        assert!(BOOT_KEYS.0 <= &boot_key(&[0; 16])[..] && &boot_key(&[255; 16])[..] < BOOT_KEYS.1);
         assert_eq!(
             lane_key(0x0102_0304, 5, 6),
             [1, 2, 3, 4, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0, 6]
@@ -495,7 +530,7 @@ mod tests {
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        assert_eq!(fields.len(), 25);
+        assert_eq!(fields.len(), 26);
         assert_eq!(&fields[..6], &[2, 3, 7, 9, 11, 5]);
         assert_eq!(fields[22], 13);
         assert_eq!(Meta::decode(&bytes), Some(m));
@@ -503,7 +538,7 @@ mod tests {
         assert_eq!(Meta::decode(&bytes[..23 * 8]), Some(m));
         bytes[..8].copy_from_slice(&1u64.to_le_bytes());
         assert_eq!(Meta::decode(&bytes), Some(m), "a version 1 meta is read");
-        bytes[..8].copy_from_slice(&4u64.to_le_bytes());
+        bytes[..8].copy_from_slice(&5u64.to_le_bytes());
         assert_eq!(Meta::decode(&bytes), None, "a newer meta is refused");
         // With a lane, the version says so: the previous release, which
         // reads versions 1 and 2 only, refuses the record.
@@ -516,9 +551,21 @@ mod tests {
         assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), 3);
         assert_eq!(
             &bytes[23 * 8..],
-            &[2u64.to_le_bytes(), 1u64.to_le_bytes()].concat()[..]
+            &[2u64.to_le_bytes(), 1u64.to_le_bytes(), 0u64.to_le_bytes()].concat()[..]
         );
         assert_eq!(Meta::decode(&bytes), Some(held));
+        // A record of the release before the clock guard (25 fields).
+        assert_eq!(Meta::decode(&bytes[..25 * 8]), Some(held));
+        // With entries held by the clock, version 4, which releases before
+        // the guard (reading up to 3) refuse.
+        let clocked = Meta {
+            clock_held: 2,
+            ..held
+        };
+        let bytes = clocked.encode();
+        assert_eq!(u64::from_le_bytes(bytes[..8].try_into().unwrap()), 4);
+        assert_eq!(&bytes[25 * 8..], &2u64.to_le_bytes());
+        assert_eq!(Meta::decode(&bytes), Some(clocked));
     }
 
     #[test]

@@ -642,6 +642,7 @@ fn a_checkpoint_commits_with_its_lines_or_not_at_all() {
             key: "tail:/var/log/x.lp".into(),
             value: offset.to_vec(),
         }),
+        clock: None,
     };
     {
         let q = Queue::open(dir.path(), &opts(), &specs).unwrap();
@@ -753,6 +754,7 @@ fn append_deflated(
         payload,
         lines: n,
         checkpoint: None,
+        clock: None,
     };
     q.write_deflated(w, Some(segments.clone()))
         .blocking_recv()
@@ -916,6 +918,7 @@ fn a_transforming_replication_gets_lines_back_from_segments() {
         payload: Vec::new(),
         lines: 500,
         checkpoint: None,
+        clock: None,
     };
     q.write_deflated(w, Some(deflate_lines(&data, 1000, 6)))
         .blocking_recv()
@@ -1693,4 +1696,228 @@ fn now_ns_for_tests() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
+}
+
+// ---------------------------------------------------------------------------
+// The clock guard: held entries
+// ---------------------------------------------------------------------------
+
+/// Queues `payload` held with `anchor`, as a write the guard holds.
+fn append_held(
+    q: &Queue,
+    h: &Arc<ReplHandle>,
+    payload: &str,
+    anchor: crate::clock::Anchor,
+) -> Result<(), QueueError> {
+    let n = lineproto::count_points(payload.as_bytes()) as u64;
+    q.write_blocking(Write {
+        targets: vec![h.clone()],
+        bucket: "b".into(),
+        payload: payload.as_bytes().to_vec(),
+        lines: n,
+        checkpoint: None,
+        clock: Some(anchor),
+    })
+}
+
+/// The version field of `h`'s meta record on disk.
+fn meta_version(q: &Queue, h: &ReplHandle) -> u64 {
+    let rtxn = q.shared.env.read_txn().unwrap();
+    let raw = q.shared.meta.get(&rtxn, &meta_key(h.id)).unwrap().unwrap();
+    u64::from_le_bytes(raw[..8].try_into().unwrap())
+}
+
+/// A held write waits, with what follows it, while the guard holds; the
+/// meta record says so to older releases (version 4); once released, its
+/// stamped line carries its arrival, its own-timestamped one is unchanged,
+/// and it goes in its place, before what followed it. Counts conserve.
+#[test]
+fn a_held_write_waits_and_is_released_in_place_with_its_arrival_time() {
+    use crate::clock::{testing, Anchor, ClockState};
+    let boot = [3; 16];
+    let _clock = testing::set(ClockState::BeforeBuild, boot);
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    append(&q, &h, b"before v=1 1\n".to_vec()).unwrap();
+    let stamp = 42_000_000_000;
+    let own = crate::clock::earliest_sent() + 5;
+    let arrived_boot_ns = crate::clock::boottime_ns();
+    let anchor = Anchor {
+        boot,
+        boot_ns: arrived_boot_ns,
+        stamp_ns: stamp,
+    };
+    append_held(&q, &h, &format!("s v=2 {stamp}\no v=3 {own}\n"), anchor).unwrap();
+    append(&q, &h, format!("after v=4 {own}\n").into_bytes()).unwrap();
+    assert_eq!(meta_version(&q, &h), 4);
+    let mut buf = Vec::new();
+    // What came before goes; nothing from the held write on.
+    assert_eq!(drain(&q, &h, 1 << 20), b"before v=1 1\n");
+    assert!(q
+        .read_batch(&h, 1 << 20, false, &mut buf)
+        .unwrap()
+        .is_none());
+    assert!(q.clock_held(&h));
+    assert_eq!(q.release_clock(&h).unwrap(), 0, "the guard holds");
+    assert!(q.live_start(&h, 0, 0, 1 << 20).unwrap().is_none());
+    assert_eq!(h.counters().queued_lines, 3);
+
+    testing::change(ClockState::Synchronised, boot);
+    let t0 = crate::clock::wall_ns();
+    assert!(q.release_clock(&h).unwrap() > 0);
+    let t1 = crate::clock::wall_ns();
+    assert!(!q.clock_held(&h));
+    assert_eq!(meta_version(&q, &h), 2, "an older release opens it again");
+    let got = String::from_utf8(drain(&q, &h, 1 << 20)).unwrap();
+    let lines: Vec<&str> = got.lines().collect();
+    assert_eq!(lines.len(), 3, "{got}");
+    let (s, ts) = lines[0].rsplit_once(' ').unwrap();
+    assert_eq!(s, "s v=2");
+    // Its arrival: the clock now, less the time since.
+    let ts: i64 = ts.parse().unwrap();
+    let since = (crate::clock::boottime_ns() - arrived_boot_ns) as i64;
+    assert!(
+        (t0 - since - 1_000_000_000..=t1).contains(&ts),
+        "{ts} not within [{}, {t1}]",
+        t0 - since
+    );
+    assert_eq!(lines[1], format!("o v=3 {own}"));
+    assert_eq!(lines[2], format!("after v=4 {own}"));
+    let c = h.counters();
+    assert_eq!(
+        (c.delivered_lines, c.queued_lines, c.queued_bytes),
+        (4, 0, 0)
+    );
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+}
+
+/// A held write of a boot that ended before the guard let go: its stamped
+/// lines cannot be dated and are set aside with reason `clock`, as are lines
+/// stamped before the build date; the rest goes. Eviction takes held
+/// entries like any other, and the count of held entries follows.
+#[test]
+fn lines_of_an_earlier_boot_are_set_aside_and_held_entries_can_be_evicted() {
+    use crate::clock::{testing, Anchor, ClockState};
+    let _clock = testing::set(ClockState::Synchronised, [4; 16]);
+    let dir = tempfile::tempdir().unwrap();
+    let (q, h) = one_replication(dir.path());
+    let earlier = Anchor {
+        boot: [5; 16],
+        boot_ns: 1,
+        stamp_ns: 7,
+    };
+    let own = crate::clock::earliest_sent() + 5;
+    append_held(
+        &q,
+        &h,
+        &format!("s v=1 7\nearly v=2 1000\no v=3 {own}\n"),
+        earlier,
+    )
+    .unwrap();
+    assert!(q.release_clock(&h).unwrap() > 0);
+    assert_eq!(
+        drain(&q, &h, 1 << 20),
+        format!("o v=3 {own}\n").into_bytes()
+    );
+    let dead = q.dead_letters(&h, true).unwrap();
+    let reasons: Vec<&str> = dead.iter().map(|d| d.reason.as_str()).collect();
+    assert_eq!(dead.len(), 2, "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("clock: stamped on arrival"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[1].starts_with("clock: timestamp before"),
+        "{reasons:?}"
+    );
+    let c = h.counters();
+    assert_eq!((c.dead_lettered_lines, c.delivered_lines), (2, 1));
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
+
+    // Eviction: a small queue, held writes, then more than it holds.
+    drop(q);
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[spec("r", 300, WhenFull::DropOldest)]).unwrap();
+    let h = q.handles()[0].clone();
+    testing::change(ClockState::BeforeBuild, [4; 16]);
+    let now = Anchor {
+        boot: [4; 16],
+        boot_ns: 1,
+        stamp_ns: 9,
+    };
+    append_held(&q, &h, "a v=1 9\n", now).unwrap();
+    append_held(&q, &h, "b v=1 9\n", now).unwrap();
+    assert_eq!(meta_version(&q, &h), 4);
+    // 299 bytes: with either held entry (8 bytes each) more than 300.
+    append(&q, &h, lines("x", 29)).unwrap();
+    let c = h.counters();
+    assert_eq!(c.dropped_full_lines, 2, "{c:?}");
+    assert!(!q.clock_held(&h));
+    assert_eq!(meta_version(&q, &h), 2);
+}
+
+/// A held write to a replication that transforms its lines is queued as it
+/// came (from the segments ingest compressed) and transformed on release,
+/// to its true times; what the filter drops is counted then.
+#[test]
+fn a_held_write_is_transformed_when_released() {
+    use crate::clock::{testing, Anchor, ClockState};
+    let boot = [6; 16];
+    let _clock = testing::set(ClockState::BeforeBuild, boot);
+    let r = crate::config::Replication {
+        name: "tagged".into(),
+        remote: "x".into(),
+        local_bucket: "b".into(),
+        remote_bucket: None,
+        max_queue_size: 1 << 20,
+        max_age: None,
+        when_full: WhenFull::DropOldest,
+        drop_non_retryable_data: false,
+        batch_size: 1000,
+        gzip_level: 6,
+        priority: 5,
+        live_window: None,
+        include_measurements: Vec::new(),
+        exclude_measurements: vec!["noise".into()],
+        add_tags: [("gw".to_string(), "1".to_string())].into_iter().collect(),
+        downsample: None,
+    };
+    let mut tagged = spec("tagged", 1 << 20, WhenFull::DropOldest);
+    tagged.transform = crate::transform::Transform::new(&r).map(Arc::new);
+    let dir = tempfile::tempdir().unwrap();
+    let q = Queue::open(dir.path(), &opts(), &[tagged]).unwrap();
+    let h = q.handles()[0].clone();
+    let own = crate::clock::earliest_sent() + 1;
+    let data = format!("m v=1 {own}\nnoise v=2 {own}\n").repeat(100);
+    let w = Write {
+        targets: vec![h.clone()],
+        bucket: "b".into(),
+        payload: Vec::new(),
+        lines: 200,
+        checkpoint: None,
+        clock: Some(Anchor {
+            boot,
+            boot_ns: 1,
+            stamp_ns: 3,
+        }),
+    };
+    q.write_deflated(w, Some(deflate_lines(data.as_bytes(), 1000, 6)))
+        .blocking_recv()
+        .unwrap()
+        .unwrap();
+    let c = h.counters();
+    assert_eq!(
+        (c.queued_lines, c.filtered_lines),
+        (200, 0),
+        "held as it came"
+    );
+    testing::change(ClockState::Synchronised, boot);
+    assert!(q.release_clock(&h).unwrap() > 0);
+    assert_eq!(
+        drain(&q, &h, 1 << 20),
+        format!("m,gw=1 v=1 {own}\n").repeat(100).into_bytes()
+    );
+    let c = h.counters();
+    assert_eq!((c.delivered_lines, c.filtered_lines), (100, 100));
+    assert_eq!(c.inflow_lines(), c.accounted_lines());
 }

@@ -450,6 +450,14 @@ impl Worker {
                     }
                     continue;
                 }
+                Ok(None) if self.queue.clock_held(&self.repl) => {
+                    // The clock guard holds the next lines: released as soon
+                    // as it lets them go, looked at every second meanwhile.
+                    if !self.release_clock() && !lane_shipped {
+                        self.repl.data.wait_past(seen, Duration::from_secs(1));
+                    }
+                    continue;
+                }
                 Ok(None) => {
                     self.status.ship.locked().next_retry = None;
                     if !lane_shipped {
@@ -1470,6 +1478,32 @@ impl Worker {
                 wait.as_secs_f64()
             );
         }
+    }
+
+    /// Releases the lines the clock guard let go at the head of the queue;
+    /// while it still holds them, shows state `clock`. True if any went.
+    fn release_clock(&self) -> bool {
+        let name = &self.repl.name;
+        let released = match self.queue.release_clock(&self.repl) {
+            Ok(n) => n > 0,
+            Err(e) => {
+                error!("replication \"{name}\": cannot release lines held for the clock: {e}");
+                false
+            }
+        };
+        let holding = !released && self.queue.clock_held(&self.repl);
+        let mut s = self.status.ship.locked();
+        if holding && s.state != State::Clock {
+            info!(
+                "replication \"{name}\": the system clock is {}: the next lines wait in the queue until it is synchronised",
+                crate::clock::state().as_str()
+            );
+            s.state = State::Clock;
+            s.next_retry = None;
+        } else if !holding && s.state == State::Clock {
+            s.state = State::Running;
+        }
+        released
     }
 
     /// While a data budget is spent, shows state `budget` and waits until

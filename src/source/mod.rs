@@ -120,11 +120,13 @@ fn validate(
     log: impl Fn(&LineError),
 ) -> (Vec<u8>, Summary) {
     let mut out = Vec::with_capacity(body.len() + body.len() / 8 + 32);
-    let summary = lineproto::normalize(body, precision, now_ns(), &mut out);
+    let now = now_ns();
+    let summary = lineproto::normalize(body, precision, now, &mut out);
     status
         .invalid_lines
         .fetch_add(summary.error_count, Ordering::Relaxed);
     crate::clock::note_stamped(summary.stamped);
+    *status.anchor.locked() = crate::clock::anchor(now, summary.earliest);
     summary.errors.iter().for_each(log);
     (out, summary)
 }
@@ -257,6 +259,7 @@ impl Sink for QueueSink {
         };
         let mut delay = RETRY_MIN;
         let mut logged = false;
+        let anchor = self.status.anchor.locked().take();
         loop {
             if self.stop.is_stopped() {
                 return Err(SinkError::Stopped);
@@ -278,6 +281,7 @@ impl Sink for QueueSink {
                         key: self.key.clone(),
                         value: checkpoint.to_vec(),
                     }),
+                    clock: anchor,
                 };
                 match self.queue.write_blocking(w) {
                     Ok(()) => {

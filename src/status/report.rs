@@ -39,6 +39,15 @@ pub struct ClockReport {
     /// Lines without a timestamp stamped while the clock was not
     /// synchronised, since the agent started.
     pub lines_stamped_unsynchronised: u64,
+    /// Whether the clock guard holds writes now (their lines wait in the
+    /// queue for the clock; see `crate::clock`). Absent from reports of
+    /// agents before the guard.
+    #[serde(default)]
+    pub holding: bool,
+    /// Lines given the time of their arrival once the guard let them go,
+    /// since the agent started.
+    #[serde(default)]
+    pub lines_restamped: u64,
 }
 
 /// One data budget of `[link]`: all remotes' bytes on the wire in the

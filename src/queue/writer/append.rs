@@ -38,28 +38,27 @@ impl Writer {
                         .get(&t.id)
                         .is_some_and(|st| st.spec.transform.is_some())
                 });
-                if transforms {
+                if transforms || a.clock.is_some() {
                     inflated = Some(inflate(segments)?);
                 }
             }
         }
         let lines: &[u8] = inflated.as_deref().unwrap_or(&a.payload);
         // Each replication's transform first: bounds apply to what it queues.
+        // Lines the clock guard holds are queued as they came: the transform
+        // applies when they are released, to their true times.
         let mut prepared = Vec::with_capacity(a.targets.len());
         for t in &a.targets {
             let Some(st) = self.states.get(&t.id) else {
                 return Ok(Err(QueueError::Closed));
             };
-            prepared.push(prepare(
-                st.spec.transform.as_deref(),
-                lines,
-                a.lines,
-                now as i64,
-            ));
+            let transform = st.spec.transform.as_deref().filter(|_| a.clock.is_none());
+            prepared.push(prepare(transform, lines, a.lines, now as i64));
         }
         for (t, p) in a.targets.iter().zip(&prepared) {
             let st = self.state_mut(t.id);
             let len = match (&p.payload, &cmd.segments) {
+                _ if a.clock.is_some() => p.payload.len() as u64,
                 (Cow::Borrowed(_), Some(_)) => total,
                 _ => p.payload.len() as u64,
             };
@@ -88,6 +87,16 @@ impl Writer {
             touched.insert(t.id);
             if let Some((deltas, folded)) = p.windows {
                 self.fold_into_windows(wtxn, t.id, &a.bucket, deltas, folded)?;
+            } else if let (Some(anchor), true) = (&a.clock, p.lines > 0) {
+                self.push_entry(
+                    wtxn,
+                    t.id,
+                    &a.bucket,
+                    Stored::Held(&p.payload, anchor),
+                    p.lines,
+                    now,
+                )?;
+                appended.insert(t.id);
             } else if p.lines > 0 {
                 match (&p.payload, &cmd.segments) {
                     // Unchanged lines: store them as compressed at ingest.
@@ -148,15 +157,16 @@ fn inflate(segments: &[Segment]) -> Result<Vec<u8>, QueueError> {
 }
 
 /// A write as one replication will queue it.
-struct Prepared<'a> {
-    payload: Cow<'a, [u8]>,
-    lines: u64,
-    filtered: u64,
+pub(super) struct Prepared<'a> {
+    pub payload: Cow<'a, [u8]>,
+    pub lines: u64,
+    pub filtered: u64,
     /// Downsampling: window deltas instead of lines.
-    windows: Option<(Deltas, Folded)>,
+    pub windows: Option<(Deltas, Folded)>,
 }
 
-fn prepare<'a>(
+/// Applies `transform` (if any) to a write's lines.
+pub(super) fn prepare<'a>(
     transform: Option<&Transform>,
     payload: &'a [u8],
     lines: u64,

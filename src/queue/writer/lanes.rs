@@ -164,7 +164,9 @@ impl Writer {
         let (lo, hi) = (main.key(head.seq), main.key(next_seq));
         for item in shared.entries.range(wtxn, &key_range(&lo, &hi))? {
             let (k, raw) = item?;
-            if entry::decode_unchecked(raw).is_ok_and(|e| e.bucket == bucket) {
+            // Entries the clock guard holds stay where they are until
+            // released (a lane would send them as they are).
+            if entry::decode_unchecked(raw).is_ok_and(|e| e.bucket == bucket && e.clock.is_none()) {
                 seqs.push(main.seq(k));
             }
         }

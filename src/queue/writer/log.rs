@@ -29,17 +29,28 @@ impl Writer {
         lines: u64,
         now: u64,
     ) -> Result<(), QueueError> {
-        let (payload, deflated) = match stored {
-            Stored::Lines(l) => (l, None),
-            Stored::Segment(seg) => (&seg.data[..], Some(seg.deflated)),
+        let (payload, deflated, anchor) = match stored {
+            Stored::Lines(l) => (l, None, None),
+            Stored::Segment(seg) => (&seg.data[..], Some(seg.deflated), None),
+            Stored::Held(l, a) => (l, None, Some(a)),
         };
         let len = deflated.map_or(payload.len() as u64, |d| d.len as u64);
         self.evict_oldest(wtxn, id, len)?;
         let shared = self.shared.clone();
-        // A held destination's lines join its lane, behind those held.
-        let lane = self.lane_of(id, bucket);
+        // A held destination's lines join its lane, behind those held; lines
+        // the clock guard holds stay in the main log until released.
+        let lane = match anchor {
+            None => self.lane_of(id, bucket),
+            Some(_) => None,
+        };
         let st = self.state_mut(id);
-        let header = entry::header(now, lines as u32, bucket, deflated);
+        let header = match anchor {
+            None => entry::header(now, lines as u32, bucket, deflated),
+            Some(a) => entry::header_held(now, lines as u32, bucket, a),
+        };
+        if anchor.is_some() {
+            st.meta.clock_held += 1;
+        }
         let (log, seq) = match lane {
             Some(l) => (Log::Lane(id, l), st.lanes[&l].rec.next_seq),
             None => (Log::Main(id), st.meta.next_seq),
@@ -282,6 +293,7 @@ impl Writer {
             },
         };
         let (mut lines, mut bytes) = (0u64, 0u64);
+        let mut held_removed = 0u64;
         while *head < to && head.seq < next_seq {
             let key = log.key(head.seq);
             let found = match db.get(wtxn, &key)? {
@@ -289,13 +301,14 @@ impl Writer {
                 Some(raw) => {
                     // Lines of a deflated entry cannot be counted in part:
                     // such entries leave whole (batches take them whole).
-                    let (enq_lines, plen, lines) = match entry::decode_unchecked(raw) {
+                    let (enq_lines, plen, lines, held) = match entry::decode_unchecked(raw) {
                         Ok(e) => (
                             e.lines as u64,
                             e.lines_len(),
                             e.deflated.is_none().then_some(e.payload),
+                            e.clock.is_some(),
                         ),
-                        Err(_) => (0, 0, Some(&raw[..0])),
+                        Err(_) => (0, 0, Some(&raw[..0]), false),
                     };
                     let start = (head.off as usize).min(plen);
                     let end = if to.seq == head.seq {
@@ -308,7 +321,7 @@ impl Writer {
                         Some(lines) => crate::lineproto::count_points(&lines[start..end]) as u64,
                         None => break,
                     };
-                    Some((l, (end - start) as u64, end == plen, end))
+                    Some((l, (end - start) as u64, end == plen, end, held))
                 }
             };
             match found {
@@ -324,10 +337,13 @@ impl Writer {
                     };
                     *head = Pos { seq, off: 0 }
                 }
-                Some((l, b, whole, end)) => {
+                Some((l, b, whole, end, held)) => {
                     lines += l;
                     bytes += b;
                     if whole {
+                        if held {
+                            held_removed += 1;
+                        }
                         db.delete(wtxn, &key)?;
                         *head = Pos {
                             seq: head.seq + 1,
@@ -340,6 +356,7 @@ impl Writer {
             }
         }
         let end = *head;
+        st.meta.clock_held = st.meta.clock_held.saturating_sub(held_removed);
         let c = &mut st.meta.c;
         let lines = c.unqueue(lines, bytes);
         if why != Removal::Delivered && lines > 0 && matches!(log, Log::Main(_)) {
@@ -486,7 +503,12 @@ pub(super) fn first_entry(
         .next()
         .transpose()?;
     Ok(first.map(|(k, raw)| {
-        let t = entry::decode_unchecked(raw).ok().map(|e| e.enqueued_ns);
+        // A held entry's enqueue time is the distrusted clock's: none, so
+        // that expiry waits for its release (which sets a true one).
+        let t = entry::decode_unchecked(raw)
+            .ok()
+            .filter(|e| e.clock.is_none())
+            .map(|e| e.enqueued_ns);
         (log.seq(k), t)
     }))
 }
@@ -495,4 +517,6 @@ pub(super) fn first_entry(
 pub(super) enum Stored<'a> {
     Lines(&'a [u8]),
     Segment(&'a Segment),
+    /// Lines the clock guard holds (entry version 3), untransformed.
+    Held(&'a [u8], &'a crate::clock::Anchor),
 }

@@ -27,8 +27,11 @@
 //! - [`lanes`]: held destinations: a hold moves a destination's entries
 //!   into a lane of their own; a lane settles on its own and ends when
 //!   empty, or is moved whole to the dead-letter store.
+//! - [`clock`]: entries the clock guard holds, released (restamped, or
+//!   set aside with reason `clock`) once it lets them go.
 
 mod append;
+mod clock;
 mod dead_letter;
 mod lanes;
 mod log;
@@ -38,7 +41,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use ::log::{error, warn};
 use tokio::sync::oneshot;
@@ -107,6 +110,12 @@ pub(super) enum Command {
         message: String,
         reply: oneshot::Sender<Result<u64, QueueError>>,
     },
+    /// Releases what the clock guard no longer holds at the head of the
+    /// main log; answers with the lines released or set aside.
+    ReleaseClock {
+        repl: Arc<ReplHandle>,
+        reply: oneshot::Sender<Result<u64, QueueError>>,
+    },
     /// Moves a held destination's lines to the dead-letter store.
     HeldDeadLetter {
         repl: Arc<ReplHandle>,
@@ -137,6 +146,7 @@ fn repl_of(cmd: &Command) -> Option<u32> {
         Command::SetAside { repl, .. }
         | Command::Hold { repl, .. }
         | Command::HeldDeadLetter { repl, .. }
+        | Command::ReleaseClock { repl, .. }
         | Command::DeadLetter { repl, .. } => Some(repl.id),
         Command::Append(_)
         | Command::Attach { .. }
@@ -166,11 +176,9 @@ pub(super) struct Writer {
     states: HashMap<u32, ReplState>,
 }
 
+/// The wall clock (as the clock guard reads it), ns since the epoch.
 fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    crate::clock::wall_ns().max(0) as u64
 }
 
 impl Writer {
@@ -433,6 +441,7 @@ impl Writer {
                 }
                 Command::DeadLetter { reply, .. }
                 | Command::Hold { reply, .. }
+                | Command::ReleaseClock { reply, .. }
                 | Command::HeldDeadLetter { reply, .. } => {
                     let _ = reply.send(r);
                 }
@@ -514,6 +523,14 @@ impl Writer {
                 Command::HeldDeadLetter { repl, bucket, .. } => {
                     touched.insert(repl.id);
                     Ok(self.dead_letter_lane(&mut wtxn, repl.id, bucket)?)
+                }
+                Command::ReleaseClock { repl, .. } => {
+                    touched.insert(repl.id);
+                    let r = self.release_clock(&mut wtxn, repl.id, now)?;
+                    if r.entries > 0 {
+                        appended.insert(repl.id);
+                    }
+                    Ok(r.restamped + r.set_aside + r.entries)
                 }
                 Command::DeadLetter { repl, op, .. }
                     if with_appends || matches!(op, DeadLetterOp::Purge) =>
