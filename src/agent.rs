@@ -251,7 +251,11 @@ impl Streams {
             warn!("{w}");
         }
         self.ingest.link.configure(new.link.clone());
-        crate::clock::configure(new.clock.wait_for_sync, new.clock.send_before_build);
+        crate::clock::configure(
+            new.clock.wait_for_sync,
+            new.clock.send_before_build,
+            new.clock.before_build_margin,
+        );
         let names: Vec<String> = self.streams.keys().cloned().collect();
         for name in names {
             let keep = new.replications.iter().find(|r| r.name == name).cloned();
@@ -424,7 +428,11 @@ pub fn run(
         &specs,
     )?);
     let link = Arc::new(Link::new(config.link.clone(), Some(&config.data_dir)));
-    crate::clock::configure(config.clock.wait_for_sync, config.clock.send_before_build);
+    crate::clock::configure(
+        config.clock.wait_for_sync,
+        config.clock.send_before_build,
+        config.clock.before_build_margin,
+    );
     let ingest = Arc::new(Ingest::new(
         queue.clone(),
         Routing {

@@ -32,12 +32,13 @@
 //! boot it was received in, the time since that boot ([`boottime_ns`],
 //! which counts suspend and never jumps) and the wall time the lines without
 //! a timestamp were given. A write that holds a line stamped before the
-//! build date is held too, whatever the clock. The queue sends nothing from
+//! build date (less `[clock] before_build_margin`, a year) is held too,
+//! whatever the clock. The queue sends nothing from
 //! a held entry on (see `queue::writer::clock`): once the guard no longer
 //! holds, each held entry is released, its stamped lines given the wall
 //! time of their arrival as the clock now tells it (the anchor's boot time
 //! plus the clock's [`offset`]), its lines stamped before the build date
-//! set aside with reason `clock`. An entry received in an earlier boot whose
+//! (less the margin) set aside with reason `clock`. An entry received in an earlier boot whose
 //! offset was never learnt cannot be dated: its stamped lines are set aside
 //! too. Nothing is sent with a time the agent knows to be wrong.
 //!
@@ -277,14 +278,22 @@ pub struct Anchor {
 static WAIT_NS: AtomicU64 = AtomicU64::new(DEFAULT_WAIT.as_nanos() as u64);
 /// `[clock] send_before_build`.
 static SEND_BEFORE_BUILD: AtomicBool = AtomicBool::new(false);
+/// `[clock] before_build_margin`, ns.
+static MARGIN_NS: AtomicU64 = AtomicU64::new(DEFAULT_MARGIN.as_nanos() as u64);
 
 /// `[clock] wait_for_sync`'s default.
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(600);
+/// `[clock] before_build_margin`'s default: a year. A release is built days
+/// or weeks before it runs, and devices that buffered while offline send
+/// points older than that; the stamps of a clock that was never set (1970,
+/// 2000, an OS image's build date) are older still.
+pub const DEFAULT_MARGIN: Duration = Duration::from_secs(365 * 86_400);
 
 /// Applies `[clock]` (at start and on reload).
-pub fn configure(wait_for_sync: Duration, send_before_build: bool) {
+pub fn configure(wait_for_sync: Duration, send_before_build: bool, margin: Duration) {
     WAIT_NS.store(wait_for_sync.as_nanos() as u64, Ordering::Relaxed);
     SEND_BEFORE_BUILD.store(send_before_build, Ordering::Relaxed);
+    MARGIN_NS.store(margin.as_nanos() as u64, Ordering::Relaxed);
 }
 
 /// Whether the guard holds writes now.
@@ -319,18 +328,20 @@ pub fn offset() -> Option<i64> {
 }
 
 /// The earliest timestamp that is not set aside as stamped before the build
-/// date (`i64::MIN` with `send_before_build`).
+/// date: the build date less `before_build_margin` (`i64::MIN` with
+/// `send_before_build`).
 pub fn earliest_sent() -> i64 {
     if SEND_BEFORE_BUILD.load(Ordering::Relaxed) {
         return i64::MIN;
     }
-    not_before()
+    let built = not_before()
         .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as i64)
+        .map_or(0, |d| d.as_nanos() as i64);
+    built.saturating_sub(MARGIN_NS.load(Ordering::Relaxed) as i64)
 }
 
 /// The anchor a write gets: `Some` while the guard holds, or when one of
-/// its lines is stamped before the build date (`earliest`, its earliest
+/// its lines is stamped before [`earliest_sent`] (`earliest`, its earliest
 /// own timestamp). `stamp_ns` is the time given to its lines without one.
 pub fn anchor(stamp_ns: i64, earliest: i64) -> Option<Anchor> {
     (holds() || earliest < earliest_sent()).then(|| Anchor {

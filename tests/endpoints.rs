@@ -188,7 +188,9 @@ fn the_clock_guard_holds_writes_until_the_clock_is_known_and_stamps_their_arriva
     let behind = 50 * 365 * 86_400;
     std::fs::write(&clock, format!("before-build offset=-{behind} boot=first")).unwrap();
     let sink = Sink::accept_all();
-    let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    // The defaults of [clock].
+    config.clock = String::new();
     let launch = Launch::new().env("EDGE_REPLICATOR_CLOCK_FILE", clock.to_str().unwrap());
     let mut agent = Agent::start_with(config, &launch);
 
@@ -272,9 +274,9 @@ fn an_unsynchronised_clock_is_shown_and_the_lines_stamped_with_it_counted() {
     let config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
     // The guard holds writes only in the first second after boot: this
     // test is about what is shown and counted.
-    let launch = Launch::new()
-        .env("EDGE_REPLICATOR_CLOCK_FILE", clock.to_str().unwrap())
-        .append("[clock]\nwait_for_sync = \"1s\"\n");
+    let mut config = config;
+    config.clock = "wait_for_sync = \"1s\"\n".into();
+    let launch = Launch::new().env("EDGE_REPLICATOR_CLOCK_FILE", clock.to_str().unwrap());
     let agent = Agent::start_with(config, &launch);
     let clock_of = |agent: &Agent| agent.replications()["clock"].clone();
 

@@ -1,6 +1,6 @@
 //! `[clock]`: the clock guard (see [`crate::clock`]): how long writes wait
-//! for an unsynchronised clock after boot, and whether lines stamped before
-//! the build date are sent.
+//! for an unsynchronised clock after boot, and what happens to lines
+//! stamped before the build date.
 
 use std::time::Duration;
 
@@ -19,6 +19,9 @@ pub struct ClockConfig {
     /// Send lines stamped before the build date as they are (a backfill of
     /// old data), instead of setting them aside with reason `clock`.
     pub send_before_build: bool,
+    /// How long before the build date a line's own timestamp must be for
+    /// it to count as stamped before it.
+    pub before_build_margin: Duration,
 }
 
 impl Default for ClockConfig {
@@ -26,6 +29,7 @@ impl Default for ClockConfig {
         ClockConfig {
             wait_for_sync: crate::clock::DEFAULT_WAIT,
             send_before_build: false,
+            before_build_margin: crate::clock::DEFAULT_MARGIN,
         }
     }
 }
@@ -35,6 +39,7 @@ impl Default for ClockConfig {
 pub(super) struct RawClock {
     wait_for_sync: Option<Scalar>,
     send_before_build: Option<bool>,
+    before_build_margin: Option<Scalar>,
 }
 
 pub(super) fn clock(raw: Option<RawClock>) -> Result<ClockConfig, ConfigError> {
@@ -48,5 +53,10 @@ pub(super) fn clock(raw: Option<RawClock>) -> Result<ClockConfig, ConfigError> {
             crate::clock::DEFAULT_WAIT,
         )?,
         send_before_build: raw.send_before_build.unwrap_or(false),
+        before_build_margin: duration_value(
+            "clock.before_build_margin",
+            raw.before_build_margin,
+            crate::clock::DEFAULT_MARGIN,
+        )?,
     })
 }

@@ -1210,11 +1210,16 @@ fn clock_takes_a_wait_and_whether_to_send_old_lines() {
     let c = ok(&repl(""));
     assert_eq!(c.clock.wait_for_sync, Duration::from_secs(600));
     assert!(!c.clock.send_before_build);
+    assert_eq!(
+        c.clock.before_build_margin,
+        Duration::from_secs(365 * 86_400)
+    );
     let c = ok(&repl(
-        "[clock]\nwait_for_sync = \"0\"\nsend_before_build = true",
+        "[clock]\nwait_for_sync = \"0\"\nsend_before_build = true\nbefore_build_margin = \"0s\"",
     ));
     assert_eq!(c.clock.wait_for_sync, Duration::ZERO);
     assert!(c.clock.send_before_build);
+    assert_eq!(c.clock.before_build_margin, Duration::ZERO);
     assert_eq!(
         ok(&repl("[clock]\nwait_for_sync = \"90s\""))
             .clock
@@ -1225,6 +1230,10 @@ fn clock_takes_a_wait_and_whether_to_send_old_lines() {
         ("[clock]\nwait_for_sync = \"soon\"", "clock.wait_for_sync"),
         ("[clock]\nsend_before_build = \"yes\"", "send_before_build"),
         ("[clock]\nntp = true", "ntp"),
+        (
+            "[clock]\nbefore_build_margin = -1",
+            "clock.before_build_margin",
+        ),
     ] {
         let e = err(&repl(lines));
         assert!(e.contains(key), "{lines}: {e}");

@@ -866,6 +866,9 @@ pub struct AgentConfig {
     pub durability: String,
     pub remotes: Vec<RemoteConfig>,
     pub replications: Vec<ReplicationConfig>,
+    /// The keys of `[clock]`. By default lines stamped long before the
+    /// build are sent as they are: tests write fixed times, which age.
+    pub clock: String,
 }
 
 /// TOML basic string.
@@ -895,6 +898,7 @@ impl Default for AgentConfig {
             durability: "fsync".into(),
             remotes: Vec::new(),
             replications: Vec::new(),
+            clock: "send_before_build = true\n".into(),
         }
     }
 }
@@ -929,6 +933,7 @@ impl AgentConfig {
         t += "[queue]\n";
         t += &format!("commit_interval = {}\n", toml_str(&self.commit_interval));
         t += &format!("durability = {}\n", toml_str(&self.durability));
+        t += &format!("\n[clock]\n{}", self.clock);
         for r in &self.remotes {
             t += "\n[[remote]]\n";
             t += &format!("name = {}\n", toml_str(&r.name));
