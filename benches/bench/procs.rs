@@ -321,6 +321,13 @@ commit_interval = "10ms"
 durability = "fsync"
 map_size = "8GiB"
 
+# The boards measured keep a synchronised clock, and the generated lines are
+# stamped in 2025: this machine may read as unsynchronised (no time
+# service), which must not hold writes here.
+[clock]
+wait_for_sync = "1s"
+send_before_build = true
+
 [[remote]]
 name = "remote"
 url = "{url}"

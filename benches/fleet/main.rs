@@ -141,6 +141,11 @@ address = "127.0.0.1:{port}"
 [queue]
 durability = "os"
 
+# The boards simulated keep a synchronised clock; this machine may read as
+# unsynchronised (no time service), which must not hold their writes.
+[clock]
+wait_for_sync = "1s"
+
 [[remote]]
 name = "central"
 url = "{proxy_url}"
