@@ -19,6 +19,10 @@ pub enum Mix {
     /// (`cpu,host=gw3,site=s1 v=12i,f=12.25 <ns>`), the commonest thing a
     /// sensor gateway writes.
     Small,
+    /// 200 field devices with 4 readings each, one point a second per
+    /// device, stamped by the device's own clock; the devices report in no
+    /// particular order within a second.
+    Sensors,
 }
 
 impl Mix {
@@ -27,6 +31,7 @@ impl Mix {
             Mix::Metrics => "metrics",
             Mix::Logs => "logs",
             Mix::Small => "small",
+            Mix::Sensors => "sensors",
         }
     }
 }
@@ -75,6 +80,8 @@ pub struct Generator {
     counters: Vec<u64>,
     /// Random walks of gauge values.
     gauges: Vec<f64>,
+    /// The sensors mix: the devices' reporting order in this second.
+    order: Vec<usize>,
 }
 
 impl Generator {
@@ -86,7 +93,8 @@ impl Generator {
             ts: START_NS,
             jitter: 0,
             counters: vec![1_000_000; 64],
-            gauges: vec![50.0; 256],
+            gauges: vec![50.0; 1024],
+            order: Vec::new(),
         }
     }
 
@@ -98,13 +106,14 @@ impl Generator {
                 Mix::Metrics => self.metrics_line(&mut s),
                 Mix::Logs => self.log_line(&mut s),
                 Mix::Small => self.small_line(&mut s),
+                Mix::Sensors => self.sensors_line(&mut s),
             }
         }
         s.into_bytes()
     }
 
     fn walk(&mut self, i: usize, lo: f64, hi: f64, step: f64) -> f64 {
-        let g = &mut self.gauges[i % 256];
+        let g = &mut self.gauges[i % 1024];
         *g += (self.rng.unit() - 0.5) * step;
         *g = g.clamp(lo, hi);
         *g
@@ -395,10 +404,40 @@ impl Generator {
     }
 }
 
+impl Generator {
+    fn sensors_line(&mut self, s: &mut String) {
+        const DEVICES: usize = 200;
+        if self.slot == 0 {
+            // This second's reporting order: a shuffle of the devices.
+            self.order = (0..DEVICES).collect();
+            for k in (1..DEVICES).rev() {
+                let j = self.rng.below(k as u64 + 1) as usize;
+                self.order.swap(k, j);
+            }
+        }
+        let d = self.order[self.slot];
+        let t = self.walk(d, -10.0, 45.0, 0.2);
+        let h = self.walk(d + 200, 5.0, 95.0, 0.5);
+        let p = 1013.25 + self.walk(d + 400, -30.0, 30.0, 0.3);
+        let b = 3.0 + self.walk(d + 600, 0.0, 1.2, 0.002);
+        let _ = writeln!(
+            s,
+            "sensor,device=dev-{d:03},site=plant-{} temperature={t:.2},humidity={h:.1},pressure={p:.2},battery={b:.3} {}",
+            d % 7,
+            self.ts + (d as i64 * 4_999 % 1_000) * 1_000_000
+        );
+        self.slot += 1;
+        if self.slot == DEVICES {
+            self.slot = 0;
+            self.ts += 1_000_000_000;
+        }
+    }
+}
+
 /// Checks that every mix is valid, already normalised line protocol (run
 /// by `cargo test`, which starts bench binaries without `--bench`).
 pub fn self_check() {
-    for mix in [Mix::Metrics, Mix::Logs, Mix::Small] {
+    for mix in [Mix::Metrics, Mix::Logs, Mix::Small, Mix::Sensors] {
         let body = Generator::new(mix, 7).body(2000);
         let mut out = Vec::new();
         let s = edge_replicator::lineproto::normalize(
