@@ -237,16 +237,27 @@ pub fn boottime_ns() -> u64 {
 /// only within one.
 pub type BootId = [u8; 16];
 
-/// This boot's id (all zero when the kernel does not say).
+/// This boot's id. Where the kernel does not say (no `/proc`), an id of
+/// this process's own: lines held then are dated only by this process, and
+/// set aside after a restart, never dated with another boot's clock.
 pub fn boot_id() -> BootId {
     if let Some(b) = injected().and_then(|i| i.boot) {
         return b;
     }
     static BOOT: OnceLock<BootId> = OnceLock::new();
     *BOOT.get_or_init(|| {
-        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
             .map(|s| parse_boot_id(&s))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        if id != [0; 16] {
+            return id;
+        }
+        let mut own = [0u8; 16];
+        let seed = format!("{}:{}", std::process::id(), wall_ns());
+        own[..4].copy_from_slice(&crc32fast::hash(seed.as_bytes()).to_le_bytes());
+        own[4..12].copy_from_slice(&wall_ns().to_le_bytes());
+        own[12..].copy_from_slice(&std::process::id().to_le_bytes());
+        own
     })
 }
 

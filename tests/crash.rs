@@ -745,3 +745,57 @@ fn killed_with_requests_in_flight_counts_each_line_once() {
     );
     agent.sigterm_and_wait();
 }
+
+/// A crash in the commit that releases lines the clock guard held: nothing
+/// of the release happened, so after the restart the same lines are
+/// released again, once: each stamped line is delivered with its arrival
+/// time, and the line stamped before the build date is set aside once.
+#[test]
+fn crash_while_releasing_lines_held_for_the_clock_releases_them_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    let behind = 40 * 365 * 86_400;
+    std::fs::write(&clock, format!("before-build offset=-{behind} boot=crash")).unwrap();
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.clock = String::new();
+    let launch = Launch::new().env("EDGE_REPLICATOR_CLOCK_FILE", clock.to_str().unwrap());
+    let mut agent = Agent::start_with(config, &launch);
+    let before = util::now_ns();
+    let mut body: String = (0..30).map(|i| format!("held,n={i} v=1\n")).collect();
+    body.push_str("held,n=early v=2 1000000000\n");
+    let r = agent.write_v2_reply("b", body.as_bytes(), &Opts::new());
+    let after = util::now_ns();
+    assert_eq!(r.status, 204, "{}", r.body);
+    wait_until(DEADLINE, "state clock", || {
+        str_field(&agent.replication("r1"), "state") == "clock"
+    });
+    agent.kill9();
+
+    std::fs::write(&clock, "synchronised boot=crash").unwrap();
+    agent.launch_with(
+        &launch
+            .clone()
+            .env("EDGE_REPLICATOR_CRASH_AT", "clock-release"),
+    );
+    let status = agent
+        .wait_exit(Duration::from_secs(60))
+        .expect("the agent did not crash on the release");
+    assert_eq!(status.signal(), Some(libc::SIGABRT), "{status}");
+    assert!(sink.lines_accepted().is_empty(), "sent before the release");
+
+    agent.spawn_with(&launch);
+    let rep = agent.wait_drained("r1");
+    assert_eq!(field(&rep, "deliveredLines"), 30, "{rep:#}");
+    assert_eq!(field(&rep, "deadLetteredLines"), 1, "{rep:#}");
+    let lines = sink.lines_accepted();
+    assert_eq!(lines.len(), 30);
+    for l in &lines {
+        let l = String::from_utf8_lossy(l);
+        let ts: i64 = l.trim_end().rsplit_once(' ').unwrap().1.parse().unwrap();
+        assert!(
+            (before - 1_000_000_000..=after + 1_000_000_000).contains(&ts),
+            "{l}: not stamped with its arrival ({before}..{after})"
+        );
+    }
+}

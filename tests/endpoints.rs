@@ -141,13 +141,6 @@ fn a_star_replication_logs_where_each_write_goes() {
 /// are counted, and the log warns once; once synchronised, the count stops
 /// and the log says the time is confirmed again. Lines with their own
 /// timestamps are never counted.
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
-
 /// The lines the sink accepted, as (series and fields, timestamp).
 fn points_at(sink: &Sink) -> Vec<(String, i64)> {
     sink.lines_accepted()

@@ -564,6 +564,12 @@ impl Writer {
         }
         if group
             .iter()
+            .any(|c| matches!(c, Command::ReleaseClock { .. }))
+        {
+            crate::fault::point("clock-release");
+        }
+        if group
+            .iter()
             .any(|c| matches!(c, Command::Settle(s) if s.settlement.dead_lines > 0))
         {
             crate::fault::point("dead-letter");
