@@ -428,7 +428,15 @@ impl Worker {
             if let Some(window) = t.config.live_window {
                 let after = settling.as_ref().map_or(0, |s| s.to.seq);
                 if self
-                    .send_live(&t, window, after, &mut shipment, &mut lines, &mut fit)
+                    .send_live(
+                        &t,
+                        window,
+                        after,
+                        &mut due,
+                        &mut shipment,
+                        &mut lines,
+                        &mut fit,
+                    )
                     .is_none()
                 {
                     break;
@@ -767,11 +775,13 @@ impl Worker {
     /// cannot rewrite a point of the backlog, see [`Queue::live_start`]) and
     /// settles them out of order, leaving the head where it is. Returns
     /// whether a batch went; `None` when the worker was told to stop.
+    #[allow(clippy::too_many_arguments)]
     fn send_live(
         &self,
         t: &Target,
         window: Duration,
         after: u64,
+        due: &mut HeldDue,
         shipment: &mut Shipment,
         lines: &mut Vec<u8>,
         fit: &mut usize,
@@ -818,8 +828,11 @@ impl Worker {
             }
             // The destination is held as when the head's batch finds it
             // refused: its entries, these and the backlog's, move to a lane.
+            // Its first retry waits `max_backoff`, as the head's would.
             Err(Unsettled::Held(code, message)) => {
-                self.hold(&batch.bucket, code, &message);
+                if self.hold(&batch.bucket, code, &message) {
+                    due.insert(batch.bucket.clone(), Instant::now() + t.config.max_backoff);
+                }
                 Some(false)
             }
             // Its lines were evicted: the newest are looked for again.
