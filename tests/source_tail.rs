@@ -514,3 +514,48 @@ fn tailed_files_wake_their_source_and_an_idle_source_sleeps() {
         .sum();
     assert_eq!(got, 300, "every line once");
 }
+
+/// The clock guard and a tailed file: lines the file gives without a
+/// timestamp, read while the board's clock is before the build date, are
+/// queued but not sent; once the clock is synchronised they arrive stamped
+/// with the time they were read, not with the wrong clock's.
+#[test]
+fn tailed_lines_without_a_timestamp_wait_for_the_clock_and_keep_their_arrival() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    fs::write(&clock, "before-build offset=-1500000000 boot=tail").unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let f = files.path().join("m.lp");
+    append(&f, "");
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "files", None);
+    config.clock = String::new();
+    let launch = Launch::new()
+        .env("EDGE_REPLICATOR_CLOCK_FILE", clock.to_str().unwrap())
+        .append(&format!(
+            "[[tail]]\npath = {}\nbucket = \"files\"\npoll_interval = \"50ms\"\n",
+            toml_str(&f.display().to_string())
+        ));
+    let agent = Agent::start_with(config, &launch);
+    wait_until(DEADLINE, "m.lp followed", || followed(&agent, &f).is_some());
+    let before = now_ns();
+    append(&f, "m,k=a v=1\nm,k=b v=2\n");
+    wait_eq(DEADLINE, "accepted", 2, || accepted(&agent));
+    let after = now_ns();
+    wait_until(DEADLINE, "state clock", || {
+        str_field(&agent.replication("r1"), "state") == "clock"
+    });
+    assert!(sink.lines_accepted().is_empty(), "sent while held");
+
+    fs::write(&clock, "synchronised boot=tail").unwrap();
+    let rep = agent.wait_drained("r1");
+    assert_eq!(field(&rep, "deliveredLines"), 2, "{rep:#}");
+    for l in sink.lines_accepted() {
+        let l = String::from_utf8_lossy(&l).into_owned();
+        let ts: i64 = l.trim_end().rsplit_once(' ').unwrap().1.parse().unwrap();
+        assert!(
+            (before - 1_000_000_000..=after + 1_000_000_000).contains(&ts),
+            "{l}: not stamped with when it was read ({before}..{after})"
+        );
+    }
+}

@@ -80,3 +80,48 @@ fn the_remote_receives_the_queue_depth_history_of_an_outage() {
         "{uptime:?}"
     );
 }
+
+/// Readings taken while the board's clock is before the build date wait in
+/// the queue, and reach the remote stamped with when they were taken, as the
+/// synchronised clock tells it.
+#[test]
+fn readings_taken_before_the_clock_is_set_arrive_with_their_true_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "before-build offset=-1500000000 boot=telemetry").unwrap();
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "*", None);
+    config.clock = String::new();
+    let launch = Launch::new()
+        .env("EDGE_REPLICATOR_CLOCK_FILE", clock.to_str().unwrap())
+        .append(
+            "[telemetry]\nbucket = \"edge_telemetry\"\ninterval = \"1s\"\ninstance_id = \"gw-9\"\n",
+        );
+    let started = now_ns();
+    let agent = Agent::start_with(config, &launch);
+    wait_until(DEADLINE, "three readings queued", || {
+        field(&agent.replication("r1"), "acceptedLines") >= 6
+    });
+    let taken_by = now_ns();
+    assert!(sink.lines_accepted().is_empty(), "sent while held");
+    std::fs::write(&clock, "synchronised boot=telemetry").unwrap();
+    wait_until(DEADLINE, "the readings delivered", || {
+        field(&agent.replication("r1"), "deliveredLines") >= 6
+    });
+    let lines = sink.lines_accepted();
+    let held: Vec<i64> = lines
+        .iter()
+        .map(|l| {
+            let l = String::from_utf8_lossy(l).into_owned();
+            l.trim_end().rsplit_once(' ').unwrap().1.parse().unwrap()
+        })
+        .filter(|ts| *ts <= taken_by)
+        .collect();
+    assert!(held.len() >= 6, "{lines:?}");
+    for ts in held {
+        assert!(
+            ts >= started - 1_000_000_000,
+            "a reading stamped {ts}, before the agent started ({started}): the wrong clock's"
+        );
+    }
+}
