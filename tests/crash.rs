@@ -791,8 +791,7 @@ fn crash_while_releasing_lines_held_for_the_clock_releases_them_once() {
     let lines = sink.lines_accepted();
     assert_eq!(lines.len(), 30);
     for l in &lines {
-        let l = String::from_utf8_lossy(l);
-        let ts: i64 = l.trim_end().rsplit_once(' ').unwrap().1.parse().unwrap();
+        let (l, ts) = split_time(l);
         assert!(
             (before - 1_000_000_000..=after + 1_000_000_000).contains(&ts),
             "{l}: not stamped with its arrival ({before}..{after})"

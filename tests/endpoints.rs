@@ -135,21 +135,11 @@ fn a_star_replication_logs_where_each_write_goes() {
     assert!(!log.contains("same+as+local"), "{log}");
 }
 
-/// A board without a real-time clock: while the clock is not synchronised
-/// (here read from the test's clock file, as the agent's debug builds allow),
-/// status, metrics and the `status` command say so, lines the agent stamps
-/// are counted, and the log warns once; once synchronised, the count stops
-/// and the log says the time is confirmed again. Lines with their own
-/// timestamps are never counted.
 /// The lines the sink accepted, as (series and fields, timestamp).
 fn points_at(sink: &Sink) -> Vec<(String, i64)> {
     sink.lines_accepted()
         .iter()
-        .map(|l| {
-            let l = String::from_utf8_lossy(l);
-            let (point, ts) = l.trim_end().rsplit_once(' ').unwrap();
-            (point.to_string(), ts.parse().unwrap())
-        })
+        .map(|l| split_time(l))
         .collect()
 }
 
@@ -258,6 +248,12 @@ fn the_clock_guard_holds_writes_until_the_clock_is_known_and_stamps_their_arriva
         .contains("set aside in the dead-letter store: clock:"));
 }
 
+/// A board without a real-time clock: while the clock is not synchronised
+/// (here read from the test's clock file, as the agent's debug builds allow),
+/// status, metrics and the `status` command say so, lines the agent stamps
+/// are counted, and the log warns once; once synchronised, the count stops
+/// and the log says the time is confirmed again. Lines with their own
+/// timestamps are never counted.
 #[test]
 fn an_unsynchronised_clock_is_shown_and_the_lines_stamped_with_it_counted() {
     let dir = tempfile::tempdir().unwrap();

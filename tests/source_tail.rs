@@ -551,8 +551,7 @@ fn tailed_lines_without_a_timestamp_wait_for_the_clock_and_keep_their_arrival() 
     let rep = agent.wait_drained("r1");
     assert_eq!(field(&rep, "deliveredLines"), 2, "{rep:#}");
     for l in sink.lines_accepted() {
-        let l = String::from_utf8_lossy(&l).into_owned();
-        let ts: i64 = l.trim_end().rsplit_once(' ').unwrap().1.parse().unwrap();
+        let (l, ts) = split_time(&l);
         assert!(
             (before - 1_000_000_000..=after + 1_000_000_000).contains(&ts),
             "{l}: not stamped with when it was read ({before}..{after})"

@@ -111,10 +111,7 @@ fn readings_taken_before_the_clock_is_set_arrive_with_their_true_times() {
     let lines = sink.lines_accepted();
     let held: Vec<i64> = lines
         .iter()
-        .map(|l| {
-            let l = String::from_utf8_lossy(l).into_owned();
-            l.trim_end().rsplit_once(' ').unwrap().1.parse().unwrap()
-        })
+        .map(|l| split_time(l).1)
         .filter(|ts| *ts <= taken_by)
         .collect();
     assert!(held.len() >= 6, "{lines:?}");

@@ -169,6 +169,13 @@ pub fn require_python_client() -> Option<PathBuf> {
 // Time, ports, polling
 // ---------------------------------------------------------------------------
 
+/// A normalised line's point (series and fields) and its timestamp.
+pub fn split_time(line: &[u8]) -> (String, i64) {
+    let l = String::from_utf8_lossy(line);
+    let (point, ts) = l.trim_end().rsplit_once(' ').expect("a timestamp");
+    (point.to_string(), ts.parse().expect("a timestamp"))
+}
+
 pub fn now_ns() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
