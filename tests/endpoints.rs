@@ -248,6 +248,65 @@ fn the_clock_guard_holds_writes_until_the_clock_is_known_and_stamps_their_arriva
         .contains("set aside in the dead-letter store: clock:"));
 }
 
+/// The clock is synchronised while the worker is still busy with lines
+/// queued before the held ones (the remote is down), and the board reboots
+/// before the clock is synchronised again: the held lines are dated with the
+/// offset the agent recorded in the boot they arrived in, not set aside.
+#[test]
+fn lines_held_in_a_boot_whose_clock_was_set_are_dated_after_a_reboot() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    let clock = dir.path().join("clock");
+    std::fs::write(&clock, "synchronised boot=one").unwrap();
+    let up = std::sync::Arc::new(AtomicBool::new(false));
+    let remote_up = up.clone();
+    let sink = Sink::start(move |_| match remote_up.load(Ordering::SeqCst) {
+        true => (204, String::new()),
+        false => (503, "down".to_string()),
+    });
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.clock = String::new();
+    let launch = Launch::new().env("EDGE_REPLICATOR_CLOCK_FILE", clock.to_str().unwrap());
+    let mut agent = Agent::start_with(config, &launch);
+    let own = now_ns() - 60_000_000_000;
+    assert_eq!(
+        agent
+            .write_v2("b", format!("first v=1 {own}\n"), &Opts::new())
+            .0,
+        204
+    );
+    let behind = 45 * 365 * 86_400;
+    std::fs::write(&clock, format!("before-build offset=-{behind} boot=one")).unwrap();
+    let before = now_ns();
+    assert_eq!(agent.write_v2("b", "held v=2\n", &Opts::new()).0, 204);
+    let after = now_ns();
+    // Synchronised in this boot, while the worker retries the first line.
+    std::fs::write(&clock, "synchronised boot=one").unwrap();
+    wait_until(DEADLINE, "the first line retried", || {
+        sink.requests().len() >= 2
+    });
+    wait_until(DEADLINE, "the offset recorded", || {
+        agent.log().contains("the clock guard lets go")
+    });
+    agent.kill9();
+
+    // Rebooted, the clock not set yet, the remote back.
+    std::fs::write(&clock, format!("before-build offset=-{behind} boot=two")).unwrap();
+    up.store(true, Ordering::SeqCst);
+    agent.spawn_with(&launch);
+    wait_until(DEADLINE, "both lines at the remote", || {
+        sink.lines_accepted().len() == 2
+    });
+    let points = points_at(&sink);
+    assert_eq!(points[0], ("first v=1".to_string(), own));
+    assert_eq!(points[1].0, "held v=2");
+    assert!(
+        (before - 1_000_000_000..=after + 1_000_000_000).contains(&points[1].1),
+        "dated with the first boot's offset ({before}..{after}): {points:?}"
+    );
+    assert_eq!(field(&agent.replication("r1"), "deadLetteredLines"), 0);
+}
+
 /// A board without a real-time clock: while the clock is not synchronised
 /// (here read from the test's clock file, as the agent's debug builds allow),
 /// status, metrics and the `status` command say so, lines the agent stamps

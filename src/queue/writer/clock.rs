@@ -18,6 +18,11 @@
 //!
 //! Lines and bytes queued, set aside and filtered are counted in the same
 //! transaction; `Meta::clock_held` counts the held entries left.
+//!
+//! While any entry is held, housekeeping records the offset of this boot
+//! once the guard lets go ([`Writer::keep_boot_offsets`]), before a worker
+//! reaches the entries: a reboot then still finds it. Once nothing is
+//! held, every boot's offset is forgotten.
 
 use heed::RwTxn;
 use log::{info, warn};
@@ -67,12 +72,7 @@ impl Writer {
         }
         let shared = self.shared.clone();
         let this_boot = clock::boot_id();
-        let offset_now = clock::offset();
-        if let Some(o) = offset_now {
-            shared
-                .meta
-                .put(wtxn, &boot_key(&this_boot), &o.to_le_bytes())?;
-        }
+        let offset_now = self.record_offset(wtxn)?;
         let earliest = clock::earliest_sent();
         let log = Log::Main(id);
         let (head, next_seq) = {
@@ -170,12 +170,39 @@ impl Writer {
                 done.restamped
             );
         }
-        if self.states.values().all(|s| s.meta.clock_held == 0) {
-            // No boot's offset is needed any more.
-            let (lo, hi) = BOOT_KEYS;
-            shared.meta.delete_range(wtxn, &key_range(lo, hi))?;
-        }
         Ok(done)
+    }
+
+    /// Housekeeping: while any replication holds entries for the clock,
+    /// records this boot's offset as soon as the guard lets go, so that
+    /// entries a worker has not reached yet can still be dated after a
+    /// reboot; once none does, forgets every boot's.
+    pub(super) fn keep_boot_offsets(&mut self, wtxn: &mut RwTxn) -> Result<(), QueueError> {
+        if self.states.values().any(|s| s.meta.clock_held > 0) {
+            self.record_offset(wtxn)?;
+        } else if self.boot_offsets {
+            let (lo, hi) = BOOT_KEYS;
+            self.shared.meta.delete_range(wtxn, &key_range(lo, hi))?;
+            self.boot_offsets = false;
+        }
+        Ok(())
+    }
+
+    /// The clock's offset now (`None` while the guard holds), recorded as
+    /// this boot's.
+    fn record_offset(&mut self, wtxn: &mut RwTxn) -> Result<Option<i64>, QueueError> {
+        let offset = clock::offset();
+        if let Some(o) = offset {
+            self.shared
+                .meta
+                .put(wtxn, &boot_key(&clock::boot_id()), &o.to_le_bytes())?;
+            if !self.offset_recorded {
+                info!("the clock guard lets go: lines held for the clock get the time they arrived as each replication reaches them");
+            }
+            self.offset_recorded = true;
+            self.boot_offsets = true;
+        }
+        Ok(offset)
     }
 
     /// Writes a released entry at `seq` of `id`'s main log (where the held

@@ -174,6 +174,11 @@ pub(super) struct Writer {
     rx: Receiver<Command>,
     commit_interval: Duration,
     states: HashMap<u32, ReplState>,
+    /// Whether `meta` may hold boot offsets (`writer::clock`): true at
+    /// start, so that leftovers are cleared; false again once cleared.
+    boot_offsets: bool,
+    /// Whether this process recorded this boot's offset (logged once).
+    offset_recorded: bool,
 }
 
 /// The wall clock (as the clock guard reads it), ns since the epoch.
@@ -188,6 +193,8 @@ impl Writer {
             rx,
             commit_interval,
             states: HashMap::new(),
+            boot_offsets: true,
+            offset_recorded: false,
         }
     }
 
@@ -484,6 +491,7 @@ impl Writer {
         if housekeeping {
             self.expire(&mut wtxn, now, touched)?;
             self.close_windows(&mut wtxn, now, touched, appended)?;
+            self.keep_boot_offsets(&mut wtxn)?;
         }
         for cmd in group {
             // A replication stopped by a reload (detached) may still hear
