@@ -86,6 +86,7 @@ fn ship_config(r: &Replication, remote: &Remote) -> ShipConfig {
         priority: r.priority,
         max_in_flight: remote.max_in_flight,
         live_window: r.live_window,
+        batch_wait: r.batch_wait,
         evict_above: (r.when_full == config::WhenFull::DropOldest).then_some(r.max_queue_size),
         max_age: r.max_age,
     }

@@ -183,3 +183,37 @@ fn a_metered_link_sends_a_batch_ordered_by_series_when_that_is_smaller() {
         assert!(keys.windows(2).all(|w| w[0] <= w[1]), "not in series order");
     }
 }
+
+/// On a metered link a small batch of fresh lines waits (5 s by default)
+/// for more before it goes: twenty writes a tenth of a second apart reach
+/// the remote in one or two requests instead of about twenty, each request
+/// being headers and acknowledgements paid for whatever it carries. With
+/// `batch_wait = "0s"` each write goes on its own again.
+#[test]
+fn small_writes_share_a_request_on_a_metered_link() {
+    let send = |sink: &Sink, agent: &Agent| {
+        let base = ts_ago(Duration::from_secs(60));
+        for w in 0..20 {
+            let body: String = (0..5)
+                .map(|i| format!("m,w={w} v={i}i {}\n", base + (w * 5 + i) as i64))
+                .collect();
+            assert_eq!(agent.write_v2("b", body, &Opts::new()).0, 204);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        agent.wait_drained("r1");
+        assert_eq!(sink.lines_accepted().len(), 100);
+        sink.requests().len()
+    };
+    let (sink, agent, _) = sink_agent("[link]\ndaily_budget = \"100MB\"\n", "500kB");
+    let requests = send(&sink, &agent);
+    assert!((1..=2).contains(&requests), "{requests} requests");
+    drop(agent);
+
+    let sink = Sink::accept_all();
+    let mut config = AgentConfig::single(RemoteConfig::v2("sink", &sink.url()), "b", None);
+    config.replications[0].extra = "batch_wait = \"0s\"\n".into();
+    let launch = Launch::new().append("[link]\ndaily_budget = \"100MB\"\n");
+    let agent = Agent::start_with(config, &launch);
+    let requests = send(&sink, &agent);
+    assert!(requests >= 5, "{requests} requests without a wait");
+}

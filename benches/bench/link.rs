@@ -58,6 +58,8 @@ enum Kind {
 struct Profile {
     name: String,
     kind: Kind,
+    /// TOML added to edge-replicator's config (vmagent runs as always).
+    extra: &'static str,
 }
 
 /// Phase lengths in seconds.
@@ -629,7 +631,7 @@ fn run_one(
     let dir = ctx.work.join(format!("link-{tag}-{}", who.name()));
     let _ = fs::remove_dir_all(&dir);
     let port = procs::free_port();
-    let (mut p, _) = who.start(ctx, &dir, port, remote, "5m");
+    let (mut p, _) = who.start_with(ctx, &dir, port, remote, "5m", profile.extra);
     let t0 = Instant::now();
     // The remote, from inside the namespace.
     let vm_url = lab.url();
@@ -841,24 +843,45 @@ pub fn link(
         Profile {
             name: "256 kbit/s".into(),
             kind: Kind::Shaped("256kbit", "16kb", 256e3 / 8.0),
+            extra: "",
+        },
+        // A metered link as the README's worked example sets one up: a data
+        // budget, so batches wait for company (`batch_wait`, 5 s by
+        // default) and go ordered by series at level 9.
+        Profile {
+            name: "256 kbit/s metered".into(),
+            kind: Kind::Shaped("256kbit", "16kb", 256e3 / 8.0),
+            extra: "\n[link]\nmonthly_budget = \"900MB\"\n",
         },
         Profile {
             name: "1 Mbit/s".into(),
             kind: Kind::Shaped("1mbit", "32kb", 1e6 / 8.0),
+            extra: "",
         },
         Profile {
             name: "600 ms RTT".into(),
             kind: Kind::Delayed,
+            extra: "",
         },
         Profile {
             name: "flapping 5 s/5 s".into(),
             kind: Kind::Flapping,
+            extra: "",
         },
         Profile {
             name: format!("{:.0} s black hole", times.hole),
             kind: Kind::BlackHole,
+            extra: "",
         },
     ];
+    // `BENCH_LINK=256,RTT`: only the profiles whose names hold one of these.
+    let only: Vec<String> = std::env::var("BENCH_LINK")
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+        .unwrap_or_default();
+    let profiles: Vec<Profile> = profiles
+        .into_iter()
+        .filter(|p| only.is_empty() || only.iter().any(|o| p.name.contains(o.as_str())))
+        .collect();
     let upstream = SocketAddr::from((lab.ns_ip, VM_PORT));
     let mut per_profile = serde_json::Map::new();
     for (i, profile) in profiles.iter().enumerate() {

@@ -24,6 +24,10 @@ const DEFAULT_BATCH_SIZE: u64 = 500_000;
 const MIN_BATCH_SIZE: u64 = 1_000;
 /// `gzip_level` when the key is left out.
 const DEFAULT_GZIP_LEVEL: u32 = 6;
+/// The longest `batch_wait`: lines wait in the queue for company at most
+/// this long.
+const MAX_BATCH_WAIT: Duration = Duration::from_secs(600);
+
 /// `live_window` when the key is left out.
 const DEFAULT_LIVE_WINDOW: Duration = Duration::from_secs(60);
 /// `downsample.allowed_lateness` when the key is left out.
@@ -75,6 +79,10 @@ pub struct Replication {
     /// `send_order = "live_first"`: lines queued within this window before
     /// now go ahead of a backlog older than it; `None` for `"oldest_first"`.
     pub live_window: Option<Duration>,
+    /// `batch_wait`: how long a batch smaller than half `batch_size` waits
+    /// for more lines before it goes; `None`: the default, which depends on
+    /// the link (see `ship::Worker::batch_wait`).
+    pub batch_wait: Option<Duration>,
     /// Measurement globs (`*`, `?`) a line must match to be sent; empty: all.
     pub include_measurements: Vec<String>,
     /// Measurement globs whose lines are not sent.
@@ -151,6 +159,7 @@ pub(super) struct RawReplication {
     priority: Option<i64>,
     send_order: Option<String>,
     live_window: Option<Scalar>,
+    batch_wait: Option<Scalar>,
     include_measurements: Option<Vec<String>>,
     exclude_measurements: Option<Vec<String>>,
     add_tags: Option<BTreeMap<String, String>>,
@@ -275,6 +284,13 @@ impl Validator<'_> {
                 ))
             }
         };
+        let batch_wait = r
+            .batch_wait
+            .map(|v| duration_value(&key("batch_wait"), Some(v), Duration::ZERO))
+            .transpose()?;
+        if batch_wait.is_some_and(|w| w > MAX_BATCH_WAIT) {
+            return Err(invalid(key("batch_wait"), "must be at most 10m"));
+        }
         let batch_size = size_value(&key("batch_size"), r.batch_size, DEFAULT_BATCH_SIZE)?;
         if batch_size < MIN_BATCH_SIZE {
             return Err(invalid(
@@ -387,6 +403,7 @@ impl Validator<'_> {
             gzip_level,
             priority,
             live_window,
+            batch_wait,
             include_measurements,
             exclude_measurements,
             add_tags,

@@ -1239,3 +1239,24 @@ fn clock_takes_a_wait_and_whether_to_send_old_lines() {
         assert!(e.contains(key), "{lines}: {e}");
     }
 }
+
+#[test]
+fn batch_wait_is_a_bounded_duration_or_the_links_default() {
+    assert_eq!(ok(&repl("")).replications[0].batch_wait, None);
+    assert_eq!(
+        ok(&repl("batch_wait = \"2s\"")).replications[0].batch_wait,
+        Some(Duration::from_secs(2))
+    );
+    assert_eq!(
+        ok(&repl("batch_wait = \"0s\"")).replications[0].batch_wait,
+        Some(Duration::ZERO)
+    );
+    for bad in [
+        "batch_wait = \"later\"",
+        "batch_wait = \"1h\"",
+        "batch_wait = -1",
+    ] {
+        let e = err(&repl(bad));
+        assert!(e.contains("batch_wait"), "{bad}: {e}");
+    }
+}

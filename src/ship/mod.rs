@@ -60,6 +60,8 @@ const THRIFTY_GZIP_LEVEL: u32 = 9;
 /// How long a worker with an empty queue waits for a write before it looks
 /// again anyway: looking every second was a third of an idle agent's CPU.
 const IDLE_LOOK: Duration = Duration::from_secs(5);
+/// `batch_wait` by default on a link with a cap or a data budget.
+const METERED_BATCH_WAIT: Duration = Duration::from_secs(5);
 
 /// Deliveries in a row after which a batch limit lowered by stalls doubles.
 /// Growing after every delivery would send every other batch too large for
@@ -155,6 +157,8 @@ pub struct ShipConfig {
     /// `send_order = "live_first"`: lines queued this recently go ahead of
     /// an older backlog ([`Worker::send_live`]); `None`: oldest first.
     pub live_window: Option<Duration>,
+    /// `batch_wait`, when set ([`Worker::batch_wait`] gives the default).
+    pub batch_wait: Option<Duration>,
     /// The queue's bounds (`max_queue_size` when `drop_oldest` evicts,
     /// `max_age`): how far eviction and expiry are from the lines in flight.
     pub evict_above: Option<u64>,
@@ -498,6 +502,13 @@ impl Worker {
                     continue;
                 }
             };
+            // A small batch of fresh lines waits for more (`batch_wait`):
+            // every request costs its headers, acknowledgements and round
+            // trip, whatever it carries. A write or a stop wakes it.
+            if let Some(left) = self.lingers(&t, &batch, fit) {
+                self.repl.data.wait_past(seen, left);
+                continue;
+            }
             let limit = fit;
             // On a link whose answers are slow, the batches that follow go
             // at the same time, one attempt each; they settle after this one.
@@ -1493,6 +1504,30 @@ impl Worker {
         }
     }
 
+    /// How long a batch smaller than half `batch_size` may wait for more
+    /// lines: `batch_wait`, or by default [`METERED_BATCH_WAIT`] on a link
+    /// with a cap or a data budget (where bytes are what is short) and
+    /// nothing otherwise.
+    fn batch_wait(&self, t: &Target) -> Duration {
+        t.config.batch_wait.unwrap_or(if self.link.limited() {
+            METERED_BATCH_WAIT
+        } else {
+            Duration::ZERO
+        })
+    }
+
+    /// What is left of `batch`'s wait for more lines, if it is to wait: a
+    /// batch of the main log, less than half of `fit`, whose oldest line
+    /// was queued less than [`Worker::batch_wait`] ago.
+    fn lingers(&self, t: &Target, batch: &Batch, fit: usize) -> Option<Duration> {
+        let wait = self.batch_wait(t);
+        if wait.is_zero() || batch.lane != 0 || batch.live || batch.bytes as usize >= fit / 2 {
+            return None;
+        }
+        let age = Duration::from_nanos(unix_ns().saturating_sub(batch.oldest_enqueued_ns));
+        wait.checked_sub(age).filter(|left| !left.is_zero())
+    }
+
     /// Releases the lines the clock guard let go at the head of the queue;
     /// while it still holds them, shows state `clock`. True if any went.
     fn release_clock(&self) -> bool {
@@ -1964,6 +1999,7 @@ mod tests {
             priority: 5,
             max_in_flight: 1,
             live_window: None,
+            batch_wait: None,
             evict_above: None,
             max_age: None,
         };

@@ -182,6 +182,7 @@ mod tests {
             gzip_level: 6,
             priority: 5,
             live_window: None,
+            batch_wait: None,
             include_measurements: include.iter().map(|s| s.to_string()).collect(),
             exclude_measurements: exclude.iter().map(|s| s.to_string()).collect(),
             add_tags: tags
