@@ -316,8 +316,8 @@ pub fn holds() -> bool {
     )
 }
 
-/// The decision of [`holds`]: a clock before the build date is held
-/// against however long; one only unconfirmed, for `wait` after boot
+/// The decision of [`holds`]: a clock before the build date holds writes
+/// however long; one that is only unconfirmed, for `wait` after boot
 /// (`wait` zero: however long).
 pub fn holds_for(state: ClockState, since_boot_ns: u64, wait: Duration) -> bool {
     match state {
