@@ -878,10 +878,9 @@ fn deflated_entries_are_evicted_whole_and_survive_a_reopen() {
     );
 }
 
-#[test]
-fn a_transforming_replication_gets_lines_back_from_segments() {
-    // Ingest keeps only the segments when no replication transforms the
-    // lines; a reload may add one before the write reaches the queue.
+/// Replication "tagged": adds the tag `gw=1` and leaves out the lines of
+/// the measurements `exclude`.
+fn tagged_spec(exclude: Vec<String>) -> ReplSpec {
     let r = crate::config::Replication {
         name: "tagged".into(),
         remote: "x".into(),
@@ -897,13 +896,21 @@ fn a_transforming_replication_gets_lines_back_from_segments() {
         live_window: None,
         batch_wait: None,
         include_measurements: Vec::new(),
-        exclude_measurements: Vec::new(),
+        exclude_measurements: exclude,
         add_tags: [("gw".to_string(), "1".to_string())].into_iter().collect(),
         downsample: None,
     };
     let mut tagged = spec("tagged", 1 << 20, WhenFull::DropOldest);
     tagged.transform = crate::transform::Transform::new(&r).map(Arc::new);
     assert!(tagged.transform.is_some());
+    tagged
+}
+
+#[test]
+fn a_transforming_replication_gets_lines_back_from_segments() {
+    // Ingest keeps only the segments when no replication transforms the
+    // lines; a reload may add one before the write reaches the queue.
+    let tagged = tagged_spec(Vec::new());
     let dir = tempfile::tempdir().unwrap();
     let q = Queue::open(
         dir.path(),
@@ -1865,27 +1872,7 @@ fn a_held_write_is_transformed_when_released() {
     use crate::clock::{testing, Anchor, ClockState};
     let boot = [6; 16];
     let _clock = testing::set(ClockState::BeforeBuild, boot);
-    let r = crate::config::Replication {
-        name: "tagged".into(),
-        remote: "x".into(),
-        local_bucket: "b".into(),
-        remote_bucket: None,
-        max_queue_size: 1 << 20,
-        max_age: None,
-        when_full: WhenFull::DropOldest,
-        drop_non_retryable_data: false,
-        batch_size: 1000,
-        gzip_level: 6,
-        priority: 5,
-        live_window: None,
-        batch_wait: None,
-        include_measurements: Vec::new(),
-        exclude_measurements: vec!["noise".into()],
-        add_tags: [("gw".to_string(), "1".to_string())].into_iter().collect(),
-        downsample: None,
-    };
-    let mut tagged = spec("tagged", 1 << 20, WhenFull::DropOldest);
-    tagged.transform = crate::transform::Transform::new(&r).map(Arc::new);
+    let tagged = tagged_spec(vec!["noise".into()]);
     let dir = tempfile::tempdir().unwrap();
     let q = Queue::open(dir.path(), &opts(), &[tagged]).unwrap();
     let h = q.handles()[0].clone();
