@@ -382,3 +382,63 @@ fn an_unsynchronised_clock_is_shown_and_the_lines_stamped_with_it_counted() {
     agent.wait_drained("r1");
     assert_eq!(sink.lines_accepted().len(), 5);
 }
+
+/// A query the agent does not serve is answered after its body is read, so
+/// the client's connection stays open for its next request: the official
+/// clients pool connections, and one closing under them fails their next
+/// call. The body comes in two parts, the second a moment later, and a ping
+/// follows on the same connection.
+#[test]
+fn a_refused_query_leaves_the_connection_usable() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let (_sink, agent) = agent_with(&[], "b");
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", agent.port)).unwrap();
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let query = "from(bucket: \"b\") |> range(start: -1h)";
+    let head = format!(
+        "POST /api/v2/query?org=test-org HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/vnd.flux\r\nContent-Length: {}\r\n\r\n",
+        query.len()
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    conn.write_all(&query.as_bytes()[..10]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    conn.write_all(&query.as_bytes()[10..]).unwrap();
+    let mut reader = BufReader::new(conn.try_clone().unwrap());
+    let read_answer = |reader: &mut BufReader<std::net::TcpStream>| -> (String, Vec<String>) {
+        let mut status = String::new();
+        reader.read_line(&mut status).unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let mut h = String::new();
+            reader.read_line(&mut h).unwrap();
+            if h.trim().is_empty() {
+                break;
+            }
+            headers.push(h.trim().to_ascii_lowercase());
+        }
+        let len: usize = headers
+            .iter()
+            .find_map(|h| {
+                h.strip_prefix("content-length:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
+            .unwrap_or(0);
+        let mut body = vec![0u8; len];
+        reader.read_exact(&mut body).unwrap();
+        (status, headers)
+    };
+    let (status, headers) = read_answer(&mut reader);
+    assert!(status.starts_with("HTTP/1.1 501"), "{status}");
+    assert!(
+        !headers.iter().any(|h| h == "connection: close"),
+        "{headers:?}"
+    );
+    conn.write_all(b"GET /ping HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let (status, _) = read_answer(&mut reader);
+    assert!(
+        status.starts_with("HTTP/1.1 204"),
+        "the same connection answers: {status:?}"
+    );
+}

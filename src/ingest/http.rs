@@ -373,12 +373,12 @@ async fn route(ingest: &Ingest, req: Request<Incoming>) -> Resp {
             "method not allowed",
             &format!("{method} is not allowed on {}", shown(&path)),
         ),
-        (_, "/query") => write_only(ingest, &req, Api::V1),
+        (_, "/query") => write_only(ingest, req, Api::V1).await,
         (_, p)
             if (p == "/api/v2" || p.starts_with("/api/v2/"))
                 && !p.starts_with("/api/v2/replications") =>
         {
-            write_only(ingest, &req, Api::V2)
+            write_only(ingest, req, Api::V2).await
         }
         _ => error(
             Api::V2,
@@ -633,8 +633,28 @@ fn go_duration(d: Duration) -> String {
 
 /// A query or management call (`/query`, `/api/v2/query`, `/api/v2/buckets`,
 /// ...): 501 in the API's error shape, saying that this agent only takes
-/// writes and, to a client allowed to write, where they go.
-fn write_only(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> Resp {
+/// writes and, to a client allowed to write, where they go. Its body (a
+/// query) is read first: hyper closes a connection whose request body was
+/// not read, and a client that pools connections (the official ones) would
+/// send its next request on a connection that is closing.
+async fn write_only(ingest: &Ingest, req: Request<Incoming>, api: Api) -> Resp {
+    let answer = write_only_answer(ingest, &req, api);
+    discard_body(req.into_body()).await;
+    answer
+}
+
+/// What remains of a small request body, read and dropped: at most
+/// [`DISCARD_MAX`] bytes, for at most [`DISCARD_WAIT`].
+async fn discard_body(body: Incoming) {
+    use http_body_util::{BodyExt, Limited};
+    let _ = tokio::time::timeout(DISCARD_WAIT, Limited::new(body, DISCARD_MAX).collect()).await;
+}
+
+/// A query is small: a larger body is not read, and its connection closes.
+const DISCARD_MAX: usize = 64 << 10;
+const DISCARD_WAIT: Duration = Duration::from_secs(2);
+
+fn write_only_answer(ingest: &Ingest, req: &Request<Incoming>, api: Api) -> Resp {
     let mut message = format!(
         "edge-replicator is a write-only agent: {} {} is not served here. It takes writes \
          (POST /api/v2/write, POST /write) and forwards them",
