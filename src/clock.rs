@@ -170,16 +170,25 @@ static STAMPED_UNTRUSTED: AtomicU64 = AtomicU64::new(0);
 /// found synchronised again, so that a later loss of sync warns anew).
 static WARNED: AtomicBool = AtomicBool::new(false);
 
+/// What a write needs of the clock, read once: its `stamped` lines, given
+/// `stamp_ns` as their timestamp, are noted ([`note_stamped`]), and its
+/// [`Anchor`] is returned when the guard holds it ([`anchor`]); `earliest`
+/// is its earliest own timestamp.
+pub fn on_write(stamp_ns: i64, stamped: u64, earliest: i64) -> Option<Anchor> {
+    let state = state();
+    note_stamped(state, stamped);
+    anchor(state, stamp_ns, earliest)
+}
+
 /// Notes that `lines` lines were just given the current time as their
-/// timestamp (HTTP writes and `[[tail]]` sources). While the clock is not
+/// timestamp, the clock reading `state`. While the clock is not
 /// synchronised they are counted ([`stamped_untrusted`]), and the first of
 /// them is logged as a warning; the first stamped with a synchronised clock
 /// afterwards is logged as the end of it.
-pub fn note_stamped(lines: u64) {
+fn note_stamped(state: ClockState, lines: u64) {
     if lines == 0 {
         return;
     }
-    let state = state();
     if state.trusted() {
         if WARNED.swap(false, Ordering::Relaxed) {
             log::info!("the system clock is synchronised: lines without a timestamp are stamped with a confirmed time again");
@@ -190,7 +199,7 @@ pub fn note_stamped(lines: u64) {
     if WARNED.swap(true, Ordering::Relaxed) {
         return;
     }
-    if holds() {
+    if holds_in(state) {
         log::warn!(
             "the system clock is {}: writes wait in the queue until it is synchronised, and lines without a timestamp then get the time they arrived (counted in edge_replicator_lines_stamped_unsynchronised_total)",
             state.as_str()
@@ -309,8 +318,13 @@ pub fn configure(wait_for_sync: Duration, send_before_build: bool, margin: Durat
 
 /// Whether the guard holds writes now.
 pub fn holds() -> bool {
+    holds_in(state())
+}
+
+/// [`holds`], the clock reading `state`.
+fn holds_in(state: ClockState) -> bool {
     holds_for(
-        state(),
+        state,
         boottime_ns(),
         Duration::from_nanos(WAIT_NS.load(Ordering::Relaxed)),
     )
@@ -351,11 +365,12 @@ pub fn earliest_sent() -> i64 {
     built.saturating_sub(MARGIN_NS.load(Ordering::Relaxed) as i64)
 }
 
-/// The anchor a write gets: `Some` while the guard holds, or when one of
-/// its lines is stamped before [`earliest_sent`] (`earliest`, its earliest
-/// own timestamp). `stamp_ns` is the time given to its lines without one.
-pub fn anchor(stamp_ns: i64, earliest: i64) -> Option<Anchor> {
-    (holds() || earliest < earliest_sent()).then(|| Anchor {
+/// The anchor a write gets, the clock reading `state`: `Some` while the
+/// guard holds, or when one of its lines is stamped before
+/// [`earliest_sent`] (`earliest`, its earliest own timestamp). `stamp_ns`
+/// is the time given to its lines without one.
+fn anchor(state: ClockState, stamp_ns: i64, earliest: i64) -> Option<Anchor> {
+    (holds_in(state) || earliest < earliest_sent()).then(|| Anchor {
         boot: boot_id(),
         boot_ns: boottime_ns(),
         stamp_ns,

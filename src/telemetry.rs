@@ -285,7 +285,7 @@ pub fn start(
                     checkpoint: None,
                     // A reading is stamped with the clock: while the guard
                     // holds, it waits for the clock's true time too.
-                    clock: crate::clock::anchor(now, summary.earliest),
+                    clock: crate::clock::on_write(now, summary.stamped, summary.earliest),
                 };
                 match queue.write_blocking(w) {
                     Ok(()) => {

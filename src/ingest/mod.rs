@@ -261,7 +261,7 @@ impl Ingest {
         self.stats
             .lines_invalid
             .fetch_add(summary.error_count, Ordering::Relaxed);
-        crate::clock::note_stamped(summary.stamped);
+        let anchor = crate::clock::on_write(now, summary.stamped, summary.earliest);
         let lines = summary.lines;
         if lines > 0 {
             let w = Write {
@@ -270,7 +270,7 @@ impl Ingest {
                 payload,
                 lines,
                 checkpoint: None,
-                clock: crate::clock::anchor(now, summary.earliest),
+                clock: anchor,
             };
             let committed = self.queue.write_deflated(w, segments);
             drop(preparing);

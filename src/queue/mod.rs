@@ -496,7 +496,7 @@ pub struct Write {
     /// segment's), committed in the same transaction: after a crash the
     /// source resumes exactly after the lines that were queued.
     pub checkpoint: Option<Checkpoint>,
-    /// Set when the clock guard holds the write ([`crate::clock::anchor`]):
+    /// Set when the clock guard holds the write ([`crate::clock::on_write`]):
     /// its entries wait, untransformed, until released.
     pub clock: Option<crate::clock::Anchor>,
 }

@@ -125,8 +125,7 @@ fn validate(
     status
         .invalid_lines
         .fetch_add(summary.error_count, Ordering::Relaxed);
-    crate::clock::note_stamped(summary.stamped);
-    *status.anchor.locked() = crate::clock::anchor(now, summary.earliest);
+    *status.anchor.locked() = crate::clock::on_write(now, summary.stamped, summary.earliest);
     summary.errors.iter().for_each(log);
     (out, summary)
 }
